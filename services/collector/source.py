@@ -1,0 +1,44 @@
+"""The one interface every discovery source implements (after confd's backend client).
+
+A source answers two questions: what is there now (`current`), and "tell me when that may
+have changed" (`wait_for_change`). The collector runs each source in its own thread, so a
+source may block on the network as long as it honours `stop` and its own timeouts; one source
+hanging never delays another.
+"""
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from services.common.model import Service
+
+
+class SourceError(Exception):
+    """Discovery failed (unreachable, malformed answer...). The collector keeps the last good
+    state of the source and reports it degraded with this message."""
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What a source found: services, plus entries it skipped and why (never fatal)."""
+
+    services: tuple[Service, ...]
+    warnings: tuple[str, ...] = ()
+
+
+class Source(ABC):
+    #: "marathon" | "registrator" | "file": also the planner's precedence key.
+    name: str
+
+    @abstractmethod
+    def current(self) -> Discovery:
+        """Return the full current state. Raise SourceError when it cannot be known."""
+
+    @abstractmethod
+    def wait_for_change(self, timeout: float, stop: threading.Event) -> None:
+        """Block until the state may have changed, `timeout` seconds pass, or `stop` is set.
+        May raise SourceError (the collector backs off, then calls `current` again)."""
+
+    def close(self) -> None:
+        """Release connections; called once when the collector stops."""

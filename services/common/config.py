@@ -1,0 +1,240 @@
+"""Every option of proxymatic: command-line flag, environment variable, default, validation.
+
+The table in docs (README "Options") is this module. A flag wins over the environment; a bad
+value raises ConfigError with a message naming the option, and the CLI exits 1 with it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from services.common.bus import Endpoint
+from services.common.model import ProxySettings
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_bool(value: str, name: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise ConfigError(f"{name}: expected true/false/1/0, got {value!r}")
+
+
+def parse_int(low: int, high: int) -> Callable[[str, str], int]:
+    def parse(value: str, name: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+        if not low <= number <= high:
+            raise ConfigError(f"{name}: must be between {low} and {high}, got {number}")
+        return number
+    return parse
+
+
+def parse_host_port(value: str, name: str) -> str:
+    """`ip:port`, or empty to disable."""
+    value = value.strip()
+    if not value:
+        return ""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{name}: expected ip:port, got {value!r}")
+    return f"{host or '0.0.0.0'}:{int(port)}"
+
+
+def parse_urls(scheme: tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(value: str, name: str) -> str:
+        value = value.strip()
+        for url in value.split(","):
+            if not re.match(rf"^({'|'.join(scheme)})://[^/\s]+", url.strip()):
+                raise ConfigError(f"{name}: expected {' or '.join(s + '://host:port' for s in scheme)}..., "
+                                  f"got {url.strip()!r}")
+        return value
+    return parse
+
+
+def parse_text(value: str, name: str) -> str:
+    return value.strip()
+
+
+def parse_domain(value: str, name: str) -> str:
+    value = value.strip().strip(".")
+    if value and not re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$", value):
+        raise ConfigError(f"{name}: {value!r} is not a valid domain name")
+    return value.lower()
+
+
+def parse_endpoint(value: str, name: str) -> str:
+    try:
+        Endpoint.parse(value.strip())
+    except ValueError as error:
+        raise ConfigError(f"{name}: {error}") from None
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class Option:
+    dest: str
+    flags: tuple[str, ...]
+    env: str
+    default: str
+    parse: Callable[[str, str], object]
+    help: str
+    is_flag: bool = False  # a boolean that also has --no-<name>
+
+
+# The interface of the original (../shared/seed/interface.md) first, then proxymatic 2 additions.
+OPTIONS: tuple[Option, ...] = (
+    Option("marathon", ("-m", "--marathon"), "MARATHON_URL", "", parse_urls(("http", "https")),
+           "comma-separated Marathon replicas, e.g. http://m1:8080/,http://m2:8080/"),
+    Option("registrator", ("-r", "--registrator"), "REGISTRATOR_URL", "", parse_urls(("etcd",)),
+           "where registrator publishes services, e.g. etcd://localhost:4001/services"),
+    Option("refresh_interval", ("-i", "--refresh-interval"), "REFRESH_INTERVAL", "60", parse_int(1, 86400),
+           "seconds between full polls (a safety resync for event-driven sources)"),
+    Option("expose_host", ("-e", "--expose-host"), "EXPOSE_HOST", "false", parse_bool,
+           "also proxy services running with host networking", is_flag=True),
+    Option("status_endpoint", ("--status-endpoint",), "STATUS_ENDPOINT", "0.0.0.0:9090", parse_host_port,
+           "ip:port serving /status and the HAProxy statistics; empty disables it"),
+    Option("group_size", ("--group-size",), "GROUP_SIZE", "1", parse_int(1, 10000),
+           "number of proxymatic instances; per-container maxconn is divided by it"),
+    Option("max_connections", ("--max-connections",), "MAX_CONNECTIONS", "8192", parse_int(1, 1_000_000),
+           "max connections per service"),
+    Option("pen_servers", ("--pen-servers",), "PEN_SERVERS", "64", parse_int(1, 10000),
+           "max backends per Pen (UDP) service"),
+    Option("pen_clients", ("--pen-clients",), "PEN_CLIENTS", "8192", parse_int(1, 1_000_000),
+           "max connection-tracked clients per Pen service"),
+    Option("haproxy", ("--haproxy",), "HAPROXY", "true", parse_bool,
+           "HAProxy serves TCP services; false sends everything through Pen", is_flag=True),
+    Option("vhost_domain", ("--vhost-domain",), "VHOST_DOMAIN", "", parse_domain,
+           "enable nginx with one virtual host per service under this domain"),
+    Option("vhost_port", ("--vhost-port",), "VHOST_PORT", "80", parse_int(1, 65535),
+           "port nginx serves the virtual hosts on"),
+    Option("proxy_protocol", ("--proxy-protocol",), "PROXY_PROTOCOL", "false", parse_bool,
+           "accept the PROXY protocol on the nginx vhost port", is_flag=True),
+    Option("verbose", ("-v", "--verbose"), "VERBOSE", "false", parse_bool, "debug logging", is_flag=True),
+    # proxymatic 2 additions
+    Option("services_file", ("--services-file",), "SERVICES_FILE", "", parse_text,
+           "static services JSON file, re-read when it changes (see docs/services-file.md)"),
+    Option("run_dir", ("--run-dir",), "RUN_DIR", "/run/proxymatic", parse_text,
+           "directory for rendered configs, bus sockets, pid files and logs"),
+    Option("collector_bus", ("--collector-bus",), "COLLECTOR_BUS", "", parse_endpoint,
+           "collector PUB endpoint [default: ipc://RUN_DIR/bus/collector.pub]"),
+    Option("planner_bus", ("--planner-bus",), "PLANNER_BUS", "", parse_endpoint,
+           "planner PUB endpoint [default: ipc://RUN_DIR/bus/planner.pub]"),
+    Option("applier_bus", ("--applier-bus",), "APPLIER_BUS", "", parse_endpoint,
+           "applier PUB endpoint [default: ipc://RUN_DIR/bus/applier.pub]"),
+    Option("node_name", ("--node-name",), "NODE_NAME", "", parse_text,
+           "name of this node on the bus [default: the host name]"),
+    Option("shutdown_grace", ("--shutdown-grace",), "SHUTDOWN_GRACE", "0", parse_int(0, 3600),
+           "seconds to keep forwarding with /status TERMINATING after SIGTERM (0: until killed or a second signal)"),
+)
+
+STAGES = ("collector", "planner", "applier", "status")
+
+
+@dataclass(frozen=True)
+class Settings:
+    marathon: str = ""
+    registrator: str = ""
+    refresh_interval: int = 60
+    expose_host: bool = False
+    status_endpoint: str = "0.0.0.0:9090"
+    group_size: int = 1
+    max_connections: int = 8192
+    pen_servers: int = 64
+    pen_clients: int = 8192
+    haproxy: bool = True
+    vhost_domain: str = ""
+    vhost_port: int = 80
+    proxy_protocol: bool = False
+    verbose: bool = False
+    services_file: str = ""
+    run_dir: str = "/run/proxymatic"
+    collector_bus: str = ""
+    planner_bus: str = ""
+    applier_bus: str = ""
+    node_name: str = ""
+    shutdown_grace: int = 0
+    command: str = "run"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Configured discovery sources, in precedence order (highest first)."""
+        return tuple(name for name, value in (("marathon", self.marathon), ("registrator", self.registrator),
+                                              ("file", self.services_file)) if value)
+
+    def bus(self, stage: str) -> Endpoint:
+        configured = getattr(self, f"{stage}_bus")
+        return Endpoint.parse(configured or f"ipc://{os.path.join(self.run_dir, 'bus', stage)}.pub")
+
+    @property
+    def node(self) -> str:
+        return self.node_name or os.uname().nodename
+
+    def proxy_settings(self) -> ProxySettings:
+        return ProxySettings(
+            max_connections=self.max_connections, pen_servers=self.pen_servers, pen_clients=self.pen_clients,
+            haproxy=self.haproxy, vhost_domain=self.vhost_domain, vhost_port=self.vhost_port,
+            proxy_protocol=self.proxy_protocol,
+        )
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.run_dir, *parts)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    for option in OPTIONS:
+        text = f"{option.help} [env {option.env}, default: {option.default or 'none'}]"
+        if option.is_flag:
+            # `--expose-host` alone means true; `--expose-host=false` and `--no-expose-host` work too.
+            parser.add_argument(*option.flags, dest=option.dest, nargs="?", const="true", default=None,
+                                metavar="BOOL", help=text)
+            long_flag = [f for f in option.flags if f.startswith("--")][0]
+            parser.add_argument("--no-" + long_flag[2:], dest=option.dest, action="store_const",
+                                const="false", help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(*option.flags, dest=option.dest, default=None, help=text)
+
+
+def settings_from(args: argparse.Namespace, environ: Mapping[str, str], command: str = "run") -> Settings:
+    values: dict[str, object] = {}
+    for option in OPTIONS:
+        raw = getattr(args, option.dest, None)
+        name = [f for f in option.flags if f.startswith("--")][0]
+        if raw is None:
+            raw = environ.get(option.env)
+            name = option.env
+        if raw is None:
+            raw = option.default
+        values[option.dest] = option.parse(raw, name)
+    settings = Settings(command=command, **values)  # type: ignore[arg-type]
+    check(settings)
+    return settings
+
+
+def check(settings: Settings) -> None:
+    if settings.vhost_domain and settings.status_endpoint and \
+            settings.status_endpoint.endswith(f":{settings.vhost_port}"):
+        raise ConfigError(f"VHOST_PORT {settings.vhost_port} collides with STATUS_ENDPOINT {settings.status_endpoint}")
+    if not os.path.isabs(settings.run_dir):
+        raise ConfigError(f"RUN_DIR must be an absolute path, got {settings.run_dir!r}")
+
+
+def reserved_ports(settings: Settings) -> dict[int, str]:
+    """Ports proxymatic itself listens on, which no service may take."""
+    ports: dict[int, str] = {}
+    if settings.status_endpoint:
+        ports[int(settings.status_endpoint.rpartition(":")[2])] = "STATUS_ENDPOINT"
+    if settings.vhost_domain:
+        ports[settings.vhost_port] = "VHOST_PORT"
+    return ports

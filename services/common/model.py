@@ -1,0 +1,358 @@
+"""The normalized data model every stage exchanges: services, source snapshots, plans.
+
+Everything is a frozen dataclass built through `from_dict`, which validates, so a value that
+reaches a proxy renderer has already been checked once here. Serialization is deterministic
+(sorted keys, no whitespace) so that a content hash tells "nothing changed" cheaply.
+See docs/bus.md for the schema.
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Iterable
+
+SCHEMA_VERSION = 1
+
+PROTOCOLS = ("tcp", "udp")
+MODES = ("tcp", "http")
+SOURCES = ("marathon", "registrator", "file")
+SOURCE_STATES = ("initializing", "ok", "degraded")
+
+DEFAULT_WEIGHT = 500  # the original's scale: 1..1000
+MAX_WEIGHT = 1000
+
+# A service name is a DNS-ish label sequence: it becomes a virtual host name and appears in
+# logs, so anything that could break a config line or a Host header is refused.
+_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,253}[A-Za-z0-9])?$")
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{0,255}$")
+
+
+class ModelError(ValueError):
+    """A value that does not fit the schema; the message names the field and the value."""
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def content_hash(data: Any) -> str:
+    return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
+
+
+def _int_in(value: Any, low: int, high: int, what: str) -> int:
+    # bool is an int in Python; a JSON `true` is never a valid port or weight.
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value.strip())
+        else:
+            raise ModelError(f"{what} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ModelError(f"{what} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _optional_int(value: Any, low: int, high: int, what: str) -> int | None:
+    return None if value is None else _int_in(value, low, high, what)
+
+
+def _choice(value: Any, choices: tuple[str, ...], what: str) -> str:
+    if not isinstance(value, str) or value.lower() not in choices:
+        raise ModelError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+    return value.lower()
+
+
+def validate_name(value: Any, what: str = "name") -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ModelError(
+            f"{what} {value!r} is not a valid service name "
+            "(letters, digits, '.', '_', '-'; at most 255 characters)"
+        )
+    return value
+
+
+def validate_ip(value: Any, what: str = "ip") -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ModelError(f"{what} must be an IP address, got {value!r}") from None
+
+
+def _reject_unknown(data: dict, allowed: Iterable[str], what: str) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ModelError(f"{what} has unknown field(s): {', '.join(unknown)}")
+
+
+def _require_dict(data: Any, what: str) -> dict:
+    if not isinstance(data, dict):
+        raise ModelError(f"{what} must be an object, got {type(data).__name__}")
+    return data
+
+
+@dataclass(frozen=True)
+class Server:
+    """One backend instance. `weight` is on the 1..1000 scale in snapshots and on HAProxy's
+    0..256 scale in a plan (the planner scales it)."""
+
+    ip: str
+    port: int
+    hostname: str = ""
+    weight: int = DEFAULT_WEIGHT
+    maxconn: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str = "server") -> "Server":
+        data = _require_dict(data, what)
+        _reject_unknown(data, ("ip", "port", "hostname", "weight", "maxconn"), what)
+        hostname = data.get("hostname", "") or ""
+        if not isinstance(hostname, str) or not _HOSTNAME_RE.match(hostname):
+            raise ModelError(f"{what}.hostname {hostname!r} is not a valid host name")
+        return cls(
+            ip=validate_ip(data.get("ip"), f"{what}.ip"),
+            port=_int_in(data.get("port"), 1, 65535, f"{what}.port"),
+            hostname=hostname,
+            weight=_int_in(data.get("weight", DEFAULT_WEIGHT), 0, MAX_WEIGHT, f"{what}.weight"),
+            maxconn=_optional_int(data.get("maxconn"), 1, 1_000_000, f"{what}.maxconn"),
+        )
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """How the proxy itself checks a server. `protocol` http uses `path`."""
+
+    protocol: str = "tcp"
+    path: str = "/"
+    interval_seconds: int = 10
+    timeout_seconds: int = 5
+    fall: int = 3
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str = "healthCheck") -> "HealthCheck":
+        data = _require_dict(data, what)
+        _reject_unknown(data, ("protocol", "path", "interval_seconds", "timeout_seconds", "fall"), what)
+        path = data.get("path", "/")
+        # The path ends up in an `option httpchk` line: printable, no spaces, no quotes.
+        if not isinstance(path, str) or not re.match(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,1023}$", path):
+            raise ModelError(f"{what}.path {path!r} is not a valid URL path")
+        return cls(
+            protocol=_choice(data.get("protocol", "tcp"), ("tcp", "http"), f"{what}.protocol"),
+            path=path,
+            interval_seconds=_int_in(data.get("interval_seconds", 10), 1, 3600, f"{what}.interval_seconds"),
+            timeout_seconds=_int_in(data.get("timeout_seconds", 5), 1, 3600, f"{what}.timeout_seconds"),
+            fall=_int_in(data.get("fall", 3), 1, 100, f"{what}.fall"),
+        )
+
+
+@dataclass(frozen=True)
+class Service:
+    """A proxied service, keyed by `servicePort/protocol`."""
+
+    name: str
+    port: int
+    protocol: str = "tcp"
+    mode: str = "tcp"
+    source: str = "file"
+    servers: tuple[Server, ...] = ()
+    health_check: HealthCheck | None = None
+    timeout_client: int | None = None  # seconds
+    timeout_server: int | None = None  # seconds
+    # Backends run with host networking: their port equals the service port, so a proxy on the
+    # same host network would collide with them. Dropped unless EXPOSE_HOST.
+    host_network: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.port}/{self.protocol}"
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["servers"] = [s.to_dict() for s in self.servers]
+        data["health_check"] = self.health_check.to_dict() if self.health_check else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str = "service") -> "Service":
+        data = _require_dict(data, what)
+        _reject_unknown(
+            data,
+            ("name", "port", "protocol", "mode", "source", "servers", "health_check",
+             "timeout_client", "timeout_server", "host_network"),
+            what,
+        )
+        name = validate_name(data.get("name"), f"{what}.name")
+        what = f"service {name!r}"
+        servers = data.get("servers", [])
+        if not isinstance(servers, list):
+            raise ModelError(f"{what}.servers must be a list")
+        health = data.get("health_check")
+        host_network = data.get("host_network", False)
+        if not isinstance(host_network, bool):
+            raise ModelError(f"{what}.host_network must be true or false")
+        return cls(
+            name=name,
+            port=_int_in(data.get("port"), 1, 65535, f"{what}.port"),
+            protocol=_choice(data.get("protocol", "tcp"), PROTOCOLS, f"{what}.protocol"),
+            mode=_choice(data.get("mode", "tcp"), MODES, f"{what}.mode"),
+            source=_choice(data.get("source", "file"), SOURCES, f"{what}.source"),
+            servers=tuple(
+                sorted(
+                    (Server.from_dict(s, f"{what}.servers[{i}]") for i, s in enumerate(servers)),
+                    key=server_sort_key,
+                )
+            ),
+            health_check=HealthCheck.from_dict(health, f"{what}.health_check") if health is not None else None,
+            timeout_client=_optional_int(data.get("timeout_client"), 1, 86400, f"{what}.timeout_client"),
+            timeout_server=_optional_int(data.get("timeout_server"), 1, 86400, f"{what}.timeout_server"),
+            host_network=host_network,
+        )
+
+    def with_servers(self, servers: Iterable[Server]) -> "Service":
+        return replace(self, servers=tuple(sorted(servers, key=server_sort_key)))
+
+
+def server_sort_key(server: Server) -> tuple:
+    return (server.ip, server.port, server.hostname)
+
+
+def services_to_list(services: Iterable[Service]) -> list[dict]:
+    return [s.to_dict() for s in sorted(services, key=lambda s: (s.port, s.protocol))]
+
+
+def services_from_list(data: Any, what: str = "services") -> tuple[Service, ...]:
+    if not isinstance(data, list):
+        raise ModelError(f"{what} must be a list")
+    return tuple(Service.from_dict(item, f"{what}[{i}]") for i, item in enumerate(data))
+
+
+@dataclass(frozen=True)
+class SourceSnapshot:
+    """Everything one discovery source currently knows. When the source is `degraded` the
+    services are its last good state: a discovery failure never empties the proxies."""
+
+    source: str
+    state: str
+    services: tuple[Service, ...] = ()
+    error: str = ""
+    # Entries this source skipped (bad labels, unresolvable hosts...), for operators.
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def hash(self) -> str:
+        return content_hash(services_to_list(self.services))
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA_VERSION,
+            "source": self.source,
+            "state": self.state,
+            "error": self.error,
+            "warnings": list(self.warnings),
+            "services": services_to_list(self.services),
+            "hash": self.hash,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "SourceSnapshot":
+        data = _require_dict(data, "snapshot")
+        return cls(
+            source=_choice(data.get("source"), SOURCES, "snapshot.source"),
+            state=_choice(data.get("state"), SOURCE_STATES, "snapshot.state"),
+            services=services_from_list(data.get("services", [])),
+            error=str(data.get("error", "")),
+            warnings=tuple(str(w) for w in data.get("warnings", [])),
+        )
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """The options that shape rendered proxy configs (not discovery)."""
+
+    max_connections: int = 8192
+    pen_servers: int = 64
+    pen_clients: int = 8192
+    haproxy: bool = True
+    vhost_domain: str = ""
+    vhost_port: int = 80
+    proxy_protocol: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ProxySettings":
+        data = _require_dict(data, "settings")
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The desired proxy state: what every applier converges to."""
+
+    services: tuple[Service, ...]
+    settings: ProxySettings = field(default_factory=ProxySettings)
+    # Source name -> hash of the snapshot the plan was built from, for tracing.
+    inputs: tuple[tuple[str, str], ...] = ()
+    # Which sources had delivered when the plan was made (the status stage needs it).
+    sources_ready: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def hash(self) -> str:
+        return content_hash({"services": services_to_list(self.services), "settings": self.settings.to_dict()})
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA_VERSION,
+            "services": services_to_list(self.services),
+            "settings": self.settings.to_dict(),
+            "inputs": dict(self.inputs),
+            "sources_ready": list(self.sources_ready),
+            "notes": list(self.notes),
+            "hash": self.hash,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Plan":
+        data = _require_dict(data, "plan")
+        return cls(
+            services=services_from_list(data.get("services", [])),
+            settings=ProxySettings.from_dict(data.get("settings", {})),
+            inputs=tuple(sorted(dict(data.get("inputs", {})).items())),
+            sources_ready=tuple(data.get("sources_ready", [])),
+            notes=tuple(data.get("notes", [])),
+        )
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What an applier did with a plan."""
+
+    plan_hash: str
+    ok: bool
+    action: str  # "none" | "runtime" | "reload" | "start" | "rejected"
+    errors: tuple[str, ...] = ()
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"plan_hash": self.plan_hash, "ok": self.ok, "action": self.action,
+                "errors": list(self.errors), "details": self.details}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ApplyResult":
+        data = _require_dict(data, "applied")
+        return cls(plan_hash=str(data.get("plan_hash", "")), ok=bool(data.get("ok")),
+                   action=str(data.get("action", "")), errors=tuple(data.get("errors", [])),
+                   details=dict(data.get("details", {})))
