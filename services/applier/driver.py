@@ -1,0 +1,33 @@
+"""The interface between the applier stage and one proxy program (HAProxy, Pen, nginx).
+
+A driver converges its proxy to the part of a plan it owns. It never raises for bad data:
+whatever it cannot apply is reported in the result and the proxy keeps its last good state.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from services.common.model import Plan
+
+
+@dataclass(frozen=True)
+class DriverResult:
+    driver: str
+    ok: bool
+    # "none": nothing to do; "runtime": changed live without reload; "reload": config reloaded;
+    # "rejected": the rendered config failed validation, the last good one is still serving.
+    action: str
+    errors: tuple[str, ...] = ()
+    details: dict = field(default_factory=dict)
+
+
+class ProxyDriver(ABC):
+    name: str
+
+    @abstractmethod
+    def apply(self, plan: Plan) -> DriverResult:
+        """Converge the proxy to `plan`. Safe to call repeatedly with the same plan (cheap no-op)."""
+
+    def close(self) -> None:
+        """Release sockets; the proxy process itself keeps running (it belongs to supervisord)."""
