@@ -54,6 +54,8 @@ def parse_host_port(value: str, name: str) -> str:
 def parse_urls(scheme: tuple[str, ...]) -> Callable[[str, str], str]:
     def parse(value: str, name: str) -> str:
         value = value.strip()
+        if not value:
+            return ""
         for url in value.split(","):
             if not re.match(rf"^({'|'.join(scheme)})://[^/\s]+", url.strip()):
                 raise ConfigError(f"{name}: expected {' or '.join(s + '://host:port' for s in scheme)}..., "
@@ -74,6 +76,8 @@ def parse_domain(value: str, name: str) -> str:
 
 
 def parse_endpoint(value: str, name: str) -> str:
+    if not value.strip():
+        return ""
     try:
         Endpoint.parse(value.strip())
     except ValueError as error:

@@ -1,0 +1,111 @@
+"""`proxymatic`: the command line.
+
+    proxymatic [options]                           all stages and proxies under supervisord
+    proxymatic collector|planner|applier|status    one stage alone (compose, debugging)
+    proxymatic haproxy|nginx|pen                    one supervised proxy program
+    proxymatic tap [--topic PREFIX] [--json]        print every message on the bus
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+
+from services.common.config import STAGES, ConfigError, Settings, add_options, settings_from
+
+PROXIES = ("haproxy", "nginx", "pen")
+COMMANDS = ("run", *STAGES, *PROXIES, "tap")
+
+# command -> "module:function(settings[, stop])"
+ENTRY_POINTS = {
+    "collector": "services.collector.main:run",
+    "planner": "services.planner.main:run",
+    "applier": "services.applier.main:run",
+    "status": "services.status.main:run",
+    "haproxy": "services.applier.haproxy_launch:main",
+    "nginx": "services.applier.nginx_launch:main",
+    "pen": "services.applier.pen_runner:main",
+}
+NEEDS_SOURCE = ("run", "collector")
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="proxymatic" + ("" if command == "run" else f" {command}"),
+        description="Dynamic service-discovery TCP/UDP proxy and load balancer. "
+                    "Commands: " + ", ".join(COMMANDS) + " (default: run).",
+    )
+    add_options(parser)
+    if command == "tap":
+        parser.add_argument("--bus", action="append", default=[], metavar="ENDPOINT",
+                            help="PUB endpoint to tap (repeatable) [default: the run dir's collector, planner, applier]")
+        parser.add_argument("--topic", action="append", default=[], metavar="PREFIX",
+                            help="only topics starting with PREFIX (repeatable) [default: all]")
+        parser.add_argument("--json", action="store_true", help="print each message as one JSON document")
+        parser.add_argument("--count", type=int, default=0, help="exit after COUNT messages (0: run until Ctrl-C)")
+        parser.add_argument("--no-heartbeats", action="store_true", help="hide heartbeat messages")
+    return parser
+
+
+def split_command(argv: list[str]) -> tuple[str, list[str]]:
+    if argv and argv[0] in COMMANDS:
+        return argv[0], argv[1:]
+    return "run", argv
+
+
+def setup_logging(settings: Settings, command: str) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if settings.verbose else logging.INFO,
+        format=f"%(asctime)s %(levelname)s {command}[%(process)d] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, _frame) -> None:
+        logging.getLogger("proxymatic").info("got signal %d, stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def main(argv: list[str] | None = None) -> int:
+    command, rest = split_command(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser(command)
+    args = parser.parse_args(rest)
+    try:
+        settings = settings_from(args, os.environ, command)
+    except ConfigError as error:
+        print(f"proxymatic: error: {error}", file=sys.stderr)
+        return 1
+    if command in NEEDS_SOURCE and not settings.sources:
+        parser.print_help(sys.stderr)
+        print("\nproxymatic: error: at least one discovery source is required "
+              "(--marathon, --registrator or --services-file)", file=sys.stderr)
+        return 1
+    setup_logging(settings, command)
+    if command == "tap":
+        from services.tap import tap
+        return tap(settings, args)
+    if command == "run":
+        from services.launcher import launch
+        return launch(settings, rest)
+    module_name, _, function = ENTRY_POINTS[command].partition(":")
+    entry = getattr(importlib.import_module(module_name), function)
+    os.makedirs(settings.run_dir, exist_ok=True)
+    if command in PROXIES:
+        return entry(settings) or 0
+    entry(settings, stop_on_signals())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

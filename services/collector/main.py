@@ -1,0 +1,126 @@
+"""The collector stage: runs every configured discovery source and publishes one snapshot per
+source on the bus (topic `source.<name>`).
+
+Each source runs in its own thread, so one that fails or hangs never delays another. A source
+that fails keeps its last good services in the published snapshot, marked `degraded`: a
+discovery outage never empties the proxies.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+import zmq
+
+from services.collector.source import Discovery, Source, SourceError
+from services.common.bus import Publisher
+from services.common.config import Settings
+from services.common.model import SourceSnapshot
+
+log = logging.getLogger("proxymatic.collector")
+
+BACKOFF_START = 0.5
+BACKOFF_MAX = 30.0
+
+
+def build_sources(settings: Settings) -> list[Source]:
+    sources: list[Source] = []
+    if settings.marathon:
+        from services.collector.marathon import MarathonSource
+        sources.append(MarathonSource(settings))
+    if settings.registrator:
+        from services.collector.registrator import RegistratorSource
+        sources.append(RegistratorSource(settings))
+    if settings.services_file:
+        from services.collector.file_source import FileSource
+        sources.append(FileSource(settings.services_file))
+    return sources
+
+
+@dataclass
+class SourceRunner:
+    """Drives one source: read, report, wait for change; back off while it fails."""
+
+    source: Source
+    refresh_interval: float
+    updates: "queue.Queue[SourceSnapshot]"
+    stop: threading.Event
+
+    def run(self) -> None:
+        last_good: Discovery | None = None
+        backoff = BACKOFF_START
+        while not self.stop.is_set():
+            try:
+                discovery = self.source.current()
+            except SourceError as error:
+                self._report_failure(str(error), last_good)
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            except Exception as error:  # a bug in one source must not kill the collector
+                log.exception("source %s: unexpected error", self.source.name)
+                self._report_failure(f"internal error: {error!r}", last_good)
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = BACKOFF_START
+            last_good = discovery
+            for warning in discovery.warnings:
+                log.warning("source %s: %s", self.source.name, warning)
+            self.updates.put(SourceSnapshot(self.source.name, "ok", discovery.services,
+                                            warnings=discovery.warnings))
+            try:
+                self.source.wait_for_change(self.refresh_interval, self.stop)
+            except SourceError as error:
+                self._report_failure(str(error), last_good)
+                self.stop.wait(backoff)
+            except Exception:
+                log.exception("source %s: unexpected error while waiting", self.source.name)
+                self.stop.wait(backoff)
+
+    def _report_failure(self, error: str, last_good: Discovery | None) -> None:
+        log.error("source %s: %s (keeping last good state)", self.source.name, error)
+        if last_good is None:
+            self.updates.put(SourceSnapshot(self.source.name, "initializing", (), error=error))
+        else:
+            self.updates.put(SourceSnapshot(self.source.name, "degraded", last_good.services,
+                                            error=error, warnings=last_good.warnings))
+
+
+def run(settings: Settings, stop: threading.Event, sources: list[Source] | None = None) -> None:
+    sources = build_sources(settings) if sources is None else sources
+    ctx = zmq.Context.instance()
+    publisher = Publisher(ctx, f"collector@{settings.node}", settings.bus("collector"))
+    updates: "queue.Queue[SourceSnapshot]" = queue.Queue()
+    threads = []
+    for source in sources:
+        runner = SourceRunner(source, settings.refresh_interval, updates, stop)
+        thread = threading.Thread(target=runner.run, name=f"source-{source.name}", daemon=True)
+        thread.start()
+        threads.append(thread)
+    log.info("collector: sources %s, publishing on %s", [s.name for s in sources], settings.bus("collector").pub)
+    last_published: dict[str, dict] = {}
+    try:
+        while not stop.is_set():
+            publisher.serve_snapshots()
+            publisher.heartbeat({"stage": "collector", "sources": [s.name for s in sources]})
+            try:
+                snapshot = updates.get(timeout=min(0.05, publisher.seconds_to_heartbeat()) or 0.05)
+            except queue.Empty:
+                continue
+            payload = snapshot.to_dict()
+            # Sources re-report after every wake-up; only real changes go on the bus.
+            if last_published.get(snapshot.source) != payload:
+                last_published[snapshot.source] = payload
+                publisher.publish(f"source.{snapshot.source}", payload)
+                log.info("source %s: %s, %d services, hash %s", snapshot.source, snapshot.state,
+                         len(snapshot.services), payload["hash"])
+    finally:
+        for source in sources:
+            try:
+                source.close()
+            except Exception:
+                log.exception("source %s: close failed", source.name)
+        publisher.close()

@@ -1,0 +1,80 @@
+"""From source snapshots to a plan: pure functions, no I/O.
+
+Rules (interface.md): Marathon wins a service port over registrator, which wins over the file;
+host-network services only with EXPOSE_HOST; per-container maxconn divided by GROUP_SIZE;
+weights scaled from 1..1000 to HAProxy's 0..256 keeping proportions; ports proxymatic itself
+listens on are never given to a service. Every rule that drops something says so in `notes`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from services.common.config import Settings, reserved_ports
+from services.common.model import MAX_WEIGHT, Plan, Service, SourceSnapshot
+
+PRECEDENCE = ("marathon", "registrator", "file")
+PROXY_MAX_WEIGHT = 256
+
+
+def scale_weight(weight: int) -> int:
+    """1..1000 onto 0..256; a positive weight never becomes 0 (that would drain the server)."""
+    if weight <= 0:
+        return 0
+    return max(1, min(PROXY_MAX_WEIGHT, round(weight * PROXY_MAX_WEIGHT / MAX_WEIGHT)))
+
+
+def divide_maxconn(maxconn: int | None, group_size: int) -> int | None:
+    # Rounded up: with 3 instances and maxconn 10 each instance allows 4, never 0.
+    return None if maxconn is None else max(1, math.ceil(maxconn / group_size))
+
+
+def merge(snapshots: dict[str, SourceSnapshot]) -> tuple[dict[str, Service], list[str]]:
+    merged: dict[str, Service] = {}
+    notes: list[str] = []
+    for source in PRECEDENCE:
+        snapshot = snapshots.get(source)
+        if snapshot is None:
+            continue
+        for service in snapshot.services:
+            winner = merged.get(service.key)
+            if winner is not None:
+                notes.append(f"port {service.key}: {source} service {service.name!r} ignored, "
+                             f"claimed by {winner.source} service {winner.name!r}")
+                continue
+            merged[service.key] = service
+    return merged, notes
+
+
+def apply_policies(service: Service, settings: Settings) -> Service:
+    servers = tuple(
+        replace(server, weight=scale_weight(server.weight),
+                maxconn=divide_maxconn(server.maxconn, settings.group_size))
+        for server in service.servers
+    )
+    return service.with_servers(servers)
+
+
+def make_plan(snapshots: dict[str, SourceSnapshot], settings: Settings) -> Plan:
+    merged, notes = merge(snapshots)
+    reserved = reserved_ports(settings)
+    services: list[Service] = []
+    for key in sorted(merged, key=lambda k: (int(k.split("/")[0]), k)):
+        service = merged[key]
+        if service.host_network and not settings.expose_host:
+            notes.append(f"port {key}: service {service.name!r} uses host networking; "
+                         "not proxied (set EXPOSE_HOST=true to proxy it)")
+            continue
+        if service.protocol == "tcp" and service.port in reserved:
+            notes.append(f"port {key}: service {service.name!r} collides with "
+                         f"{reserved[service.port]}; not proxied")
+            continue
+        services.append(apply_policies(service, settings))
+    return Plan(
+        services=tuple(services),
+        settings=settings.proxy_settings(),
+        inputs=tuple(sorted((name, s.hash) for name, s in snapshots.items())),
+        sources_ready=tuple(sorted(name for name, s in snapshots.items() if s.state != "initializing")),
+        notes=tuple(notes),
+    )
+

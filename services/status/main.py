@@ -1,0 +1,133 @@
+"""The status stage: `GET /status` for upstream load balancers, `/status/details` (JSON) for
+operators, and every other path proxied to HAProxy's statistics page, all on STATUS_ENDPOINT.
+
+It listens to the whole bus (sources, plan, applied results, heartbeats). TERMINATING comes
+from the marker file the launcher writes on SIGTERM (`<run_dir>/terminating`), so it survives a
+restart of this stage.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import zmq
+
+from services.common.bus import Subscriber
+from services.common.config import Settings
+from services.common.model import ApplyResult
+from services.status.state import OK, PipelineState
+
+log = logging.getLogger("proxymatic.status")
+
+
+def terminating_marker(settings: Settings) -> str:
+    return settings.path("terminating")
+
+
+def haproxy_stats_socket(settings: Settings) -> str:
+    return settings.path("haproxy", "stats.sock")
+
+
+def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) -> None:
+    ctx = zmq.Context.instance()
+    subscriber = Subscriber(ctx, [settings.bus("collector"), settings.bus("planner"), settings.bus("applier")],
+                            ["source.", "plan", "applied."])
+    try:
+        while not stop.is_set():
+            messages = subscriber.poll(0.2)
+            with state.lock:
+                state.heartbeats = subscriber.senders()
+                for message in messages:
+                    payload = message.payload
+                    if message.topic.startswith("source."):
+                        state.sources[payload.get("source", message.topic[7:])] = {
+                            "state": payload.get("state"), "error": payload.get("error", ""),
+                            "services": len(payload.get("services", [])), "hash": payload.get("hash"),
+                            "warnings": payload.get("warnings", [])[:50],
+                        }
+                    elif message.topic == "plan":
+                        state.plan_hash = payload.get("hash", "")
+                        state.plan_sources_ready = tuple(payload.get("sources_ready", []))
+                        state.plan_notes = tuple(payload.get("notes", []))
+                    elif message.topic.startswith("applied."):
+                        state.applied[message.topic[len("applied."):]] = ApplyResult.from_dict(payload)
+    finally:
+        subscriber.close()
+
+
+def proxy_to_unix_http(path: str, request_line: bytes, headers: list[tuple[str, str]]) -> bytes:
+    """Forward one HTTP request to a unix-socket HTTP server and return the raw response."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(5)
+        conn.connect(path)
+        head = request_line + b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in headers
+                                       if k.lower() not in ("connection", "keep-alive"))
+        conn.sendall(head + b"Connection: close\r\n\r\n")
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def make_handler(settings: Settings, state: PipelineState):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+        server_version = "proxymatic"
+
+        def do_GET(self) -> None:
+            terminating = os.path.exists(terminating_marker(settings))
+            if self.path == "/status":
+                verdict = state.verdict(settings.node, terminating)
+                self._reply(200 if verdict == OK else 503, (verdict + "\n").encode(), "text/plain")
+            elif self.path in ("/status/details", "/status.json"):
+                details = state.details(settings.node, terminating)
+                body = json.dumps(details, indent=2, sort_keys=True).encode() + b"\n"
+                self._reply(200 if details["status"] == OK else 503, body, "application/json")
+            else:
+                self._proxy_stats()
+
+        def _proxy_stats(self) -> None:
+            request_line = f"GET {self.path} HTTP/1.0\r\n".encode("latin-1")
+            try:
+                raw = proxy_to_unix_http(haproxy_stats_socket(settings), request_line, list(self.headers.items()))
+            except OSError as error:
+                self._reply(502, f"HAProxy statistics unavailable: {error}\n".encode(), "text/plain")
+                return
+            self.wfile.write(raw)
+
+        def _reply(self, code: int, body: bytes, content_type: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, fmt: str, *args) -> None:
+            log.debug("status: %s " + fmt, self.client_address[0], *args)
+
+    return Handler
+
+
+def run(settings: Settings, stop: threading.Event) -> None:
+    state = PipelineState(configured_sources=settings.sources)
+    bus_thread = threading.Thread(target=follow_bus, args=(settings, state, stop), name="status-bus", daemon=True)
+    bus_thread.start()
+    if not settings.status_endpoint:
+        log.info("status: STATUS_ENDPOINT is empty; HTTP endpoint disabled")
+        stop.wait()
+        return
+    host, _, port = settings.status_endpoint.rpartition(":")
+    ThreadingHTTPServer.allow_reuse_address = True
+    server = ThreadingHTTPServer((host, int(port)), make_handler(settings, state))
+    server.daemon_threads = True
+    log.info("status: serving /status on %s", settings.status_endpoint)
+    threading.Thread(target=lambda: (stop.wait(), server.shutdown()), daemon=True).start()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
