@@ -1,0 +1,68 @@
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from services.common.config import ConfigError, add_options, settings_from
+from services.launcher import render_supervisord_conf
+
+
+def settings(argv, env=None):
+    parser = argparse.ArgumentParser()
+    add_options(parser)
+    return settings_from(parser.parse_args(argv), env or {})
+
+
+def test_defaults_match_the_original():
+    s = settings([])
+    assert (s.refresh_interval, s.expose_host, s.status_endpoint, s.group_size, s.max_connections) == \
+           (60, False, "0.0.0.0:9090", 1, 8192)
+    assert (s.pen_servers, s.pen_clients, s.haproxy, s.vhost_port, s.proxy_protocol, s.verbose) == \
+           (64, 8192, True, 80, False, False)
+
+
+def test_environment_and_flag_precedence():
+    env = {"MARATHON_URL": "http://m1:8080/,http://u:p@m2:8080/", "REFRESH_INTERVAL": "5", "HAPROXY": "FALSE",
+           "EXPOSE_HOST": "1", "STATUS_ENDPOINT": ""}
+    s = settings(["-i", "7"], env)
+    assert s.refresh_interval == 7 and s.haproxy is False and s.expose_host is True and s.status_endpoint == ""
+    assert s.sources == ("marathon",)
+    assert settings(["--no-haproxy"]).haproxy is False
+    assert settings(["--expose-host"]).expose_host is True
+    assert settings(["--haproxy", "false"], {"HAPROXY": "true"}).haproxy is False
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    ([], {"HAPROXY": "yes"}, "HAPROXY"),
+    (["--group-size", "0"], {}, "group-size"),
+    (["-i", "abc"], {}, "refresh-interval"),
+    (["--status-endpoint", "nope"], {}, "ip:port"),
+    (["-r", "http://etcd:4001/services"], {}, "etcd://"),
+    (["--vhost-domain", "a b.com"], {}, "domain"),
+])
+def test_bad_values_are_clear_errors(argv, env, message):
+    with pytest.raises(ConfigError, match=message):
+        settings(argv, env)
+
+
+def run_cli(*argv, env=None):
+    return subprocess.run([sys.executable, "-m", "services.cli", *argv], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", **(env or {})}, timeout=30)
+
+
+def test_cli_exit_codes():
+    no_source = run_cli()
+    assert no_source.returncode == 1 and "at least one discovery source" in no_source.stderr
+    assert "--marathon" in no_source.stderr  # the help is printed
+    bad = run_cli("--services-file", "/x.json", env={"VERBOSE": "maybe"})
+    assert bad.returncode == 1 and "VERBOSE" in bad.stderr
+
+
+def test_supervisord_config_quotes_arguments(tmp_path):
+    s = settings(["--run-dir", str(tmp_path), "--services-file", "/a dir/100%.json"])
+    text = render_supervisord_conf(s, ["--services-file", "/a dir/100%.json"])
+    assert "'/a dir/100%%.json'" in text
+    for program in ("haproxy", "applier", "planner", "collector", "status", "pen"):
+        assert f"[program:{program}]" in text
+    assert "[program:nginx]" not in text

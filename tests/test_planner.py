@@ -1,0 +1,75 @@
+from services.common.config import Settings
+from services.common.model import Service, SourceSnapshot
+from services.planner.policy import divide_maxconn, make_plan, scale_weight
+
+
+def svc(name, port, source, servers=(("10.0.0.1", 80, 500, None),), **extra):
+    return Service.from_dict({"name": name, "port": port, "source": source, **extra,
+                              "servers": [{"ip": ip, "port": p, "weight": w, "maxconn": m} for ip, p, w, m in servers]})
+
+
+def snap(source, *services, state="ok"):
+    return SourceSnapshot(source, state, services)
+
+
+def test_weight_scaling_keeps_proportions():
+    assert scale_weight(1000) == 256
+    assert scale_weight(500) == 128
+    assert abs(scale_weight(500) / scale_weight(100) - 5) < 0.1
+    assert scale_weight(1) == 1  # never 0: that would drain the server
+    assert scale_weight(0) == 0
+
+
+def test_maxconn_divided_by_group_size_rounding_up():
+    assert divide_maxconn(10, 3) == 4
+    assert divide_maxconn(1, 5) == 1
+    assert divide_maxconn(None, 3) is None
+
+
+def test_precedence_marathon_over_registrator_over_file():
+    plan = make_plan({
+        "file": snap("file", svc("f", 1000, "file"), svc("only-file", 1001, "file")),
+        "registrator": snap("registrator", svc("r", 1000, "registrator")),
+        "marathon": snap("marathon", svc("m", 1000, "marathon")),
+    }, Settings(status_endpoint=""))
+    by_port = {s.port: s for s in plan.services}
+    assert by_port[1000].name == "m" and by_port[1001].name == "only-file"
+    assert sum("claimed by marathon" in n for n in plan.notes) == 2
+
+
+def test_tcp_and_udp_on_one_port_are_different_services():
+    plan = make_plan({"file": snap("file", svc("a", 53, "file"), svc("b", 53, "file", protocol="udp"))},
+                     Settings(status_endpoint=""))
+    assert [s.key for s in plan.services] == ["53/tcp", "53/udp"]
+
+
+def test_expose_host_filter():
+    snapshots = {"marathon": snap("marathon", svc("h", 2000, "marathon", host_network=True))}
+    assert make_plan(snapshots, Settings(status_endpoint="")).services == ()
+    assert len(make_plan(snapshots, Settings(status_endpoint="", expose_host=True)).services) == 1
+
+
+def test_reserved_ports_never_given_to_a_service():
+    plan = make_plan({"file": snap("file", svc("s", 9090, "file"), svc("v", 80, "file"))},
+                     Settings(status_endpoint="0.0.0.0:9090", vhost_domain="example.com", vhost_port=80))
+    assert plan.services == ()
+    assert any("STATUS_ENDPOINT" in n for n in plan.notes) and any("VHOST_PORT" in n for n in plan.notes)
+
+
+def test_policies_applied_to_servers():
+    plan = make_plan({"file": snap("file", svc("s", 3000, "file", servers=[("10.0.0.1", 80, 1000, 10)]))},
+                     Settings(status_endpoint="", group_size=2))
+    server = plan.services[0].servers[0]
+    assert (server.weight, server.maxconn) == (256, 5)
+
+
+def test_plan_is_deterministic_and_tracks_ready_sources():
+    snapshots = {"file": snap("file", svc("s", 3000, "file")), "marathon": snap("marathon", state="initializing")}
+    a, b = make_plan(snapshots, Settings()), make_plan(dict(reversed(list(snapshots.items()))), Settings())
+    assert a.hash == b.hash and a.to_dict() == b.to_dict()
+    assert a.sources_ready == ("file",)
+
+
+def test_degraded_source_still_contributes_last_good_state():
+    plan = make_plan({"file": snap("file", svc("s", 3000, "file"), state="degraded")}, Settings())
+    assert [s.port for s in plan.services] == [3000] and plan.sources_ready == ("file",)
