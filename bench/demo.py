@@ -1,0 +1,118 @@
+"""`make demo`: the whole pipeline on an embedded default, with traffic you can watch.
+
+Starts three small HTTP backends and proxymatic (supervisord, collector, planner, applier,
+status, HAProxy) on a demo services file in a temporary run dir, sends requests through
+HAProxy, then edits the file (one backend removed, one added) and shows traffic following.
+Ctrl-C stops everything. `--once` runs the script and exits (used by the tests).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+from sim.backends import HttpBackend
+
+SERVICE_PORT = int(os.environ.get("DEMO_PORT", "10080"))
+STATUS_PORT = int(os.environ.get("DEMO_STATUS_PORT", "19090"))
+
+
+def say(text: str) -> None:
+    print(f"\033[1m==> {text}\033[0m" if sys.stdout.isatty() else f"==> {text}", flush=True)
+
+
+def write_services(path: str, backends: list[HttpBackend]) -> None:
+    document = {"services": [{"name": "demo-web", "port": SERVICE_PORT, "protocol": "tcp", "mode": "http",
+                              "servers": [{"host": "127.0.0.1", "port": b.port, "weight": 500} for b in backends]}]}
+    temporary = path + ".tmp"
+    with open(temporary, "w") as handle:
+        json.dump(document, handle, indent=2)
+    os.replace(temporary, path)
+
+
+def fetch(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode().strip()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode().strip()
+
+
+def wait_for(what: str, predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"demo: timed out waiting for {what}")
+
+
+def traffic(requests: int = 30) -> collections.Counter:
+    counts: collections.Counter = collections.Counter()
+    for _ in range(requests):
+        counts[fetch(f"http://127.0.0.1:{SERVICE_PORT}/")[1]] += 1
+    return counts
+
+
+def show(counts: collections.Counter) -> None:
+    for name, count in sorted(counts.items()):
+        print(f"    {name:<12} {'#' * count} {count}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--once", action="store_true", help="run the script, then stop (no waiting for Ctrl-C)")
+    args = parser.parse_args()
+    run_dir = tempfile.mkdtemp(prefix="proxymatic-demo-")
+    services_file = os.path.join(run_dir, "services.json")
+    backends = {name: HttpBackend(name) for name in ("backend-a", "backend-b", "backend-c")}
+    write_services(services_file, [backends["backend-a"], backends["backend-b"]])
+    say(f"starting proxymatic (run dir {run_dir}, logs in {run_dir}/logs)")
+    proxymatic = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "proxymatic"), "--services-file", services_file,
+         "--run-dir", run_dir, "--status-endpoint", f"127.0.0.1:{STATUS_PORT}"],
+        start_new_session=True)
+    try:
+        wait_for("/status OK", lambda: fetch(f"http://127.0.0.1:{STATUS_PORT}/status")[0] == 200)
+        say(f"/status is OK; 30 requests to http://127.0.0.1:{SERVICE_PORT}/ (backends a and b)")
+        show(traffic())
+        say("editing the services file: backend-a removed, backend-c added")
+        write_services(services_file, [backends["backend-b"], backends["backend-c"]])
+        wait_for("traffic to follow", lambda: set(traffic(6)) == {"backend-b", "backend-c"})
+        say("30 requests again (backends b and c)")
+        counts = traffic()
+        show(counts)
+        if set(counts) != {"backend-b", "backend-c"}:
+            raise SystemExit(f"demo: unexpected backends {sorted(counts)}")
+        say(f"the bus, as `proxymatic tap --run-dir {run_dir}` shows it:")
+        subprocess.run([os.path.join(os.path.dirname(sys.executable), "proxymatic"), "tap", "--run-dir", run_dir,
+                        "--services-file", services_file, "--no-heartbeats", "--count", "3"], timeout=15)
+        say(f"HAProxy statistics: http://127.0.0.1:{STATUS_PORT}/   status: http://127.0.0.1:{STATUS_PORT}/status")
+        if not args.once:
+            say(f"try: curl http://127.0.0.1:{SERVICE_PORT}/ ; edit {services_file} ; Ctrl-C stops everything")
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        return 0
+    finally:
+        say("stopping")
+        proxymatic.send_signal(signal.SIGINT)
+        try:
+            proxymatic.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(proxymatic.pid, signal.SIGKILL)
+        for backend in backends.values():
+            backend.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

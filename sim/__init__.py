@@ -1,0 +1,1 @@
+"""Simulated cluster pieces for tests, benchmarks and the demo (Marathon, backends)."""

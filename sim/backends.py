@@ -1,0 +1,67 @@
+"""Small real backends that say who they are: for tests, benchmarks and `make demo`."""
+from __future__ import annotations
+
+import socketserver
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class TcpBackend:
+    """A TCP server that answers every connection with its name and closes: `who is serving?`"""
+
+    def __init__(self, name: str, port: int | None = None):
+        self.name = name
+        self.connections = 0
+        backend = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                backend.connections += 1
+                self.request.sendall(backend.name.encode() + b"\n")
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", port or 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class HttpBackend:
+    """An HTTP server answering `name` on every path; `healthy` drives /health (200 or 503)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.healthy = True
+        self.requests = 0
+        backend = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                backend.requests += 1
+                if self.path == "/health" and not backend.healthy:
+                    body, code = b"unhealthy\n", 503
+                else:
+                    body, code = backend.name.encode() + b"\n", 200
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("X-Backend", backend.name)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
