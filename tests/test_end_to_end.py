@@ -1,0 +1,169 @@
+"""The whole product under supervisord: `proxymatic --services-file ...` with a real HAProxy."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.helpers import TcpBackend, free_port, tcp_ask, wait_until
+
+BIN = os.path.dirname(sys.executable)
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+class Stack:
+    def __init__(self):
+        self.run_dir = tempfile.mkdtemp(prefix="pme")
+        self.services_file = os.path.join(self.run_dir, "services.json")
+        self.service_port = free_port()
+        self.status_port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [os.path.join(BIN, "proxymatic"), "--services-file", self.services_file, "--run-dir", self.run_dir,
+             "--status-endpoint", f"127.0.0.1:{self.status_port}"],
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def write(self, backends: list[TcpBackend], **service) -> None:
+        document = {"services": [{"name": "web", "port": self.service_port, **service,
+                                  "servers": [{"host": "127.0.0.1", "port": b.port} for b in backends]}]}
+        self.write_text(json.dumps(document))
+
+    def write_text(self, text: str) -> None:
+        temporary = self.services_file + ".tmp"
+        with open(temporary, "w") as handle:
+            handle.write(text)
+        os.replace(temporary, self.services_file)
+
+    def status(self) -> tuple[int, str]:
+        return http_get(f"http://127.0.0.1:{self.status_port}/status")
+
+    def details(self) -> dict:
+        return json.loads(http_get(f"http://127.0.0.1:{self.status_port}/status/details")[1])
+
+    def supervisorctl(self, *args: str) -> str:
+        return subprocess.run([os.path.join(BIN, "supervisorctl"), "-c", os.path.join(self.run_dir, "supervisord.conf"),
+                               *args], capture_output=True, text=True, timeout=30).stdout.strip()
+
+    def pid(self, program: str) -> int:
+        return int(self.supervisorctl("pid", program) or 0)
+
+    def serving(self) -> set[str]:
+        return {tcp_ask(self.service_port) for _ in range(8)}
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+class Load:
+    """Connections through the proxy in a loop; counts failures."""
+
+    def __init__(self, port: int):
+        self.port, self.ok, self.failed, self.errors = port, 0, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if tcp_ask(self.port):
+                    self.ok += 1
+                else:
+                    self.failed += 1
+                    self.errors.append("empty answer")
+            except OSError as error:
+                self.failed += 1
+                self.errors.append(repr(error))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture
+def stack():
+    s = Stack()
+    backends = {name: TcpBackend(name) for name in ("a", "b", "c")}
+    s.backends = backends
+    yield s
+    s.stop()
+    for backend in backends.values():
+        backend.close()
+
+
+def test_pipeline_serves_follows_survives_and_drains(stack):
+    a, b, c = stack.backends["a"], stack.backends["b"], stack.backends["c"]
+    stack.start()
+    # No file yet: the source has never delivered, so the node is not ready.
+    assert wait_until(lambda: stack.status() == (503, "INITIALIZING\n"), timeout=30, message="INITIALIZING")
+    stack.write([a, b])
+    wait_until(lambda: stack.status()[0] == 200, timeout=30, message="/status OK")
+    assert stack.status() == (200, "OK\n")
+    wait_until(lambda: stack.serving() == {"a", "b"}, message="traffic to a and b")
+
+    # Editing the file moves traffic.
+    stack.write([b, c])
+    wait_until(lambda: stack.serving() == {"b", "c"}, message="traffic to b and c")
+
+    # A malformed file is reported and changes nothing.
+    stack.write_text('{"services": [{"name": "bad name\\n", "port": 1}]}')
+    wait_until(lambda: stack.details()["sources"]["file"]["state"] == "degraded", message="degraded file source")
+    assert "name" in stack.details()["sources"]["file"]["error"]
+    assert stack.serving() == {"b", "c"}
+    assert stack.status()[0] == 200
+
+    # kill -9 of every stage: supervisord restarts it, traffic never fails, the pipeline converges.
+    load = Load(stack.service_port)
+    try:
+        backends_in_turn = [[a, b], [a, c], [c], [a, b, c]]
+        for stage, servers in zip(("collector", "planner", "applier", "status"), backends_in_turn):
+            old = stack.pid(stage)
+            assert old > 0
+            os.kill(old, signal.SIGKILL)
+            wait_until(lambda: stack.pid(stage) not in (0, old), timeout=30, message=f"{stage} restarted")
+            stack.write(servers)
+            expected = {x.name for x in servers}
+            wait_until(lambda: stack.serving() == expected, timeout=30, message=f"convergence after {stage} restart")
+        wait_until(lambda: stack.status()[0] == 200, message="status OK after restarts")
+    finally:
+        load.stop()
+    assert load.failed == 0, load.errors[:5]
+    assert load.ok > 50
+
+    # The bus can be tapped.
+    tap = subprocess.run([os.path.join(BIN, "proxymatic"), "tap", "--run-dir", stack.run_dir, "--no-heartbeats",
+                          "--count", "3"], capture_output=True, text=True, timeout=30)
+    assert tap.returncode == 0
+    topics = {line.split()[1] for line in tap.stdout.splitlines()}
+    assert {"source.file", "plan"} <= topics and any(t.startswith("applied.") for t in topics)
+
+    # SIGTERM: TERMINATING while still forwarding; a second SIGTERM stops.
+    stack.process.send_signal(signal.SIGTERM)
+    wait_until(lambda: stack.status() == (503, "TERMINATING\n"), message="TERMINATING")
+    assert stack.serving() == {"a", "b", "c"}
+    stack.process.send_signal(signal.SIGTERM)
+    assert stack.process.wait(timeout=40) == 0
