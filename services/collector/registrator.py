@@ -1,0 +1,435 @@
+"""Registrator discovery: services that gliderlabs/registrator publishes in etcd (v2 API).
+
+A background thread keeps an in-memory copy of the prefix:
+
+1. full read: GET <prefix>?recursive=true (a missing prefix, errorCode 100, is an empty state);
+2. long poll: GET <prefix>?wait=true&recursive=true&waitIndex=<X-Etcd-Index + 1>, then
+   <node.modifiedIndex + 1> after each event. Every event (set, create, update,
+   compareAndSwap, delete, expire, compareAndDelete) is applied to the copy, one key (or one
+   deleted directory) at a time. A poll that times out moves waitIndex to the poll's own
+   X-Etcd-Index + 1 (nothing under the prefix changed up to there), so a quiet prefix in a
+   busy etcd does not fall out of the 1000-event history. A poll closed with an empty body is
+   retried. errorCode 401 (event index cleared) → full read, then carry on;
+3. a full read every REFRESH_INTERVAL as a safety net, and after every failure.
+
+Outage: `current()` raises SourceError while etcd cannot be read (the collector then keeps the
+last good services and reports the source degraded); the thread retries with exponential
+backoff, trying every endpoint of the URL in turn, and `wait_for_change` wakes up the caller
+on each health change. The in-memory copy is never emptied by a failure (`last_known()`).
+Details and the key layout: docs/registrator.md.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from http.client import HTTPException
+from typing import Any, Callable
+from urllib.parse import quote
+
+import etcd
+import urllib3
+from urllib3.exceptions import HTTPError
+
+from services.collector.registrator_parse import (
+    Entry, EntryError, Resolver, caching_resolver, discovery_parts, parse_entry,
+    parse_registrator_url, parse_tree, relative_key, resolve_host,
+)
+from services.collector.source import Discovery, Source, SourceError
+from services.common.config import ConfigError, Settings
+
+log = logging.getLogger("proxymatic.collector.registrator")
+
+SET_ACTIONS = frozenset({"set", "create", "update", "compareAndSwap"})
+DELETE_ACTIONS = frozenset({"delete", "expire", "compareAndDelete"})
+
+# Network failures of one request (python-etcd wraps some, urllib3/http.client raise others).
+_NETWORK_ERRORS = (etcd.EtcdConnectionFailed, HTTPError, HTTPException, OSError)
+
+
+class _Unavailable(Exception):
+    """No endpoint answered."""
+
+
+class _Resync(Exception):
+    """The watch cannot continue from its index: read everything again."""
+
+
+class RegistratorSource(Source):
+    name = "registrator"
+
+    def __init__(self, settings: Settings, *,
+                 watch_timeout: float = 10.0,
+                 read_timeout: float = 10.0,
+                 connect_timeout: float = 2.0,
+                 backoff_start: float = 0.2,
+                 backoff_max: float = 5.0,
+                 initial_timeout: float = 5.0,
+                 refresh_interval: float | None = None,
+                 resolve: Resolver = resolve_host,
+                 before_watch: Callable[[], None] | None = None):
+        """`settings.registrator` is `etcd://host:port[,host:port...]/prefix`. The keyword
+        arguments tune timeouts (seconds) for tests and benchmarks:
+
+        watch_timeout    read timeout of one long poll (it is then re-issued)
+        read_timeout     read timeout of a full read
+        connect_timeout  TCP connect timeout per endpoint
+        backoff_start/max  retry delays while no endpoint answers
+        initial_timeout  how long the first `current()` waits for the first full read
+        refresh_interval full read period (default settings.refresh_interval)
+        resolve          host name → IP for values that are not IP addresses
+        before_watch     called before each long poll (tests use it to hold the watcher)
+        """
+        try:
+            self.endpoints, self.prefix = parse_registrator_url(settings.registrator)
+        except ValueError as error:
+            raise ConfigError(f"REGISTRATOR_URL: {error}") from None
+        self.watch_timeout = watch_timeout
+        self.read_timeout = read_timeout
+        self.connect_timeout = connect_timeout
+        self.backoff_start = backoff_start
+        self.backoff_max = backoff_max
+        self.initial_timeout = initial_timeout
+        self.refresh_interval = float(refresh_interval if refresh_interval is not None
+                                      else settings.refresh_interval)
+        self._resolve = resolve
+        self._before_watch = before_watch
+        self._clients = [etcd.Client(host=host, port=port, read_timeout=read_timeout,
+                                     allow_reconnect=False, per_host_pool_size=2)
+                         for host, port in self.endpoints]
+        self._endpoint = 0  # index of the endpoint in use (sticky until it fails)
+
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._inflight: Any = None  # the open long-poll response, shut down by close()
+        # State, guarded by _cond. `_version` counts changes callers can see.
+        self._entries: dict[str, Entry] = {}
+        self._warnings: dict[str, str] = {}
+        self._synced = False
+        self._error = ""
+        self._version = 0
+        self._seen_version = -1
+        self._cache: tuple[int, Discovery] | None = None
+        self._wait_index = 0
+        self._last_full_read = 0.0
+        self.stats = {"full_reads": 0, "events": 0, "index_cleared": 0, "failovers": 0,
+                      "failures": 0, "empty_polls": 0, "poll_timeouts": 0}
+
+    # -- Source interface -------------------------------------------------------------------
+    def current(self) -> Discovery:
+        self._ensure_started()
+        deadline = time.monotonic() + self.initial_timeout
+        with self._cond:
+            while not self._synced and not self._error and not self._stop.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(min(remaining, 0.2))
+            self._seen_version = self._version
+            if self._error:
+                raise SourceError(self._error)
+            if not self._synced:
+                raise SourceError(f"etcd {self.endpoint_text}: prefix {self.prefix or '/'} not read yet")
+        return self._discovery()
+
+    def wait_for_change(self, timeout: float, stop: threading.Event) -> None:
+        """Return when the services or the health of the source changed since the last
+        `current()`, after `timeout`, or within 0.2 s of `stop` (or `close()`)."""
+        self._ensure_started()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._version == self._seen_version and not stop.is_set() and not self._stop.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._cond.wait(min(remaining, 0.2))
+
+    def close(self) -> None:
+        self._stop.set()
+        response = self._inflight
+        if response is not None:
+            try:
+                response.shutdown()  # unblocks a long poll at once (urllib3 >= 2.3)
+            except Exception:  # noqa: BLE001 - best effort, the read timeout bounds it anyway
+                pass
+        with self._cond:
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2.0)
+        for client in self._clients:
+            try:
+                client.http.clear()
+            except Exception:  # noqa: BLE001
+                pass
+
+    # -- extras -----------------------------------------------------------------------------
+    def last_known(self) -> Discovery | None:
+        """The last state read from etcd, even while etcd is unreachable (None before the
+        first read)."""
+        with self._cond:
+            if not self._synced:
+                return None
+        return self._discovery()
+
+    @property
+    def error(self) -> str:
+        """Why etcd cannot be read right now ("" when healthy)."""
+        return self._error
+
+    @property
+    def endpoint_text(self) -> str:
+        host, port = self.endpoints[self._endpoint]
+        return f"{host}:{port}"
+
+    # -- state ------------------------------------------------------------------------------
+    def _discovery(self) -> Discovery:
+        with self._cond:
+            version = self._version
+            if self._cache is not None and self._cache[0] == version:
+                return self._cache[1]
+            entries = dict(self._entries)
+            warnings = dict(self._warnings)
+        services, all_warnings = discovery_parts(entries, warnings)
+        discovery = Discovery(services=services, warnings=all_warnings)
+        with self._cond:
+            if self._version == version:
+                self._cache = (version, discovery)
+        return discovery
+
+    def _changed(self) -> None:
+        """Caller holds _cond."""
+        self._version += 1
+        self._cond.notify_all()
+
+    def _set_error(self, message: str) -> None:
+        with self._cond:
+            if message != self._error:
+                if message:
+                    log.warning("source registrator: %s", message)
+                elif self._error:
+                    log.info("source registrator: etcd %s readable again via %s", self.prefix or "/",
+                             self.endpoint_text)
+                self._error = message
+                self._changed()
+
+    def _replace_all(self, entries: dict[str, Entry], warnings: dict[str, str], index: int) -> None:
+        with self._cond:
+            changed = not self._synced or entries != self._entries or warnings != self._warnings
+            self._entries, self._warnings = entries, warnings
+            self._synced = True
+            self._wait_index = index + 1
+            self._last_full_read = time.monotonic()
+            if changed:
+                self._changed()
+
+    def apply_event(self, event: dict) -> None:
+        """Apply one etcd v2 watch event (`{"action": ..., "node": {...}}`) to the in-memory
+        state. Used by the watcher; public so that recorded events can be replayed in tests."""
+        action = str(event.get("action", ""))
+        node = event.get("node") or {}
+        key = str(node.get("key", ""))
+        if action in SET_ACTIONS:
+            if node.get("dir"):
+                return  # a new (empty) service directory
+            if relative_key(self.prefix, key) is None:
+                return
+            try:
+                parsed: Entry | str = parse_entry(self.prefix, key, node.get("value"), self._resolve)
+            except EntryError as error:
+                parsed = str(error)
+                log.warning("source registrator: %s", parsed)
+            with self._cond:
+                old = self._entries.get(key, self._warnings.get(key))
+                if parsed == old:
+                    return  # e.g. registrator's TTL refresh: same value again
+                self._entries.pop(key, None)
+                self._warnings.pop(key, None)
+                if isinstance(parsed, Entry):
+                    self._entries[key] = parsed
+                else:
+                    self._warnings[key] = parsed
+                self._changed()
+        elif action in DELETE_ACTIONS:
+            with self._cond:
+                if key in self._entries or key in self._warnings:
+                    doomed = [key]
+                else:  # a directory (a service, or the prefix itself) deleted or expired
+                    below = key.rstrip("/") + "/"
+                    doomed = [k for k in (*self._entries, *self._warnings) if k.startswith(below)]
+                if not doomed:
+                    return
+                for k in doomed:
+                    self._entries.pop(k, None)
+                    self._warnings.pop(k, None)
+                self._changed()
+        else:
+            raise _Resync(f"unknown etcd action {action!r} on {key!r}")
+
+    # -- etcd I/O ---------------------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        with self._cond:
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, name="registrator-etcd", daemon=True)
+                self._thread.start()
+
+    def _path(self) -> str:
+        return "/v2/keys" + quote(self.prefix or "/")
+
+    def _full_read(self) -> None:
+        """Read the whole prefix, trying every endpoint from the current one. Raises _Unavailable."""
+        errors = []
+        for attempt in range(len(self._clients)):
+            index = (self._endpoint + attempt) % len(self._clients)
+            client = self._clients[index]
+            try:
+                payload, etcd_index = self._get(client, {"recursive": "true"},
+                                                urllib3.Timeout(connect=self.connect_timeout,
+                                                                read=self.read_timeout))
+            except etcd.EtcdKeyNotFound as error:
+                payload, etcd_index = None, int((error.payload or {}).get("index") or 0)
+            except (etcd.EtcdClusterIdChanged, etcd.EtcdLeaderElectionInProgress, etcd.EtcdWatcherCleared,
+                    *_NETWORK_ERRORS) as error:
+                host, port = self.endpoints[index]
+                errors.append(f"{host}:{port}: {_describe(error)}")
+                continue
+            except etcd.EtcdException as error:
+                host, port = self.endpoints[index]
+                errors.append(f"{host}:{port}: {_describe(error)}")
+                continue
+            if index != self._endpoint:
+                self.stats["failovers"] += 1
+                log.info("source registrator: failed over to etcd %s:%s", *self.endpoints[index])
+                self._endpoint = index
+            resolver = caching_resolver(self._resolve)
+            entries, warnings = parse_tree(self.prefix, (payload or {}).get("node"), resolver)
+            self.stats["full_reads"] += 1
+            self._replace_all(entries, warnings, etcd_index)
+            return
+        raise _Unavailable("; ".join(errors))
+
+    def _get(self, client: etcd.Client, params: dict, timeout: urllib3.Timeout) -> tuple[dict, int]:
+        """GET the prefix; returns (JSON body, X-Etcd-Index). Raises python-etcd's typed errors."""
+        response = client.http.request("GET", client.base_uri + self._path(), fields=params, timeout=timeout,
+                                       headers=client._get_headers(), preload_content=False, retries=False)
+        try:
+            client._check_cluster_id(response)
+            body = response.data
+        finally:
+            response.release_conn()
+        if response.status not in (200, 201):
+            client._handle_server_response(_Preloaded(response.status, body))
+        return _decode(body), int(response.headers.get("x-etcd-index") or 0)
+
+    def _watch(self) -> None:
+        """One long poll on the current endpoint; applies what it returns."""
+        client = self._clients[self._endpoint]
+        wait_index = self._wait_index
+        timeout = self.watch_timeout
+        if self.refresh_interval > 0:
+            timeout = max(0.05, min(timeout, self._last_full_read + self.refresh_interval - time.monotonic()))
+        params = {"wait": "true", "recursive": "true", "waitIndex": str(wait_index)}
+        response = client.http.request(
+            "GET", client.base_uri + self._path(), fields=params, headers=client._get_headers(),
+            timeout=urllib3.Timeout(connect=self.connect_timeout, read=timeout),
+            preload_content=False, retries=False)
+        self._inflight = response
+        try:
+            if self._stop.is_set():
+                return
+            client._check_cluster_id(response)
+            start_index = int(response.headers.get("x-etcd-index") or 0)
+            try:
+                body = response.data
+            except urllib3.exceptions.ReadTimeoutError:
+                # Nothing under the prefix changed from wait_index up to the poll's start index.
+                self.stats["poll_timeouts"] += 1
+                if start_index >= wait_index:
+                    self._wait_index = start_index + 1
+                response.close()
+                return
+        finally:
+            self._inflight = None
+            response.release_conn()
+        if response.status not in (200, 201):
+            try:
+                client._handle_server_response(_Preloaded(response.status, body))
+            except etcd.EtcdEventIndexCleared as error:
+                self.stats["index_cleared"] += 1
+                raise _Resync(f"event index {wait_index} cleared ({error})") from None
+            except etcd.EtcdKeyNotFound:
+                raise _Resync("prefix vanished") from None
+            except etcd.EtcdException as error:
+                raise _Resync(_describe(error)) from None
+        if not body.strip():
+            self.stats["empty_polls"] += 1  # etcd closed the long poll without an event: retry
+            return
+        event = _decode(body)
+        node = event.get("node") or {}
+        self.stats["events"] += 1
+        self.apply_event(event)
+        modified = int(node.get("modifiedIndex") or 0)
+        self._wait_index = max(self._wait_index, modified + 1)
+
+    def _run(self) -> None:
+        need_full_read = True
+        delay = self.backoff_start
+        while not self._stop.is_set():
+            try:
+                if need_full_read or (self.refresh_interval > 0 and
+                                      time.monotonic() - self._last_full_read >= self.refresh_interval):
+                    self._full_read()
+                    need_full_read = False
+                    delay = self.backoff_start
+                    self._set_error("")
+                if self._before_watch is not None:
+                    self._before_watch()
+                if self._stop.is_set():
+                    break
+                self._watch()
+            except _Resync as reason:
+                log.info("source registrator: full read of %s: %s", self.prefix or "/", reason)
+                need_full_read = True
+            except _Unavailable as error:
+                self.stats["failures"] += 1
+                self._set_error(f"cannot read etcd prefix {self.prefix or '/'}: {error}")
+                need_full_read = True
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.backoff_max)
+            except (etcd.EtcdException, ValueError, *_NETWORK_ERRORS) as error:
+                # The long poll broke (etcd stopped, connection reset, garbage): read everything
+                # again, failing over if needed; only that read decides whether we are degraded.
+                if not self._stop.is_set():
+                    log.info("source registrator: watch on etcd %s broke: %s", self.endpoint_text,
+                             _describe(error))
+                need_full_read = True
+            except Exception:  # noqa: BLE001 - a bug must not stop discovery for good
+                log.exception("source registrator: unexpected error")
+                need_full_read = True
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.backoff_max)
+
+
+class _Preloaded:
+    """The bits of an HTTP response python-etcd's error mapping reads."""
+
+    def __init__(self, status: int, data: bytes):
+        self.status = status
+        self.data = data
+
+
+def _decode(body: bytes) -> dict:
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeError, ValueError) as error:
+        raise ValueError(f"etcd answered with invalid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError("etcd answered with a JSON value that is not an object")
+    return data
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text if len(text) < 300 else text[:297] + "..."

@@ -1,0 +1,310 @@
+"""Pure parsing of what gliderlabs/registrator writes to etcd (v2) into proxymatic services.
+
+Layout (docs/registrator.md):
+
+    <prefix>/<service-name>[@<service-port>]/<host>:<container>:<exposed-port>[:udp] = <ip>:<port>
+
+* the service port is the key's third field (the container's exposed port), or `@<port>`
+  after the service name, which wins;
+* `:udp` at the end of the key makes the service UDP;
+* the value is the backend, `ip:port`, `[v6]:port` or `hostname:port` (resolved to an IP);
+* entries with the same service port and protocol are one service with several servers.
+
+Nothing here touches the network except the resolver passed in (`resolve_host` by default).
+A bad entry raises EntryError naming the key; callers turn it into a warning and carry on.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+from services.common.model import ModelError, Server, Service, validate_name
+
+SOURCE = "registrator"
+DEFAULT_ETCD_PORT = 2379  # registrator's own default (etcd/etcd.go Factory.New)
+
+# registrator's own service-ID shape (bridge/bridge.go L24), with the port and `udp` captured.
+_ID_RE = re.compile(r"^(?P<host>.+?):(?P<container>[a-zA-Z0-9][a-zA-Z0-9_.-]+):(?P<port>[0-9]+)(?::(?P<udp>udp))?$")
+_HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+_SERVER_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,255}$")
+
+Resolver = Callable[[str], str]
+
+
+class EntryError(ValueError):
+    """One etcd entry that cannot become a backend; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registrator key, parsed: a backend of service `port/protocol`."""
+
+    key: str
+    name: str
+    port: int
+    protocol: str
+    server: Server
+
+    @property
+    def service_key(self) -> tuple[int, str]:
+        return (self.port, self.protocol)
+
+
+# -- URL -----------------------------------------------------------------------------------
+
+def parse_registrator_url(url: str) -> tuple[tuple[tuple[str, int], ...], str]:
+    """`etcd://h1:p1,h2:p2/prefix` (or `etcd://h1:p1/prefix,etcd://h2:p2/prefix`) →
+    (((host, port), ...), "/prefix"). The prefix is "" for the root. Raises ValueError."""
+    text = url.strip()
+    if not text:
+        raise ValueError("registrator URL is empty")
+    endpoints: list[tuple[str, int]] = []
+    prefixes: set[str] = set()
+    # Split into URLs: a part that starts with etcd:// begins a new URL, others are extra hosts.
+    groups: list[list[str]] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part.lower().startswith("etcd://") or not groups:
+            groups.append([part])
+        else:
+            groups[-1].append(part)
+    for group in groups:
+        first = group[0]
+        if not first.lower().startswith("etcd://"):
+            raise ValueError(f"registrator URL must start with etcd://, got {url!r}")
+        rest = first[len("etcd://"):]
+        hosts = [rest] + group[1:]
+        # The path follows the last host of the group: etcd://h1:p1,h2:p2/prefix
+        last_host, slash, path = hosts[-1].partition("/")
+        hosts[-1] = last_host
+        for hostpart in hosts:
+            if "/" in hostpart:
+                raise ValueError(f"registrator URL {url!r}: a path may only follow the last host")
+            endpoints.append(_parse_host_port(hostpart, url))
+        prefixes.add(normalize_prefix(path if slash else ""))
+    if len(prefixes) > 1:
+        raise ValueError(f"registrator URL {url!r}: all endpoints must use the same prefix, got {sorted(prefixes)}")
+    unique = tuple(dict.fromkeys(endpoints))
+    return unique, prefixes.pop()
+
+
+def _parse_host_port(text: str, url: str) -> tuple[str, int]:
+    text = text.strip()
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"registrator URL {url!r}: bad host {text!r}")
+        port_text = rest[1:] if rest else ""
+    else:
+        host, colon, port_text = text.partition(":")
+        if colon and not port_text:
+            raise ValueError(f"registrator URL {url!r}: missing port after {host!r}")
+    if not host or not re.match(r"^[A-Za-z0-9_.:-]+$", host):
+        raise ValueError(f"registrator URL {url!r}: bad host {text!r}")
+    if not port_text:
+        return host, DEFAULT_ETCD_PORT
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"registrator URL {url!r}: bad port {port_text!r}")
+    return host, int(port_text)
+
+
+def normalize_prefix(path: str) -> str:
+    """"services/" → "/services"; "" or "/" → "" (the root)."""
+    parts = [p for p in path.split("/") if p]
+    return "/" + "/".join(parts) if parts else ""
+
+
+# -- values --------------------------------------------------------------------------------
+
+def resolve_host(host: str) -> str:
+    """A host name → one IP address (IPv4 preferred). Raises OSError when it does not resolve."""
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    addresses = [info[4][0] for info in infos]
+    for address in addresses:
+        if ":" not in address:
+            return address
+    if addresses:
+        return addresses[0].split("%", 1)[0]
+    raise OSError(f"{host} has no address")
+
+
+def caching_resolver(resolve: Resolver) -> Resolver:
+    """One lookup per host name for the lifetime of the returned function (one full read)."""
+    cache: dict[str, str | Exception] = {}
+
+    def cached(host: str) -> str:
+        if host not in cache:
+            try:
+                cache[host] = resolve(host)
+            except Exception as error:  # noqa: BLE001 - remembered, re-raised below
+                cache[host] = error
+        result = cache[host]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    return cached
+
+
+def _valid_hostname(host: str) -> bool:
+    if len(host) > 253:
+        return False
+    return all(_HOST_LABEL_RE.match(label) for label in host.rstrip(".").split("."))
+
+
+def parse_backend(value: Any, resolve: Resolver = resolve_host) -> tuple[str, int]:
+    """`ip:port`, `[v6]:port` or `hostname:port` → (ip, port). Raises ValueError."""
+    if not isinstance(value, str):
+        raise ValueError("has no value")
+    text = value.strip()
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise ValueError(f"value {value!r} is not <ip>:<port>")
+        port_text = rest[1:]
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon or not host:
+            raise ValueError(f"value {value!r} is not <ip>:<port>")
+        if ":" in host:
+            raise ValueError(f"value {value!r}: an IPv6 address must be written [addr]:port")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"value {value!r} has a bad port {port_text!r} (1-65535)")
+    try:
+        ip = str(ipaddress.ip_address(host))
+    except ValueError:
+        if text.startswith("[") or not _valid_hostname(host):
+            raise ValueError(f"value {value!r}: {host!r} is neither an IP address nor a host name") from None
+        try:
+            ip = resolve(host)
+        except (OSError, UnicodeError) as error:
+            raise ValueError(f"value {value!r}: cannot resolve {host!r} ({error})") from None
+    return ip, int(port_text)
+
+
+# -- keys ----------------------------------------------------------------------------------
+
+def relative_key(prefix: str, key: str) -> str | None:
+    """The part of `key` below `prefix`, or None when the key is not under it."""
+    if not prefix:
+        return key.lstrip("/")
+    if key.startswith(prefix + "/"):
+        return key[len(prefix) + 1:]
+    return None
+
+
+def parse_entry(prefix: str, key: str, value: Any, resolve: Resolver = resolve_host) -> Entry:
+    """One etcd key/value under `prefix` → Entry. Raises EntryError naming the key."""
+    try:
+        return _parse_entry(prefix, key, value, resolve)
+    except (ValueError, ModelError) as error:
+        raise EntryError(f"registrator key {key!r}: {error}") from None
+
+
+def _parse_entry(prefix: str, key: str, value: Any, resolve: Resolver) -> Entry:
+    relative = relative_key(prefix, key)
+    if relative is None:
+        raise ValueError(f"not under the prefix {prefix or '/'!r}")
+    parts = relative.split("/")
+    if len(parts) != 2 or not parts[0] or not parts[1]:
+        raise ValueError("expected <prefix>/<service-name>/<host>:<container>:<port>[:udp]")
+    service, service_id = parts
+    name, at, port_override = service.partition("@")
+    if at and (not port_override.isdigit() or not 0 < int(port_override) < 65536):
+        raise ValueError(f"service port override {port_override!r} in {service!r} is not a port (1-65535)")
+    try:
+        validate_name(name, "service name")
+    except ModelError as error:
+        raise ValueError(str(error)) from None
+
+    match = _ID_RE.match(service_id)
+    if match:
+        hostname = match["host"] if _SERVER_HOSTNAME_RE.match(match["host"]) else ""
+        protocol = "udp" if match["udp"] else "tcp"
+        id_port = int(match["port"])
+        if not at and not 0 < id_port < 65536:
+            raise ValueError(f"exposed port {match['port']} is not a port (1-65535)")
+    elif at:
+        # A SERVICE_ID override replaces the whole ID (no structure, no `:udp` added by
+        # registrator); the `@port` in the name still says which service port it serves.
+        hostname, id_port = "", 0
+        protocol = "udp" if service_id.endswith(":udp") else "tcp"
+    else:
+        raise ValueError(f"service id {service_id!r} is not <host>:<container>:<port>[:udp] "
+                         f"(and the service name has no @<port>)")
+    port = int(port_override) if at else id_port
+    ip, backend_port = parse_backend(value, resolve)
+    server = Server.from_dict({"ip": ip, "port": backend_port, "hostname": hostname})
+    return Entry(key=key, name=name, port=port, protocol=protocol, server=server)
+
+
+# -- trees and services --------------------------------------------------------------------
+
+def parse_tree(prefix: str, node: Mapping[str, Any] | None,
+               resolve: Resolver = resolve_host) -> tuple[dict[str, Entry], dict[str, str]]:
+    """An etcd v2 `node` (from GET <prefix>?recursive=true) → (entries by key, warnings by key).
+    Empty directories are ignored; `nodes` may be absent (etcd omits it for empty dirs)."""
+    entries: dict[str, Entry] = {}
+    warnings: dict[str, str] = {}
+    if not node:
+        return entries, warnings
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        key = str(current.get("key", ""))
+        if current.get("dir"):
+            stack.extend(current.get("nodes") or ())
+            continue
+        if normalize_prefix(key) == prefix:
+            warnings[key] = f"registrator prefix {key!r} is a key, not a directory"
+            continue
+        try:
+            entries[key] = parse_entry(prefix, key, current.get("value"), resolve)
+        except EntryError as error:
+            warnings[key] = str(error)
+    return entries, warnings
+
+
+def build_services(entries: Iterable[Entry]) -> tuple[tuple[Service, ...], tuple[str, ...]]:
+    """Group entries by service port/protocol. When several names claim one port the
+    alphabetically first name wins (deterministic, whatever the order of events) and the
+    others' entries are skipped with a warning."""
+    by_port: dict[tuple[int, str], dict[str, list[Entry]]] = {}
+    for entry in entries:
+        by_port.setdefault(entry.service_key, {}).setdefault(entry.name, []).append(entry)
+    services: list[Service] = []
+    warnings: list[str] = []
+    for (port, protocol), names in sorted(by_port.items()):
+        winner = min(names)
+        for loser in sorted(names):
+            if loser != winner:
+                for entry in sorted(names[loser], key=lambda e: e.key):
+                    warnings.append(f"registrator key {entry.key!r}: service port {port}/{protocol} is "
+                                    f"already used by service {winner!r}; entry of {loser!r} skipped")
+        servers: dict[tuple[str, int], Server] = {}
+        for entry in sorted(names[winner], key=lambda e: e.key):
+            servers.setdefault((entry.server.ip, entry.server.port), entry.server)
+        services.append(Service(name=winner, port=port, protocol=protocol, mode="tcp", source=SOURCE)
+                        .with_servers(servers.values()))
+    return tuple(services), tuple(warnings)
+
+
+def discovery_parts(entries: Mapping[str, Entry], entry_warnings: Mapping[str, str]
+                    ) -> tuple[tuple[Service, ...], tuple[str, ...]]:
+    """Services plus every warning (bad entries by key order, then port conflicts)."""
+    services, conflicts = build_services(entries.values())
+    return services, tuple(entry_warnings[k] for k in sorted(entry_warnings)) + conflicts
+
+
+def parse_response(prefix: str, payload: Mapping[str, Any],
+                   resolve: Resolver = resolve_host) -> tuple[tuple[Service, ...], tuple[str, ...]]:
+    """A whole GET ?recursive=true response body (as JSON) → (services, warnings)."""
+    if "errorCode" in payload:
+        if payload.get("errorCode") == 100:
+            return (), ()
+        raise ValueError(f"etcd error {payload.get('errorCode')}: {payload.get('message')}")
+    entries, warnings = parse_tree(prefix, payload.get("node"), caching_resolver(resolve))
+    return discovery_parts(entries, warnings)
