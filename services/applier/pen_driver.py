@@ -1,0 +1,249 @@
+"""The Pen driver: UDP services always, TCP services too when HAProxy is off (HAPROXY=false).
+
+Pen 0.34 has one process per listening port. The driver owns the desired state:
+  - which pens exist (`<run_dir>/pen/instances.json`, read by `proxymatic pen`, see pen_runner),
+  - what every server slot of each pen points at (`<key>.cfg`, and live through `<key>.ctl`).
+Membership changes go through Pen's control socket, so a pen keeps running (and keeps its
+UDP flows to backends that stay) while backends come and go; only a change of the port set or
+of the pen settings (PEN_SERVERS, PEN_CLIENTS, MAX_CONNECTIONS) starts or restarts a pen.
+
+A server keeps its slot while it stays in the plan; new servers take the lowest free slots.
+A service with more servers than PEN_SERVERS gets the first PEN_SERVERS of them in the plan's
+order (ip, port) and a warning. Pen keeps a UDP flow on the backend it first chose, so the flows
+of a slot whose backend changed are closed and the client's next datagram is balanced afresh;
+TCP connections are left to finish.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from services.applier.driver import DriverResult, ProxyDriver
+from services.applier.pen_control import PenControl, PenControlError, Slot, empty_command, parse_servers
+from services.applier.pen_runner import (
+    PenFiles, PenInstance, read_instances, render_instances, runner_alive, signal_runner, write_atomic,
+)
+from services.common.model import Plan, Service, content_hash
+
+log = logging.getLogger("proxymatic.applier.pen")
+
+Table = list  # list[Slot | None], one entry per server slot
+
+
+def pen_services(plan: Plan) -> list[Service]:
+    """The services Pen serves in this plan, by port then protocol."""
+    return sorted((s for s in plan.services if s.protocol == "udp" or not plan.settings.haproxy),
+                  key=lambda s: (s.port, s.protocol))
+
+
+def choose_servers(service: Service, slots: int) -> tuple[list[Slot], list[str]]:
+    """The servers that fit in `slots`, and a warning when some did not."""
+    chosen = [Slot.of(server) for server in service.servers[:slots]]
+    warnings = []
+    if len(service.servers) > slots:
+        left = ", ".join(server.address for server in service.servers[slots:])
+        warnings.append(f"service {service.name!r} ({service.key}) has {len(service.servers)} servers but "
+                        f"PEN_SERVERS is {slots}: left out {left}")
+    return chosen, warnings
+
+
+def assign_slots(previous: dict[int, Slot | None], servers: list[Slot], size: int) -> Table:
+    """Place `servers` into a table of `size` slots, keeping each one where it already was."""
+    table: Table = [None] * size
+    wanted = {(s.ip, s.port): s for s in servers}
+    placed = set()
+    for index, slot in sorted(previous.items()):
+        if slot is not None and index < size and (slot.ip, slot.port) in wanted \
+                and (slot.ip, slot.port) not in placed:
+            table[index] = wanted[(slot.ip, slot.port)]
+            placed.add((slot.ip, slot.port))
+    free = (i for i in range(size) if table[i] is None)
+    for server in servers:
+        if (server.ip, server.port) not in placed:
+            table[next(free)] = server
+            placed.add((server.ip, server.port))
+    return table
+
+
+def render_table(table: Table) -> str:
+    """The penctl commands that set every slot: Pen's -F file."""
+    return "".join((slot.command(i, moved=False) if slot else empty_command(i)) + "\n"
+                   for i, slot in enumerate(table))
+
+
+def table_matches(live: dict[int, Slot | None], table: Table) -> bool:
+    if any(live.get(i) != slot for i, slot in enumerate(table)):
+        return False
+    return all(slot is None for i, slot in live.items() if i >= len(table))
+
+
+class PenDriver(ProxyDriver):
+    name = "pen"
+
+    def __init__(self, settings, start_timeout: float = 5.0):
+        self.files = PenFiles.of(settings)
+        self.start_timeout = start_timeout
+        self._applied = ""  # fingerprint of the last state converged to successfully
+        os.makedirs(self.files.directory, exist_ok=True)
+
+    def control(self, key: str) -> PenControl:
+        return PenControl(self.files.control(key))
+
+    def apply(self, plan: Plan) -> DriverResult:
+        settings = plan.settings
+        services = pen_services(plan)
+        instances: dict[str, PenInstance] = {}
+        chosen: dict[str, list[Slot]] = {}
+        warnings: list[str] = []
+        for service in services:
+            instance = PenInstance(port=service.port, protocol=service.protocol, slots=settings.pen_servers,
+                                   clients=settings.pen_clients, max_connections=settings.max_connections)
+            instances[instance.key] = instance
+            chosen[instance.key], more = choose_servers(service, settings.pen_servers)
+            warnings += more
+        fingerprint = content_hash({"instances": render_instances(list(instances.values())),
+                                    "servers": {k: [repr(s) for s in v] for k, v in chosen.items()}})
+        details: dict = {"instances": sorted(instances), "warnings": warnings}
+        if fingerprint == self._applied:
+            return DriverResult(self.name, True, "none", details=details)
+        for warning in warnings:
+            log.warning("pen: %s", warning)
+
+        try:
+            previous = read_instances(self.files.instances)
+        except ValueError as error:
+            log.warning("pen: %s; rewriting it", error)
+            previous = {}
+        errors: list[str] = []
+        runtime: list[str] = []
+        restart: dict[str, int | None] = {}  # key -> pid of the pen being replaced (None: new)
+        tables: dict[str, Table] = {}
+        for key, instance in instances.items():
+            live = None
+            if previous.get(key) == instance:
+                try:
+                    live = self.control(key).servers()
+                except PenControlError:
+                    live = None  # not running (yet): the runner starts it from the .cfg file
+            if live is None and previous.get(key) == instance:
+                live = self._cfg_table(key)
+            if previous.get(key) != instance:
+                restart[key] = self._pid(key) if key in previous else None
+            tables[key] = assign_slots(live or {}, chosen[key], instance.slots)
+            # The .cfg goes first: a pen (re)started from here on comes up with this membership.
+            write_atomic(self.files.file(key, "cfg"), render_table(tables[key]))
+
+        instances_changed = write_atomic(self.files.instances, render_instances(list(instances.values())))
+        for key in set(previous) - set(instances):
+            log.info("pen %s: service gone, the runner stops it", key)
+            try:
+                os.unlink(self.files.file(key, "cfg"))
+            except FileNotFoundError:
+                pass
+        if instances_changed and not signal_runner(self.files):
+            log.info("pen: runner not running; it picks up %s when it starts", self.files.instances)
+
+        for key in sorted(instances):
+            if key in restart:
+                continue
+            try:
+                if self._converge(key, instances[key], tables[key]):
+                    runtime.append(key)
+            except PenControlError as error:
+                if runner_alive(self.files):
+                    restart[key] = None  # died under us: the runner restarts it from the .cfg
+                else:
+                    errors.append(f"pen {key}: {error}")
+        if restart:
+            errors += self._await_started(restart, tables)
+
+        stopped = sorted(set(previous) - set(instances))
+        details.update(started=sorted(restart), stopped=stopped, changed=sorted(runtime))
+        if errors:
+            for error in errors:
+                log.error("pen: %s", error)
+            return DriverResult(self.name, False, "reload" if restart or stopped else "runtime",
+                                errors=tuple(errors), details=details)
+        self._applied = fingerprint
+        if restart or stopped:
+            action = "reload"
+        elif runtime:
+            action = "runtime"
+        else:
+            action = "none"
+        if action != "none":
+            log.info("pen: %s (started %s, stopped %s, membership changed %s)", action,
+                     sorted(restart) or "-", stopped or "-", runtime or "-")
+        return DriverResult(self.name, True, action, details=details)
+
+    def _converge(self, key: str, instance: PenInstance, table: Table) -> bool:
+        """Bring a running pen's slots to `table`; True when anything had to change."""
+        control = self.control(key)
+        live = control.servers()
+        if table_matches(live, table):
+            return False
+        moved = []
+        for index in range(max(len(table), max(live, default=-1) + 1)):
+            want = table[index] if index < len(table) else None
+            have = live.get(index)
+            if want == have:
+                continue
+            is_move = have is None or want is None or (have.ip, have.port) != (want.ip, want.port)
+            if is_move and have is not None:
+                moved.append(index)
+            control.command(want.command(index, moved=is_move) if want else empty_command(index))
+            log.info("pen %s: slot %d: %s -> %s", key, index, _show(have), _show(want))
+        if instance.protocol == "udp" and moved:
+            # Pen pins a UDP flow to its first backend; drop the flows of slots that changed hands.
+            for connection, slot in control.connections():
+                if slot in moved:
+                    control.close_connection(connection)
+        live = control.servers()
+        if not table_matches(live, table):
+            raise PenControlError(f"pen did not take the new membership; it reports {live}")
+        return True
+
+    def _await_started(self, restart: dict[str, int | None], tables: dict[str, Table]) -> list[str]:
+        """Wait (bounded) until the runner has (re)started the pens and they serve `tables`."""
+        if not runner_alive(self.files):
+            return [f"pen {key}: waiting for `proxymatic pen` to start it (runner not running)"
+                    for key in sorted(restart)]
+        pending = dict(restart)
+        deadline = time.monotonic() + self.start_timeout
+        while pending and time.monotonic() < deadline:
+            for key, old_pid in list(pending.items()):
+                try:
+                    control = self.control(key)
+                    if control.pid() != old_pid and table_matches(control.servers(), tables[key]):
+                        del pending[key]
+                except (PenControlError, ValueError):
+                    pass
+            if pending:
+                time.sleep(0.05)
+        return [f"pen {key}: not running {self.start_timeout:.0f}s after it was requested" for key in sorted(pending)]
+
+    def _cfg_table(self, key: str) -> dict[int, Slot | None]:
+        try:
+            with open(self.files.file(key, "cfg"), encoding="utf-8") as source:
+                text = source.read()
+        except OSError:
+            return {}
+        # The .cfg holds `server N address A port P max M weight W`; reuse the `servers` parser.
+        lines = []
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) >= 10 and parts[0] == "server":
+                lines.append(f"{parts[1]} addr {parts[3]} port {parts[5]} conn 0 max {parts[7]} hard 0 "
+                             f"weight {parts[9]}")
+        return parse_servers("\n".join(lines))
+
+    def _pid(self, key: str) -> int | None:
+        try:
+            return self.control(key).pid()
+        except (PenControlError, ValueError):
+            return None
+
+
+def _show(slot: Slot | None) -> str:
+    return f"{slot.ip}:{slot.port} weight {slot.weight} max {slot.maxconn}" if slot else "empty"

@@ -1,0 +1,153 @@
+"""Real Pen processes under the real runner: UDP and TCP traffic while backends move."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+from services.applier.pen_control import PenControl
+from services.applier.pen_driver import PenDriver
+from services.common.config import Settings
+from services.common.model import Plan, ProxySettings, Service
+from tests.helpers import TcpBackend, free_port, tcp_ask, wait_until
+
+pytestmark = pytest.mark.skipif(shutil.which("pen") is None, reason="pen is not installed")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class UdpEcho:
+    """Answers every datagram with `<name>:<payload>`."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(2048)
+                self.sock.sendto(self.name.encode() + b":" + data, peer)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def udp_ask(port: int, sock: socket.socket | None = None) -> str:
+    own = sock is None
+    sock = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.settimeout(0.5)
+        sock.sendto(b"ping", ("127.0.0.1", port))
+        return sock.recv(2048).decode().split(":")[0]
+    finally:
+        if own:
+            sock.close()
+
+
+def plan(port, servers, protocol="udp", haproxy=True, pen_servers=4):
+    svc = Service.from_dict({"name": "echo", "port": port, "protocol": protocol,
+                             "servers": [{"ip": "127.0.0.1", "port": p, "weight": 10} for p in servers]})
+    return Plan((svc,), ProxySettings(haproxy=haproxy, pen_servers=pen_servers, pen_clients=64,
+                                      max_connections=64))
+
+
+@pytest.fixture
+def run_dir():
+    # unix socket paths are limited to 107 bytes: keep it short
+    path = tempfile.mkdtemp(prefix="pm", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def runner(run_dir):
+    code = ("import sys, logging; logging.basicConfig(level=logging.INFO);"
+            "from services.common.config import Settings; from services.applier import pen_runner;"
+            "sys.exit(pen_runner.main(Settings(run_dir=sys.argv[1])))")
+    proc = subprocess.Popen([sys.executable, "-c", code, run_dir], cwd=ROOT)
+    wait_until(lambda: os.path.exists(os.path.join(run_dir, "pen", "runner.pid")), message="runner up")
+    yield proc
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=10)
+
+
+def pen_pid(run_dir, key):
+    return PenControl(os.path.join(run_dir, "pen", f"{key}.ctl")).pid()
+
+
+def test_udp_backends_move_without_restarting_pen(run_dir, runner):
+    a, b, c = UdpEcho("A"), UdpEcho("B"), UdpEcho("C")
+    port = free_port(socket.SOCK_DGRAM)
+    key = f"{port}-udp"
+    driver = PenDriver(Settings(run_dir=run_dir))
+    try:
+        first = driver.apply(plan(port, [a.port]))
+        assert first.ok and first.action == "reload", first
+        assert first.details["started"] == [key]
+        assert udp_ask(port) == "A"
+        pid = pen_pid(run_dir, key)
+        sticky = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # one flow that lives across the move
+        assert udp_ask(port, sticky) == "A"
+
+        moved = driver.apply(plan(port, [b.port, c.port]))
+        assert moved.ok and moved.action == "runtime", moved
+        assert pen_pid(run_dir, key) == pid
+        answers = {udp_ask(port) for _ in range(10)} | {udp_ask(port, sticky) for _ in range(3)}
+        assert answers <= {"B", "C"} and answers, answers
+        assert driver.apply(plan(port, [b.port, c.port])).action == "none"
+
+        # a restarted applier adopts the running pen: nothing to do, same process
+        again = PenDriver(Settings(run_dir=run_dir)).apply(plan(port, [b.port, c.port]))
+        assert again.ok and again.action == "none", again
+        assert pen_pid(run_dir, key) == pid
+
+        # a pen that dies comes back with the current membership
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: pen_pid(run_dir, key) != pid, message="pen restarted")
+        assert udp_ask(port) in {"B", "C"}
+
+        # the service goes away: its pen stops
+        gone = driver.apply(Plan((), ProxySettings()))
+        assert gone.ok and gone.details["stopped"] == [key]
+        wait_until(lambda: not os.path.exists(os.path.join(run_dir, "pen", f"{key}.ctl")), message="pen stopped")
+        sticky.close()
+    finally:
+        for backend in (a, b, c):
+            backend.close()
+
+
+def test_tcp_through_pen_without_haproxy_and_slot_limit(run_dir, runner):
+    one, two, three = TcpBackend("one"), TcpBackend("two"), TcpBackend("three")
+    port = free_port()
+    driver = PenDriver(Settings(run_dir=run_dir))
+    try:
+        assert driver.apply(plan(port, [one.port], protocol="tcp")).action == "none"  # HAProxy's job
+        result = driver.apply(plan(port, [one.port], protocol="tcp", haproxy=False))
+        assert result.ok and result.action == "reload", result
+        assert tcp_ask(port) == "one"
+
+        moved = driver.apply(plan(port, [two.port], protocol="tcp", haproxy=False))
+        assert moved.action == "runtime"
+        assert tcp_ask(port) == "two"
+
+        # three servers, one slot: the first in plan order (lowest port) is used, the rest reported
+        ports = sorted([one.port, two.port, three.port])
+        names = {one.port: "one", two.port: "two", three.port: "three"}
+        limited = driver.apply(plan(port, ports, protocol="tcp", haproxy=False, pen_servers=1))
+        assert limited.ok and limited.action == "reload" and len(limited.details["warnings"]) == 1, limited
+        assert {tcp_ask(port) for _ in range(4)} == {names[ports[0]]}
+    finally:
+        for backend in (one, two, three):
+            backend.close()

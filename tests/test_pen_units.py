@@ -1,0 +1,75 @@
+"""Pen driver logic without processes: service selection, slot tables, control-socket parsing."""
+from services.applier.pen_control import Slot, parse_connections, parse_servers
+from services.applier.pen_driver import assign_slots, choose_servers, pen_services, render_table, table_matches
+from services.applier.pen_runner import PenFiles, PenInstance, pen_argv, read_instances, render_instances
+from services.common.model import Plan, ProxySettings, Service
+
+
+def service(port, protocol="udp", servers=(), name="svc"):
+    return Service.from_dict({"name": name, "port": port, "protocol": protocol,
+                              "servers": [{"ip": ip, "port": p, "weight": 100} for ip, p in servers]})
+
+
+def test_udp_always_tcp_only_without_haproxy():
+    services = (service(53, "udp"), service(80, "tcp"), service(53, "tcp"))
+    assert [s.key for s in pen_services(Plan(services))] == ["53/udp"]
+    assert [s.key for s in pen_services(Plan(services, ProxySettings(haproxy=False)))] == \
+        ["53/tcp", "53/udp", "80/tcp"]
+
+
+def test_more_servers_than_slots_keeps_the_first_and_warns():
+    svc = service(53, servers=[("10.0.0.3", 1), ("10.0.0.1", 1), ("10.0.0.2", 1)])
+    chosen, warnings = choose_servers(svc, 2)
+    assert [s.ip for s in chosen] == ["10.0.0.1", "10.0.0.2"]
+    assert len(warnings) == 1 and "10.0.0.3:1" in warnings[0] and "PEN_SERVERS is 2" in warnings[0]
+    assert choose_servers(svc, 3)[1] == []
+
+
+def test_servers_keep_their_slots_and_new_ones_fill_the_lowest_free():
+    a, b, c = (Slot(f"10.0.0.{i}", 80, 10, 0) for i in (1, 2, 3))
+    assert assign_slots({}, [a, b], 4) == [a, b, None, None]
+    # b stays in slot 1 (with its new weight), a leaves, c takes the free slot 0
+    b2 = Slot(b.ip, b.port, 99, 5)
+    assert assign_slots({0: a, 1: b, 2: None}, [b2, c], 4) == [c, b2, None, None]
+    # slots past the table size are ignored
+    assert assign_slots({7: a}, [a], 2) == [a, None]
+
+
+def test_render_table_and_match():
+    a = Slot("10.0.0.1", 8053, 7, 3)
+    text = render_table([None, a])
+    assert text == ("server 0 address 0.0.0.0 port 0 max 0 weight 0\n"
+                    "server 1 address 10.0.0.1 port 8053 max 3 weight 7\n")
+    assert table_matches({0: None, 1: a}, [None, a])
+    assert not table_matches({0: None, 1: a, 2: a}, [None, a])
+    assert not table_matches({1: Slot("10.0.0.1", 8053, 8, 3)}, [None, a])
+
+
+def test_parse_servers_output():
+    text = ("0 addr (unknown address family 0 port 0 conn 0 max 0 hard 0 weight 0 prio 0 sx 0 rx 0\n"
+            "1 addr 127.0.0.1 port 9 conn 2 max 5 hard 0 weight 3 prio 0 sx 0 rx 0\n"
+            "2 addr 0.0.0.0 port 0 conn 0 max 0 hard 0 weight 0 prio 0 sx 0 rx 0\n"
+            "3 addr ::1 port 7 conn 0 max 0 hard 0 weight 1 prio 0 sx 0 rx 0\n")
+    assert parse_servers(text) == {0: None, 1: Slot("127.0.0.1", 9, 3, 5), 2: None, 3: Slot("::1", 7, 1, 0)}
+
+
+def test_parse_connections_from_status_page():
+    html = ("<h2>Active clients</h2><table><tr><td>0</td><td>127.0.0.1</td></tr></table>"
+            "<h2>Active connections</h2>Number of connections: 100 max<p><table>\n"
+            "<tr>\n<td bgcolor=\"#80f080\">connection</td>\n</tr>\n"
+            "<tr>\n<td>0</td>\n<td>8</td>\n<td>9</td>\n<td>0</td>\n<td>0</td>\n<td>0</td>\n<td>1</td>\n</tr>\n"
+            "<tr>\n<td>4</td>\n<td>8</td>\n<td>9</td>\n<td>0</td>\n<td>0</td>\n<td>0</td>\n<td>0</td>\n</tr>\n")
+    assert parse_connections(html) == [(0, 1), (4, 0)]
+
+
+def test_instances_file_round_trip_and_argv(tmp_path):
+    files = PenFiles(str(tmp_path))
+    instances = [PenInstance(53, "udp", 4, 100, 200), PenInstance(80, "tcp", 4, 100, 200)]
+    (tmp_path / "instances.json").write_text(render_instances(instances))
+    assert read_instances(files.instances) == {"53-udp": instances[0], "80-tcp": instances[1]}
+    argv = pen_argv(instances[0], files)
+    assert argv[0] == "pen" and argv[-1] == "53" and "-U" in argv and "-f" in argv
+    assert argv[argv.index("-C") + 1] == str(tmp_path / "53-udp.ctl")
+    assert argv[argv.index("-F") + 1] == str(tmp_path / "53-udp.cfg")
+    assert argv[argv.index("-c") + 1] == "100" and argv[argv.index("-x") + 1] == "200"
+    assert "-U" not in pen_argv(instances[1], files)
