@@ -240,7 +240,7 @@ class RegistratorSource(Source):
                 parsed: Entry | str = parse_entry(self.prefix, key, node.get("value"), self._resolve)
             except EntryError as error:
                 parsed = str(error)
-                log.warning("source registrator: %s", parsed)
+                log.debug("source registrator: %s", parsed)
             with self._cond:
                 old = self._entries.get(key, self._warnings.get(key))
                 if parsed == old:
