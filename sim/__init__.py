@@ -1,1 +1,1 @@
-"""Simulated cluster pieces for tests, benchmarks and the demo (Marathon, backends)."""
+"""Simulators of the systems proxymatic discovers from (test and demo tools, not shipped code)."""

@@ -1,0 +1,399 @@
+"""Marathon discovery: an event-driven mirror of the apps and tasks, polled as a safety net.
+
+State: the current app specs, the tasks of every app, and a cache of parsed app versions
+(immutable, so never refetched). Events from `/v2/events` are applied to that mirror directly
+when they carry the change (a status update has host, ports, state and version; a health change
+has the verdict); otherwise they mark one app for refetch. `current()` then does the pending
+fetches (coalesced: one request per dirty app, or a single full `/v2/apps?embed=apps.tasks`
+when many apps are dirty) and rebuilds the services. A full resync happens after every stream
+(re)connect and every `REFRESH_INTERVAL`. See docs/marathon.md.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Callable
+from urllib.parse import quote
+
+from services.collector.marathon_client import (EventStream, MarathonClient, NotFound, Replica, decode_event,
+                                                parse_replicas)
+from services.collector.marathon_parse import (TERMINAL_STATES, AppError, AppSpec, app_uses_current_config,
+                                               build_services, clip, parse_app)
+from services.collector.marathon_resolve import Resolver
+from services.collector.source import Discovery, Source, SourceError
+from services.common.config import Settings
+
+log = logging.getLogger("proxymatic.collector.marathon")
+
+_DEPLOYMENT_APP_RE = re.compile(rb'"app"\s*:\s*"(/[^"\\]{1,512})"')
+_KEEP_TASK_KEYS = ("id", "appId", "host", "ports", "ipAddresses", "version", "state", "healthCheckResults")
+_GONE_CONDITIONS = frozenset({"Killed", "Finished", "Failed", "Gone", "Dropped", "Error", "Unknown",
+                              "UnreachableInactive"})
+
+
+def _slim(task: dict, app_id: str) -> dict:
+    slim = {key: task[key] for key in _KEEP_TASK_KEYS if key in task}
+    slim["appId"] = app_id
+    return slim
+
+
+class MarathonSource(Source):
+    name = "marathon"
+
+    def __init__(self, settings: Settings, *, events: bool = True, watchdog: float | None = None,
+                 request_timeout: float = 10.0, connect_timeout: float = 3.0, backoff_initial: float = 0.5,
+                 backoff_max: float = 30.0, coalesce: float = 0.05, max_app_fetches: int = 5,
+                 version_cache_size: int = 10000, resolver: Callable[[str], str | None] | None = None,
+                 refresh_interval: float | None = None, server_filter: bool = True):
+        try:
+            self.replicas: list[Replica] = parse_replicas(settings.marathon)
+        except ValueError as error:
+            raise SourceError(str(error)) from None
+        self.refresh_interval = float(refresh_interval if refresh_interval is not None else settings.refresh_interval)
+        self.client = MarathonClient(self.replicas, timeout=request_timeout, connect_timeout=connect_timeout)
+        self.resolve = resolver or Resolver()
+        self.coalesce = coalesce
+        self.max_app_fetches = max_app_fetches
+        self._events_enabled = events
+        self._stream_kwargs = dict(
+            watchdog=watchdog if watchdog is not None else max(30.0, min(2.0 * self.refresh_interval, 300.0)),
+            connect_timeout=connect_timeout, backoff_initial=backoff_initial, backoff_max=backoff_max,
+            server_filter=server_filter)
+        self.stream: EventStream | None = None
+        self._cond = threading.Condition()
+        # the mirror (guarded by _cond)
+        self._apps: dict[str, tuple[dict, AppSpec]] = {}  # app id -> (app without tasks, spec)
+        self._tasks: dict[str, dict[str, dict]] = {}  # app id -> task id -> slim task
+        self._versions: OrderedDict[tuple[str, str], AppSpec | None] = OrderedDict()
+        self._version_cache_size = version_cache_size
+        self._served: frozenset[str] = frozenset()
+        # pending work
+        self._synced = False
+        self._pending_full = True
+        self._dirty_apps: set[str] = set()
+        self._changed = False
+        self._last_full = 0.0
+        self._recording: list[tuple[str, dict]] | None = None
+        self._fetch_warnings: list[str] = []
+        self._closed = False
+        self.stats = {"events": 0, "events_applied": 0, "full_syncs": 0, "app_fetches": 0, "version_fetches": 0}
+
+    # ------------------------------------------------------------------------------------------
+    # Source interface
+
+    def current(self) -> Discovery:
+        self._ensure_stream()
+        with self._cond:
+            full = (self._pending_full or not self._synced
+                    or time.monotonic() - self._last_full >= self.refresh_interval
+                    or len(self._dirty_apps) > self.max_app_fetches)
+            dirty = set() if full else set(self._dirty_apps)
+            self._pending_full = False
+            self._dirty_apps.clear()
+            self._changed = False
+            self._recording = []
+        started = time.monotonic()
+        try:
+            if full:
+                apps, tasks, warnings = self._fetch_all()
+            else:
+                apps, tasks, warnings = self._fetch_apps(dirty)
+        except BaseException:
+            with self._cond:
+                self._recording = None
+                self._pending_full = self._pending_full or full
+                self._dirty_apps |= dirty
+            raise
+        with self._cond:
+            recorded, self._recording = self._recording or [], None
+            if full:
+                self._apps, self._tasks = apps, tasks
+                self._last_full = started
+                self._synced = True
+                self.stats["full_syncs"] += 1
+            else:
+                for app_id in dirty:
+                    if app_id in apps:
+                        self._apps[app_id] = apps[app_id]
+                        self._tasks[app_id] = tasks.get(app_id, {})
+                    else:
+                        self._apps.pop(app_id, None)
+                        self._tasks.pop(app_id, None)
+            for event_type, event in recorded:  # what happened while we were fetching
+                self._apply(event_type, event)
+            self._fetch_warnings = warnings
+        self._fetch_missing_versions()
+        return self._build()
+
+    def wait_for_change(self, timeout: float, stop: threading.Event) -> None:
+        self._ensure_stream()
+        deadline = time.monotonic() + timeout
+        changed = False
+        with self._cond:
+            while not stop.is_set() and not self._closed:
+                if self._changed or self._pending_full or self._dirty_apps:
+                    changed = True
+                    break
+                now = time.monotonic()
+                if now - self._last_full >= self.refresh_interval:
+                    self._pending_full = True
+                    changed = True
+                    break
+                remaining = min(deadline, self._last_full + self.refresh_interval) - now
+                if now >= deadline:
+                    return
+                self._cond.wait(min(max(remaining, 0.001), 0.25))
+        if changed and self.coalesce > 0:
+            stop.wait(self.coalesce)  # let a burst of events land: one rebuild, one fetch
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self.stream is not None:
+            self.stream.close()
+        self.client.close()
+
+    # ------------------------------------------------------------------------------------------
+    # fetching
+
+    def _ensure_stream(self) -> None:
+        if self._events_enabled and self.stream is None and not self._closed:
+            self.stream = EventStream(self.replicas, self._on_event, self._on_connect, **self._stream_kwargs)
+            self.stream.start()
+
+    def _take_app(self, app: Any, warnings: list[str]) -> tuple[str, tuple[dict, AppSpec], dict[str, dict]] | None:
+        try:
+            spec = parse_app(app)
+        except AppError as error:
+            warnings.append(f"app skipped: {error}")
+            return None
+        except Exception as error:  # hostile data: skip this app alone
+            warnings.append(f"app {clip(app.get('id') if isinstance(app, dict) else app)} skipped: {clip(str(error), 120)}")
+            return None
+        raw_tasks = app.get("tasks")
+        tasks = {}
+        for task in raw_tasks if isinstance(raw_tasks, list) else []:
+            if isinstance(task, dict) and isinstance(task.get("id"), str):
+                tasks[task["id"]] = _slim(task, spec.app_id)
+            else:
+                warnings.append(f"app {clip(spec.app_id)}: malformed task {clip(task)} skipped")
+        definition = {k: v for k, v in app.items() if k != "tasks"}
+        self._remember_version(spec)
+        return spec.app_id, (definition, spec), tasks
+
+    def _fetch_all(self):
+        data = self.client.get_json("/v2/apps", {"embed": "apps.tasks"})
+        apps_list = data.get("apps") if isinstance(data, dict) else None
+        if not isinstance(apps_list, list):
+            raise SourceError("Marathon /v2/apps answered without an apps list")
+        warnings: list[str] = []
+        apps, tasks = {}, {}
+        for app in apps_list:
+            taken = self._take_app(app, warnings)
+            if taken:
+                apps[taken[0]], tasks[taken[0]] = taken[1], taken[2]
+        log.debug("marathon: full sync, %d apps, %d tasks", len(apps), sum(len(t) for t in tasks.values()))
+        return apps, tasks, warnings
+
+    def _fetch_apps(self, app_ids: set[str]):
+        warnings: list[str] = list(self._fetch_warnings)
+        apps, tasks = {}, {}
+        for app_id in sorted(app_ids):
+            self.stats["app_fetches"] += 1
+            try:
+                data = self.client.get_json(f"/v2/apps/{quote(app_id.strip('/'))}", {"embed": "app.tasks"})
+            except NotFound:
+                continue  # gone: dropped by the caller
+            app = data.get("app") if isinstance(data, dict) else None
+            taken = self._take_app(app, warnings)
+            if taken:
+                apps[app_id], tasks[app_id] = taken[1], taken[2]
+        return apps, tasks, warnings
+
+    def _remember_version(self, spec: AppSpec) -> None:
+        key = (spec.app_id, spec.version)
+        self._versions[key] = spec
+        self._versions.move_to_end(key)
+        while len(self._versions) > self._version_cache_size:
+            self._versions.popitem(last=False)
+
+    def _spec_for(self, task: dict) -> AppSpec | None | bool:
+        """The spec of a task's app version; False when it must be fetched first."""
+        entry = self._apps.get(task.get("appId"))
+        if entry is None:
+            return None
+        definition, spec = entry
+        version = task.get("version")
+        if app_uses_current_config(definition, version):
+            return spec
+        key = (spec.app_id, version)
+        if key in self._versions:
+            return self._versions[key]
+        return False
+
+    def _fetch_missing_versions(self) -> None:
+        with self._cond:
+            missing = {(task["appId"], task["version"]) for tasks in self._tasks.values() for task in tasks.values()
+                       if self._spec_for(task) is False}
+        for app_id, version in sorted(missing):
+            self.stats["version_fetches"] += 1
+            try:
+                app = self.client.get_json(f"/v2/apps/{quote(app_id.strip('/'))}/versions/{quote(version)}")
+                spec: AppSpec | None = parse_app(app)
+            except NotFound:
+                spec = None
+            except AppError as error:
+                log.warning("marathon: app %s version %s unusable: %s", app_id, version, error)
+                spec = None
+            with self._cond:
+                if spec is None:
+                    self._versions[(app_id, version)] = None
+                else:
+                    self._versions[(app_id, version)] = spec
+
+    def _build(self) -> Discovery:
+        with self._cond:
+            pairs = []
+            warnings = list(self._fetch_warnings)
+            for app_id, tasks in self._tasks.items():
+                for task in tasks.values():
+                    spec = self._spec_for(task)
+                    if spec is None and app_id in self._apps:
+                        # the version is gone from Marathon: the current definition is the best guess
+                        spec = self._apps[app_id][1]
+                        warnings.append(f"app {clip(app_id)}: version {clip(task.get('version'))} of task "
+                                        f"{clip(task.get('id'))} not found; using the current definition")
+                    if spec:
+                        pairs.append((task, spec))
+            served = self._served
+        result = build_services(pairs, self.resolve, served, warnings)
+        with self._cond:
+            self._served = result.served
+        return Discovery(result.services, result.warnings)
+
+    # ------------------------------------------------------------------------------------------
+    # events (called from the stream thread)
+
+    def _on_connect(self, replica: Replica) -> None:
+        with self._cond:
+            self._pending_full = True  # events may have been missed: resync fully
+            self._cond.notify_all()
+
+    def _on_event(self, event_type: str, data: bytes) -> None:
+        self.stats["events"] += 1
+        if event_type.startswith("deployment_") or event_type == "unknown_large_event":
+            # Plans can be megabytes: find the apps without parsing; none found -> resync.
+            apps = {m.decode("utf-8", "replace") for m in _DEPLOYMENT_APP_RE.findall(data)} if data else set()
+            with self._cond:
+                if apps:
+                    self._dirty_apps |= apps
+                else:
+                    self._pending_full = True
+                self._cond.notify_all()
+            return
+        event = decode_event(data)
+        if event is None:
+            log.warning("marathon: malformed %s event ignored: %s", clip(event_type), clip(data[:200]))
+            return
+        with self._cond:
+            if self._recording is not None:
+                self._recording.append((event_type, event))
+            if self._apply(event_type, event):
+                self._changed = True
+                self.stats["events_applied"] += 1
+                self._cond.notify_all()
+
+    def _find_task(self, app_id: Any, task_id: Any = None, instance_id: Any = None) -> dict | None:
+        tasks = self._tasks.get(app_id) if isinstance(app_id, str) else None
+        if not tasks:
+            return None
+        if isinstance(task_id, str) and task_id in tasks:
+            return tasks[task_id]
+        instance_id = instance_id if isinstance(instance_id, str) else task_id
+        if not isinstance(instance_id, str):
+            return None
+        # Instance ids are <app>.marathon-<uuid> (or instance-); legacy task ids <app>.<uuid>;
+        # 1.5+ task ids embed the instance id.
+        legacy = re.sub(r"\.(marathon|instance)-", ".", instance_id, count=1)
+        if legacy in tasks:
+            return tasks[legacy]
+        prefix = instance_id + "."
+        for candidate_id, task in tasks.items():
+            if candidate_id.startswith(prefix):
+                return task
+            results = task.get("healthCheckResults")
+            if isinstance(results, list) and any(isinstance(r, dict) and r.get("instanceId") == instance_id
+                                                 for r in results):
+                return task
+        return None
+
+    def _apply(self, event_type: str, event: dict) -> bool:
+        """Apply one event to the mirror (lock held). Returns whether routing may change."""
+        if event_type == "status_update_event":
+            app_id, task_id, status = event.get("appId"), event.get("taskId"), event.get("taskStatus")
+            if not isinstance(app_id, str) or not isinstance(task_id, str):
+                return False
+            if app_id not in self._apps:
+                self._dirty_apps.add(app_id)
+                return True
+            tasks = self._tasks.setdefault(app_id, {})
+            if status in TERMINAL_STATES:
+                return tasks.pop(task_id, None) is not None
+            task = tasks.get(task_id)
+            if task is None:
+                task = tasks[task_id] = {"id": task_id, "appId": app_id}
+            for key in ("host", "ports", "ipAddresses", "version"):
+                if key in event:
+                    task[key] = event[key]
+            task["state"] = status
+            return True
+        if event_type in ("health_status_changed_event", "instance_health_changed_event"):
+            app_id = event.get("appId", event.get("runSpecId"))
+            alive = event.get("alive", event.get("healthy"))
+            task = self._find_task(app_id, event.get("taskId"), event.get("instanceId"))
+            if task is None or not isinstance(alive, bool):
+                if isinstance(app_id, str) and alive is not None:
+                    self._dirty_apps.add(app_id)
+                    return True
+                return False
+            task["healthCheckResults"] = [{"alive": alive}]
+            return True
+        if event_type == "instance_changed_event":
+            condition = event.get("condition")
+            task = self._find_task(event.get("runSpecId"), None, event.get("instanceId"))
+            if task is None:
+                return False  # the status_update_event that goes with it carries the details
+            if condition == "Killing":
+                task["state"] = "TASK_KILLING"
+                return True
+            if condition in _GONE_CONDITIONS or condition == "Unreachable":
+                self._tasks[task["appId"]].pop(task["id"], None)
+                return True
+            return False
+        if event_type == "failed_health_check_event":
+            # one failed check is not yet "unhealthy" (maxConsecutiveFailures): ask Marathon
+            app_id = event.get("appId")
+            if isinstance(app_id, str):
+                self._dirty_apps.add(app_id)
+                return True
+            return False
+        if event_type == "api_post_event":
+            definition = event.get("appDefinition")
+            app_id = definition.get("id") if isinstance(definition, dict) else None
+            if isinstance(app_id, str):
+                self._dirty_apps.add(app_id if app_id.startswith("/") else "/" + app_id)
+            else:
+                self._pending_full = True  # a group change: we cannot tell which apps
+            return True
+        if event_type == "app_terminated_event":
+            app_id = event.get("appId")
+            if isinstance(app_id, str) and (app_id in self._apps or app_id in self._tasks):
+                self._apps.pop(app_id, None)
+                self._tasks.pop(app_id, None)
+                return True
+            return False
+        return False

@@ -1,0 +1,478 @@
+"""Pure functions from Marathon JSON (app definitions and tasks) to proxymatic services.
+
+Nothing here does I/O: host names are resolved through a callable the caller passes in, so the
+rules of docs/marathon.md are tested without sockets. Every function accepts whatever a Marathon
+1.x (or a hostile test) sends: a bad value skips the smallest thing it can (one label, one task,
+one app) and says why in a warning; it never raises out of `build_services`.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+from services.common.model import (DEFAULT_WEIGHT, MAX_WEIGHT, ModelError, Server, Service, validate_name)
+
+LABEL_PREFIX = "com.meltwater.proxymatic.port."
+# States in which a task is serving. `state` is absent from old Marathon (1.1 and the 1.4 docs).
+SERVING_STATES = (None, "TASK_RUNNING")
+# States after which a task never serves again: an event carrying one removes the task.
+TERMINAL_STATES = frozenset({
+    "TASK_FINISHED", "TASK_FAILED", "TASK_KILLED", "TASK_LOST", "TASK_ERROR", "TASK_DROPPED",
+    "TASK_GONE", "TASK_GONE_BY_OPERATOR", "TASK_UNKNOWN",
+})
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{0,255}$")
+_NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]+")
+MAX_WARNINGS = 200
+
+
+class AppError(ValueError):
+    """An app definition proxymatic cannot use at all (the app is skipped alone)."""
+
+
+def clip(value: Any, limit: int = 60) -> str:
+    """A value made safe for a one-line warning: repr (no raw newlines), bounded length."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class PortRoute:
+    """One exposed port of an app version, with its label options already validated."""
+
+    index: int
+    service_port: int  # 0: not proxied
+    protocol: str  # "tcp" | "udp"
+    container_port: int | None
+    weight: int = DEFAULT_WEIGHT
+    maxconn: int | None = None
+    mode: str | None = None  # None: not set by a label
+    timeout_client: int | None = None
+    timeout_server: int | None = None
+    overridden: bool = False  # servicePort came from a label
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    """What proxymatic needs from one (immutable) app version."""
+
+    app_id: str
+    version: str
+    name: str | None  # None: the id gives no valid service name; the app is skipped
+    network: str  # "host" | "bridge" | "container"
+    routes: tuple[PortRoute, ...]
+    health_checks: int
+    warnings: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# app definitions
+
+def service_name(app_id: str) -> tuple[str | None, str | None]:
+    """`/product/system/service` -> `service.system.product`. Returns (name, warning)."""
+    name = ".".join(reversed([part for part in app_id.split("/") if part]))
+    try:
+        return validate_name(name), None
+    except ModelError:
+        pass
+    cleaned = _NAME_BAD.sub("-", name).strip("-._")[:255].strip("-._")
+    try:
+        validate_name(cleaned)
+    except ModelError:
+        return None, f"app {clip(app_id)}: id gives no valid service name; app skipped"
+    return cleaned, f"app {clip(app_id)}: service name sanitised to {cleaned!r}"
+
+
+def network_mode(app: Mapping) -> str:
+    """host | bridge | container, for both the 1.4 (`container.docker.network`, `ipAddress`)
+    and the 1.5+ (`networks`) shapes."""
+    networks = app.get("networks")
+    if isinstance(networks, list) and networks:
+        modes = {n.get("mode") for n in networks if isinstance(n, dict)}
+        if "container/bridge" in modes:
+            return "bridge"
+        if "container" in modes:
+            return "container"
+        return "host"
+    container = app.get("container") if isinstance(app.get("container"), dict) else {}
+    docker = container.get("docker") if isinstance(container.get("docker"), dict) else {}
+    network = str(docker.get("network") or "").upper()
+    if network == "BRIDGE":
+        return "bridge"
+    if network == "USER":
+        return "container"
+    if network == "HOST":
+        return "host"
+    if isinstance(app.get("ipAddress"), dict):
+        return "container"
+    return "host"
+
+
+def _port_mappings(app: Mapping) -> list:
+    container = app.get("container") if isinstance(app.get("container"), dict) else {}
+    mappings = container.get("portMappings")
+    if not mappings and isinstance(container.get("docker"), dict):
+        mappings = container["docker"].get("portMappings")
+    return mappings if isinstance(mappings, list) else []
+
+
+def _raw_ports(app: Mapping, network: str) -> list[tuple[Any, Any, Any]]:
+    """(servicePort, protocol, containerPort) per exposed port index."""
+    if network in ("bridge", "container"):
+        mappings = _port_mappings(app)
+        if mappings or network == "bridge":
+            return [(m.get("servicePort", 0), m.get("protocol", "tcp"), m.get("containerPort"))
+                    if isinstance(m, dict) else (None, None, None) for m in mappings]
+        discovery = (app.get("ipAddress") or {}).get("discovery") if isinstance(app.get("ipAddress"), dict) else None
+        ports = discovery.get("ports") if isinstance(discovery, dict) else None
+        return [(0, p.get("protocol", "tcp"), p.get("number")) if isinstance(p, dict) else (None, None, None)
+                for p in (ports if isinstance(ports, list) else [])]
+    definitions = app.get("portDefinitions")
+    if isinstance(definitions, list) and definitions:
+        return [(d.get("port", 0), d.get("protocol", "tcp"), None) if isinstance(d, dict) else (None, None, None)
+                for d in definitions]
+    legacy = app.get("ports")
+    return [(p, "tcp", None) for p in legacy] if isinstance(legacy, list) else []
+
+
+def _label_int(labels: Mapping, key: str, low: int, high: int, app_id: str, warnings: list) -> int | None:
+    if key not in labels:
+        return None
+    value = labels[key]
+    number: int | None = None
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 12:
+        number = int(value.strip())
+    if number is None or not low <= number <= high:
+        warnings.append(f"app {clip(app_id)}: label {key}={clip(value)} ignored "
+                        f"(expected an integer {low}..{high})")
+        return None
+    return number
+
+
+def _protocol(value: Any) -> str | None:
+    """Marathon's protocol field: tcp, udp or "udp,tcp". One port number is one service: tcp
+    wins when both are exposed (interface.md)."""
+    if not isinstance(value, str):
+        return "tcp" if value is None else None
+    parts = {p.strip().lower() for p in value.split(",") if p.strip()}
+    if not parts or "tcp" in parts:
+        return "tcp" if parts <= {"tcp", "udp"} else None
+    return "udp" if parts == {"udp"} else None
+
+
+def parse_app(app: Any) -> AppSpec:
+    """One app definition (any 1.x shape) -> AppSpec. Raises AppError if unusable."""
+    if not isinstance(app, dict):
+        raise AppError(f"app definition must be an object, got {type(app).__name__}")
+    app_id = app.get("id")
+    if not isinstance(app_id, str) or not app_id.strip("/"):
+        raise AppError(f"app without a valid id ({clip(app_id)})")
+    if not app_id.startswith("/"):
+        app_id = "/" + app_id
+    warnings: list[str] = []
+    name, warning = service_name(app_id)
+    if warning:
+        warnings.append(warning)
+    version = app.get("version")
+    if not isinstance(version, str):
+        info = app.get("versionInfo") if isinstance(app.get("versionInfo"), dict) else {}
+        version = info.get("lastConfigChangeAt") if isinstance(info.get("lastConfigChangeAt"), str) else ""
+    labels = app.get("labels") if isinstance(app.get("labels"), dict) else {}
+    if app.get("labels") not in (None, {}) and not isinstance(app.get("labels"), dict):
+        warnings.append(f"app {clip(app_id)}: labels must be an object; ignored")
+    network = network_mode(app)
+    routes: list[PortRoute] = []
+    for index, (service_port, protocol_value, container_port) in enumerate(_raw_ports(app, network)):
+        prefix = f"{LABEL_PREFIX}{index}."
+        protocol = _protocol(protocol_value)
+        if protocol is None:
+            warnings.append(f"app {clip(app_id)}: port {index} has protocol {clip(protocol_value)}; skipped")
+            continue
+        if isinstance(service_port, bool) or not isinstance(service_port, int) or not 0 <= service_port <= 65535:
+            warnings.append(f"app {clip(app_id)}: port {index} has servicePort {clip(service_port)}; skipped")
+            service_port = 0
+        override = _label_int(labels, prefix + "servicePort", 1, 65535, app_id, warnings)
+        if isinstance(container_port, bool) or not isinstance(container_port, int) or not 0 < container_port < 65536:
+            container_port = None
+        mode = labels.get(prefix + "mode")
+        if mode is not None:
+            if isinstance(mode, str) and mode.strip().lower() in ("tcp", "http"):
+                mode = mode.strip().lower()
+            else:
+                warnings.append(f"app {clip(app_id)}: label {prefix}mode={clip(mode)} ignored (expected tcp or http)")
+                mode = None
+        routes.append(PortRoute(
+            index=index,
+            service_port=override if override is not None else service_port,
+            protocol=protocol,
+            container_port=container_port,
+            weight=_label_int(labels, prefix + "weight", 1, MAX_WEIGHT, app_id, warnings) or DEFAULT_WEIGHT,
+            maxconn=_label_int(labels, prefix + "maxconn", 1, 1_000_000, app_id, warnings),
+            mode=mode,
+            timeout_client=_label_int(labels, prefix + "timeout.client", 1, 86400, app_id, warnings),
+            timeout_server=_label_int(labels, prefix + "timeout.server", 1, 86400, app_id, warnings),
+            overridden=override is not None,
+        ))
+    # One port number is one service: when it is listed twice (TCP and UDP), the TCP one stays.
+    chosen: dict[int, PortRoute] = {}
+    for route in routes:
+        if route.service_port and (route.service_port not in chosen
+                                   or (route.protocol == "tcp" and chosen[route.service_port].protocol != "tcp")):
+            chosen[route.service_port] = route
+    routes = [r for r in routes if not r.service_port or chosen[r.service_port] is r]
+    checks = app.get("healthChecks")
+    return AppSpec(app_id=app_id, version=version, name=name, network=network, routes=tuple(routes),
+                   health_checks=len(checks) if isinstance(checks, list) else 0, warnings=tuple(warnings))
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks
+
+def task_health(task: Mapping, spec: AppSpec) -> str:
+    """"up" | "down" | "unknown". Any result not alive is down; an app with health checks and
+    no result yet is unknown (the caller decides with its memory of served tasks)."""
+    results = task.get("healthCheckResults")
+    results = [r for r in results if isinstance(r, dict)] if isinstance(results, list) else []
+    if any(r.get("alive") is not True for r in results):
+        return "down"
+    if spec.health_checks and not results:
+        return "unknown"
+    return "up"
+
+
+def _is_ip(value: Any) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False
+
+
+def _container_ip(task: Mapping) -> str | None:
+    addresses = task.get("ipAddresses")
+    if not isinstance(addresses, list):
+        return None
+    found = [a.get("ipAddress") for a in addresses if isinstance(a, dict) and isinstance(a.get("ipAddress"), str)]
+    found = [ip for ip in found if _is_ip(ip)]
+    v4 = [ip for ip in found if ":" not in ip]
+    return (v4 or found or [None])[0]
+
+
+@dataclass(frozen=True)
+class Backend:
+    route: PortRoute
+    server: Server
+    host_network: bool
+
+
+def task_backends(task: Mapping, spec: AppSpec, resolve: Callable[[str], str | None],
+                  warnings: list[str]) -> list[Backend]:
+    """The backends one serving task contributes, one per proxied port of its app version."""
+    task_id = clip(task.get("id"))
+    host = task.get("host")
+    host_ip: str | None = None
+    if spec.network != "container":
+        if not isinstance(host, str) or not host:
+            warnings.append(f"app {clip(spec.app_id)}: task {task_id} has no host; skipped")
+            return []
+        host_ip = resolve(host)
+        if host_ip is None:
+            warnings.append(f"app {clip(spec.app_id)}: task {task_id} host {clip(host)} does not resolve; skipped")
+            return []
+    hostname = host if isinstance(host, str) and _HOSTNAME_RE.match(host) else ""
+    ports = task.get("ports") if isinstance(task.get("ports"), list) else []
+    backends: list[Backend] = []
+    seen: set[int] = set()
+    for route in spec.routes:
+        if route.service_port == 0 or route.service_port in seen:
+            continue  # not proxied / one port number is one service
+        seen.add(route.service_port)
+        if spec.network == "container":
+            ip, port = _container_ip(task), route.container_port
+            if ip is None or port is None:
+                warnings.append(f"app {clip(spec.app_id)}: task {task_id} has no container address "
+                                f"for port {route.index}; skipped")
+                continue
+        else:
+            ip = host_ip
+            port = ports[route.index] if route.index < len(ports) else None
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                warnings.append(f"app {clip(spec.app_id)}: task {task_id} has no host port "
+                                f"for port {route.index}; skipped")
+                continue
+        try:
+            server = Server.from_dict({"ip": ip, "port": port, "hostname": hostname, "weight": route.weight,
+                                       "maxconn": route.maxconn})
+        except ModelError as error:
+            warnings.append(f"app {clip(spec.app_id)}: task {task_id}: {error}; skipped")
+            continue
+        backends.append(Backend(route, server, spec.network == "host" and port == route.service_port))
+    return backends
+
+
+# ---------------------------------------------------------------------------------------------
+# services
+
+@dataclass
+class BuildResult:
+    services: tuple[Service, ...]
+    warnings: tuple[str, ...]
+    served: frozenset[str]  # task ids that contributed a backend (the health memory)
+
+
+@dataclass
+class _Group:
+    entries: list = field(default_factory=list)  # (spec, backend)
+
+
+def build_services(pairs: Iterable[tuple[Mapping, AppSpec]], resolve: Callable[[str], str | None],
+                   previously_served: frozenset[str] | set[str] = frozenset(),
+                   extra_warnings: Iterable[str] = ()) -> BuildResult:
+    """(task, app spec of the task's version) pairs -> services keyed `servicePort/protocol`.
+
+    Two apps (or versions) on one service port are one service (canary) with each server at its
+    own weight. Service attributes (mode, timeouts, name) come from the app that owns the port
+    (no servicePort override label), else the lowest app id; a conflict is reported."""
+    warnings: list[str] = list(extra_warnings)
+    served: set[str] = set()
+    groups: dict[tuple[int, str], list[tuple[AppSpec, Backend]]] = {}
+    warned_specs: set[int] = set()
+    for task, spec in pairs:
+        try:
+            if id(spec) not in warned_specs:
+                warned_specs.add(id(spec))
+                warnings.extend(spec.warnings)
+            if spec.name is None:
+                continue
+            state = task.get("state")
+            if state not in SERVING_STATES:
+                continue  # TASK_KILLING, staging, lost...
+            task_id = task.get("id")
+            health = task_health(task, spec)
+            if health == "down" or (health == "unknown" and task_id not in previously_served):
+                continue
+            backends = task_backends(task, spec, resolve, warnings)
+            if backends and isinstance(task_id, str):
+                served.add(task_id)
+            for backend in backends:
+                groups.setdefault((backend.route.service_port, backend.route.protocol), []).append((spec, backend))
+        except Exception as error:  # bad data in one task never breaks the update
+            warnings.append(f"app {clip(getattr(spec, 'app_id', '?'))}: task {clip(task.get('id') if isinstance(task, Mapping) else task)} "
+                            f"skipped: {clip(str(error), 120)}")
+    services = []
+    for (port, protocol), entries in sorted(groups.items()):
+        try:
+            services.append(_service(port, protocol, entries, warnings))
+        except (ModelError, ValueError) as error:
+            warnings.append(f"service {port}/{protocol} skipped: {clip(str(error), 160)}")
+    if len(warnings) > MAX_WARNINGS:
+        warnings = warnings[:MAX_WARNINGS] + [f"... and {len(warnings) - MAX_WARNINGS} more warnings"]
+    return BuildResult(tuple(services), tuple(dict.fromkeys(warnings)), frozenset(served))
+
+
+def _service(port: int, protocol: str, entries: list[tuple[AppSpec, Backend]], warnings: list[str]) -> Service:
+    ranked = sorted(entries, key=lambda e: (e[1].route.overridden, e[0].app_id, e[0].version))
+    name = ranked[0][0].name
+
+    def attribute(get: Callable[[PortRoute], Any], label: str) -> Any:
+        values: dict[Any, str] = {}
+        for spec, backend in ranked:
+            value = get(backend.route)
+            if value is not None and value not in values:
+                values[value] = spec.app_id
+        if len(values) > 1:
+            chosen = next(iter(values))
+            warnings.append(f"service {port}/{protocol}: apps disagree on {label} "
+                            f"({', '.join(f'{a}={v}' for v, a in values.items())}); using {chosen} from {values[chosen]}")
+        return next(iter(values), None)
+
+    servers: dict[tuple[str, int], Server] = {}
+    for _, backend in ranked:
+        servers.setdefault((backend.server.ip, backend.server.port), backend.server)
+    return Service(
+        name=validate_name(name),
+        port=port,
+        protocol=protocol,
+        mode=attribute(lambda r: r.mode, "mode") or "tcp",
+        source="marathon",
+        servers=(),
+        health_check=None,  # Marathon's own health results decide; see docs/marathon.md
+        timeout_client=attribute(lambda r: r.timeout_client, "timeout.client"),
+        timeout_server=attribute(lambda r: r.timeout_server, "timeout.server"),
+        host_network=any(backend.host_network for _, backend in entries),
+    ).with_servers(servers.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# whole payloads (tests, tools): apps + tasks the way Marathon returns them
+
+def app_uses_current_config(app: Mapping, task_version: Any) -> bool:
+    """Whether a task of `task_version` runs the app's current configuration: the same version,
+    or a version since the last config change (scaling makes versions, not new configs)."""
+    if not isinstance(task_version, str):
+        return True
+    if task_version == app.get("version"):
+        return True
+    info = app.get("versionInfo") if isinstance(app.get("versionInfo"), dict) else {}
+    changed = info.get("lastConfigChangeAt")
+    return isinstance(changed, str) and task_version >= changed
+
+
+def services_from_payloads(apps: Iterable[Any], tasks: Iterable[Any] = (),
+                           versions: Mapping[tuple[str, str], Any] | None = None,
+                           resolve: Callable[[str], str | None] | None = None,
+                           previously_served: frozenset[str] = frozenset()) -> BuildResult:
+    """Apps (each possibly with embedded `tasks`) plus /v2/tasks entries -> services.
+    `versions` maps (app id, version) to the bare app of `/v2/apps/{id}/versions/{version}`."""
+    from services.collector.marathon_resolve import Resolver  # local: keeps this module pure
+
+    resolve = resolve or Resolver()
+    versions = versions or {}
+    warnings: list[str] = []
+    current: dict[str, tuple[dict, AppSpec]] = {}
+    pairs: list[tuple[Mapping, AppSpec]] = []
+    loose: list[Any] = list(tasks)
+    for app in apps:
+        try:
+            spec = parse_app(app)
+        except AppError as error:
+            warnings.append(f"app skipped: {error}")
+            continue
+        current[spec.app_id] = (app, spec)
+        embedded = app.get("tasks")
+        for task in embedded if isinstance(embedded, list) else []:
+            if isinstance(task, dict):
+                loose.append({**task, "appId": spec.app_id})
+    version_specs: dict[tuple[str, str], AppSpec | None] = {}
+    for task in loose:
+        if not isinstance(task, dict):
+            warnings.append(f"task skipped: not an object ({clip(task)})")
+            continue
+        app_id, version = task.get("appId"), task.get("version")
+        app_entry = current.get(app_id) if isinstance(app_id, str) else None
+        spec: AppSpec | None = None
+        if app_entry and app_uses_current_config(app_entry[0], version):
+            spec = app_entry[1]
+        elif isinstance(app_id, str) and isinstance(version, str):
+            key = (app_id, version)
+            if key not in version_specs:
+                raw = versions.get(key)
+                try:
+                    version_specs[key] = parse_app(raw) if raw is not None else None
+                except AppError as error:
+                    warnings.append(f"app {clip(app_id)} version {clip(version)} skipped: {error}")
+                    version_specs[key] = None
+            spec = version_specs[key] or (app_entry[1] if app_entry else None)
+        if spec is None:
+            warnings.append(f"task {clip(task.get('id'))}: no definition for app {clip(app_id)} "
+                            f"version {clip(version)}; skipped")
+            continue
+        pairs.append((task, spec))
+    return build_services(pairs, resolve, previously_served, warnings)
