@@ -1,0 +1,274 @@
+"""A real nginx (started by nginx_launch) driven by the nginx driver: vhosts, 503, reloads,
+WebSockets, the PROXY protocol and a rejected config."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from services.applier import nginx_driver
+from services.applier.nginx_driver import NginxDriver
+from services.common.config import Settings
+from services.common.model import Plan, ProxySettings, Service
+from tests.helpers import HttpBackend, free_port, wait_until
+
+pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOMAIN = "test.local"
+
+
+class HeaderBackend:
+    """Answers every GET with the request headers it received, as JSON."""
+
+    def __init__(self):
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class UpgradeEcho:
+    """A minimal WebSocket-ish server: answers an Upgrade request with 101, then echoes bytes."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.requests: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            request = head.decode().lower()
+            self.requests.append(request)
+            if "upgrade: websocket" not in request or "connection: upgrade" not in request:
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                return
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            while True:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                conn.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def get(port: int, host: str, path: str = "/") -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
+    try:
+        conn.request("GET", path, headers={"Host": host})
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def get_ok(port: int, host: str) -> str | None:
+    status, body = get(port, host)
+    return body if status == 200 else None
+
+
+def raw_request(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as conn:
+        conn.sendall(data)
+        reply = b""
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return reply
+            reply += chunk
+
+
+def service(name, port, backends):
+    return Service.from_dict({"name": name, "port": port,
+                              "servers": [{"ip": "127.0.0.1", "port": b.port, "weight": 10} for b in backends]})
+
+
+class Nginx:
+    """`proxymatic nginx` in a temp run dir, on a free port."""
+
+    def __init__(self, proxy_protocol: bool = False):
+        self.run_dir = tempfile.mkdtemp(prefix="pm", dir="/tmp")
+        os.chmod(self.run_dir, 0o755)  # nginx workers may run as another user
+        self.port = free_port()
+        self.settings = Settings(run_dir=self.run_dir, vhost_domain=DOMAIN, vhost_port=self.port,
+                                 proxy_protocol=proxy_protocol, status_endpoint="")
+        self.proxy = self.settings.proxy_settings()
+        code = ("import sys, json; from services.common.config import Settings;"
+                "from services.applier import nginx_launch;"
+                "sys.exit(nginx_launch.main(Settings(**json.loads(sys.argv[1]))))")
+        args = json.dumps({"run_dir": self.run_dir, "vhost_domain": DOMAIN, "vhost_port": self.port,
+                           "proxy_protocol": proxy_protocol, "status_endpoint": ""})
+        self.process = subprocess.Popen([sys.executable, "-c", code, args], cwd=ROOT)
+        self.driver = NginxDriver(self.settings)
+        wait_until(lambda: self.driver.master_pid() == self.process.pid, message="nginx master up")
+
+    def plan(self, *services) -> Plan:
+        return Plan(tuple(services), self.proxy)
+
+    def close(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=10)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def nginx():
+    server = Nginx()
+    yield server
+    server.close()
+
+
+def test_vhosts_default_server_reloads_and_rejected_config(nginx, monkeypatch):
+    port = nginx.port
+    # the bootstrap config: only the default server
+    assert get(port, "anything.example")[0] == 503
+    assert get(port, "anything.example", "/_status") == (200, "OK\n")
+
+    web, api, udp_only = HttpBackend("web"), HttpBackend("api"), HttpBackend("unused")
+    try:
+        plan = nginx.plan(service("web", 8001, [web]), service("api.team", 8002, [api]))
+        first = nginx.driver.apply(plan)
+        assert first.ok and first.action == "reload", first
+        assert sorted(first.details["vhosts"]) == ["api.team.test.local", "web.test.local"]
+        wait_until(lambda: get(port, "web.test.local") == (200, "web\n"), message="web vhost")
+        wait_until(lambda: get(port, "API.team.test.local:80") == (200, "api\n"), message="api vhost")
+        assert get(port, "unknown.test.local")[0] == 503
+        assert get(port, "unknown.test.local", "/_status")[0] == 200
+
+        # no reload when the vhost set does not change: same plan, a UDP service, a higher port
+        reloads = nginx.driver.reloads
+        assert nginx.driver.apply(plan).action == "none"
+        udp = Service.from_dict({"name": "dns", "port": 53, "protocol": "udp",
+                                 "servers": [{"ip": "127.0.0.1", "port": 53}]})
+        same = nginx.plan(service("web", 8001, [web]), service("api.team", 8002, [api]),
+                          service("web", 9001, [udp_only]), udp)
+        assert nginx.driver.apply(same).action == "none"
+        assert nginx.driver.reloads == reloads
+
+        # a restarted applier adopts the running nginx without reloading it
+        assert NginxDriver(nginx.settings).apply(plan).action == "none"
+
+        # membership change: reload, new backend serves
+        moved = nginx.driver.apply(nginx.plan(service("web", 8001, [api]), service("api.team", 8002, [api])))
+        assert moved.action == "reload" and nginx.driver.reloads == reloads + 1
+        wait_until(lambda: get(port, "web.test.local") == (200, "api\n"), message="web moved to api")
+
+        # a config nginx -t refuses is not installed; the last good one keeps serving
+        good = open(nginx.driver.config).read()
+        real_render = nginx_driver.render
+
+        def broken(*args, **kwargs):
+            rendered = real_render(*args, **kwargs)
+            return rendered.__class__(rendered.text.replace("server_tokens off;", "server_tokens maybe;"),
+                                      rendered.vhosts, rendered.warnings)
+
+        monkeypatch.setattr(nginx_driver, "render", broken)
+        rejected = nginx.driver.apply(plan)
+        assert not rejected.ok and rejected.action == "rejected" and "maybe" in rejected.errors[0], rejected
+        assert open(nginx.driver.config).read() == good
+        assert nginx.driver.master_pid() == nginx.process.pid
+        wait_until(lambda: get(port, "web.test.local") == (200, "api\n"), message="last good config serving")
+        assert nginx.driver.apply(plan).action == "rejected"  # still bad, not retried against nginx
+        monkeypatch.setattr(nginx_driver, "render", real_render)
+        assert nginx.driver.apply(plan).action == "reload"
+        wait_until(lambda: get(port, "web.test.local") == (200, "web\n"), message="web back on web")
+        assert nginx.process.poll() is None
+    finally:
+        for backend in (web, api, udp_only):
+            backend.close()
+
+
+def test_websocket_upgrade_and_forwarded_headers(nginx):
+    echo, headers = UpgradeEcho(), HeaderBackend()
+    try:
+        assert nginx.driver.apply(nginx.plan(service("ws", 8001, [echo]), service("hdr", 8002, [headers]))).ok
+        # After a reload the old workers may still accept for a moment: ask until the new config answers.
+        wait_until(lambda: get(nginx.port, "ws.test.local")[0] == 400, message="ws vhost")
+        seen = json.loads(wait_until(lambda: get_ok(nginx.port, "hdr.test.local"), message="hdr vhost"))
+        assert seen["x-real-ip"] == "127.0.0.1" and seen["x-forwarded-for"] == "127.0.0.1"
+        assert seen["x-forwarded-proto"] == "http" and seen["host"] == "hdr.test.local"
+
+        with socket.create_connection(("127.0.0.1", nginx.port), timeout=3) as conn:
+            conn.sendall(b"GET /socket HTTP/1.1\r\nHost: ws.test.local\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                assert chunk, head
+                head += chunk
+            assert head.startswith(b"HTTP/1.1 101"), head
+            conn.sendall(b"x")
+            assert conn.recv(16) == b"x"
+        assert "upgrade: websocket" in echo.requests[-1] and "x-real-ip: 127.0.0.1" in echo.requests[-1]
+    finally:
+        echo.close()
+        headers.close()
+
+
+def test_proxy_protocol_client_address_reaches_the_backend():
+    nginx = Nginx(proxy_protocol=True)
+    headers = HeaderBackend()
+    try:
+        assert nginx.driver.apply(nginx.plan(service("hdr", 8002, [headers]))).ok
+
+        def ask(host: str, path: str = "/") -> bytes:
+            return raw_request(nginx.port, b"PROXY TCP4 1.2.3.4 127.0.0.1 5555 80\r\n"
+                               + f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+
+        def answer() -> bytes | None:
+            reply = ask("hdr.test.local")
+            return reply.partition(b"\r\n\r\n")[2] if reply.startswith(b"HTTP/1.1 200") else None
+
+        seen = json.loads(wait_until(answer, message="hdr vhost"))
+        assert seen["x-real-ip"] == "1.2.3.4" and seen["x-forwarded-for"] == "1.2.3.4"
+        assert ask("other.test.local").startswith(b"HTTP/1.1 503")
+        assert ask("other.test.local", "/_status").startswith(b"HTTP/1.1 200")
+    finally:
+        headers.close()
+        nginx.close()
