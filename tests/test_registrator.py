@@ -74,8 +74,10 @@ def test_follows_adds_removes_and_ttl_expiry(etcd_server, make_source):
     client.write(f"{prefix}/web/h1:web.0:80", "127.0.0.1:31001")
     client.write(f"{prefix}/web/h1:web.0:80", "127.0.0.1:31005", prevValue="127.0.0.1:31001")  # CAS
     wait_until(lambda: backends(source, 80) == [("127.0.0.1", 31005)], message="compareAndSwap")
+    client.delete(f"{prefix}/web/h1:web.0:80", prevValue="127.0.0.1:31005")  # compareAndDelete
+    wait_until(lambda: backends(source, 80) == [], message="compareAndDelete")
     # Incremental: one full read at start, every change came from the watch.
-    assert source.stats["full_reads"] == 1 and source.stats["events"] >= 9
+    assert source.stats["full_reads"] == 1 and source.stats["events"] >= 10
 
 
 def test_garbage_is_skipped_with_warnings(etcd_server, make_source):
