@@ -209,3 +209,37 @@ def test_refresh_interval_full_reads_and_prompt_stop(etcd_server, make_source):
     assert source._thread is not None
     source._thread.join(5)
     assert not source._thread.is_alive()
+
+
+def test_collector_keeps_backends_while_etcd_is_down(make_source):
+    import queue
+
+    from services.collector.main import SourceRunner
+
+    with EtcdServer() as server:
+        server.client().write("/services/web/h:web.0:80", "127.0.0.1:6000")
+        source = make_source(server.url("/services"))
+        updates: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        runner = threading.Thread(target=SourceRunner(source, 60, updates, stop).run, daemon=True)
+        runner.start()
+        seen = []
+
+        def snapshot(state: str):
+            while not updates.empty():
+                seen.append(updates.get())
+            return next((s for s in reversed(seen) if s.state == state), None)
+
+        try:
+            wait_until(lambda: snapshot("ok"), message="ok snapshot")
+            server.kill()
+            down = wait_until(lambda: snapshot("degraded"), message="degraded snapshot")
+            assert [(s.name, len(s.servers)) for s in down.services] == [("web", 1)] and down.error
+            seen.clear()
+            server.start()
+            server.client().write("/services/web/h:web.1:80", "127.0.0.1:6001")
+            wait_until(lambda: (s := snapshot("ok")) and len(s.services[0].servers) == 2,
+                       message="ok again with the change")
+        finally:
+            stop.set()
+            runner.join(5)
