@@ -71,13 +71,19 @@ def run_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def runner(run_dir):
+def start_runner(run_dir) -> subprocess.Popen:
     code = ("import sys, logging; logging.basicConfig(level=logging.INFO);"
             "from services.common.config import Settings; from services.applier import pen_runner;"
             "sys.exit(pen_runner.main(Settings(run_dir=sys.argv[1])))")
     proc = subprocess.Popen([sys.executable, "-c", code, run_dir], cwd=ROOT)
-    wait_until(lambda: os.path.exists(os.path.join(run_dir, "pen", "runner.pid")), message="runner up")
+    pid_file = os.path.join(run_dir, "pen", "runner.pid")
+    wait_until(lambda: open(pid_file).read().strip() == str(proc.pid), message="runner up")
+    return proc
+
+
+@pytest.fixture
+def runner(run_dir):
+    proc = start_runner(run_dir)
     yield proc
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=10)
@@ -151,3 +157,32 @@ def test_tcp_through_pen_without_haproxy_and_slot_limit(run_dir, runner):
     finally:
         for backend in (one, two, three):
             backend.close()
+
+
+def test_a_restarted_runner_adopts_running_pens(run_dir):
+    backend = UdpEcho("A")
+    port = free_port(socket.SOCK_DGRAM)
+    key = f"{port}-udp"
+    first = start_runner(run_dir)
+    second = None
+    try:
+        assert PenDriver(Settings(run_dir=run_dir)).apply(plan(port, [backend.port])).ok
+        pid = pen_pid(run_dir, key)
+        first.kill()  # no cleanup: the pen outlives it
+        first.wait()
+        second = start_runner(run_dir)
+        assert pen_pid(run_dir, key) == pid and udp_ask(port) == "A"
+        second.send_signal(signal.SIGTERM)  # stopping the runner stops the pens it adopted too
+        second.wait(timeout=10)
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), message="adopted pen stopped")
+    finally:
+        for proc in (first, second):
+            if proc and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        backend.close()
+
+
+def _zombie(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] == "Z"

@@ -95,7 +95,7 @@ class NginxDriver(ProxyDriver):
     def apply(self, plan: Plan) -> DriverResult:
         if not plan.settings.vhost_domain:
             return DriverResult(self.name, True, "none", details={"enabled": False})
-        rendered = render(plan, self.prefix, user=self.user, worker_connections=plan.settings.max_connections)
+        rendered = render(plan, self.prefix, user=self.user)
         text = rendered.text
         digest = content_hash(text)
         details = {"vhosts": [v.server_name for v in rendered.vhosts], "warnings": list(rendered.warnings),

@@ -88,7 +88,7 @@ def _bucket_size(vhosts: list[VirtualHost]) -> int:
     return size
 
 
-def render(plan: Plan, prefix: str, user: str | None = None, worker_connections: int = 4096) -> Rendered:
+def render(plan: Plan, prefix: str, user: str | None = None) -> Rendered:
     """The whole nginx.conf for `plan` (also the bootstrap config: a plan without services)."""
     if user is not None and not re.match(r"^[a-z_][a-z0-9_-]*$", user):
         raise ValueError(f"bad user name {user!r}")
@@ -96,7 +96,8 @@ def render(plan: Plan, prefix: str, user: str | None = None, worker_connections:
     text = _ENV.get_template("nginx.conf.j2").render(
         prefix=prefix.replace("\n", " "),
         user=user,
-        worker_connections=int(worker_connections),
+        # a proxied request holds two connections (client and upstream)
+        worker_connections=max(1024, 2 * int(plan.settings.max_connections)),
         port=int(plan.settings.vhost_port),
         listen_options=" proxy_protocol" if plan.settings.proxy_protocol else "",
         proxy_protocol=bool(plan.settings.proxy_protocol),
