@@ -243,3 +243,18 @@ def test_collector_keeps_backends_while_etcd_is_down(make_source):
         finally:
             stop.set()
             runner.join(5)
+
+
+def test_quiet_prefix_in_a_busy_etcd_needs_no_full_read(etcd_server, make_source):
+    """A poll that times out moves waitIndex to its start index + 1, so >1000 events on
+    other keys spread over several polls never push the watch out of etcd's history."""
+    prefix = unique_prefix("quiet")
+    source = make_source(etcd_server.url(prefix), watch_timeout=0.3)
+    assert source.current().services == ()
+    session = requests.Session()
+    for i in range(1200):
+        session.put(f"{etcd_server.base_url}/v2/keys/busy{prefix}/k{i % 5}", data={"value": str(i)})
+    wait_until(lambda: source.stats["poll_timeouts"] >= 2, message="timed-out polls")
+    etcd_server.client().write(f"{prefix}/web/h:web.0:80", "127.0.0.1:7000")
+    wait_until(lambda: backends(source, 80) == [("127.0.0.1", 7000)], message="event after the busy period")
+    assert source.stats["index_cleared"] == 0 and source.stats["full_reads"] == 1

@@ -290,12 +290,7 @@ class RegistratorSource(Source):
                                                                 read=self.read_timeout))
             except etcd.EtcdKeyNotFound as error:
                 payload, etcd_index = None, int((error.payload or {}).get("index") or 0)
-            except (etcd.EtcdClusterIdChanged, etcd.EtcdLeaderElectionInProgress, etcd.EtcdWatcherCleared,
-                    *_NETWORK_ERRORS) as error:
-                host, port = self.endpoints[index]
-                errors.append(f"{host}:{port}: {_describe(error)}")
-                continue
-            except etcd.EtcdException as error:
+            except (etcd.EtcdException, ValueError, *_NETWORK_ERRORS) as error:
                 host, port = self.endpoints[index]
                 errors.append(f"{host}:{port}: {_describe(error)}")
                 continue
@@ -323,8 +318,9 @@ class RegistratorSource(Source):
             client._handle_server_response(_Preloaded(response.status, body))
         return _decode(body), int(response.headers.get("x-etcd-index") or 0)
 
-    def _watch(self) -> None:
-        """One long poll on the current endpoint; applies what it returns."""
+    def _watch(self) -> bool:
+        """One long poll on the current endpoint; applies what it returns. Returns whether it
+        made progress (an event, or a poll that ran to its timeout)."""
         client = self._clients[self._endpoint]
         wait_index = self._wait_index
         timeout = self.watch_timeout
@@ -338,7 +334,7 @@ class RegistratorSource(Source):
         self._inflight = response
         try:
             if self._stop.is_set():
-                return
+                return False
             client._check_cluster_id(response)
             start_index = int(response.headers.get("x-etcd-index") or 0)
             try:
@@ -349,7 +345,7 @@ class RegistratorSource(Source):
                 if start_index >= wait_index:
                     self._wait_index = start_index + 1
                 response.close()
-                return
+                return True
         finally:
             self._inflight = None
             response.release_conn()
@@ -365,18 +361,26 @@ class RegistratorSource(Source):
                 raise _Resync(_describe(error)) from None
         if not body.strip():
             self.stats["empty_polls"] += 1  # etcd closed the long poll without an event: retry
-            return
+            return False
         event = _decode(body)
         node = event.get("node") or {}
         self.stats["events"] += 1
         self.apply_event(event)
         modified = int(node.get("modifiedIndex") or 0)
         self._wait_index = max(self._wait_index, modified + 1)
+        return True
 
     def _run(self) -> None:
         need_full_read = True
         delay = self.backoff_start
+        # Long polls that end at once without progress (empty bodies, broken watches while
+        # full reads work) are retried at once the first time, then with a growing pause, so
+        # a misbehaving server never makes this thread spin.
+        idle_polls, idle_delay = 0, self.backoff_start
         while not self._stop.is_set():
+            if idle_polls > 1:
+                self._stop.wait(idle_delay)
+                idle_delay = min(idle_delay * 2, self.backoff_max)
             try:
                 if need_full_read or (self.refresh_interval > 0 and
                                       time.monotonic() - self._last_full_read >= self.refresh_interval):
@@ -388,7 +392,10 @@ class RegistratorSource(Source):
                     self._before_watch()
                 if self._stop.is_set():
                     break
-                self._watch()
+                if self._watch():
+                    idle_polls, idle_delay = 0, self.backoff_start
+                else:
+                    idle_polls += 1
             except _Resync as reason:
                 log.info("source registrator: full read of %s: %s", self.prefix or "/", reason)
                 need_full_read = True
@@ -396,6 +403,7 @@ class RegistratorSource(Source):
                 self.stats["failures"] += 1
                 self._set_error(f"cannot read etcd prefix {self.prefix or '/'}: {error}")
                 need_full_read = True
+                idle_polls, idle_delay = 0, self.backoff_start  # paced by `delay` instead
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.backoff_max)
             except (etcd.EtcdException, ValueError, *_NETWORK_ERRORS) as error:
@@ -405,6 +413,7 @@ class RegistratorSource(Source):
                     log.info("source registrator: watch on etcd %s broke: %s", self.endpoint_text,
                              _describe(error))
                 need_full_read = True
+                idle_polls += 1
             except Exception:  # noqa: BLE001 - a bug must not stop discovery for good
                 log.exception("source registrator: unexpected error")
                 need_full_read = True
