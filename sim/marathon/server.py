@@ -47,7 +47,7 @@ class Replica:
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._bind = (self._bind[0], self.port)  # restart on the same port
-        threading.Thread(target=self.server.serve_forever, name=f"sim-marathon-{self.port}", daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), name=f"sim-marathon-{self.port}", daemon=True).start()
         return self
 
     def stop(self) -> None:
