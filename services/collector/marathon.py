@@ -59,7 +59,9 @@ class MarathonSource(Source):
         self.max_app_fetches = max_app_fetches
         self._events_enabled = events
         self._stream_kwargs = dict(
-            watchdog=watchdog if watchdog is not None else max(30.0, min(2.0 * self.refresh_interval, 300.0)),
+            # Marathon sends nothing on a quiet cluster, so a silent stream is reopened (and the
+            # mirror resynced) once per refresh interval at most: the same cost as the poll.
+            watchdog=watchdog if watchdog is not None else max(10.0, min(self.refresh_interval, 300.0)),
             connect_timeout=connect_timeout, backoff_initial=backoff_initial, backoff_max=backoff_max,
             server_filter=server_filter)
         self.stream: EventStream | None = None
@@ -268,7 +270,7 @@ class MarathonSource(Source):
                         warnings.append(f"app {clip(app_id)}: version {clip(task.get('version'))} of task "
                                         f"{clip(task.get('id'))} not found; using the current definition")
                     if spec:
-                        pairs.append((task, spec))
+                        pairs.append((dict(task), spec))  # a copy: events keep changing the mirror
             served = self._served
         result = build_services(pairs, self.resolve, served, warnings)
         with self._cond:
@@ -293,6 +295,11 @@ class MarathonSource(Source):
                     self._dirty_apps |= apps
                 else:
                     self._pending_full = True
+                self._cond.notify_all()
+            return
+        if not data:  # too big to keep: we cannot tell what changed
+            with self._cond:
+                self._pending_full = True
                 self._cond.notify_all()
             return
         event = decode_event(data)
