@@ -80,3 +80,11 @@ def test_server_timeout_becomes_the_proxy_read_timeout():
                      health_check=HealthCheck().to_dict()),), settings())
     text = render(plan, "/p").text
     assert "proxy_read_timeout 300s;" in text and "proxy_send_timeout 300s;" in text
+
+
+def test_driver_refuses_a_plan_it_cannot_render_safely(tmp_path):
+    from services.applier.nginx_driver import NginxDriver
+    from services.common.config import Settings
+    bad_ip = Service(name="ok", port=83, servers=(Server(ip="10.0.0.1; evil", port=80, weight=10),))
+    result = NginxDriver(Settings(run_dir=str(tmp_path))).apply(Plan((bad_ip,), settings()))
+    assert not result.ok and result.action == "rejected" and not (tmp_path / "nginx" / "nginx.conf").exists()

@@ -73,3 +73,13 @@ def test_instances_file_round_trip_and_argv(tmp_path):
     assert argv[argv.index("-F") + 1] == str(tmp_path / "53-udp.cfg")
     assert argv[argv.index("-c") + 1] == "100" and argv[argv.index("-x") + 1] == "200"
     assert "-U" not in pen_argv(instances[1], files)
+
+
+def test_pen_driver_refuses_an_address_that_is_not_one(tmp_path):
+    from services.applier.pen_driver import PenDriver
+    from services.common.config import Settings
+    from services.common.model import Server
+    bad = Service(name="x", port=53, protocol="udp", servers=(Server(ip="1.2.3.4 port 1", port=5, weight=1),))
+    result = PenDriver(Settings(run_dir=str(tmp_path))).apply(Plan((bad,)))
+    assert not result.ok and result.action == "rejected"
+    assert not (tmp_path / "pen" / "instances.json").exists()

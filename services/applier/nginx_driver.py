@@ -95,7 +95,11 @@ class NginxDriver(ProxyDriver):
     def apply(self, plan: Plan) -> DriverResult:
         if not plan.settings.vhost_domain:
             return DriverResult(self.name, True, "none", details={"enabled": False})
-        rendered = render(plan, self.prefix, user=self.user)
+        try:
+            rendered = render(plan, self.prefix, user=self.user)
+        except ValueError as error:  # something the model should have refused: never rendered
+            log.error("nginx: cannot render the plan: %s", error)
+            return DriverResult(self.name, False, "rejected", errors=(f"cannot render: {error}",))
         text = rendered.text
         digest = content_hash(text)
         details = {"vhosts": [v.server_name for v in rendered.vhosts], "warnings": list(rendered.warnings),
@@ -124,8 +128,8 @@ class NginxDriver(ProxyDriver):
             if text != on_disk:
                 log.info("nginx: not running, %s is used when it starts", self.config)
             return DriverResult(self.name, True, "reload" if text != on_disk else "none", details=details)
-        if self._loaded is None and text == on_disk and read_loaded(self.prefix) == (master, digest):
-            # An applier restart: this master already serves this text (see LOADED_FILE).
+        if text == on_disk and read_loaded(self.prefix) == (master, digest):
+            # An applier restart, or nginx restarted: this master already serves this text.
             self._loaded = (master, digest)
             return DriverResult(self.name, True, "none", details=details)
         try:

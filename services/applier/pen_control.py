@@ -6,6 +6,7 @@ did not understand, so callers verify the effect by reading the state back (`ser
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from dataclasses import dataclass
@@ -38,7 +39,9 @@ class Slot:
 
     @classmethod
     def of(cls, server: Server) -> "Slot":
-        return cls(ip=server.ip, port=server.port, weight=server.weight, maxconn=server.maxconn or 0)
+        # Re-parsed so that nothing but an address and numbers ever reaches a pen command.
+        return cls(ip=str(ipaddress.ip_address(server.ip)), port=int(server.port), weight=int(server.weight),
+                   maxconn=int(server.maxconn or 0))
 
     def command(self, index: int, moved: bool) -> str:
         # `blacklist 0` clears a blacklisting earned by the slot's previous occupant.

@@ -100,7 +100,10 @@ class PenDriver(ProxyDriver):
             instance = PenInstance(port=service.port, protocol=service.protocol, slots=settings.pen_servers,
                                    clients=settings.pen_clients, max_connections=settings.max_connections)
             instances[instance.key] = instance
-            chosen[instance.key], more = choose_servers(service, settings.pen_servers)
+            try:
+                chosen[instance.key], more = choose_servers(service, settings.pen_servers)
+            except ValueError as error:  # something the model should have refused: never sent to pen
+                return DriverResult(self.name, False, "rejected", errors=(f"service {service.key}: {error}",))
             warnings += more
         fingerprint = content_hash({"instances": render_instances(list(instances.values())),
                                     "servers": {k: [repr(s) for s in v] for k, v in chosen.items()}})
