@@ -66,3 +66,10 @@ def test_supervisord_config_quotes_arguments(tmp_path):
     for program in ("haproxy", "applier", "planner", "collector", "status", "pen"):
         assert f"[program:{program}]" in text
     assert "[program:nginx]" not in text
+
+
+def test_registrator_url_with_several_hosts():
+    s = settings(["-r", "etcd://h1:2379,h2:2379/services"])
+    assert s.registrator == "etcd://h1:2379,h2:2379/services"
+    s = settings(["-m", "http://m1:8080/,http://u:p@m2:8080"])
+    assert s.sources == ("marathon",)

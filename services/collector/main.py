@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import zmq
@@ -54,31 +55,39 @@ class SourceRunner:
         while not self.stop.is_set():
             try:
                 discovery = self.source.current()
-            except SourceError as error:
-                self._report_failure(str(error), last_good)
-                self.stop.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
-                continue
-            except Exception as error:  # a bug in one source must not kill the collector
-                log.exception("source %s: unexpected error", self.source.name)
-                self._report_failure(f"internal error: {error!r}", last_good)
-                self.stop.wait(backoff)
+            except Exception as error:  # SourceError, or a bug in one source: never kill the collector
+                if not isinstance(error, SourceError):
+                    log.exception("source %s: unexpected error", self.source.name)
+                self._report_failure(str(error) if isinstance(error, SourceError) else f"internal error: {error!r}",
+                                     last_good)
+                self._back_off(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             backoff = BACKOFF_START
-            last_good = discovery
+            previous_warnings = set(last_good.warnings) if last_good else set()
             for warning in discovery.warnings:
-                log.warning("source %s: %s", self.source.name, warning)
+                if warning not in previous_warnings:
+                    log.warning("source %s: %s", self.source.name, warning)
+            last_good = discovery
             self.updates.put(SourceSnapshot(self.source.name, "ok", discovery.services,
                                             warnings=discovery.warnings))
             try:
                 self.source.wait_for_change(self.refresh_interval, self.stop)
-            except SourceError as error:
+            except Exception as error:
+                if not isinstance(error, SourceError):
+                    log.exception("source %s: unexpected error while waiting", self.source.name)
                 self._report_failure(str(error), last_good)
-                self.stop.wait(backoff)
-            except Exception:
-                log.exception("source %s: unexpected error while waiting", self.source.name)
-                self.stop.wait(backoff)
+                self._back_off(backoff)
+
+    def _back_off(self, seconds: float) -> None:
+        """Wait before retrying, but let the source end the wait when it sees a recovery."""
+        started = time.monotonic()
+        try:
+            self.source.wait_for_change(seconds, self.stop)
+        except Exception:
+            pass
+        # A source that returns at once must not turn the retry into a hot loop.
+        self.stop.wait(max(0.0, BACKOFF_START - (time.monotonic() - started)))
 
     def _report_failure(self, error: str, last_good: Discovery | None) -> None:
         log.error("source %s: %s (keeping last good state)", self.source.name, error)

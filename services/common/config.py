@@ -56,7 +56,8 @@ def parse_urls(scheme: tuple[str, ...]) -> Callable[[str, str], str]:
         value = value.strip()
         if not value:
             return ""
-        for url in value.split(","):
+        # `http://m1:8080,http://m2:8080` lists URLs; `etcd://h1:2379,h2:2379/prefix` lists hosts.
+        for url in re.split(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)", value):
             if not re.match(rf"^({'|'.join(scheme)})://[^/\s]+", url.strip()):
                 raise ConfigError(f"{name}: expected {' or '.join(s + '://host:port' for s in scheme)}..., "
                                   f"got {url.strip()!r}")
