@@ -16,6 +16,7 @@ import subprocess
 
 from services.applier.driver import DriverResult, ProxyDriver
 from services.applier.nginx_render import render
+from services.common.files import write_atomic
 from services.common.model import Plan, content_hash
 
 log = logging.getLogger("proxymatic.applier.nginx")
@@ -44,25 +45,6 @@ def nginx_user() -> str | None:
 def prepare_prefix(prefix: str) -> None:
     for sub in ("", "logs", "tmp"):
         os.makedirs(os.path.join(prefix, sub), exist_ok=True)
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Temp file in the same directory + fsync + rename: readers see the old or the new file."""
-    temp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temp, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_loaded(prefix: str, pid: int, text: str) -> None:

@@ -22,8 +22,9 @@ import time
 from services.applier.driver import DriverResult, ProxyDriver
 from services.applier.pen_control import PenControl, PenControlError, Slot, empty_command, parse_servers
 from services.applier.pen_runner import (
-    PenFiles, PenInstance, read_instances, render_instances, runner_alive, signal_runner, write_atomic,
+    PenFiles, PenInstance, read_instances, render_instances, runner_alive, signal_runner,
 )
+from services.common.files import write_atomic
 from services.common.model import Plan, Service, content_hash
 
 log = logging.getLogger("proxymatic.applier.pen")
