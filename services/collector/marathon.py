@@ -382,8 +382,13 @@ class MarathonSource(Source):
                 return True
             return False
         if event_type == "failed_health_check_event":
-            # one failed check is not yet "unhealthy" (maxConsecutiveFailures): ask Marathon
+            # Marathon's `alive` is "last success after last failure": one failed check makes the
+            # task not alive in /v2/apps too. `taskId` holds the instance id on 1.4+.
             app_id = event.get("appId")
+            task = self._find_task(app_id, event.get("taskId"), event.get("instanceId", event.get("taskId")))
+            if task is not None:
+                task["healthCheckResults"] = [{"alive": False}]
+                return True
             if isinstance(app_id, str):
                 self._dirty_apps.add(app_id)
                 return True
