@@ -256,3 +256,22 @@ def test_malformed_events_and_hostile_labels_never_crash(sim, make_source):
     sim.scale("/demo/web", 2)
     next_discovery(source, lambda d: len(servers(d)) == 2)
     assert source.stream.connected.is_set()
+
+
+def test_outage_backoff_is_not_a_hot_loop_and_recovery_ends_it(sim, make_source):
+    sim.deploy_app("/demo/web", service_ports=[10000], instances=1)
+    source = make_source(sim.url)
+    connected(source)
+    replica = sim.replicas[0]
+    replica.stop()
+    source.refresh_interval = 0  # the poll is due: current() must ask Marathon
+    with pytest.raises(SourceError):
+        source.current()
+    source.refresh_interval = 3600
+    stop = threading.Event()
+    started = time.monotonic()
+    source.wait_for_change(0.3, stop)  # the collector's backoff: nothing new, so the full wait
+    assert time.monotonic() - started >= 0.25
+    replica.start()  # same port: the stream reconnects, which ends the backoff early
+    source.wait_for_change(10, stop)
+    assert len(servers(source.current())) == 1

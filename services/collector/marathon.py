@@ -81,6 +81,7 @@ class MarathonSource(Source):
         self._recording: list[tuple[str, dict]] | None = None
         self._fetch_warnings: list[str] = []
         self._closed = False
+        self._failed = False  # the last current() raised: wait for news, not for pending work
         self.stats = {"events": 0, "events_applied": 0, "full_syncs": 0, "app_fetches": 0, "version_fetches": 0}
 
     # ------------------------------------------------------------------------------------------
@@ -108,8 +109,10 @@ class MarathonSource(Source):
                 self._recording = None
                 self._pending_full = self._pending_full or full
                 self._dirty_apps |= dirty
+                self._failed = True
             raise
         with self._cond:
+            self._failed = False
             recorded, self._recording = self._recording or [], None
             if full:
                 self._apps, self._tasks = apps, tasks
@@ -136,10 +139,18 @@ class MarathonSource(Source):
         changed = False
         with self._cond:
             while not stop.is_set() and not self._closed:
-                if self._changed or self._pending_full or self._dirty_apps:
+                # After a failure the collector backs off through this call: only news (an
+                # event, a stream that connects again) ends the wait early, not the retry
+                # that is pending anyway.
+                if self._changed or (not self._failed and (self._pending_full or self._dirty_apps)):
                     changed = True
                     break
                 now = time.monotonic()
+                if self._failed:
+                    if now >= deadline:
+                        return
+                    self._cond.wait(min(deadline - now, 0.25))
+                    continue
                 if now - self._last_full >= self.refresh_interval:
                     self._pending_full = True
                     changed = True
@@ -283,6 +294,7 @@ class MarathonSource(Source):
     def _on_connect(self, replica: Replica) -> None:
         with self._cond:
             self._pending_full = True  # events may have been missed: resync fully
+            self._changed = True
             self._cond.notify_all()
 
     def _on_event(self, event_type: str, data: bytes) -> None:
@@ -295,11 +307,13 @@ class MarathonSource(Source):
                     self._dirty_apps |= apps
                 else:
                     self._pending_full = True
+                self._changed = True
                 self._cond.notify_all()
             return
         if not data:  # too big to keep: we cannot tell what changed
             with self._cond:
                 self._pending_full = True
+                self._changed = True
                 self._cond.notify_all()
             return
         event = decode_event(data)

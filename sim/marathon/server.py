@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import queue
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -29,6 +30,8 @@ class Replica:
         self._requests_lock = threading.Lock()
         self._stopping = threading.Event()
         self._streams: set[queue.Queue] = set()
+        self._connections: set = set()
+        self._connections_lock = threading.Lock()
         self._bind = (host, port)
         self.server: ThreadingHTTPServer | None = None
         self.port = port
@@ -58,6 +61,13 @@ class Replica:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+        with self._connections_lock:  # kept-alive connections go down with it
+            connections, self._connections = list(self._connections), set()
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     @property
     def url(self) -> str:
@@ -93,6 +103,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.replica._connections_lock:
+            self.replica._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.replica._connections_lock:
+            self.replica._connections.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
 
     def _send(self, status: int, body: bytes, content_type: str = "application/json; qs=2") -> None:
         self.send_response(status)
