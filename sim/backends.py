@@ -1,6 +1,7 @@
 """Small real backends that say who they are: for tests, benchmarks and `make demo`."""
 from __future__ import annotations
 
+import socket
 import socketserver
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -65,3 +66,25 @@ class HttpBackend:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class UdpEcho:
+    """Answers every datagram with `<name>:<payload>`."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(2048)
+                self.sock.sendto(self.name.encode() + b":" + data, peer)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()

@@ -5,7 +5,7 @@ import socket
 import time
 from typing import Callable, TypeVar
 
-from sim.backends import HttpBackend, TcpBackend  # noqa: F401  (re-exported for tests)
+from sim.backends import HttpBackend, TcpBackend, UdpEcho  # noqa: F401  (re-exported for tests)
 
 T = TypeVar("T")
 
@@ -43,3 +43,15 @@ def tcp_ask(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> str:
                 break
             data += chunk
     return data.decode().strip()
+
+
+def udp_ask(port: int, sock: socket.socket | None = None) -> str:
+    own = sock is None
+    sock = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.settimeout(0.5)
+        sock.sendto(b"ping", ("127.0.0.1", port))
+        return sock.recv(2048).decode().split(":")[0]
+    finally:
+        if own:
+            sock.close()

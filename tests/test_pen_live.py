@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 
 import pytest
 
@@ -16,44 +15,10 @@ from services.applier.pen_control import PenControl
 from services.applier.pen_driver import PenDriver
 from services.common.config import Settings
 from services.common.model import Plan, ProxySettings, Service
-from tests.helpers import TcpBackend, free_port, tcp_ask, wait_until
+from tests.helpers import TcpBackend, UdpEcho, free_port, tcp_ask, udp_ask, wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("pen") is None, reason="pen is not installed")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class UdpEcho:
-    """Answers every datagram with `<name>:<payload>`."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                data, peer = self.sock.recvfrom(2048)
-                self.sock.sendto(self.name.encode() + b":" + data, peer)
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def udp_ask(port: int, sock: socket.socket | None = None) -> str:
-    own = sock is None
-    sock = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.settimeout(0.5)
-        sock.sendto(b"ping", ("127.0.0.1", port))
-        return sock.recv(2048).decode().split(":")[0]
-    finally:
-        if own:
-            sock.close()
 
 
 def plan(port, servers, protocol="udp", haproxy=True, pen_servers=4):
