@@ -73,3 +73,13 @@ def test_plan_is_deterministic_and_tracks_ready_sources():
 def test_degraded_source_still_contributes_last_good_state():
     plan = make_plan({"file": snap("file", svc("s", 3000, "file"), state="degraded")}, Settings())
     assert [s.port for s in plan.services] == [3000] and plan.sources_ready == ("file",)
+
+
+def test_a_restarted_collector_saying_initializing_does_not_wipe_a_source():
+    from services.planner.policy import absorb
+    known = snap("marathon", svc("m", 1000, "marathon"))
+    kept = absorb(known, SourceSnapshot("marathon", "initializing", (), error="connection refused"))
+    assert kept.state == "degraded" and kept.services == known.services and kept.error == "connection refused"
+    assert absorb(None, snap("marathon", state="initializing")).state == "initializing"
+    fresh = snap("marathon", svc("m", 1001, "marathon"))
+    assert absorb(known, fresh) is fresh

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from services.collector.cache import SourceCache
 from services.collector.source import Discovery, Source, SourceError
 from services.common.bus import Publisher
 from services.common.config import Settings
@@ -48,9 +49,10 @@ class SourceRunner:
     refresh_interval: float
     updates: "queue.Queue[SourceSnapshot]"
     stop: threading.Event
+    saved: Discovery | None = None  # last good state from before a restart
 
     def run(self) -> None:
-        last_good: Discovery | None = None
+        last_good = self.saved
         backoff = BACKOFF_START
         while not self.stop.is_set():
             try:
@@ -103,9 +105,16 @@ def run(settings: Settings, stop: threading.Event, sources: list[Source] | None 
     ctx = zmq.Context.instance()
     publisher = Publisher(ctx, f"collector@{settings.node}", settings.bus("collector"))
     updates: "queue.Queue[SourceSnapshot]" = queue.Queue()
+    cache = SourceCache(settings.path("state"))
     threads = []
     for source in sources:
-        runner = SourceRunner(source, settings.refresh_interval, updates, stop)
+        saved = cache.load(source.name)
+        if saved is not None:
+            log.info("source %s: starting from its saved last good state (%d services)", source.name,
+                     len(saved.services))
+            updates.put(saved)
+        runner = SourceRunner(source, settings.refresh_interval, updates, stop,
+                              Discovery(saved.services) if saved else None)
         thread = threading.Thread(target=runner.run, name=f"source-{source.name}", daemon=True)
         thread.start()
         threads.append(thread)
@@ -115,10 +124,12 @@ def run(settings: Settings, stop: threading.Event, sources: list[Source] | None 
         while not stop.is_set():
             publisher.serve_snapshots()
             publisher.heartbeat({"stage": "collector", "sources": [s.name for s in sources]})
+            cache.flush()
             try:
                 snapshot = updates.get(timeout=min(0.05, publisher.seconds_to_heartbeat()) or 0.05)
             except queue.Empty:
                 continue
+            cache.remember(snapshot)
             payload = snapshot.to_dict()
             # Sources re-report after every wake-up; only real changes go on the bus.
             if last_published.get(snapshot.source) != payload:
@@ -127,6 +138,7 @@ def run(settings: Settings, stop: threading.Event, sources: list[Source] | None 
                 log.info("source %s: %s, %d services, hash %s", snapshot.source, snapshot.state,
                          len(snapshot.services), payload["hash"])
     finally:
+        cache.flush(force=True)
         for source in sources:
             try:
                 source.close()

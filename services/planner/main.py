@@ -14,7 +14,7 @@ import zmq
 from services.common.bus import Publisher, Subscriber
 from services.common.config import Settings
 from services.common.model import ModelError, SourceSnapshot
-from services.planner.policy import make_plan
+from services.planner.policy import absorb, make_plan
 
 log = logging.getLogger("proxymatic.planner")
 
@@ -54,7 +54,7 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
                 except ModelError as error:
                     log.error("planner: rejected snapshot on %s from %s: %s", message.topic, message.sender, error)
                     continue
-                snapshots[snapshot.source] = snapshot
+                snapshots[snapshot.source] = absorb(snapshots.get(snapshot.source), snapshot)
                 last_change = time.monotonic()
                 first_pending = first_pending or last_change
             if first_pending is None:

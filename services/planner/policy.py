@@ -29,6 +29,15 @@ def divide_maxconn(maxconn: int | None, group_size: int) -> int | None:
     return None if maxconn is None else max(1, math.ceil(maxconn / group_size))
 
 
+def absorb(previous: SourceSnapshot | None, incoming: SourceSnapshot) -> SourceSnapshot:
+    """The snapshot to keep for a source. A restarted collector says `initializing` until the
+    source answers: missing is not failing, so what the source last said stays, degraded."""
+    if incoming.state == "initializing" and previous is not None and previous.state != "initializing":
+        return SourceSnapshot(incoming.source, "degraded", previous.services, error=incoming.error,
+                              warnings=previous.warnings)
+    return incoming
+
+
 def merge(snapshots: dict[str, SourceSnapshot]) -> tuple[dict[str, Service], list[str]]:
     merged: dict[str, Service] = {}
     notes: list[str] = []

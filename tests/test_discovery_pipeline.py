@@ -1,0 +1,105 @@
+"""Marathon (simulator) and registrator (real etcd) through the real pipeline: each stage its
+own process, real HAProxy for TCP and Pen for UDP."""
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from sim.marathon import MarathonSim
+from sim.pipeline import Pipeline
+from tests.etcd_server import etcd_server, unique_prefix  # noqa: F401  (fixture)
+from tests.helpers import TcpBackend, UdpEcho, free_port, tcp_ask, udp_ask, wait_until
+
+
+def serving(port: int, tries: int = 8) -> set[str]:
+    names = set()
+    for _ in range(tries):
+        try:
+            names.add(tcp_ask(port, timeout=1))
+        except OSError:
+            names.add("<refused>")
+    return names
+
+
+class Load(threading.Thread):
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.port, self.ok, self.failures = port, 0, []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                assert tcp_ask(self.port, timeout=2)
+                self.ok += 1
+            except (OSError, AssertionError) as error:
+                self.failures.append(repr(error))
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+
+
+@pytest.fixture
+def backends():
+    made = {name: TcpBackend(name) for name in ("m1", "m2", "m3", "r1", "r2")}
+    made["u1"], made["u2"] = UdpEcho("u1"), UdpEcho("u2")
+    yield made
+    for backend in made.values():
+        backend.close()
+
+
+def test_marathon_and_registrator_reach_haproxy_and_pen(etcd_server, backends):  # noqa: F811
+    sim = MarathonSim().start()
+    web_port, cache_port, dns_port = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
+    prefix = unique_prefix("services")
+    client = etcd_server.client()
+    client.write(f"{prefix}/cache@{cache_port}/h1:cache.0:6379", f"127.0.0.1:{backends['r1'].port}")
+    client.write(f"{prefix}/dns@{dns_port}/h1:dns.0:53:udp", f"127.0.0.1:{backends['u1'].port}")
+    # registrator also claims Marathon's port: Marathon wins.
+    client.write(f"{prefix}/intruder@{web_port}/h1:x.0:80", f"127.0.0.1:{backends['r2'].port}")
+    sim.deploy_app("/shop/web", network="BRIDGE", service_ports=[web_port], instances=2, host="127.0.0.1",
+                   host_ports=[[backends["m1"].port], [backends["m2"].port]], health_check=True)
+    pipeline = Pipeline(["--marathon", sim.url, "--registrator", etcd_server.url(prefix), "--status-endpoint", ""])
+    try:
+        pipeline.start()
+        wait_until(lambda: serving(web_port) == {"m1", "m2"}, timeout=30, message="marathon tasks served")
+        wait_until(lambda: serving(cache_port) == {"r1"}, timeout=30, message="registrator entry served")
+        wait_until(lambda: udp_ask(dns_port) == "u1", timeout=30, message="UDP entry served by Pen")
+
+        # A rolling restart under load: health fails first (the app traps SIGTERM), then the
+        # task is killed and a new one starts. Not one request fails.
+        load = Load(web_port)
+        load.start()
+        try:
+            first, second = sim.task_ids("/shop/web")
+            sim.set_health(first, False)
+            wait_until(lambda: serving(web_port) == {"m2"}, message="failing task drained")
+            sim.kill_task(first)
+            sim.scale("/shop/web", 2, host="127.0.0.1")
+            sim.set_health(first, True) if first in sim.task_ids("/shop/web") else None
+        finally:
+            load.stop()
+        assert load.failures == [] and load.ok > 10
+
+        # registrator entries follow etcd; UDP backends move.
+        client.write(f"{prefix}/cache@{cache_port}/h2:cache.1:6379", f"127.0.0.1:{backends['r2'].port}")
+        client.delete(f"{prefix}/cache@{cache_port}/h1:cache.0:6379")
+        wait_until(lambda: serving(cache_port) == {"r2"}, message="registrator change followed")
+        client.write(f"{prefix}/dns@{dns_port}/h1:dns.0:53:udp", f"127.0.0.1:{backends['u2'].port}")
+        wait_until(lambda: udp_ask(dns_port) == "u2", message="UDP backend moved")
+
+        # Discovery down: nothing changes in the proxies.
+        sim.stop()
+        etcd_server.kill()
+        try:
+            assert serving(cache_port) == {"r2"} and "m2" in serving(web_port)
+            pipeline.restart("collector")  # even a collector restarted during the outage keeps nothing from nowhere
+            assert serving(cache_port) == {"r2"}
+        finally:
+            etcd_server.start()
+    finally:
+        pipeline.cleanup()
+        sim.stop()
