@@ -1,0 +1,348 @@
+"""HaproxyDriver: converges a running HAProxy (master-worker, see haproxy_launch.py) to a plan.
+
+Membership changes (servers added, removed, re-weighted, new maxconn) go through the runtime API
+on pre-allocated server slots: no reload, no dropped connection. A reload (master CLI `reload`,
+listeners handed over to the new worker) happens only when the config *skeleton* changes:
+services, listeners, modes, timeouts, health checks, settings, or a backend outgrowing its slots.
+
+Invariants:
+- Every config is validated with `haproxy -c` before it replaces haproxy.cfg; a config that fails
+  is reported (`rejected`) and the last good config keeps serving.
+- haproxy.cfg always equals the state the runtime converged to, so HAProxy restarted from the
+  file serves the same backends. It is rewritten (atomically) after runtime changes too.
+- slots.json beside it records the slot layout of haproxy.cfg, so a restarted applier adopts a
+  running HAProxy: it compares `show servers state` with the layout and fixes only differences.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+from services.applier.driver import DriverResult, ProxyDriver
+from services.applier.haproxy_launch import check_config, fd_limit
+from services.applier.haproxy_render import (
+    HaproxyPaths, RenderError, Slots, assign_slots, haproxy_services, render, render_skeleton,
+    slot_name,
+)
+from services.applier.haproxy_runtime import (
+    CommandFailed, HaproxyUnavailable, MasterCli, ProcInfo, WorkerApi,
+)
+from services.common.config import Settings
+from services.common.files import write_atomic
+from services.common.model import ModelError, Plan, Server, content_hash
+
+log = logging.getLogger("proxymatic.applier.haproxy")
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """What one slot currently serves, as far as the runtime is concerned."""
+
+    ip: str | None
+    port: int | None
+    weight: int | None
+    maxconn: int | None  # 0: no limit
+    maint: bool
+
+    @classmethod
+    def of(cls, server: Server | None) -> "SlotView":
+        if server is None:
+            return cls(None, None, None, None, True)
+        return cls(server.ip, server.port, server.weight, server.maxconn or 0, False)
+
+
+def _same_ip(a: str | None, b: str | None) -> bool:
+    try:
+        return a is not None and b is not None and ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return False
+
+
+def _key(backend: str) -> str:
+    """svc_1234_tcp -> 1234/tcp, for log messages."""
+    parts = backend.split("_")
+    return f"{parts[1]}/{parts[2]}" if len(parts) == 3 else backend
+
+
+class HaproxyDriver(ProxyDriver):
+    name = "haproxy"
+
+    def __init__(self, settings: Settings, binary: str | None = None, reload_timeout: float = 15.0):
+        self.paths = HaproxyPaths.for_run_dir(settings.run_dir)
+        self.master = MasterCli(self.paths.master_socket)
+        self.binary = binary
+        self.reload_timeout = reload_timeout
+        self.fd_limit = fd_limit()
+        # What the running HAProxy serves, as far as this driver knows. `_trusted` is true when
+        # the runtime of worker `_worker` equals `_slots` and the config on disk `_config_text`.
+        self._worker: int | None = None
+        self._trusted = False
+        self._slots: dict[str, tuple[Server | None, ...]] = {}
+        self._config_text: str | None = None
+        self._skeleton_hash: str | None = None
+
+    # -- public -------------------------------------------------------------------------------
+
+    @property
+    def worker_pid(self) -> int | None:
+        return self._worker
+
+    def apply(self, plan: Plan) -> DriverResult:
+        try:
+            return self._apply(plan)
+        except HaproxyUnavailable as error:
+            self._worker = None
+            log.warning("haproxy: not reachable, plan %s not applied yet: %s", plan.hash, error)
+            return DriverResult(self.name, False, "none", errors=(f"HAProxy is not reachable: {error}",))
+        except CommandFailed as error:
+            self._worker = None
+            log.warning("haproxy: runtime API error, will resync: %s", error)
+            return DriverResult(self.name, False, "none", errors=(f"HAProxy runtime API: {error}",))
+
+    # -- the algorithm ------------------------------------------------------------------------
+
+    def _apply(self, plan: Plan) -> DriverResult:
+        proc = self.master.show_proc()
+        if proc.worker is None:
+            raise HaproxyUnavailable("HAProxy has no worker process")
+        fixes = 0
+        if proc.worker != self._worker:
+            fixes = self._adopt(proc.worker)
+        services = haproxy_services(plan)
+        try:
+            slots = assign_slots(services, self._slots)
+            text = render(plan, self.paths, slots, self.fd_limit)
+            skeleton_hash = content_hash(render_skeleton(plan, self.paths, slots, self.fd_limit))
+        except RenderError as error:
+            log.error("haproxy: plan %s rejected: %s", plan.hash, error)
+            return DriverResult(self.name, False, "rejected", errors=(f"cannot render HAProxy config: {error}",),
+                                details=self._details(fixes))
+        if self._trusted and text == self._config_text:
+            return DriverResult(self.name, True, "runtime" if fixes else "none", details=self._details(fixes))
+
+        valid, message = self._validate(text)
+        if not valid:
+            log.error("haproxy: plan %s rejected, haproxy -c: %s", plan.hash, message)
+            return DriverResult(self.name, False, "rejected",
+                                errors=(f"HAProxy rejected the new config, the previous one keeps serving: {message}",),
+                                details=self._details(fixes))
+
+        if self._trusted and skeleton_hash == self._skeleton_hash:
+            try:
+                changes = self._runtime_update(WorkerApi(self.master, proc.worker), slots)
+            except CommandFailed as error:
+                log.warning("haproxy: runtime update failed (%s); reloading instead", error)
+                self._trusted = False
+            else:
+                self._commit(text, slots, skeleton_hash)
+                log.info("haproxy: plan %s applied at runtime (%d changes, no reload)", plan.hash, changes)
+                return DriverResult(self.name, True, "runtime", details=self._details(fixes + changes))
+        return self._reload(plan, text, slots, skeleton_hash, proc)
+
+    def _validate(self, text: str) -> tuple[bool, str]:
+        write_atomic(self.paths.candidate, text)
+        valid, message = check_config(self.paths.candidate, self.binary)
+        if not valid:
+            # Kept for operators; never read back.
+            os.replace(self.paths.candidate, self.paths.config + ".rejected")
+        return valid, message
+
+    def _commit(self, text: str, slots: Slots, skeleton_hash: str, confirmed: bool = True) -> None:
+        """The validated candidate becomes haproxy.cfg; slots.json describes it."""
+        os.replace(self.paths.candidate, self.paths.config)
+        self._fsync_dir()
+        self._write_state(text, slots, skeleton_hash, confirmed)
+        self._slots = dict(slots)
+        self._config_text = text
+        self._skeleton_hash = skeleton_hash
+
+    def _reload(self, plan: Plan, text: str, slots: Slots, skeleton_hash: str, before: ProcInfo) -> DriverResult:
+        previous = (self._read(self.paths.config), dict(self._slots), self._skeleton_hash, self._trusted)
+        # Not confirmed until the new worker runs: an applier restarted in between reloads again.
+        self._commit(text, slots, skeleton_hash, confirmed=False)
+        self._trusted = False
+        self._worker = None
+        log.info("haproxy: reloading for plan %s (worker %s)", plan.hash, before.worker)
+        self.master.reload()
+        try:
+            after = self.master.wait_for_reload(before, self.reload_timeout)
+        except CommandFailed as error:
+            # HAProxy could not load it (a port already in use...): the old worker still serves
+            # the previous config; put that config (and its layout) back on disk.
+            log.error("haproxy: reload for plan %s failed: %s; restoring the previous config", plan.hash, error)
+            self._restore(previous)
+            return DriverResult(self.name, False, "rejected", errors=(f"reload failed: {error}",),
+                                details=self._details(0))
+        self._write_state(text, slots, skeleton_hash, confirmed=True)
+        self._worker = after.worker
+        self._trusted = True
+        log.info("haproxy: reloaded for plan %s, new worker %s", plan.hash, after.worker)
+        return DriverResult(self.name, True, "reload", details=self._details(0))
+
+    def _restore(self, previous: tuple) -> None:
+        """Put the config (and layout) from before a failed reload back on disk. The next apply
+        re-adopts the running worker against it (or reloads, when it was not known to match)."""
+        text, slots, skeleton_hash, trusted = previous
+        if text is None:
+            return
+        write_atomic(self.paths.config, text)
+        if skeleton_hash is None:
+            self._remove(self.paths.state)
+        else:
+            self._write_state(text, slots, skeleton_hash, confirmed=trusted)
+        self._slots = slots
+        self._config_text = text
+        self._skeleton_hash = skeleton_hash
+
+    # -- runtime changes ----------------------------------------------------------------------
+
+    def _runtime_update(self, api: WorkerApi, slots: Slots) -> int:
+        """Move every slot from its known state to `slots`; returns the number of slots changed.
+        Additions first, removals last, so a service never has fewer ready servers than before
+        or after the change."""
+        work = []
+        for bid, wanted in slots.items():
+            current = self._slots.get(bid, ())
+            for index, server in enumerate(wanted):
+                old = current[index] if index < len(current) else None
+                if old != server:
+                    work.append((bid, index, SlotView.of(old), server))
+        work.sort(key=lambda item: (item[3] is None, not item[2].maint))
+        for bid, index, view, server in work:
+            self._converge_slot(api, bid, index, view, server)
+        return len(work)
+
+    def _converge_slot(self, api: WorkerApi, bid: str, index: int, view: SlotView, server: Server | None) -> None:
+        slot = slot_name(index)
+        if server is None:
+            if not view.maint:
+                api.set_state(bid, slot, "maint")
+                log.info("haproxy: %s: server %s:%s removed (slot %s drained in maintenance)",
+                         _key(bid), view.ip, view.port, slot)
+            return
+        maint = view.maint
+        moved = not (_same_ip(view.ip, server.ip) and view.port == server.port)
+        if moved and not maint:
+            api.set_state(bid, slot, "maint")
+            maint = True
+        if moved:
+            api.set_addr(bid, slot, server.ip, server.port)
+        if view.weight != server.weight or moved:
+            api.set_weight(bid, slot, server.weight)
+        if view.maxconn != (server.maxconn or 0) or moved:
+            api.set_maxconn(bid, slot, server.maxconn)
+        if maint:
+            api.set_state(bid, slot, "ready")
+        log.info("haproxy: %s: server %s in slot %s: weight %s, maxconn %s%s", _key(bid), server.address,
+                 slot, server.weight, server.maxconn or "unlimited", " (added)" if moved else "")
+
+    # -- adopting a running HAProxy -----------------------------------------------------------
+
+    def _adopt(self, worker: int) -> int:
+        """Sync with a worker we have not seen (first apply, HAProxy restarted or reloaded by
+        someone else). Returns the number of slots fixed; leaves `_trusted` false when only a
+        reload can make the running HAProxy match the config on disk."""
+        self._worker = worker
+        self._trusted = False
+        state = self._read_state()
+        if state is None:
+            log.info("haproxy: no usable %s; the next plan reloads HAProxy", self.paths.state)
+            self._config_text = None
+            return 0
+        slots, skeleton_hash, confirmed = state
+        self._slots, self._skeleton_hash = slots, skeleton_hash
+        self._config_text = self._read(self.paths.config)
+        if not confirmed:
+            log.info("haproxy: the last reload was not confirmed; the next plan reloads HAProxy")
+            self._config_text = None
+            return 0
+        api = WorkerApi(self.master, worker)
+        running = api.servers_state()
+        expected = {(bid, slot_name(i)) for bid, entries in slots.items() for i in range(len(entries))}
+        actual = {key for key in running if key[0].startswith("svc_")}
+        if expected != actual:
+            log.info("haproxy: worker %s runs other backends than %s; the next plan reloads HAProxy",
+                     worker, self.paths.config)
+            self._config_text = None
+            return 0
+        maxconn = api.servers_maxconn()
+        fixes = 0
+        for bid, entries in slots.items():
+            for index, server in enumerate(entries):
+                name = slot_name(index)
+                st = running[(bid, name)]
+                view = SlotView(st.ip, st.port, st.weight, maxconn.get((bid, name), 0), st.in_maintenance)
+                if server is None and view.maint:
+                    continue
+                if server is not None and not view.maint and _same_ip(view.ip, server.ip) and \
+                        (view.port, view.weight, view.maxconn) == (server.port, server.weight, server.maxconn or 0):
+                    continue
+                fixes += 1
+                self._converge_slot(api, bid, index, view, server)
+        self._trusted = True
+        log.info("haproxy: adopted running worker %s (%d slots fixed)", worker, fixes)
+        return fixes
+
+    # -- files --------------------------------------------------------------------------------
+
+    def _write_state(self, text: str, slots: Slots, skeleton_hash: str, confirmed: bool) -> None:
+        data = {
+            "version": STATE_VERSION,
+            "config_hash": content_hash(text),
+            "skeleton_hash": skeleton_hash,
+            "confirmed": confirmed,
+            "slots": {bid: [s.to_dict() if s else None for s in entries] for bid, entries in sorted(slots.items())},
+        }
+        write_atomic(self.paths.state, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+    def _read_state(self) -> tuple[dict[str, tuple[Server | None, ...]], str, bool] | None:
+        raw = self._read(self.paths.state)
+        text = self._read(self.paths.config)
+        if raw is None or text is None:
+            return None
+        try:
+            data = json.loads(raw)
+            if data.get("version") != STATE_VERSION or data.get("config_hash") != content_hash(text):
+                log.info("haproxy: %s does not describe %s", self.paths.state, self.paths.config)
+                return None
+            slots = {
+                str(bid): tuple(None if s is None else Server.from_dict(s) for s in entries)
+                for bid, entries in dict(data["slots"]).items()
+            }
+            result = (slots, str(data["skeleton_hash"]), bool(data.get("confirmed")))
+        except (ValueError, KeyError, TypeError, ModelError) as error:
+            log.warning("haproxy: ignoring unreadable %s: %s", self.paths.state, error)
+            return None
+        return result
+
+    @staticmethod
+    def _read(path: str) -> str | None:
+        try:
+            with open(path) as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def _remove(path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.paths.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _details(self, changes: int) -> dict:
+        active = sum(1 for entries in self._slots.values() for s in entries if s is not None)
+        return {"worker_pid": self._worker, "services": len(self._slots), "servers": active,
+                "changes": changes, "config": self.paths.config}

@@ -1,0 +1,86 @@
+"""`proxymatic haproxy`: the supervised HAProxy program.
+
+Prepares <run_dir>/haproxy/ and execs HAProxy in master-worker mode in the foreground, so that
+supervisord supervises HAProxy's master itself. When no config exists yet (first start), the
+rendering of an empty plan is written; otherwise the config on disk is kept: it always equals the
+state the applier last converged to, so a restarted HAProxy serves the same backends at once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import resource
+import shutil
+import subprocess
+
+from services.applier.haproxy_render import HaproxyPaths, render
+from services.common.config import Settings
+from services.common.files import write_atomic
+from services.common.model import Plan
+
+log = logging.getLogger("proxymatic.applier.haproxy")
+
+DEFAULT_BINARY = "/usr/sbin/haproxy"
+_ALERT_PREFIX = re.compile(r"^\[ALERT\]\s+\(\d+\)\s*:\s*")
+
+
+def haproxy_binary() -> str:
+    return os.environ.get("PROXYMATIC_HAPROXY_BIN") or shutil.which("haproxy") or DEFAULT_BINARY
+
+
+def fd_limit() -> int | None:
+    """The hard RLIMIT_NOFILE: HAProxy's global maxconn is capped so it can get its descriptors."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return None if hard == resource.RLIM_INFINITY else hard
+
+
+def command(paths: HaproxyPaths, binary: str | None = None) -> list[str]:
+    """Master-worker (-W), foreground (-db), master CLI (-S) on a mode-600 unix socket."""
+    return [binary or haproxy_binary(), "-W", "-db", "-S", f"{paths.master_socket},mode,600",
+            "-f", paths.config, "-p", paths.pidfile]
+
+
+def bootstrap_config(settings: Settings, paths: HaproxyPaths) -> str:
+    """The rendering of an empty plan: only the statistics listener."""
+    return render(Plan(services=(), settings=settings.proxy_settings()), paths, {}, fd_limit())
+
+
+def check_config(path: str, binary: str | None = None, timeout: float = 30.0) -> tuple[bool, str]:
+    """`haproxy -c -f <path>`: (valid, HAProxy's ALERT lines or output)."""
+    try:
+        proc = subprocess.run([binary or haproxy_binary(), "-c", "-f", path], capture_output=True,
+                              text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return False, f"could not run haproxy -c: {error}"
+    output = (proc.stdout + proc.stderr).strip()
+    if proc.returncode == 0:
+        return True, output
+    alerts = [_ALERT_PREFIX.sub("", line).strip() for line in output.splitlines() if line.startswith("[ALERT]")]
+    # The last alerts only say "errors found"; the first ones say where and why.
+    return False, "; ".join(alerts[:3]) or output[:500] or f"haproxy -c exited with {proc.returncode}"
+
+
+def prepare(settings: Settings) -> HaproxyPaths:
+    """Create the HAProxy directory and make sure a valid config is there."""
+    paths = HaproxyPaths.for_run_dir(settings.run_dir)
+    os.makedirs(paths.dir, mode=0o700, exist_ok=True)
+    if os.path.exists(paths.config):
+        valid, message = check_config(paths.config)
+        if valid:
+            return paths
+        # Should not happen (every config is validated before it is written): keep it for
+        # inspection and start from the bootstrap config; the applier reloads the plan.
+        log.error("haproxy: %s does not validate (%s); starting from an empty config", paths.config, message)
+        os.replace(paths.config, paths.config + ".invalid")
+    log.info("haproxy: writing bootstrap config %s", paths.config)
+    write_atomic(paths.config, bootstrap_config(settings, paths))
+    return paths
+
+
+def main(settings: Settings) -> None:
+    """Prepare, then replace this process with HAProxy's master (never returns)."""
+    paths = prepare(settings)
+    argv = command(paths)
+    log.info("haproxy: exec %s", " ".join(argv))
+    os.execvp(argv[0], argv)

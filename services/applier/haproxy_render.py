@@ -1,0 +1,277 @@
+"""Plan -> haproxy.cfg text, and the server-slot layout that makes runtime changes possible.
+
+Pure functions: no sockets, no processes. The driver (haproxy_driver.py) decides what to do
+with the text; this module only decides what it says.
+
+Every backend has a fixed number of server *slots* (`s0`, `s1`, ...): a power of two of at least
+MIN_SLOTS. A slot holds one server or is empty (rendered `disabled`), so adding, removing or
+re-weighting a server is a runtime API call on an existing slot, never a reload. A server keeps
+its slot for as long as it stays in the plan (`assign_slots`).
+
+Nothing from a plan reaches the config as free text: identifiers come from port/protocol and slot
+numbers, addresses are re-parsed as IP addresses, numbers are checked integers, and the one string
+(the HTTP health-check path) is checked against a strict character set and quoted.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import jinja2
+
+from services.common.model import Plan, Server, Service
+
+MIN_SLOTS = 4
+MAX_HAPROXY_WEIGHT = 256
+TIMEOUT_CONNECT = 5
+DEFAULT_TIMEOUT_CLIENT = 300
+DEFAULT_TIMEOUT_SERVER = 300
+TIMEOUT_TUNNEL = 3600
+# Address rendered for an empty slot; the slot is `disabled`, so nothing ever connects to it.
+PLACEHOLDER_ADDRESS = "127.0.0.1:1"
+# File descriptors HAProxy needs besides two per connection (listeners, checks, logs...).
+FD_RESERVE = 1024
+
+# What a slot layout is: backend id -> one entry per slot, a Server or None (empty).
+Slots = Mapping[str, tuple["Server | None", ...]]
+
+_PATH_RE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,1023}$")
+
+
+class RenderError(ValueError):
+    """A plan value that cannot be rendered safely; the message names the service key."""
+
+
+@dataclass(frozen=True)
+class HaproxyPaths:
+    """Every HAProxy file lives under <run_dir>/haproxy/."""
+
+    dir: str
+
+    @classmethod
+    def for_run_dir(cls, run_dir: str) -> "HaproxyPaths":
+        return cls(os.path.join(run_dir, "haproxy"))
+
+    @property
+    def config(self) -> str:
+        return os.path.join(self.dir, "haproxy.cfg")
+
+    @property
+    def candidate(self) -> str:
+        """Where a new config is written and validated before it replaces `config`."""
+        return os.path.join(self.dir, "haproxy.cfg.new")
+
+    @property
+    def state(self) -> str:
+        """The driver's slot layout for the config on disk (see haproxy_driver.py)."""
+        return os.path.join(self.dir, "slots.json")
+
+    @property
+    def admin_socket(self) -> str:
+        return os.path.join(self.dir, "admin.sock")
+
+    @property
+    def master_socket(self) -> str:
+        return os.path.join(self.dir, "master.sock")
+
+    @property
+    def stats_socket(self) -> str:
+        """HTTP statistics page (unix socket); the status stage proxies requests to it."""
+        return os.path.join(self.dir, "stats.sock")
+
+    @property
+    def pidfile(self) -> str:
+        return os.path.join(self.dir, "haproxy.pid")
+
+
+def backend_id(service: Service) -> str:
+    return f"svc_{int(service.port)}_{'udp' if service.protocol == 'udp' else 'tcp'}"
+
+
+def slot_name(index: int) -> str:
+    return f"s{int(index)}"
+
+
+def slot_capacity(servers: int) -> int:
+    """The smallest power of two >= max(MIN_SLOTS, servers)."""
+    capacity = MIN_SLOTS
+    while capacity < servers:
+        capacity *= 2
+    return capacity
+
+
+def haproxy_services(plan: Plan) -> list[Service]:
+    """The part of a plan HAProxy serves: TCP services, unless HAProxy is switched off."""
+    if not plan.settings.haproxy:
+        return []
+    return sorted((s for s in plan.services if s.protocol == "tcp"), key=lambda s: s.port)
+
+
+def unique_servers(service: Service) -> list[Server]:
+    """A service's servers, one per ip:port (the first wins), in the model's order."""
+    seen: set[tuple[str, int]] = set()
+    out = []
+    for server in service.servers:
+        if (server.ip, server.port) not in seen:
+            seen.add((server.ip, server.port))
+            out.append(server)
+    return out
+
+
+def assign_slots(services: Iterable[Service], previous: Slots) -> dict[str, tuple[Server | None, ...]]:
+    """Place every server in a slot, keeping the slot a server already had.
+
+    New servers take slots that were already empty before slots freed by this change, so a
+    removed server's slot is only reused when nothing else is free. A backend only grows (to the
+    next power of two) when its servers do not fit; growing needs a reload.
+    """
+    layout: dict[str, tuple[Server | None, ...]] = {}
+    for service in services:
+        bid = backend_id(service)
+        servers = unique_servers(service)
+        old = list(previous.get(bid, ()))
+        capacity = max(len(old), slot_capacity(len(servers)))
+        old += [None] * (capacity - len(old))
+        where = {(s.ip, s.port): i for i, s in enumerate(old) if s is not None}
+        slots: list[Server | None] = [None] * capacity
+        newcomers = []
+        for server in servers:
+            index = where.get((server.ip, server.port))
+            if index is None:
+                newcomers.append(server)
+            else:
+                slots[index] = server
+        never_used = [i for i in range(capacity) if old[i] is None]
+        freed = [i for i in range(capacity) if old[i] is not None and slots[i] is None]
+        for server, index in zip(newcomers, never_used + freed):
+            slots[index] = server
+        layout[bid] = tuple(slots)
+    return layout
+
+
+def empty_slots(layout: Slots) -> dict[str, tuple[None, ...]]:
+    """The same slot capacities with every slot empty: renders the config's *skeleton*."""
+    return {bid: (None,) * len(slots) for bid, slots in layout.items()}
+
+
+def global_maxconn(max_connections: int, fd_limit: int | None = None) -> int:
+    """Twice the per-service limit, capped so HAProxy can get the file descriptors it needs
+    (two per proxied connection) below the hard RLIMIT_NOFILE."""
+    wanted = max_connections * 2
+    if fd_limit:
+        wanted = min(wanted, max(64, (fd_limit - FD_RESERVE) // 2))
+    return wanted
+
+
+def _address(server: Server, what: str) -> str:
+    try:
+        ip = ipaddress.ip_address(server.ip)
+    except ValueError:
+        raise RenderError(f"{what}: server ip {server.ip!r} is not an IP address") from None
+    port = _checked_int(server.port, 1, 65535, f"{what}: server port")
+    return f"ipv6@{ip}:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def _checked_int(value: object, low: int, high: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RenderError(f"{what} must be an integer between {low} and {high}, got {value!r}")
+    return value
+
+
+def quote_path(path: str, what: str = "health check path") -> str:
+    """Quote a URL path as one HAProxy config word.
+
+    The path is checked against the URL path character set first (no spaces, no quotes other
+    than `'`, no backslash, no control characters); inside single quotes HAProxy expands
+    nothing (`#`, `$` are literal), and a `'` is written as `'\\''`.
+    """
+    if not isinstance(path, str) or not _PATH_RE.match(path):
+        raise RenderError(f"{what} {path!r} is not a valid URL path")
+    return "'" + path.replace("'", "'\\''") + "'"
+
+
+def service_context(service: Service, slots: tuple[Server | None, ...], max_connections: int) -> dict:
+    key = f"{service.port}/{service.protocol}"
+    if service.protocol != "tcp" or service.mode not in ("tcp", "http"):
+        raise RenderError(f"service {key}: HAProxy serves TCP services in tcp or http mode only")
+    check = None
+    if service.health_check is not None:
+        hc = service.health_check
+        check = {
+            "http_path": quote_path(hc.path, f"service {key}: health check path") if hc.protocol == "http" else None,
+            "inter": _checked_int(hc.interval_seconds, 1, 3600, f"service {key}: health check interval"),
+            "timeout": _checked_int(hc.timeout_seconds, 1, 3600, f"service {key}: health check timeout"),
+            "fall": _checked_int(hc.fall, 1, 100, f"service {key}: health check fall"),
+        }
+    servers = []
+    for index, server in enumerate(slots):
+        if server is None:
+            servers.append({"name": slot_name(index), "address": PLACEHOLDER_ADDRESS, "weight": 1,
+                            "maxconn": None, "enabled": False})
+            continue
+        what = f"service {key} server {index}"
+        servers.append({
+            "name": slot_name(index),
+            "address": _address(server, what),
+            "weight": _checked_int(server.weight, 0, MAX_HAPROXY_WEIGHT, f"{what}: weight"),
+            "maxconn": None if server.maxconn is None
+            else _checked_int(server.maxconn, 1, 1_000_000, f"{what}: maxconn"),
+            "enabled": True,
+        })
+    return {
+        "id": backend_id(service),
+        "port": _checked_int(service.port, 1, 65535, f"service {key}: port"),
+        "mode": service.mode,
+        "maxconn": max_connections,
+        "timeout_client": _checked_int(service.timeout_client or DEFAULT_TIMEOUT_CLIENT, 1, 86400,
+                                       f"service {key}: timeout_client"),
+        "timeout_server": _checked_int(service.timeout_server or DEFAULT_TIMEOUT_SERVER, 1, 86400,
+                                       f"service {key}: timeout_server"),
+        "check": check,
+        "servers": servers,
+    }
+
+
+_ENV = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(os.path.join(os.path.dirname(__file__), "templates")),
+    undefined=jinja2.StrictUndefined,
+    autoescape=False,
+    keep_trailing_newline=True,
+)
+
+
+def render(plan: Plan, paths: HaproxyPaths, slots: Slots, fd_limit: int | None = None) -> str:
+    """The complete haproxy.cfg for `plan` with servers placed as in `slots`.
+
+    `slots` must hold an entry for every HAProxy service of the plan (see assign_slots).
+    Deterministic: the same arguments always give the same text.
+    """
+    max_connections = _checked_int(plan.settings.max_connections, 1, 1_000_000, "max_connections")
+    services = []
+    for service in haproxy_services(plan):
+        bid = backend_id(service)
+        if bid not in slots:
+            raise RenderError(f"service {service.key}: no slot layout for {bid}")
+        services.append(service_context(service, tuple(slots[bid]), max_connections))
+    for path in (paths.admin_socket, paths.stats_socket):
+        if any(c in path for c in " \t\r\n#'\"\\$"):
+            raise RenderError(f"run directory path {path!r} contains characters HAProxy cannot take")
+    text = _ENV.get_template("haproxy.cfg.j2").render(
+        paths=paths,
+        services=services,
+        global_maxconn=global_maxconn(max_connections, fd_limit),
+        timeout_connect=TIMEOUT_CONNECT,
+        default_timeout_client=DEFAULT_TIMEOUT_CLIENT,
+        default_timeout_server=DEFAULT_TIMEOUT_SERVER,
+        timeout_tunnel=TIMEOUT_TUNNEL,
+    )
+    return text if text.endswith("\n") else text + "\n"
+
+
+def render_skeleton(plan: Plan, paths: HaproxyPaths, slots: Slots, fd_limit: int | None = None) -> str:
+    """The config with every slot empty: what only a reload can change. Two renderings with the
+    same skeleton differ in slot contents only, which the runtime API changes live."""
+    return render(plan, paths, empty_slots(slots), fd_limit)
