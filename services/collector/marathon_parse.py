@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from services.common.model import (DEFAULT_WEIGHT, MAX_WEIGHT, ModelError, Server, Service, validate_name)
@@ -327,22 +327,55 @@ class BuildResult:
     served: frozenset[str]  # task ids that contributed a backend (the health memory)
 
 
-@dataclass
-class _Group:
-    entries: list = field(default_factory=list)  # (spec, backend)
+PortKey = tuple[int, str]  # (servicePort, protocol)
 
 
-def build_services(pairs: Iterable[tuple[Mapping, AppSpec]], resolve: Callable[[str], str | None],
+@dataclass(frozen=True)
+class AppFragment:
+    """What one app contributes to the services: its backends per service port, its warnings
+    and the tasks it serves, plus the inputs it was built from, so that a rebuild can be
+    skipped when they did not change (see `ServiceBuilder`)."""
+
+    app_id: str
+    inputs: tuple[tuple[Mapping, AppSpec], ...]  # (task, spec of its version) as given
+    extra: tuple[str, ...]  # warnings passed in with the inputs (e.g. version fallbacks)
+    hosts: tuple[tuple[str, str | None], ...]  # every host looked up, and its answer
+    groups: Mapping[PortKey, tuple[tuple[AppSpec, Backend], ...]]
+    warnings: tuple[str, ...]
+    served: frozenset[str]
+
+    def same_inputs(self, pairs: list[tuple[Mapping, AppSpec]], extra: tuple[str, ...],
+                    resolve: Callable[[str], str | None]) -> bool:
+        """Whether building from `pairs` now would give this fragment again: same tasks (by
+        value), same specs, same extra warnings, and every host still resolves the same."""
+        if len(pairs) != len(self.inputs) or extra != self.extra:
+            return False
+        for (task, spec), (old_task, old_spec) in zip(pairs, self.inputs):
+            if (spec is not old_spec and spec != old_spec) or task != old_task:
+                return False
+        try:
+            return all(resolve(host) == address for host, address in self.hosts)
+        except Exception:
+            return False
+
+
+def build_fragment(app_id: str, pairs: Iterable[tuple[Mapping, AppSpec]], resolve: Callable[[str], str | None],
                    previously_served: frozenset[str] | set[str] = frozenset(),
-                   extra_warnings: Iterable[str] = ()) -> BuildResult:
-    """(task, app spec of the task's version) pairs -> services keyed `servicePort/protocol`.
-
-    Two apps (or versions) on one service port are one service (canary) with each server at its
-    own weight. Service attributes (mode, timeouts, name) come from the app that owns the port
-    (no servicePort override label), else the lowest app id; a conflict is reported."""
-    warnings: list[str] = list(extra_warnings)
+                   extra_warnings: Iterable[str] = ()) -> AppFragment:
+    """The (task, spec) pairs of one app -> its backends grouped by service port. `pairs` is
+    kept as the fragment's inputs: pass copies of tasks that will be mutated later."""
+    pairs = tuple(pairs)
+    extra = tuple(extra_warnings)
+    warnings: list[str] = list(extra)
     served: set[str] = set()
-    groups: dict[tuple[int, str], list[tuple[AppSpec, Backend]]] = {}
+    groups: dict[PortKey, list[tuple[AppSpec, Backend]]] = {}
+    hosts: dict[str, str | None] = {}
+
+    def recording_resolve(host: str) -> str | None:
+        address = resolve(host)
+        hosts[host] = address
+        return address
+
     warned_specs: set[int] = set()
     for task, spec in pairs:
         try:
@@ -358,7 +391,7 @@ def build_services(pairs: Iterable[tuple[Mapping, AppSpec]], resolve: Callable[[
             health = task_health(task, spec)
             if health == "down" or (health == "unknown" and task_id not in previously_served):
                 continue
-            backends = task_backends(task, spec, resolve, warnings)
+            backends = task_backends(task, spec, recording_resolve, warnings)
             if backends and isinstance(task_id, str):
                 served.add(task_id)
             for backend in backends:
@@ -366,15 +399,156 @@ def build_services(pairs: Iterable[tuple[Mapping, AppSpec]], resolve: Callable[[
         except Exception as error:  # bad data in one task never breaks the update
             warnings.append(f"app {clip(getattr(spec, 'app_id', '?'))}: task {clip(task.get('id') if isinstance(task, Mapping) else task)} "
                             f"skipped: {clip(str(error), 120)}")
-    services = []
-    for (port, protocol), entries in sorted(groups.items()):
-        try:
-            services.append(_service(port, protocol, entries, warnings))
-        except (ModelError, ValueError) as error:
-            warnings.append(f"service {port}/{protocol} skipped: {clip(str(error), 160)}")
-    if len(warnings) > MAX_WARNINGS:
-        warnings = warnings[:MAX_WARNINGS] + [f"... and {len(warnings) - MAX_WARNINGS} more warnings"]
-    return BuildResult(tuple(services), tuple(dict.fromkeys(warnings)), frozenset(served))
+    return AppFragment(app_id=app_id, inputs=pairs, extra=extra, hosts=tuple(hosts.items()),
+                       groups={key: tuple(entries) for key, entries in groups.items()},
+                       warnings=tuple(warnings), served=frozenset(served))
+
+
+class ServiceBuilder:
+    """Services built incrementally, one fragment per app.
+
+    `update(app_id, pairs, ...)` rebuilds an app's fragment only when its inputs changed; the
+    service ports whose backends changed are marked, and `result()` merges only those ports
+    again (apps sharing a port, the canary, are merged from their cached fragments). With
+    nothing changed, `result()` returns the very same tuples. Not thread-safe: one builder per
+    caller, or a lock around it."""
+
+    def __init__(self) -> None:
+        self._fragments: dict[str, AppFragment] = {}
+        self._members: dict[PortKey, set[str]] = {}  # port -> apps with backends on it
+        self._services: dict[PortKey, Service] = {}
+        self._port_warnings: dict[PortKey, tuple[str, ...]] = {}
+        self._dirty_ports: set[PortKey] = set()
+        self._keys: list[PortKey] = []
+        self._services_tuple: tuple[Service, ...] = ()
+        self._body_stale = True  # fragment or port warnings changed
+        self._body: tuple[str, ...] = ()
+        self._warnings: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # (extra, result)
+        self.stats = {"fragments_built": 0, "fragments_reused": 0, "ports_merged": 0}
+
+    def fragment(self, app_id: str) -> AppFragment | None:
+        return self._fragments.get(app_id)
+
+    def app_ids(self) -> set[str]:
+        return set(self._fragments)
+
+    def served(self) -> frozenset[str]:
+        return frozenset().union(*(f.served for f in self._fragments.values()))
+
+    def update(self, app_id: str, pairs: list[tuple[Mapping, AppSpec]], resolve: Callable[[str], str | None],
+               extra_warnings: Iterable[str] = (), previously_served: frozenset[str] | set[str] | None = None) -> bool:
+        """Bring the app's fragment up to date. `previously_served` defaults to the tasks the
+        app's last fragment served (the health memory). Returns whether it was rebuilt."""
+        extra = tuple(extra_warnings)
+        old = self._fragments.get(app_id)
+        if old is not None and old.same_inputs(pairs, extra, resolve):
+            self.stats["fragments_reused"] += 1
+            return False
+        if not pairs and not extra:
+            return self.remove(app_id)
+        if previously_served is None:
+            previously_served = old.served if old is not None else frozenset()
+        new = build_fragment(app_id, pairs, resolve, previously_served, extra)
+        self.stats["fragments_built"] += 1
+        self._fragments[app_id] = new
+        self._replaced(app_id, old, new)
+        return True
+
+    def remove(self, app_id: str) -> bool:
+        old = self._fragments.pop(app_id, None)
+        if old is None:
+            return False
+        self._replaced(app_id, old, None)
+        return True
+
+    def _replaced(self, app_id: str, old: AppFragment | None, new: AppFragment | None) -> None:
+        old_groups = old.groups if old is not None else {}
+        new_groups = new.groups if new is not None else {}
+        for key in old_groups.keys() | new_groups.keys():
+            entries = new_groups.get(key)
+            if old_groups.get(key) != entries:
+                self._dirty_ports.add(key)
+                members = self._members.setdefault(key, set())
+                if entries:
+                    members.add(app_id)
+                else:
+                    members.discard(app_id)
+        if (old.warnings if old is not None else ()) != (new.warnings if new is not None else ()):
+            self._body_stale = True
+
+    def result(self, extra_warnings: Iterable[str] = ()) -> tuple[tuple[Service, ...], tuple[str, ...]]:
+        """(services sorted by port and protocol, warnings): `extra_warnings` first, then the
+        apps', then the services' (conflicts), deduplicated, at most MAX_WARNINGS."""
+        if self._dirty_ports:
+            self._merge_dirty_ports()
+        extra = tuple(extra_warnings)
+        if self._body_stale:
+            self._body = tuple(w for fragment in self._fragments.values() for w in fragment.warnings) + tuple(
+                w for key in sorted(self._port_warnings) for w in self._port_warnings[key])
+            self._body_stale = False
+            self._warnings = None
+        if self._warnings is None or self._warnings[0] != extra:
+            warnings = list(dict.fromkeys(extra + self._body))
+            if len(warnings) > MAX_WARNINGS:
+                warnings = warnings[:MAX_WARNINGS] + [f"... and {len(warnings) - MAX_WARNINGS} more warnings"]
+            self._warnings = (extra, tuple(warnings))
+        return self._services_tuple, self._warnings[1]
+
+    def _merge_dirty_ports(self) -> None:
+        keys_changed = services_changed = False
+        for key in self._dirty_ports:
+            self.stats["ports_merged"] += 1
+            members = self._members.get(key)
+            service: Service | None = None
+            warnings: list[str] = []
+            if members:
+                port, protocol = key
+                entries = [entry for app_id in sorted(members) for entry in self._fragments[app_id].groups[key]]
+                try:
+                    service = _service(port, protocol, entries, warnings)
+                except (ModelError, ValueError) as error:
+                    warnings.append(f"service {port}/{protocol} skipped: {clip(str(error), 160)}")
+            else:
+                self._members.pop(key, None)
+            old = self._services.get(key)
+            if service is None:
+                if old is not None:
+                    del self._services[key]
+                    keys_changed = True
+            elif old is None or old != service:
+                keys_changed = keys_changed or old is None
+                services_changed = True
+                self._services[key] = service
+            if tuple(warnings) != self._port_warnings.get(key, ()):
+                self._body_stale = True
+                if warnings:
+                    self._port_warnings[key] = tuple(warnings)
+                else:
+                    self._port_warnings.pop(key, None)
+        self._dirty_ports.clear()
+        if keys_changed:
+            self._keys = sorted(self._services)
+        if keys_changed or services_changed:
+            self._services_tuple = tuple(self._services[key] for key in self._keys)
+
+
+def build_services(pairs: Iterable[tuple[Mapping, AppSpec]], resolve: Callable[[str], str | None],
+                   previously_served: frozenset[str] | set[str] = frozenset(),
+                   extra_warnings: Iterable[str] = ()) -> BuildResult:
+    """(task, app spec of the task's version) pairs -> services keyed `servicePort/protocol`.
+
+    Two apps (or versions) on one service port are one service (canary) with each server at its
+    own weight. Service attributes (mode, timeouts, name) come from the app that owns the port
+    (no servicePort override label), else the lowest app id; a conflict is reported. One-shot
+    form of `ServiceBuilder`, which MarathonSource keeps to rebuild only what changed."""
+    by_app: dict[str, list[tuple[Mapping, AppSpec]]] = {}
+    for task, spec in pairs:
+        by_app.setdefault(getattr(spec, "app_id", "?"), []).append((task, spec))
+    builder = ServiceBuilder()
+    for app_id, app_pairs in by_app.items():
+        builder.update(app_id, app_pairs, resolve, previously_served=previously_served)
+    services, warnings = builder.result(extra_warnings)
+    return BuildResult(services, warnings, builder.served())
 
 
 def _service(port: int, protocol: str, entries: list[tuple[AppSpec, Backend]], warnings: list[str]) -> Service:
