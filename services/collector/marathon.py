@@ -3,10 +3,13 @@
 State: the current app specs, the tasks of every app, and a cache of parsed app versions
 (immutable, so never refetched). Events from `/v2/events` are applied to that mirror directly
 when they carry the change (a status update has host, ports, state and version; a health change
-has the verdict); otherwise they mark one app for refetch. `current()` then does the pending
-fetches (coalesced: one request per dirty app, or a single full `/v2/apps?embed=apps.tasks`
-when many apps are dirty) and rebuilds the services. A full resync happens after every stream
-(re)connect and every `REFRESH_INTERVAL`. See docs/marathon.md.
+has the verdict); otherwise they mark one app for refetch. `wait_for_change` returns as soon
+as the stream goes quiet (`settle`), coalescing a sustained burst for at most `coalesce`.
+`current()` then does the pending fetches (one request per dirty app, or a single full
+`/v2/apps?embed=apps.tasks` when many apps are dirty) and rebuilds the services of the apps
+that changed only (`ServiceBuilder`: one cached fragment per app, ports re-merged only where
+backends changed); with nothing changed it returns the cached Discovery. A full resync happens
+after every stream (re)connect and every `REFRESH_INTERVAL`. See docs/marathon.md.
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from urllib.parse import quote
 
 from services.collector.marathon_client import (EventStream, MarathonClient, NotFound, Replica, decode_event,
                                                 parse_replicas)
-from services.collector.marathon_parse import (TERMINAL_STATES, AppError, AppSpec, app_uses_current_config,
-                                               build_services, clip, parse_app)
+from services.collector.marathon_parse import (TERMINAL_STATES, AppError, AppSpec, ServiceBuilder,
+                                               app_uses_current_config, clip, parse_app)
 from services.collector.marathon_resolve import Resolver
 from services.collector.source import Discovery, Source, SourceError
 from services.common.config import Settings
@@ -45,7 +48,7 @@ class MarathonSource(Source):
 
     def __init__(self, settings: Settings, *, events: bool = True, watchdog: float | None = None,
                  request_timeout: float = 10.0, connect_timeout: float = 3.0, backoff_initial: float = 0.5,
-                 backoff_max: float = 30.0, coalesce: float = 0.05, max_app_fetches: int = 5,
+                 backoff_max: float = 30.0, coalesce: float = 0.05, settle: float = 0.002, max_app_fetches: int = 5,
                  version_cache_size: int = 10000, resolver: Callable[[str], str | None] | None = None,
                  refresh_interval: float | None = None, server_filter: bool = True):
         try:
@@ -55,7 +58,8 @@ class MarathonSource(Source):
         self.refresh_interval = float(refresh_interval if refresh_interval is not None else settings.refresh_interval)
         self.client = MarathonClient(self.replicas, timeout=request_timeout, connect_timeout=connect_timeout)
         self.resolve = resolver or Resolver()
-        self.coalesce = coalesce
+        self.coalesce = coalesce  # the longest a burst of events is coalesced
+        self.settle = settle  # the stream quiet this long: the burst is over
         self.max_app_fetches = max_app_fetches
         self._events_enabled = events
         self._stream_kwargs = dict(
@@ -71,7 +75,13 @@ class MarathonSource(Source):
         self._tasks: dict[str, dict[str, dict]] = {}  # app id -> task id -> slim task
         self._versions: OrderedDict[tuple[str, str], AppSpec | None] = OrderedDict()
         self._version_cache_size = version_cache_size
-        self._served: frozenset[str] = frozenset()
+        # the services, built incrementally (guarded by _build_lock, taken before _cond)
+        self.builder = ServiceBuilder()
+        self._build_lock = threading.Lock()
+        self._touched: set[str] = set()  # apps whose fragment may be stale (guarded by _cond)
+        self._rebuild_all = True  # after a full sync: check every app, drop the vanished
+        self._discovery: Discovery | None = None
+        self._last_event = 0.0  # monotonic time of the last event or stream connect
         # pending work
         self._synced = False
         self._pending_full = True
@@ -93,11 +103,25 @@ class MarathonSource(Source):
             full = (self._pending_full or not self._synced
                     or time.monotonic() - self._last_full >= self.refresh_interval
                     or len(self._dirty_apps) > self.max_app_fetches)
+            self._changed = False
+            if (not full and not self._dirty_apps and not self._touched and not self._rebuild_all
+                    and self._discovery is not None):
+                self._failed = False
+                return self._discovery  # nothing changed since the last call
             dirty = set() if full else set(self._dirty_apps)
             self._pending_full = False
             self._dirty_apps.clear()
-            self._changed = False
-            self._recording = []
+            if full or dirty:
+                self._recording = []
+        if full or dirty:
+            self._fetch(full, dirty)
+        else:
+            with self._cond:
+                self._failed = False
+        self._fetch_missing_versions()
+        return self._build()
+
+    def _fetch(self, full: bool, dirty: set[str]) -> None:
         started = time.monotonic()
         try:
             if full:
@@ -118,6 +142,7 @@ class MarathonSource(Source):
                 self._apps, self._tasks = apps, tasks
                 self._last_full = started
                 self._synced = True
+                self._rebuild_all = True
                 self.stats["full_syncs"] += 1
             else:
                 for app_id in dirty:
@@ -127,11 +152,10 @@ class MarathonSource(Source):
                     else:
                         self._apps.pop(app_id, None)
                         self._tasks.pop(app_id, None)
+                self._touched |= dirty
             for event_type, event in recorded:  # what happened while we were fetching
                 self._apply(event_type, event)
             self._fetch_warnings = warnings
-        self._fetch_missing_versions()
-        return self._build()
 
     def wait_for_change(self, timeout: float, stop: threading.Event) -> None:
         self._ensure_stream()
@@ -160,7 +184,20 @@ class MarathonSource(Source):
                     return
                 self._cond.wait(min(max(remaining, 0.001), 0.25))
         if changed and self.coalesce > 0:
-            stop.wait(self.coalesce)  # let a burst of events land: one rebuild, one fetch
+            self._settle(stop)
+
+    def _settle(self, stop: threading.Event) -> None:
+        """Let a burst of events land (one rebuild, one fetch): return once the stream has been
+        quiet for `settle` seconds, and after `coalesce` seconds at most. An isolated event
+        costs `settle`; a sustained burst costs at most `coalesce`."""
+        bound = time.monotonic() + self.coalesce
+        while not stop.is_set() and not self._closed:
+            now = time.monotonic()
+            quiet_at = self._last_event + self.settle
+            if now >= quiet_at or now >= bound:
+                return
+            # not the condition: it is notified at every event, and this wait is for silence
+            stop.wait(min(quiet_at, bound) - now)
 
     def close(self) -> None:
         with self._cond:
@@ -249,9 +286,10 @@ class MarathonSource(Source):
         return False
 
     def _fetch_missing_versions(self) -> None:
-        with self._cond:
-            missing = {(task["appId"], task["version"]) for tasks in self._tasks.values() for task in tasks.values()
-                       if self._spec_for(task) is False}
+        with self._cond:  # only apps that changed can lack a version (they stay touched until built)
+            touched = self._tasks.keys() if self._rebuild_all else self._touched
+            missing = {(task["appId"], task["version"]) for app_id in touched
+                       for task in self._tasks.get(app_id, {}).values() if self._spec_for(task) is False}
         for app_id, version in sorted(missing):
             self.stats["version_fetches"] += 1
             try:
@@ -269,35 +307,57 @@ class MarathonSource(Source):
                     self._versions[(app_id, version)] = spec
 
     def _build(self) -> Discovery:
-        with self._cond:
-            pairs = []
-            warnings = list(self._fetch_warnings)
-            for app_id, tasks in self._tasks.items():
-                for task in tasks.values():
-                    spec = self._spec_for(task)
-                    if spec is None and app_id in self._apps:
-                        # the version is gone from Marathon: the current definition is the best guess
-                        spec = self._apps[app_id][1]
-                        warnings.append(f"app {clip(app_id)}: version {clip(task.get('version'))} of task "
-                                        f"{clip(task.get('id'))} not found; using the current definition")
-                    if spec:
-                        pairs.append((dict(task), spec))  # a copy: events keep changing the mirror
-            served = self._served
-        result = build_services(pairs, self.resolve, served, warnings)
-        with self._cond:
-            self._served = result.served
-        return Discovery(result.services, result.warnings)
+        """Rebuild the fragments of the touched apps, re-merge the ports they changed."""
+        with self._build_lock:
+            with self._cond:
+                touched, self._touched = self._touched, set()
+                if self._rebuild_all:
+                    touched |= self._tasks.keys() | self.builder.app_ids()
+                    self._rebuild_all = False
+                work = [(app_id, self._pairs(app_id)) for app_id in sorted(touched)]
+                fetch_warnings = tuple(self._fetch_warnings)
+            try:
+                for app_id, (pairs, warnings) in work:
+                    self.builder.update(app_id, pairs, self.resolve, warnings)
+                services, warnings = self.builder.result(fetch_warnings)
+            except BaseException:
+                with self._cond:
+                    self._touched |= touched
+                raise
+            discovery = self._discovery
+            if discovery is None or discovery.services is not services or discovery.warnings != warnings:
+                discovery = self._discovery = Discovery(services, warnings)
+            return discovery
+
+    def _pairs(self, app_id: str) -> tuple[list[tuple[dict, AppSpec]], list[str]]:
+        """(task copy, spec of its version) for the tasks of one app, and warnings (lock held)."""
+        pairs: list[tuple[dict, AppSpec]] = []
+        warnings: list[str] = []
+        for task in self._tasks.get(app_id, {}).values():
+            spec = self._spec_for(task)
+            if spec is None and app_id in self._apps:
+                # the version is gone from Marathon: the current definition is the best guess
+                spec = self._apps[app_id][1]
+                warnings.append(f"app {clip(app_id)}: version {clip(task.get('version'))} of task "
+                                f"{clip(task.get('id'))} not found; using the current definition")
+            if spec:
+                # A shallow copy: events replace a task's values, never mutate them in place,
+                # so the copy is a snapshot (and the fragment's inputs to compare with).
+                pairs.append((dict(task), spec))
+        return pairs, warnings
 
     # ------------------------------------------------------------------------------------------
     # events (called from the stream thread)
 
     def _on_connect(self, replica: Replica) -> None:
+        self._last_event = time.monotonic()
         with self._cond:
             self._pending_full = True  # events may have been missed: resync fully
             self._changed = True
             self._cond.notify_all()
 
     def _on_event(self, event_type: str, data: bytes) -> None:
+        self._last_event = time.monotonic()
         self.stats["events"] += 1
         if event_type.startswith("deployment_") or event_type == "unknown_large_event":
             # Plans can be megabytes: find the apps without parsing; none found -> resync.
@@ -353,7 +413,9 @@ class MarathonSource(Source):
         return None
 
     def _apply(self, event_type: str, event: dict) -> bool:
-        """Apply one event to the mirror (lock held). Returns whether routing may change."""
+        """Apply one event to the mirror (lock held). Returns whether routing may change.
+        An app whose tasks it changes is marked touched: its fragment is checked at the next
+        build. Values of a task are replaced, never mutated in place (see `_pairs`)."""
         if event_type == "status_update_event":
             app_id, task_id, status = event.get("appId"), event.get("taskId"), event.get("taskStatus")
             if not isinstance(app_id, str) or not isinstance(task_id, str):
@@ -362,6 +424,7 @@ class MarathonSource(Source):
                 self._dirty_apps.add(app_id)
                 return True
             tasks = self._tasks.setdefault(app_id, {})
+            self._touched.add(app_id)
             if status in TERMINAL_STATES:
                 return tasks.pop(task_id, None) is not None
             task = tasks.get(task_id)
@@ -382,6 +445,7 @@ class MarathonSource(Source):
                     return True
                 return False
             task["healthCheckResults"] = [{"alive": alive}]
+            self._touched.add(task["appId"])
             return True
         if event_type == "instance_changed_event":
             condition = event.get("condition")
@@ -390,9 +454,11 @@ class MarathonSource(Source):
                 return False  # the status_update_event that goes with it carries the details
             if condition == "Killing":
                 task["state"] = "TASK_KILLING"
+                self._touched.add(task["appId"])
                 return True
             if condition in _GONE_CONDITIONS or condition == "Unreachable":
                 self._tasks[task["appId"]].pop(task["id"], None)
+                self._touched.add(task["appId"])
                 return True
             return False
         if event_type == "failed_health_check_event":
@@ -402,6 +468,7 @@ class MarathonSource(Source):
             task = self._find_task(app_id, event.get("taskId"), event.get("instanceId", event.get("taskId")))
             if task is not None:
                 task["healthCheckResults"] = [{"alive": False}]
+                self._touched.add(task["appId"])
                 return True
             if isinstance(app_id, str):
                 self._dirty_apps.add(app_id)
@@ -420,6 +487,7 @@ class MarathonSource(Source):
             if isinstance(app_id, str) and (app_id in self._apps or app_id in self._tasks):
                 self._apps.pop(app_id, None)
                 self._tasks.pop(app_id, None)
+                self._touched.add(app_id)
                 return True
             return False
         return False
