@@ -1,0 +1,346 @@
+"""HaproxyDriver against a real HAProxy (master-worker, as `proxymatic haproxy` runs it)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import tempfile
+import threading
+import urllib.request
+
+import pytest
+
+from services.applier import haproxy_driver, haproxy_launch
+from services.applier.haproxy_driver import HaproxyDriver
+from services.applier.haproxy_runtime import MasterCli
+from services.common.config import Settings
+from services.common.model import Plan, ProxySettings, Service
+from tests.helpers import HttpBackend, TcpBackend, free_port, tcp_ask, wait_until
+
+pytestmark = pytest.mark.skipif(not os.path.exists(haproxy_launch.haproxy_binary()), reason="haproxy is not installed")
+
+
+class HaproxyProcess:
+    """`proxymatic haproxy` in a short temp run dir (unix socket paths must stay < 108 chars)."""
+
+    def __init__(self, **settings):
+        self.settings = Settings(run_dir=tempfile.mkdtemp(prefix="pm"), max_connections=200, **settings)
+        self.paths = haproxy_launch.prepare(self.settings)
+        self.master = MasterCli(self.paths.master_socket)
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "HaproxyProcess":
+        self.process = subprocess.Popen(haproxy_launch.command(self.paths), stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_until(lambda: self.master.show_proc().worker, message="HAProxy worker up")
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def proc(self):
+        return self.master.show_proc()
+
+    def cleanup(self) -> None:
+        self.kill()
+        shutil.rmtree(self.settings.run_dir, ignore_errors=True)
+
+
+class EchoBackend:
+    """Echoes lines on a connection that stays open: proves a connection survives a reload."""
+
+    def __init__(self):
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                for line in self.rfile:
+                    self.wfile.write(line)
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Load(threading.Thread):
+    """Connections in a loop through the proxy, counting failures."""
+
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.port, self.ok, self.failures = port, 0, []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                assert tcp_ask(self.port, timeout=3), "empty answer"
+                self.ok += 1
+            except (OSError, AssertionError) as error:
+                self.failures.append(repr(error))
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+
+
+def tcp_service(port, backends, weights=None, maxconn=None, **extra) -> Service:
+    return Service.from_dict({"name": f"svc-{port}", "port": port, **extra, "servers": [
+        {"ip": "127.0.0.1", "port": b.port, "weight": (weights or {}).get(b.name, 10),
+         "maxconn": (maxconn or {}).get(b.name)} for b in backends]})
+
+
+def make_plan(*services: Service) -> Plan:
+    return Plan(tuple(services), ProxySettings(max_connections=200))
+
+
+def serving(port: int, tries: int) -> set[str]:
+    return {tcp_ask(port) for _ in range(tries)}
+
+
+def assert_serving(port: int, names: set[str], tries: int = 100) -> None:
+    """Every answer comes from `names`, and each of them answers at least once (with leastconn
+    and other clients around, a fixed number of samples would not see all of them)."""
+    seen: set[str] = set()
+    for _ in range(tries):
+        name = tcp_ask(port)
+        assert name in names, f"{name} answered, expected only {sorted(names)}"
+        seen.add(name)
+        if seen == names:
+            return
+    assert seen == names
+
+
+@pytest.fixture
+def haproxy():
+    process = HaproxyProcess().start()
+    yield process
+    process.cleanup()
+
+
+@pytest.fixture
+def backends():
+    made = [TcpBackend(f"b{i}") for i in range(4)]
+    yield made
+    close_all(made)
+
+
+def close_all(servers) -> None:
+    """Close in parallel: each socketserver shutdown waits for its poll interval."""
+    threads = [threading.Thread(target=server.close) for server in servers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def test_membership_churn_under_load_never_reloads_nor_fails(haproxy, backends):
+    driver = HaproxyDriver(haproxy.settings)
+    port = free_port()
+    first = driver.apply(make_plan(tcp_service(port, backends[:1])))
+    assert first.ok and first.action == "reload", first
+    assert serving(port, 3) == {"b0"}
+    before = haproxy.proc()
+
+    load = Load(port)
+    load.start()
+    steps = [
+        ({"b0", "b1"}, {}), ({"b1"}, {}), ({"b1", "b2", "b3"}, {}), ({"b1", "b2", "b3"}, {"b2": 200}),
+        ({"b3"}, {}), ({"b0", "b3"}, {"b0": 1}), ({"b0", "b1", "b2", "b3"}, {}), ({"b2"}, {}),
+        ({"b0"}, {}), ({"b1", "b2"}, {"b1": 50}), ({"b0", "b1", "b2", "b3"}, {"b3": 3}), ({"b0", "b3"}, {}),
+    ]
+    try:
+        changes = 0
+        for round_ in range(2):
+            for names, weights in steps:
+                chosen = [b for b in backends if b.name in names]
+                maxconn = {"b0": 50 + round_} if round_ else {}
+                result = driver.apply(make_plan(tcp_service(port, chosen, weights, maxconn)))
+                assert result.ok and result.action in ("runtime", "none"), result
+                changes += result.action == "runtime"
+                assert_serving(port, names)
+        assert changes >= 20
+    finally:
+        load.stop()
+    after = haproxy.proc()
+    assert load.failures == [] and load.ok > 0
+    # No reload: same worker, same reload count.
+    assert (after.workers, after.reloads) == (before.workers, before.reloads)
+    # The file says what the runtime does: b0 and b3 in their slots.
+    with open(haproxy.paths.config) as handle:
+        config = handle.read()
+    assert f"127.0.0.1:{backends[0].port} weight 10 maxconn 51" in config
+    assert f"127.0.0.1:{backends[3].port} weight 10" in config
+    assert f"127.0.0.1:{backends[1].port}" not in config
+
+
+def test_same_plan_again_is_a_cheap_no_op(haproxy, backends):
+    driver = HaproxyDriver(haproxy.settings)
+    plan = make_plan(tcp_service(free_port(), backends[:2]))
+    assert driver.apply(plan).action == "reload"
+    mtime = os.stat(haproxy.paths.config).st_mtime_ns
+    again = driver.apply(plan)
+    assert again.ok and again.action == "none"
+    assert os.stat(haproxy.paths.config).st_mtime_ns == mtime
+
+
+def test_new_service_reloads_and_established_connections_survive(haproxy, backends):
+    echo = EchoBackend()
+    driver = HaproxyDriver(haproxy.settings)
+    echo_port, web_port = free_port(), free_port()
+    echo_service = Service.from_dict({"name": "echo", "port": echo_port,
+                                      "servers": [{"ip": "127.0.0.1", "port": echo.port, "weight": 1}]})
+    assert driver.apply(make_plan(echo_service)).action == "reload"
+    try:
+        with socket.create_connection(("127.0.0.1", echo_port), timeout=5) as conn:
+            stream = conn.makefile("rwb")
+            stream.write(b"before\n")
+            stream.flush()
+            assert stream.readline() == b"before\n"
+            worker = haproxy.proc().worker
+
+            result = driver.apply(make_plan(echo_service, tcp_service(web_port, backends[:1])))
+            assert result.ok and result.action == "reload", result
+            assert haproxy.proc().worker != worker
+            assert tcp_ask(web_port) == "b0"
+
+            stream.write(b"after\n")
+            stream.flush()
+            assert stream.readline() == b"after\n"  # served by the old worker, until it closes
+            assert worker in haproxy.proc().old_workers
+    finally:
+        echo.close()
+
+
+def test_config_failing_validation_is_rejected_and_old_config_keeps_serving(haproxy, backends, monkeypatch):
+    driver = HaproxyDriver(haproxy.settings)
+    port = free_port()
+    assert driver.apply(make_plan(tcp_service(port, backends[:1]))).ok
+    with open(haproxy.paths.config) as handle:
+        good = handle.read()
+    worker = haproxy.proc().worker
+
+    real_render = haproxy_driver.render
+    monkeypatch.setattr(haproxy_driver, "render", lambda *a, **k: real_render(*a, **k) + "    bogus_keyword 1\n")
+    result = driver.apply(make_plan(tcp_service(port, backends[1:2])))
+    assert not result.ok and result.action == "rejected"
+    assert "bogus_keyword" in result.errors[0] and "previous one keeps serving" in result.errors[0]
+    assert serving(port, 3) == {"b0"}
+    with open(haproxy.paths.config) as handle:
+        assert handle.read() == good
+    assert haproxy.proc().worker == worker
+
+    monkeypatch.setattr(haproxy_driver, "render", real_render)
+    fixed = driver.apply(make_plan(tcp_service(port, backends[1:2])))
+    assert fixed.ok and fixed.action == "runtime"
+    assert serving(port, 3) == {"b1"}
+
+
+def test_render_refusal_is_rejected(haproxy, backends):
+    driver = HaproxyDriver(haproxy.settings)
+    port = free_port()
+    assert driver.apply(make_plan(tcp_service(port, backends[:1]))).ok
+    result = driver.apply(make_plan(tcp_service(port, backends[:1], weights={"b0": 300})))
+    assert not result.ok and result.action == "rejected" and "weight" in result.errors[0]
+    assert tcp_ask(port) == "b0"
+
+
+def test_reload_failure_restores_the_previous_config(haproxy, backends):
+    """`haproxy -c` cannot know a port is taken: the reload fails, the old worker serves on."""
+    driver = HaproxyDriver(haproxy.settings)
+    port = free_port()
+    assert driver.apply(make_plan(tcp_service(port, backends[:1]))).ok
+    with open(haproxy.paths.config) as handle:
+        good = handle.read()
+    worker = haproxy.proc().worker
+    with socket.socket() as squatter:
+        squatter.bind(("0.0.0.0", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        result = driver.apply(make_plan(tcp_service(port, backends[:1]), tcp_service(taken, backends[1:2])))
+        assert not result.ok and result.action == "rejected" and "reload failed" in result.errors[0]
+    assert haproxy.proc().worker == worker
+    assert tcp_ask(port) == "b0"
+    with open(haproxy.paths.config) as handle:
+        assert handle.read() == good
+    # The driver re-adopts the running worker: a membership change is runtime again.
+    again = driver.apply(make_plan(tcp_service(port, backends[:2])))
+    assert again.ok and again.action == "runtime", again
+    assert_serving(port, {"b0", "b1"})
+
+
+def test_haproxy_restarted_from_the_file_serves_the_same_backends(haproxy, backends):
+    driver = HaproxyDriver(haproxy.settings)
+    port = free_port()
+    assert driver.apply(make_plan(tcp_service(port, backends[:1]))).action == "reload"
+    plan = make_plan(tcp_service(port, backends[1:3]))
+    assert driver.apply(plan).action == "runtime"  # the file was rewritten after the runtime change
+
+    haproxy.kill()
+    haproxy.start()  # as supervisord would: from the config on disk
+    assert_serving(port, {"b1", "b2"})
+    result = driver.apply(plan)  # a new worker: adopted, nothing to fix
+    assert result.ok and result.action == "none", result
+    assert haproxy.proc().reloads == 0
+
+
+def test_restarted_applier_adopts_running_haproxy_without_reload(haproxy, backends):
+    port = free_port()
+    plan = make_plan(tcp_service(port, backends[:2], weights={"b1": 7}))
+    assert HaproxyDriver(haproxy.settings).apply(make_plan(tcp_service(port, backends[:1]))).ok
+    assert HaproxyDriver(haproxy.settings).apply(plan).action == "runtime"
+    before = haproxy.proc()
+
+    adopted = HaproxyDriver(haproxy.settings).apply(plan)
+    assert adopted.ok and adopted.action == "none", adopted
+
+    # Someone changed the runtime behind the applier's back: only the difference is fixed.
+    haproxy.master.worker_command(before.worker, "set server svc_%d_tcp/s1 state maint" % port)
+    assert serving(port, 4) == {"b0"}
+    fixed = HaproxyDriver(haproxy.settings).apply(plan)
+    assert fixed.ok and fixed.action == "runtime" and fixed.details["changes"] == 1, fixed
+    assert_serving(port, {"b0", "b1"})
+    after = haproxy.proc()
+    assert (after.workers, after.reloads) == (before.workers, before.reloads)
+
+
+def test_http_mode_with_health_checks(haproxy):
+    healthy, sick = HttpBackend("h1"), HttpBackend("h2")
+    sick.healthy = False
+    try:
+        port = free_port()
+        svc = Service.from_dict({"name": "web", "port": port, "mode": "http",
+                                 "health_check": {"protocol": "http", "path": "/health", "interval_seconds": 1,
+                                                  "fall": 1},
+                                 "servers": [{"ip": "127.0.0.1", "port": b.port, "weight": 1}
+                                             for b in (healthy, sick)]})
+        result = HaproxyDriver(haproxy.settings).apply(make_plan(svc))
+        assert result.ok, result
+
+        def answers() -> set[str]:
+            return {urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode().strip()
+                    for _ in range(4)}
+        wait_until(lambda: answers() == {"h1"}, message="the failing backend taken out by its health check")
+    finally:
+        close_all([healthy, sick])
+
+
+def test_unreachable_haproxy_is_reported_not_raised():
+    settings = Settings(run_dir=tempfile.mkdtemp(prefix="pm"))
+    try:
+        result = HaproxyDriver(settings).apply(make_plan())
+        assert not result.ok and result.action == "none" and "not reachable" in result.errors[0]
+    finally:
+        shutil.rmtree(settings.run_dir, ignore_errors=True)

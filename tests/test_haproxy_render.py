@@ -1,0 +1,193 @@
+"""haproxy.cfg rendering: pure functions, plus `haproxy -c` on what they produce."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+
+import pytest
+
+from services.applier.haproxy_launch import check_config
+from services.applier.haproxy_render import (
+    HaproxyPaths, RenderError, assign_slots, global_maxconn, haproxy_services, quote_path, render,
+    render_skeleton, slot_capacity,
+)
+from services.common.model import HealthCheck, Plan, ProxySettings, Server, Service
+
+PATHS = HaproxyPaths.for_run_dir("/run/pm")
+needs_haproxy = pytest.mark.skipif(not os.path.exists("/usr/sbin/haproxy") and not shutil.which("haproxy"),
+                                   reason="haproxy is not installed")
+
+
+def service(port=8080, servers=((("10.0.0.1", 80, 100, None)),), **extra) -> Service:
+    data = {"name": "web", "port": port,
+            "servers": [{"ip": ip, "port": p, "weight": w, "maxconn": m} for ip, p, w, m in servers], **extra}
+    return Service.from_dict(data)
+
+
+def rendered(*services: Service, **settings) -> str:
+    plan = Plan(tuple(services), ProxySettings(**settings))
+    return render(plan, PATHS, assign_slots(haproxy_services(plan), {}))
+
+
+def section(text: str, name: str) -> str:
+    match = re.search(rf"^listen {name}\n((?:    .*\n)*)", text, re.M)
+    assert match, f"no listen {name} in:\n{text}"
+    return match.group(1)
+
+
+def test_deterministic_and_independent_of_input_order():
+    one = service(8080, [("10.0.0.2", 80, 1, None), ("10.0.0.1", 80, 2, 5)])
+    two = service(8080, [("10.0.0.1", 80, 2, 5), ("10.0.0.2", 80, 1, None)])
+    other = service(9000)
+    assert rendered(one, other) == rendered(other, two)
+    assert rendered(one) == rendered(one)
+
+
+def test_one_listen_per_tcp_service_with_weights_maxconn_timeouts():
+    text = rendered(
+        service(8080, [("10.0.0.1", 80, 256, 10), ("10.0.0.2", 81, 0, None)], timeout_client=7, timeout_server=9),
+        service(53, protocol="udp"),  # Pen's
+        max_connections=321,
+    )
+    assert re.findall(r"^listen (\S+)", text, re.M) == ["stats", "svc_8080_tcp"]
+    body = section(text, "svc_8080_tcp")
+    assert "    bind 0.0.0.0:8080\n" in body
+    assert "    mode tcp\n" in body and "    balance leastconn\n" in body
+    assert "    maxconn 321\n" in body
+    assert "    timeout client 7s\n" in body and "    timeout server 9s\n" in body
+    assert "    server s0 10.0.0.1:80 weight 256 maxconn 10\n" in body
+    assert "    server s1 10.0.0.2:81 weight 0\n" in body
+    assert "    server s2 127.0.0.1:1 weight 1 disabled\n" in body
+    assert "    server s3 127.0.0.1:1 weight 1 disabled\n" in body
+    assert f"    maxconn {global_maxconn(321)}\n" in text
+    assert "option httpchk" not in text and " check" not in body
+
+
+def test_default_timeouts_http_mode_and_health_checks():
+    text = rendered(
+        service(8080, mode="http", health_check={"protocol": "http", "path": "/health", "interval_seconds": 2,
+                                                 "timeout_seconds": 3, "fall": 4}),
+        service(5432, health_check={"protocol": "tcp"}),
+    )
+    web = section(text, "svc_8080_tcp")
+    assert "    mode http\n" in web and "    option forwardfor\n" in web
+    assert "    option httpchk GET '/health'\n" in web
+    assert "    timeout check 3s\n" in web
+    assert "    server s0 10.0.0.1:80 weight 100 check inter 2s fall 4 rise 2\n" in web
+    assert "    timeout client 300s\n" in web and "    timeout server 300s\n" in web
+    db = section(text, "svc_5432_tcp")
+    assert "httpchk" not in db and "forwardfor" not in db
+    assert "    server s0 10.0.0.1:80 weight 100 check inter 10s fall 3 rise 2\n" in db
+    assert "    server s1 127.0.0.1:1 weight 1 check inter 10s fall 3 rise 2 disabled\n" in db
+
+
+def test_global_section_sockets_and_stats_listener():
+    text = rendered()
+    assert "    master-worker\n" in text
+    assert "    stats socket /run/pm/haproxy/admin.sock mode 600 level admin expose-fd listeners\n" in text
+    assert "    hard-stop-after 30s\n" in text
+    stats = section(text, "stats")
+    assert "    bind unix@/run/pm/haproxy/stats.sock mode 600\n" in stats
+    assert "    mode http\n" in stats and "    stats enable\n" in stats and "    stats uri /\n" in stats
+
+
+def test_haproxy_switched_off_renders_no_service():
+    assert re.findall(r"^listen (\S+)", rendered(service(8080), haproxy=False), re.M) == ["stats"]
+
+
+def test_names_and_hostnames_never_reach_the_config():
+    # Built directly, bypassing the model's validation, as a hostile source would wish.
+    evil = "x\n    bind :22\n#'\""
+    svc = Service(name=evil, port=8080, servers=(Server("10.0.0.1", 80, hostname=evil, weight=1),))
+    text = rendered(svc)
+    assert "x\n" not in text.replace("\nlisten", "") and ":22" not in text and "\"" not in text
+    assert re.findall(r"^listen (\S+)", text, re.M) == ["stats", "svc_8080_tcp"]
+
+
+@pytest.mark.parametrize("server", [
+    Server("10.0.0.1 backup\n    bind :22", 80, weight=1),
+    Server("10.0.0.1", 0, weight=1),
+    Server("10.0.0.1", 80, weight=257),
+    Server("10.0.0.1", 80, weight=1, maxconn=-1),
+])
+def test_unsafe_or_out_of_range_server_values_are_refused(server):
+    with pytest.raises(RenderError, match="8080/tcp"):
+        rendered(Service(name="web", port=8080, servers=(server,)))
+
+
+@pytest.mark.parametrize("path", ["/x\n    bind :22", "/a b", "/#", "relative", '/"', "/\\x41"])
+def test_unsafe_health_check_paths_are_refused(path):
+    svc = Service(name="web", port=8080, mode="http", servers=(Server("10.0.0.1", 80, weight=1),),
+                  health_check=HealthCheck(protocol="http", path=path))
+    with pytest.raises(RenderError, match="health check path"):
+        rendered(svc)
+
+
+def test_health_check_path_is_one_quoted_word():
+    # HAProxy expands nothing in single quotes; a quote is closed, escaped and reopened.
+    assert quote_path("/a'b$x;(1)") == "'/a'\\''b$x;(1)'"
+    assert quote_path("/health?full=1&x=%20") == "'/health?full=1&x=%20'"
+
+
+def test_slots_are_stable_and_reuse_freed_slots_last():
+    def svc(*ports):
+        return service(8080, [("10.0.0.1", p, 1, None) for p in ports])
+
+    first = assign_slots([svc(1, 2, 3)], {})["svc_8080_tcp"]
+    assert [s.port if s else None for s in first] == [1, 2, 3, None]
+    # 2 leaves, 4 arrives: 4 takes the never-used slot, not the one 2 just freed.
+    second = assign_slots([svc(1, 3, 4)], {"svc_8080_tcp": first})["svc_8080_tcp"]
+    assert [s.port if s else None for s in second] == [1, None, 3, 4]
+    third = assign_slots([svc(1, 3, 4, 5)], {"svc_8080_tcp": second})["svc_8080_tcp"]
+    assert [s.port if s else None for s in third] == [1, 5, 3, 4]
+    # Growing past the capacity doubles it; existing servers keep their slots.
+    fourth = assign_slots([svc(1, 3, 4, 5, 6)], {"svc_8080_tcp": third})["svc_8080_tcp"]
+    assert [s.port if s else None for s in fourth] == [1, 5, 3, 4, 6, None, None, None]
+    # Shrinking never shrinks the capacity (that would need a reload).
+    fifth = assign_slots([svc(6)], {"svc_8080_tcp": fourth})["svc_8080_tcp"]
+    assert len(fifth) == 8 and fifth[4].port == 6
+
+
+def test_weight_changes_do_not_move_servers_and_keep_the_skeleton():
+    plan_a = Plan((service(8080, [("10.0.0.1", 80, 1, None), ("10.0.0.2", 80, 1, None)]),))
+    plan_b = Plan((service(8080, [("10.0.0.1", 80, 9, 4), ("10.0.0.3", 80, 1, None)]),))
+    slots_a = assign_slots(haproxy_services(plan_a), {})
+    slots_b = assign_slots(haproxy_services(plan_b), slots_a)
+    assert slots_b["svc_8080_tcp"][0].weight == 9
+    assert render(plan_a, PATHS, slots_a) != render(plan_b, PATHS, slots_b)
+    assert render_skeleton(plan_a, PATHS, slots_a) == render_skeleton(plan_b, PATHS, slots_b)
+    plan_c = Plan((service(8080, [("10.0.0.1", 80, 1, None)], timeout_server=5),))
+    assert render_skeleton(plan_c, PATHS, assign_slots(haproxy_services(plan_c), slots_a)) != \
+        render_skeleton(plan_a, PATHS, slots_a)
+
+
+def test_capacity_and_global_maxconn():
+    assert [slot_capacity(n) for n in (0, 1, 4, 5, 8, 9, 100)] == [4, 4, 4, 8, 8, 16, 128]
+    assert global_maxconn(8192) == 16384
+    assert global_maxconn(8192, fd_limit=20000) == (20000 - 1024) // 2
+    assert global_maxconn(10, fd_limit=20000) == 20
+
+
+@needs_haproxy
+def test_haproxy_accepts_the_rendering():
+    run_dir = tempfile.mkdtemp(prefix="pm")
+    try:
+        paths = HaproxyPaths.for_run_dir(run_dir)
+        os.makedirs(paths.dir)
+        plan = Plan((
+            service(8080, [("10.0.0.1", 80, 10, 5), ("::1", 81, 1, None)], mode="http",
+                    health_check={"protocol": "http", "path": "/a'b$x;(1)"}),
+            service(5432, [("10.0.0.2", 5432, 0, None)], health_check={"protocol": "tcp"}, timeout_client=1),
+        ), ProxySettings(max_connections=100))
+        with open(paths.config, "w") as handle:
+            handle.write(render(plan, paths, assign_slots(haproxy_services(plan), {})))
+        valid, message = check_config(paths.config)
+        assert valid, message
+        with open(paths.config, "a") as handle:
+            handle.write("    not_a_keyword 1\n")
+        valid, message = check_config(paths.config)
+        assert not valid and "not_a_keyword" in message
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
