@@ -1,0 +1,170 @@
+"""The applier stage: plans in from a (fake) planner on the bus, results out, traffic through."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+
+import pytest
+import zmq
+
+from services.applier import main as applier
+from services.applier.driver import DriverResult, ProxyDriver
+from services.applier.haproxy_driver import HaproxyDriver
+from services.common.bus import Publisher, Subscriber
+from services.common.config import Settings
+from services.common.model import ApplyResult, Plan, ProxySettings, Service
+from tests.helpers import TcpBackend, free_port, tcp_ask, wait_until
+from tests.test_haproxy_driver import HaproxyProcess, pytestmark  # noqa: F401  (skip without haproxy)
+
+
+class Stage:
+    """main.run in a thread, a fake planner publishing plans, a subscriber collecting results."""
+
+    def __init__(self, settings: Settings, drivers=None):
+        self.settings = settings
+        self.ctx = zmq.Context.instance()
+        self.planner = Publisher(self.ctx, "planner@test", settings.bus("planner"), heartbeat_interval=0.2)
+        self.results = Subscriber(self.ctx, [settings.bus("applier")], ["applied."])
+        self.received: list[tuple[str, ApplyResult]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=applier.run, args=(settings, self.stop),
+                                       kwargs={"drivers": drivers}, daemon=True)
+        self.thread.start()
+
+    def publish(self, plan: Plan) -> None:
+        self.planner.publish("plan", plan.to_dict())
+
+    def result_for(self, plan: Plan, ok: bool = True, timeout: float = 15.0) -> ApplyResult:
+        def poll():
+            self.planner.heartbeat()
+            self.planner.serve_snapshots()
+            for message in self.results.poll(0.05):
+                if not message.is_heartbeat:
+                    self.received.append((message.topic, ApplyResult.from_dict(message.payload)))
+            for _topic, result in reversed(self.received):
+                if result.plan_hash == plan.hash and result.ok == ok:
+                    return result
+            return None
+        return wait_until(poll, timeout=timeout, message=f"applied result for plan {plan.hash} (ok={ok})")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+        self.results.close()
+        self.planner.close()
+
+
+def make_plan(port: int, *backends: TcpBackend) -> Plan:
+    svc = Service.from_dict({"name": "web", "port": port, "servers": [
+        {"ip": "127.0.0.1", "port": b.port, "weight": 10} for b in backends]})
+    return Plan((svc,), ProxySettings(max_connections=200))
+
+
+@pytest.fixture
+def backends():
+    made = [TcpBackend("a"), TcpBackend("b")]
+    yield made
+    for backend in made:
+        backend.close()
+
+
+def test_plan_is_applied_and_result_published(backends):
+    haproxy = HaproxyProcess(node_name="n1").start()
+    stage = Stage(haproxy.settings, drivers=[HaproxyDriver(haproxy.settings)])
+    try:
+        port = free_port()
+        first = make_plan(port, backends[0])
+        stage.publish(first)
+        result = stage.result_for(first)
+        assert result.action == "reload" and result.details["haproxy"]["action"] == "reload"
+        assert all(topic == "applied.n1" for topic, _ in stage.received)
+        assert tcp_ask(port) == "a"
+
+        second = make_plan(port, backends[1])
+        stage.publish(second)
+        assert stage.result_for(second).action == "runtime"
+        assert tcp_ask(port) == "b"
+    finally:
+        stage.close()
+        haproxy.cleanup()
+
+
+def test_waits_for_haproxy_and_retries_until_it_is_up(backends):
+    haproxy = HaproxyProcess(node_name="n1")  # not started yet
+    stage = Stage(haproxy.settings, drivers=[HaproxyDriver(haproxy.settings)])
+    try:
+        plan = make_plan(free_port(), backends[0])
+        stage.publish(plan)
+        failed = stage.result_for(plan, ok=False)
+        assert "not reachable" in failed.errors[0] and failed.errors[0].startswith("haproxy: ")
+        assert stage.thread.is_alive()
+        haproxy.start()
+        assert stage.result_for(plan).ok
+        assert tcp_ask(plan.services[0].port) == "a"
+    finally:
+        stage.close()
+        haproxy.cleanup()
+
+
+class SlowDriver(ProxyDriver):
+    """Blocks on its first plan until released, and records what it was asked to apply."""
+
+    name = "slow"
+
+    def __init__(self):
+        self.applied: list[str] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def apply(self, plan: Plan) -> DriverResult:
+        self.applied.append(plan.hash)
+        self.entered.set()
+        self.release.wait(10)
+        return DriverResult(self.name, True, "runtime")
+
+
+class BrokenDriver(ProxyDriver):
+    name = "broken"
+
+    def apply(self, plan: Plan) -> DriverResult:
+        raise RuntimeError("driver bug")
+
+
+def test_queued_plans_are_coalesced_and_a_driver_bug_is_reported():
+    settings = Settings(run_dir=tempfile.mkdtemp(prefix="pm"), node_name="n2")
+    slow = SlowDriver()
+    stage = Stage(settings, drivers=[slow, BrokenDriver()])
+    observer = Subscriber(stage.ctx, [settings.bus("planner")], ["plan"])
+    try:
+        plans = [make_plan(1000 + i) for i in range(5)]
+        stage.publish(plans[0])
+        wait_until(lambda: (stage.planner.serve_snapshots(), slow.entered.is_set())[1],
+                   message="first plan being applied")
+        for plan in plans[1:]:
+            stage.publish(plan)
+        # The plans are on their way to the stage too once a second subscriber has the last one.
+        wait_until(lambda: (stage.planner.serve_snapshots(),
+                            any(m.payload.get("hash") == plans[-1].hash for m in observer.poll(0.05)))[1],
+                   message="queued plans delivered")
+        slow.release.set()
+        last = stage.result_for(plans[-1], ok=False)
+        assert slow.applied[0] == plans[0].hash and slow.applied[-1] == plans[-1].hash
+        assert len(slow.applied) < len(plans)  # the plans queued meanwhile were skipped
+        assert last.details["slow"]["ok"] and not last.details["broken"]["ok"]
+        assert "broken: RuntimeError: driver bug" in last.errors
+    finally:
+        observer.close()
+        stage.close()
+        shutil.rmtree(settings.run_dir, ignore_errors=True)
+
+
+def test_build_drivers_skips_missing_modules(monkeypatch):
+    settings = Settings(run_dir="/tmp/pm-unused", haproxy=True, vhost_domain="")
+    monkeypatch.setattr(applier, "OPTIONAL_DRIVERS", (
+        ("services.applier.no_such_driver", "NoSuchDriver", lambda s: True),
+        ("services.applier.nginx_driver", "NginxDriver", lambda s: bool(s.vhost_domain)),
+    ))
+    assert [d.name for d in applier.build_drivers(settings)] == ["haproxy"]
+    assert applier.build_drivers(Settings(run_dir="/tmp/pm-unused", haproxy=False)) == []
