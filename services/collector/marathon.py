@@ -350,10 +350,10 @@ class MarathonSource(Source):
     # events (called from the stream thread)
 
     def _on_connect(self, replica: Replica) -> None:
-        self._last_event = time.monotonic()
         with self._cond:
             self._pending_full = True  # events may have been missed: resync fully
             self._changed = True
+            self._last_event = time.monotonic()
             self._cond.notify_all()
 
     def _on_event(self, event_type: str, data: bytes) -> None:
