@@ -344,3 +344,15 @@ def test_unreachable_haproxy_is_reported_not_raised():
         assert not result.ok and result.action == "none" and "not reachable" in result.errors[0]
     finally:
         shutil.rmtree(settings.run_dir, ignore_errors=True)
+
+
+def test_statistics_page_on_the_stats_socket(haproxy):
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(5)
+        conn.connect(haproxy.paths.stats_socket)
+        conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.") and b" 200 " in answer.split(b"\r\n")[0]
+    assert b"Statistics Report" in answer

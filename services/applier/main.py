@@ -27,7 +27,7 @@ from services.common.model import ApplyResult, ModelError, Plan
 log = logging.getLogger("proxymatic.applier")
 
 RETRY_MIN = 0.5
-RETRY_MAX = 30.0
+RETRY_MAX = 5.0  # a retry is one connect() to a unix socket: cheap
 RESYNC_INTERVAL = 15.0
 # Most significant first: what one ApplyResult says when drivers did different things.
 ACTIONS = ("rejected", "reload", "start", "runtime", "none")
