@@ -4,10 +4,12 @@ resync cost. Prints results; run from the repository root:
     .venv/bin/python -m bench.marathon_bench [--changes 200] [--sizes 100,1000] [--resync-tasks 10000]
 
 Latency is measured the way the collector drives a source: trigger a change in the simulator,
-then `wait_for_change` + `current()` until the Discovery shows it (this includes the 50 ms
-coalescing settle). The simulator runs in the same process for the latency part (it shares the
-GIL with the source, so figures are pessimistic) and in a subprocess for the resync part (so
-the peak RSS is the source's own).
+then `wait_for_change` + `current()` until the Discovery shows it (this includes the settle: the
+stream must be quiet for 2 ms before `wait_for_change` returns). The simulator runs in the same
+process for the latency part (it shares the GIL with the source, so figures are pessimistic) and
+in a subprocess for the resync part (so the peak RSS is the source's own). Also reported: the
+fragments rebuilt per change, the cost of `current()` when nothing changed, and for the burst
+the requests, the `current()` calls that rebuilt something and the time until it all shows.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ def latency_run(apps: int, changes: int) -> dict:
         source.current()
         latencies = []
         requests_before = len(sim.api_requests())
+        built_before = source.builder.stats["fragments_built"]
         for n in range(changes):
             i = (n * 7) % apps
             app_id, port = f"/bench/app{i}", 10000 + i
@@ -70,20 +73,46 @@ def latency_run(apps: int, changes: int) -> dict:
             drive_until(source, stop, lambda d: servers_on(d, port) == expected)
             latencies.append(time.perf_counter() - t0)
         change_requests = len(sim.api_requests()) - requests_before
+        fragments_per_change = (source.builder.stats["fragments_built"] - built_before) / changes
+        source.current()
+        calls = 1000
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            source.current()
+        unchanged_us = (time.perf_counter() - t0) / calls * 1e6
         # a burst: scale one app by 25 tasks (5 events each) plus deployment events
         events_before, requests_before = sim.cluster.events_emitted, len(sim.api_requests())
+        events_after_connect = source.stats["events"]
         target = servers_on(source.current(), 10000) + 25
+        rebuilds = [0]
+        current = source.current
+
+        def counting_current():
+            built = source.builder.stats["fragments_built"]
+            discovery = current()
+            rebuilds[0] += source.builder.stats["fragments_built"] > built
+            return discovery
+
+        source.current = counting_current
+        t0 = time.perf_counter()
         sim.scale("/bench/app0", len(sim.task_ids("/bench/app0")) + 25)
         burst_events = sim.cluster.events_emitted - events_before
         drive_until(source, stop, lambda d: servers_on(d, 10000) == target)
+        burst_ms = (time.perf_counter() - t0) * 1000
+        wait_until(lambda: source.stats["events"] >= events_after_connect + burst_events, timeout=10)
+        source.wait_for_change(0.2, stop)
+        source.current()  # whatever was still in flight
+        source.current = current
         burst_requests = len(sim.api_requests()) - requests_before
         latencies.sort()
         return {"apps": apps, "tasks": apps * 5, "initial_sync_s": round(initial, 3), "changes": changes,
                 "p50_ms": round(statistics.median(latencies) * 1000, 1),
                 "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 1),
                 "max_ms": round(latencies[-1] * 1000, 1),
-                "requests_for_changes": change_requests,
-                "burst_events": burst_events, "burst_requests": burst_requests}
+                "requests_for_changes": change_requests, "fragments_per_change": round(fragments_per_change, 2),
+                "unchanged_current_us": round(unchanged_us, 1),
+                "burst_events": burst_events, "burst_requests": burst_requests, "burst_rebuilds": rebuilds[0],
+                "burst_ms": round(burst_ms, 1)}
     finally:
         stop.set()
         source.close()
