@@ -136,18 +136,19 @@ def test_slots_are_stable_and_reuse_freed_slots_last():
         return service(8080, [("10.0.0.1", p, 1, None) for p in ports])
 
     first = assign_slots([svc(1, 2, 3)], {})["svc_8080_tcp"]
-    assert [s.port if s else None for s in first] == [1, 2, 3, None]
-    # 2 leaves, 4 arrives: 4 takes the never-used slot, not the one 2 just freed.
+    assert len(first) == 16 and [s.port if s else None for s in first[:4]] == [1, 2, 3, None]
+    # 2 leaves, 4 arrives: 4 takes a never-used slot, not the one 2 just freed.
     second = assign_slots([svc(1, 3, 4)], {"svc_8080_tcp": first})["svc_8080_tcp"]
-    assert [s.port if s else None for s in second] == [1, None, 3, 4]
-    third = assign_slots([svc(1, 3, 4, 5)], {"svc_8080_tcp": second})["svc_8080_tcp"]
-    assert [s.port if s else None for s in third] == [1, 5, 3, 4]
-    # Growing past the capacity doubles it; existing servers keep their slots.
-    fourth = assign_slots([svc(1, 3, 4, 5, 6)], {"svc_8080_tcp": third})["svc_8080_tcp"]
-    assert [s.port if s else None for s in fourth] == [1, 5, 3, 4, 6, None, None, None]
+    assert [s.port if s else None for s in second[:4]] == [1, None, 3, 4]
+    # With every never-used slot taken, a freed slot is reused.
+    full = assign_slots([svc(1, 3, 4, *range(10, 23))], {"svc_8080_tcp": second})["svc_8080_tcp"]
+    assert len(full) == 16 and all(full) and [s.port for s in full[:1] + full[2:4]] == [1, 3, 4]
+    # Growing past the capacity makes room for twice the servers; existing servers keep their slots.
+    grown = assign_slots([svc(1, 3, 4, *range(10, 24))], {"svc_8080_tcp": full})["svc_8080_tcp"]
+    assert len(grown) == 64 and grown[:16] == full and grown[16].port == 23
     # Shrinking never shrinks the capacity (that would need a reload).
-    fifth = assign_slots([svc(6)], {"svc_8080_tcp": fourth})["svc_8080_tcp"]
-    assert len(fifth) == 8 and fifth[4].port == 6
+    fewer = assign_slots([svc(3)], {"svc_8080_tcp": grown})["svc_8080_tcp"]
+    assert len(fewer) == 64 and fewer[2].port == 3
 
 
 def test_weight_changes_do_not_move_servers_and_keep_the_skeleton():
@@ -164,7 +165,7 @@ def test_weight_changes_do_not_move_servers_and_keep_the_skeleton():
 
 
 def test_capacity_and_global_maxconn():
-    assert [slot_capacity(n) for n in (0, 1, 4, 5, 8, 9, 100)] == [4, 4, 4, 8, 8, 16, 128]
+    assert [slot_capacity(n) for n in (0, 1, 8, 9, 16, 100)] == [16, 16, 16, 32, 32, 256]
     assert global_maxconn(8192) == 16384
     assert global_maxconn(8192, fd_limit=20000) == (20000 - 1024) // 2
     assert global_maxconn(10, fd_limit=20000) == 20

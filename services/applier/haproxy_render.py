@@ -4,7 +4,7 @@ Pure functions: no sockets, no processes. The driver (haproxy_driver.py) decides
 with the text; this module only decides what it says.
 
 Every backend has a fixed number of server *slots* (`s0`, `s1`, ...): a power of two of at least
-MIN_SLOTS. A slot holds one server or is empty (rendered `disabled`), so adding, removing or
+MIN_SLOTS and twice its servers when created or grown. A slot holds one server or is empty (rendered `disabled`), so adding, removing or
 re-weighting a server is a runtime API call on an existing slot, never a reload. A server keeps
 its slot for as long as it stays in the plan (`assign_slots`).
 
@@ -24,7 +24,7 @@ import jinja2
 
 from services.common.model import Plan, Server, Service
 
-MIN_SLOTS = 4
+MIN_SLOTS = 16  # disabled slots are cheap; each growth costs a reload
 MAX_HAPROXY_WEIGHT = 256
 TIMEOUT_CONNECT = 5
 DEFAULT_TIMEOUT_CLIENT = 300
@@ -96,9 +96,9 @@ def slot_name(index: int) -> str:
 
 
 def slot_capacity(servers: int) -> int:
-    """The smallest power of two >= max(MIN_SLOTS, servers)."""
+    """The smallest power of two >= max(MIN_SLOTS, 2 * servers): room to double without a reload."""
     capacity = MIN_SLOTS
-    while capacity < servers:
+    while capacity < 2 * servers:
         capacity *= 2
     return capacity
 
@@ -125,15 +125,15 @@ def assign_slots(services: Iterable[Service], previous: Slots) -> dict[str, tupl
     """Place every server in a slot, keeping the slot a server already had.
 
     New servers take slots that were already empty before slots freed by this change, so a
-    removed server's slot is only reused when nothing else is free. A backend only grows (to the
-    next power of two) when its servers do not fit; growing needs a reload.
+    removed server's slot is only reused when nothing else is free. A backend only grows when its
+    servers do not fit (then to room for twice as many); growing needs a reload.
     """
     layout: dict[str, tuple[Server | None, ...]] = {}
     for service in services:
         bid = backend_id(service)
         servers = unique_servers(service)
         old = list(previous.get(bid, ()))
-        capacity = max(len(old), slot_capacity(len(servers)))
+        capacity = len(old) if len(servers) <= len(old) else slot_capacity(len(servers))
         old += [None] * (capacity - len(old))
         where = {(s.ip, s.port): i for i, s in enumerate(old) if s is not None}
         slots: list[Server | None] = [None] * capacity
