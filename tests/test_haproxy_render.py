@@ -72,7 +72,7 @@ def test_default_timeouts_http_mode_and_health_checks():
         service(5432, health_check={"protocol": "tcp"}),
     )
     web = section(text, "svc_8080_tcp")
-    assert "    mode http\n" in web and "    option forwardfor\n" in web
+    assert "    mode http\n" in web and "    option forwardfor except 127.0.0.0/8\n" in web
     assert "    option httpchk GET '/health'\n" in web
     assert "    timeout check 3s\n" in web
     assert "    server s0 10.0.0.1:80 weight 100 check inter 2s fall 4 rise 2\n" in web
