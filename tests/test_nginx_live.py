@@ -1,5 +1,6 @@
-"""A real nginx (started by nginx_launch) driven by the nginx driver: vhosts, 503, reloads,
-WebSockets, the PROXY protocol and a rejected config."""
+"""A real nginx (started by nginx_launch) driven by the nginx driver: vhosts proxying to the
+services' node-local listeners, 503, reloads only when the vhost set changes (never for
+membership), WebSockets, the PROXY protocol and a rejected config."""
 from __future__ import annotations
 
 import http.client
@@ -123,9 +124,27 @@ def raw_request(port: int, data: bytes) -> bytes:
             reply += chunk
 
 
-def service(name, port, backends):
+def service(name, port, servers=()):
+    """A TCP service on `port`. The vhost never uses `servers` (HAProxy/Pen on the port balances
+    them): the live tests give fake addresses that would fail if nginx ever connected to them."""
     return Service.from_dict({"name": name, "port": port,
-                              "servers": [{"ip": "127.0.0.1", "port": b.port, "weight": 10} for b in backends]})
+                              "servers": [{"ip": ip, "port": p, "weight": w} for ip, p, w in servers]})
+
+
+def children(pid: int) -> set[int]:
+    """The pids whose parent is `pid` (nginx workers of a master)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as source:
+                stat = source.read()
+        except OSError:
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            found.add(int(entry))
+    return found
 
 
 class Nginx:
@@ -163,41 +182,82 @@ def nginx():
     server.close()
 
 
+# How the live tests stand in for HAProxy/Pen: a vhost proxies to 127.0.0.1:<service port>, the
+# listener HAProxy (or Pen) keeps on every service port. Here the listener is the test backend
+# itself: each service's port IS the port of a backend (HttpBackend, HeaderBackend, UpgradeEcho),
+# so a request reaching it went through nginx to the service's node-local listener. The servers
+# listed in the plans are fake (TEST-NET addresses): nginx must never use them.
+FAKE = [("192.0.2.1", 31000, 10), ("192.0.2.2", 31001, 20), ("192.0.2.3", 31002, 0)]
+
+
+def workers_replaced(master: int, old: set[int]) -> set[int] | None:
+    """After a reload: the workers once every one of `old` has gone. The master forks all the new
+    workers before it tells the old ones to quit, so none is missing from the set returned."""
+    now = children(master)
+    return now if now and now.isdisjoint(old) else None
+
+
+def no_new_workers(master: int, workers: set[int]) -> bool:
+    """No reload happened: the master forked no worker (an old one may still be finishing)."""
+    now = children(master)
+    return bool(now) and now <= workers
+
+
 def test_vhosts_default_server_reloads_and_rejected_config(nginx, monkeypatch):
     port = nginx.port
+    master = nginx.process.pid
     # the bootstrap config: only the default server
     assert get(port, "anything.example")[0] == 503
     assert get(port, "anything.example", "/_status") == (200, "OK\n")
     assert nginx.driver.apply(nginx.plan()).action == "none"  # the bootstrap is the empty plan's config
+    workers = wait_until(lambda: children(master), message="nginx workers")
 
-    web, api, udp_only = HttpBackend("web"), HttpBackend("api"), HttpBackend("unused")
+    web, api, admin = HttpBackend("web"), HttpBackend("api"), HttpBackend("admin")
+    closed = free_port()  # nothing listens there: a listener refusing (e.g. Pen not up yet)
     try:
-        plan = nginx.plan(service("web", 8001, [web]), service("api.team", 8002, [api]))
+        # api.team has no server: its vhost still proxies to the listener, which answers for it
+        plan = nginx.plan(service("web", web.port, FAKE[:1]), service("api.team", api.port),
+                          service("gone", closed, FAKE[1:2]))
         first = nginx.driver.apply(plan)
         assert first.ok and first.action == "reload", first
-        assert sorted(first.details["vhosts"]) == ["api.team.test.local", "web.test.local"]
+        assert sorted(first.details["vhosts"]) == ["api.team.test.local", "gone.test.local", "web.test.local"]
+        assert nginx.driver.reloads == 1
+        workers = wait_until(lambda: workers_replaced(master, workers), message="workers after the reload")
         wait_until(lambda: get(port, "web.test.local") == (200, "web\n"), message="web vhost")
-        wait_until(lambda: get(port, "API.team.test.local:80") == (200, "api\n"), message="api vhost")
+        assert get(port, "API.team.test.local:80") == (200, "api\n")
+        assert get(port, "gone.test.local")[0] == 502  # refused by the (absent) listener
         assert get(port, "unknown.test.local")[0] == 503
         assert get(port, "unknown.test.local", "/_status")[0] == 200
+        assert web.requests >= 1 and api.requests >= 1
 
-        # no reload when the vhost set does not change: same plan, a UDP service, a higher port
-        reloads = nginx.driver.reloads
-        assert nginx.driver.apply(plan).action == "none"
+        # membership changes never reload nginx: servers added, removed, re-weighted, drained,
+        # all gone; plus a UDP service and a higher port under an existing name
+        config = open(nginx.driver.config).read()
         udp = Service.from_dict({"name": "dns", "port": 53, "protocol": "udp",
                                  "servers": [{"ip": "127.0.0.1", "port": 53}]})
-        same = nginx.plan(service("web", 8001, [web]), service("api.team", 8002, [api]),
-                          service("web", 9001, [udp_only]), udp)
-        assert nginx.driver.apply(same).action == "none"
-        assert nginx.driver.reloads == reloads
+        higher = max(web.port, api.port, closed) + 1
+        for servers in (FAKE, FAKE[1:], [("192.0.2.1", 31000, 256)], [("192.0.2.1", 31000, 0)], []):
+            same = nginx.plan(service("web", web.port, servers), service("api.team", api.port, servers[:1]),
+                              service("gone", closed, servers), service("web", higher, FAKE), udp)
+            result = nginx.driver.apply(same)
+            assert result.ok and result.action == "none", (servers, result)
+            assert get(port, "web.test.local") == (200, "web\n")
+        assert nginx.driver.reloads == 1
+        assert open(nginx.driver.config).read() == config
+        assert nginx.driver.master_pid() == master and no_new_workers(master, workers)
 
         # a restarted applier adopts the running nginx without reloading it
         assert NginxDriver(nginx.settings).apply(plan).action == "none"
+        assert no_new_workers(master, workers)
 
-        # membership change: reload, new backend serves
-        moved = nginx.driver.apply(nginx.plan(service("web", 8001, [api]), service("api.team", 8002, [api])))
-        assert moved.action == "reload" and nginx.driver.reloads == reloads + 1
-        wait_until(lambda: get(port, "web.test.local") == (200, "api\n"), message="web moved to api")
+        # a new service name: exactly one reload
+        grown = nginx.plan(service("web", web.port, FAKE[:1]), service("api.team", api.port),
+                           service("gone", closed, FAKE[1:2]), service("admin", admin.port, FAKE))
+        added = nginx.driver.apply(grown)
+        assert added.ok and added.action == "reload" and nginx.driver.reloads == 2, added
+        workers = wait_until(lambda: workers_replaced(master, workers), message="workers after adding admin")
+        wait_until(lambda: get(port, "admin.test.local") == (200, "admin\n"), message="admin vhost")
+        assert nginx.driver.apply(grown).action == "none" and nginx.driver.reloads == 2
 
         # a config nginx -t refuses is not installed; the last good one keeps serving
         good = open(nginx.driver.config).read()
@@ -212,22 +272,25 @@ def test_vhosts_default_server_reloads_and_rejected_config(nginx, monkeypatch):
         rejected = nginx.driver.apply(plan)
         assert not rejected.ok and rejected.action == "rejected" and "maybe" in rejected.errors[0], rejected
         assert open(nginx.driver.config).read() == good
-        assert nginx.driver.master_pid() == nginx.process.pid
-        wait_until(lambda: get(port, "web.test.local") == (200, "api\n"), message="last good config serving")
+        assert nginx.driver.master_pid() == master and nginx.driver.reloads == 2
+        assert get(port, "admin.test.local") == (200, "admin\n")  # last good config serving
         assert nginx.driver.apply(plan).action == "rejected"  # still bad, not retried against nginx
         monkeypatch.setattr(nginx_driver, "render", real_render)
-        assert nginx.driver.apply(plan).action == "reload"
-        wait_until(lambda: get(port, "web.test.local") == (200, "web\n"), message="web back on web")
+        assert nginx.driver.apply(plan).action == "reload" and nginx.driver.reloads == 3
+        wait_until(lambda: workers_replaced(master, workers), message="workers after dropping admin")
+        wait_until(lambda: get(port, "admin.test.local")[0] == 503, message="admin vhost gone")
+        assert get(port, "web.test.local") == (200, "web\n")
         assert nginx.process.poll() is None
     finally:
-        for backend in (web, api, udp_only):
+        for backend in (web, api, admin):
             backend.close()
 
 
 def test_websocket_upgrade_and_forwarded_headers(nginx):
+    # the stand-in listeners: service port == backend port (see above)
     echo, headers = UpgradeEcho(), HeaderBackend()
     try:
-        assert nginx.driver.apply(nginx.plan(service("ws", 8001, [echo]), service("hdr", 8002, [headers]))).ok
+        assert nginx.driver.apply(nginx.plan(service("ws", echo.port, FAKE), service("hdr", headers.port))).ok
         # After a reload the old workers may still accept for a moment: ask until the new config answers.
         seen = json.loads(wait_until(lambda: get_ok(nginx.port, "hdr.test.local"), message="hdr vhost"))
         assert seen["x-real-ip"] == "127.0.0.1" and seen["x-forwarded-for"] == "127.0.0.1"
@@ -254,7 +317,15 @@ def test_websocket_upgrade_and_forwarded_headers(nginx):
             assert conn.recv(16) == b"x"
             conn.sendall(b"yz")
             assert conn.recv(16) == b"yz"
+            # a membership change does not reload nginx, so an open WebSocket is not disturbed
+            reloads = nginx.driver.reloads
+            assert nginx.driver.apply(nginx.plan(service("ws", echo.port), service("hdr", headers.port,
+                                                                                   FAKE))).action == "none"
+            assert nginx.driver.reloads == reloads
+            conn.sendall(b"still")
+            assert conn.recv(16) == b"still"
         assert "upgrade: websocket" in echo.requests[-1] and "x-real-ip: 127.0.0.1" in echo.requests[-1]
+        assert "host: ws.test.local" in echo.requests[-1]
     finally:
         echo.close()
         headers.close()
@@ -262,9 +333,9 @@ def test_websocket_upgrade_and_forwarded_headers(nginx):
 
 def test_proxy_protocol_client_address_reaches_the_backend():
     nginx = Nginx(proxy_protocol=True)
-    headers = HeaderBackend()
+    headers = HeaderBackend()  # the stand-in listener of the service (port == backend port)
     try:
-        assert nginx.driver.apply(nginx.plan(service("hdr", 8002, [headers]))).ok
+        assert nginx.driver.apply(nginx.plan(service("hdr", headers.port, FAKE))).ok
 
         def ask(host: str, path: str = "/") -> bytes:
             return raw_request(nginx.port, b"PROXY TCP4 1.2.3.4 127.0.0.1 5555 80\r\n"
@@ -276,6 +347,7 @@ def test_proxy_protocol_client_address_reaches_the_backend():
 
         seen = json.loads(wait_until(answer, message="hdr vhost"))
         assert seen["x-real-ip"] == "1.2.3.4" and seen["x-forwarded-for"] == "1.2.3.4"
+        assert seen["host"] == "hdr.test.local"
         assert ask("other.test.local").startswith(b"HTTP/1.1 503")
         assert ask("other.test.local", "/_status").startswith(b"HTTP/1.1 200")
     finally:

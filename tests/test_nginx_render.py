@@ -1,4 +1,5 @@
-"""nginx config rendering: which vhosts exist, and that nothing from a plan can inject config."""
+"""nginx config rendering: which vhosts exist, that they point at the node-local listeners (so
+membership never changes the text), and that nothing from a plan can inject config."""
 import shutil
 import subprocess
 
@@ -15,26 +16,66 @@ def settings(**overrides):
     return ProxySettings(**{"vhost_domain": "apps.example.com", "vhost_port": 8088, **overrides})
 
 
-def test_one_vhost_per_tcp_name_lowest_port_wins():
+def nginx_t(tmp_path, text):
+    for sub in ("logs", "tmp"):
+        (tmp_path / sub).mkdir(exist_ok=True)
+    (tmp_path / "nginx.conf").write_text(text)
+    return subprocess.run(["nginx", "-t", "-q", "-p", f"{tmp_path}/", "-c", str(tmp_path / "nginx.conf")],
+                          capture_output=True, text=True)
+
+
+def test_one_vhost_per_tcp_name_lowest_port_wins_pointing_at_the_local_listener():
     plan = Plan((svc("web", 9001, servers=[("10.0.0.9", 1, 10)]),
                  svc("web", 8001, servers=[("10.0.0.1", 31000, 128), ("10.0.0.2", 31000, 0)]),
                  svc("dns", 53, "udp", servers=[("10.0.0.3", 53, 1)]),
                  svc("Api.Svc", 7000)), settings())
     vhosts, warnings = virtual_hosts(plan)
     assert warnings == []
-    assert [(v.server_name, v.upstream) for v in vhosts] == [
-        ("api.svc.apps.example.com", "service_7000"), ("web.apps.example.com", "service_8001")]
-    web = vhosts[1]
-    assert [(s.address, s.weight) for s in web.servers] == [("10.0.0.1:31000", 128)]  # weight 0 drains
+    assert [(v.server_name, v.upstream, v.listener) for v in vhosts] == [
+        ("api.svc.apps.example.com", "service_7000", "127.0.0.1:7000"),
+        ("web.apps.example.com", "service_8001", "127.0.0.1:8001")]
     text = render(plan, "/run/pm/nginx").text
-    assert "server_name web.apps.example.com;" in text and "10.0.0.9" not in text and "dns" not in text
+    assert "server_name web.apps.example.com;" in text and "dns" not in text
+    # no server of any service appears: HAProxy/Pen on the service port balances them
+    assert "10.0.0." not in text and "31000" not in text and "9001" not in text
+    assert "upstream service_8001 {\n        server 127.0.0.1:8001;\n    }" in text
+    assert "proxy_pass http://service_8001;" in text
+    # a service without servers still proxies to its listener (which answers for it)
+    assert "upstream service_7000 {\n        server 127.0.0.1:7000;\n    }" in text
+    assert text.count("server 127.0.0.1:") == 2
     assert "listen 8088 default_server;" in text
     assert 'location = /_status' in text and "return 503;" in text
     assert "proxy_http_version 1.1;" in text and "proxy_set_header Upgrade $http_upgrade;" in text
+    assert "proxy_set_header Connection $connection_upgrade;" in text
     assert "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in text
     assert "proxy_protocol" not in text and "user " not in text
-    # a service without servers gets a vhost answering 503, and no (invalid) empty upstream
-    assert "upstream service_7000" not in text
+
+
+def test_membership_changes_render_the_same_text():
+    base = Plan((svc("web", 8001, servers=[("10.0.0.1", 31000, 128)]),
+                 svc("api", 8002, servers=[("10.0.0.2", 31001, 10)])), settings())
+    text = render(base, "/p").text
+    variants = [
+        # a server added, removed, re-weighted, drained (weight 0), health-failed (gone)
+        (svc("web", 8001, servers=[("10.0.0.1", 31000, 128), ("10.0.0.3", 31002, 5)]),
+         svc("api", 8002, servers=[("10.0.0.2", 31001, 10)])),
+        (svc("web", 8001), svc("api", 8002, servers=[("10.0.0.2", 31001, 10)])),
+        (svc("web", 8001, servers=[("10.0.0.1", 31000, 1)]), svc("api", 8002, servers=[("10.0.0.2", 31001, 256)])),
+        (svc("web", 8001, servers=[("10.0.0.1", 31000, 0)]), svc("api", 8002)),
+        # a UDP service, a higher port under an existing name, a health check: not vhost inputs
+        (svc("web", 8001), svc("api", 8002), svc("dns", 53, "udp", servers=[("10.0.0.3", 53, 1)]),
+         svc("web", 9001, servers=[("10.0.0.9", 1, 10)]),
+         svc("api", 8003, health_check=HealthCheck(protocol="http").to_dict())),
+    ]
+    for services in variants:
+        assert render(Plan(services, settings()), "/p").text == text, services
+    # what does change the text: a new name, a name moving port, a server timeout
+    new_name = render(Plan(base.services + (svc("admin", 8003),), settings()), "/p").text
+    assert new_name != text and "server_name admin.apps.example.com;" in new_name
+    moved = render(Plan((svc("web", 8001), svc("api", 7999)), settings()), "/p").text
+    assert moved != text and "server 127.0.0.1:7999;" in moved
+    slow = render(Plan((svc("web", 8001, timeout_server=300), svc("api", 8002)), settings()), "/p").text
+    assert slow != text
 
 
 def test_proxy_protocol_and_user():
@@ -42,7 +83,7 @@ def test_proxy_protocol_and_user():
                   "/p", user="www-data").text
     assert "listen 8088 default_server proxy_protocol;" in text and "listen 8088 proxy_protocol;" in text
     assert "real_ip_header proxy_protocol;" in text and "set_real_ip_from 0.0.0.0/0;" in text
-    assert "server [::1]:8080 weight=1;" in text
+    assert "server 127.0.0.1:80;" in text and "::1" not in text
     assert text.startswith("# Rendered") and "\nuser www-data;\n" in text
 
 
@@ -51,15 +92,25 @@ def test_nothing_from_a_plan_reaches_the_config_unchecked():
     evil = Service(name="x;\n} server { listen 1", port=81,
                    servers=(Server(ip="10.0.0.1", port=80, weight=10),))
     underscore = svc("my_app", 82, servers=[("10.0.0.1", 80, 10)])
-    bad_ip = Service(name="ok", port=83, servers=(Server(ip="10.0.0.1; evil", port=80, weight=10),))
     vhosts, warnings = virtual_hosts(Plan((evil, underscore), settings()))
     assert vhosts == [] and len(warnings) == 2
-    try:
-        virtual_hosts(Plan((bad_ip,), settings()))
-    except ValueError:
-        pass
-    else:
-        raise AssertionError("an invalid server address was rendered")
+    # servers are not rendered at all: a bad address cannot reach the config
+    bad_ip = Service(name="ok", port=83, servers=(Server(ip="10.0.0.1; evil", port=80, weight=10),))
+    assert "evil" not in render(Plan((bad_ip,), settings()), "/p").text
+    for bad in (Service(name="ok", port="83; evil"), Service(name="ok", port=0), Service(name="ok", port=True),
+                Service(name="ok", port=83, timeout_server="5s; evil")):
+        try:
+            render(Plan((bad,), settings()), "/p")
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"an invalid service was rendered: {bad}")
+
+
+def test_a_service_on_the_vhost_port_gets_no_vhost():
+    # its listener would be nginx itself
+    vhosts, warnings = virtual_hosts(Plan((svc("web", 8088), svc("web", 8089)), settings()))
+    assert [v.listener for v in vhosts] == ["127.0.0.1:8089"] and len(warnings) == 1
 
 
 def test_long_names_get_a_big_enough_hash_bucket(tmp_path):
@@ -67,12 +118,17 @@ def test_long_names_get_a_big_enough_hash_bucket(tmp_path):
     text = render(Plan((svc(name, 80), svc("short", 81)), settings()), str(tmp_path)).text
     assert "server_names_hash_bucket_size 256;" in text
     if shutil.which("nginx"):
-        for sub in ("logs", "tmp"):
-            (tmp_path / sub).mkdir()
-        (tmp_path / "nginx.conf").write_text(text)
-        check = subprocess.run(["nginx", "-t", "-q", "-p", f"{tmp_path}/", "-c", str(tmp_path / "nginx.conf")],
-                               capture_output=True, text=True)
+        check = nginx_t(tmp_path, text)
         assert check.returncode == 0, check.stderr
+
+
+def test_rendered_config_passes_nginx_t(tmp_path):
+    if not shutil.which("nginx"):
+        return
+    plan = Plan((svc("web", 8001, timeout_server=30), svc("api", 8002, servers=[("10.0.0.2", 31001, 10)])),
+                settings(proxy_protocol=True))
+    check = nginx_t(tmp_path, render(plan, str(tmp_path)).text)
+    assert check.returncode == 0, check.stderr
 
 
 def test_server_timeout_becomes_the_proxy_read_timeout():
@@ -85,6 +141,6 @@ def test_server_timeout_becomes_the_proxy_read_timeout():
 def test_driver_refuses_a_plan_it_cannot_render_safely(tmp_path):
     from services.applier.nginx_driver import NginxDriver
     from services.common.config import Settings
-    bad_ip = Service(name="ok", port=83, servers=(Server(ip="10.0.0.1; evil", port=80, weight=10),))
-    result = NginxDriver(Settings(run_dir=str(tmp_path))).apply(Plan((bad_ip,), settings()))
+    bad_port = Service(name="ok", port="83; evil")
+    result = NginxDriver(Settings(run_dir=str(tmp_path))).apply(Plan((bad_port,), settings()))
     assert not result.ok and result.action == "rejected" and not (tmp_path / "nginx" / "nginx.conf").exists()

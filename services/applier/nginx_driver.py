@@ -1,5 +1,7 @@
 """The nginx driver: virtual hosts for TCP services (VHOST_DOMAIN), see nginx_render.
 
+The rendered text depends only on the vhost set (each vhost proxies to its service's node-local
+listener, HAProxy or Pen), so membership changes leave it unchanged and never reload nginx.
 Render the plan; when the text differs from the config in use, test it with
 `nginx -t -p <prefix> -c <candidate>`, move it in place atomically and send SIGHUP to the
 master (a graceful reload: old workers finish their requests). A config that fails the test is

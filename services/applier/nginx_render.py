@@ -1,13 +1,18 @@
 """Plan -> nginx.conf text for the virtual hosts (pure: no files, no processes).
 
 Every TCP service gets `http://<name>.<VHOST_DOMAIN>/` on VHOST_PORT; when one name has several
-ports the lowest port wins. Nothing taken from a plan reaches the config unchecked: server names
-must match [a-z0-9.-] (a name with anything else is left out with a warning), upstream names are
-built from port numbers only, and server addresses are re-parsed as IP addresses.
+ports the lowest port wins. A virtual host does not know the service's servers: it proxies to
+the node-local TCP listener of its service, `127.0.0.1:<service port>` (HAProxy, or Pen with
+HAPROXY=false), which already balances, drains and health-checks them. So the rendered text
+depends only on (server name, service port, timeout_server) per vhost and the settings: a
+membership change never changes it, and never reloads nginx.
+
+Nothing taken from a plan reaches the config unchecked: server names must match [a-z0-9.-] (a
+name with anything else is left out with a warning), upstream names and listener addresses are
+built from port numbers only, checked as integers.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -21,20 +26,16 @@ _SAFE_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
 _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(_TEMPLATES), undefined=jinja2.StrictUndefined,
                           trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
 
-
-@dataclass(frozen=True)
-class UpstreamServer:
-    address: str  # ip:port or [ipv6]:port
-    weight: int  # 1..256
-    max_conns: int  # 0: unlimited
+# Where a vhost sends its requests: the service's own listener on this node.
+LISTENER_HOST = "127.0.0.1"
 
 
 @dataclass(frozen=True)
 class VirtualHost:
     key: str  # port/protocol of the service it routes to
     server_name: str
-    upstream: str
-    servers: tuple[UpstreamServer, ...]
+    upstream: str  # service_<port>
+    listener: str  # 127.0.0.1:<service port>
     timeout_server: int | None
 
 
@@ -45,38 +46,38 @@ class Rendered:
     warnings: tuple[str, ...]
 
 
-def _address(ip: str, port: int) -> str:
-    parsed = ipaddress.ip_address(ip)  # raises for anything that is not an address
-    if not 0 < int(port) < 65536:
-        raise ValueError(f"bad port {port!r}")
-    return f"[{parsed}]:{int(port)}" if parsed.version == 6 else f"{parsed}:{int(port)}"
+def _int(value, low: int, high: int, what: str) -> int:
+    # Only a real int: a string such as "80; evil" never reaches the config.
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"bad {what} {value!r}")
+    return value
 
 
 def virtual_hosts(plan: Plan) -> tuple[list[VirtualHost], list[str]]:
     domain = plan.settings.vhost_domain.strip(".").lower()
+    vhost_port = _int(plan.settings.vhost_port, 1, 65535, "vhost port")
     warnings: list[str] = []
+    tcp = [s for s in plan.services if s.protocol == "tcp"]
+    for service in tcp:
+        _int(service.port, 1, 65535, f"port of service {service.name!r}")
+        if service.timeout_server is not None:
+            _int(service.timeout_server, 1, 86400, f"timeout_server of service {service.name!r}")
     by_name: dict[str, Service] = {}
-    for service in sorted(plan.services, key=lambda s: s.port):
-        if service.protocol != "tcp":
-            continue
+    for service in sorted(tcp, key=lambda s: s.port):
         name = f"{service.name.lower()}.{domain}"
         if not _SAFE_NAME.match(name) or ".." in name or len(name) > 253:
             warnings.append(f"service {service.name!r} ({service.key}): {name!r} is not a valid host name, "
                             "no virtual host")
             continue
+        if service.port == vhost_port:
+            # its listener would be nginx itself: a request loop
+            warnings.append(f"service {service.name!r} ({service.key}): its port is VHOST_PORT, no virtual host")
+            continue
         by_name.setdefault(name, service)  # lowest port wins
-    vhosts = []
-    for name, service in sorted(by_name.items(), key=lambda item: item[1].port):
-        servers = []
-        for server in service.servers:
-            if server.weight <= 0:
-                continue  # draining: no new requests
-            servers.append(UpstreamServer(address=_address(server.ip, server.port),
-                                          weight=min(int(server.weight), 256),
-                                          max_conns=int(server.maxconn or 0)))
-        vhosts.append(VirtualHost(key=f"{int(service.port)}/tcp", server_name=name,
-                                  upstream=f"service_{int(service.port)}", servers=tuple(servers),
-                                  timeout_server=int(service.timeout_server) if service.timeout_server else None))
+    vhosts = [VirtualHost(key=f"{service.port}/tcp", server_name=name, upstream=f"service_{service.port}",
+                          listener=f"{LISTENER_HOST}:{service.port}",
+                          timeout_server=service.timeout_server or None)
+              for name, service in sorted(by_name.items(), key=lambda item: item[1].port)]
     return vhosts, warnings
 
 
