@@ -232,8 +232,11 @@ def test_config_failing_validation_is_rejected_and_old_config_keeps_serving(hapr
         good = handle.read()
     worker = haproxy.proc().worker
 
-    real_render = haproxy_driver.render
+    # A service-level change HAProxy refuses (changes to slot contents alone are typed values
+    # and skip `haproxy -c`; see test_render_refusal_is_rejected for those).
+    real_render, real_skeleton = haproxy_driver.render, haproxy_driver.render_skeleton
     monkeypatch.setattr(haproxy_driver, "render", lambda *a, **k: real_render(*a, **k) + "    bogus_keyword 1\n")
+    monkeypatch.setattr(haproxy_driver, "render_skeleton", lambda *a, **k: real_skeleton(*a, **k) + "bogus\n")
     result = driver.apply(make_plan(tcp_service(port, backends[1:2])))
     assert not result.ok and result.action == "rejected"
     assert "bogus_keyword" in result.errors[0] and "previous one keeps serving" in result.errors[0]
@@ -243,6 +246,7 @@ def test_config_failing_validation_is_rejected_and_old_config_keeps_serving(hapr
     assert haproxy.proc().worker == worker
 
     monkeypatch.setattr(haproxy_driver, "render", real_render)
+    monkeypatch.setattr(haproxy_driver, "render_skeleton", real_skeleton)
     fixed = driver.apply(make_plan(tcp_service(port, backends[1:2])))
     assert fixed.ok and fixed.action == "runtime"
     assert serving(port, 3) == {"b1"}

@@ -1,0 +1,193 @@
+"""Event → traffic: from a discovery change to HAProxy routing accordingly, through the real
+pipeline (collector, planner, applier as separate processes, a real HAProxy).
+
+Marathon: the simulator flips one task's health (fail, then recover) in a cluster of APPS apps
+with 5 tasks each. Registrator: one etcd key is deleted / set again. The clock stops when the
+applier reports on the bus that it applied the plan carrying the change (HAProxy's runtime API
+has been told by then); a sample of changes is also checked against HAProxy's own server state.
+
+    .venv/bin/python -m bench.pipeline_bench [--apps 100,1000] [--changes 200] [--registrator]
+"""
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import time
+
+import zmq
+
+from services.applier.haproxy_render import HaproxyPaths
+from services.common.bus import Endpoint, Subscriber
+from sim.marathon import MarathonSim
+from sim.pipeline import Pipeline
+from tests.helpers import wait_until
+
+
+def free_port_range(count: int, start: int = 20000) -> int:
+    """First port of `count` consecutive TCP ports free on loopback and 0.0.0.0."""
+    base = start
+    while base + count < 60000:
+        for port in range(base, base + count):
+            with socket.socket() as s:
+                try:
+                    s.bind(("0.0.0.0", port))
+                except OSError:
+                    base = port + 1
+                    break
+        else:
+            return base
+    raise RuntimeError("no free port range")
+
+
+class BusWatch:
+    """Follows plan and applied messages: which plan hash holds which servers, and when each
+    plan hash was applied."""
+
+    def __init__(self, run_dir: str):
+        self.subscriber = Subscriber(zmq.Context.instance(), [
+            Endpoint.parse(f"ipc://{run_dir}/bus/planner.pub"), Endpoint.parse(f"ipc://{run_dir}/bus/applier.pub")],
+            ["plan", "applied."])
+        self.plans: dict[str, dict] = {}
+        self.applied: dict[str, float] = {}
+        self.last_plan = ""
+
+    def pump(self, timeout: float = 0.001) -> None:
+        for message in self.subscriber.poll(timeout):
+            if message.topic == "plan":
+                self.plans[message.payload["hash"]] = message.payload
+                self.last_plan = message.payload["hash"]
+            elif message.topic.startswith("applied.") and message.payload["ok"]:
+                self.applied.setdefault(message.payload["plan_hash"], time.monotonic())
+
+    def wait_applied(self, predicate, timeout: float = 30.0) -> float:
+        """Time at which a plan satisfying `predicate` was applied."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.pump(0.005)
+            for plan_hash, at in self.applied.items():
+                plan = self.plans.get(plan_hash)
+                if plan is not None and predicate(plan):
+                    return at
+        raise RuntimeError("change never applied")
+
+    def forget(self) -> None:
+        self.applied.clear()
+
+
+def servers_of(plan: dict, port: int) -> set[tuple[str, int]]:
+    for service in plan["services"]:
+        if service["port"] == port and service["protocol"] == "tcp":
+            return {(s["ip"], s["port"]) for s in service["servers"]}
+    return set()
+
+
+def haproxy_addresses(run_dir: str, port: int) -> set[str]:
+    """What HAProxy itself routes to (ready slots), via its runtime API."""
+    paths = HaproxyPaths.for_run_dir(run_dir)
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(5)
+        conn.connect(paths.admin_socket)
+        conn.sendall(f"show servers state svc_{port}_tcp\n".encode())
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    ready = set()
+    for line in data.decode().splitlines():
+        fields = line.split()
+        # be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state ... srv_port at 18
+        if len(fields) > 18 and fields[1] == f"svc_{port}_tcp" and fields[6] == "0":
+            ready.add(f"{fields[4]}:{fields[18]}")
+    return ready
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def marathon_run(apps: int, changes: int) -> dict:
+    sim = MarathonSim().start()
+    base = free_port_range(apps)
+    for i in range(apps):
+        sim.deploy_app(f"/bench/app{i}", network="BRIDGE", service_ports=[base + i], instances=5, health_check=True)
+    pipeline = Pipeline(["--marathon", sim.url, "--status-endpoint", "", "-i", "3600"],
+                        programs=("haproxy", "applier", "planner", "collector"))
+    watch = BusWatch(pipeline.run_dir)
+    try:
+        started = time.monotonic()
+        pipeline.start()
+        watch.wait_applied(lambda plan: len(plan["services"]) == apps and all(
+            len(s["servers"]) == 5 for s in plan["services"]), timeout=180)
+        initial = time.monotonic() - started
+        probe_port = base + apps // 2
+        task = sim.task_ids(f"/bench/app{apps // 2}")[0]
+        samples = []
+        verified = 0
+        for step in range(changes):
+            alive = step % 2 == 1
+            watch.forget()
+            flipped = time.monotonic()
+            sim.set_health(task, alive)
+            at = watch.wait_applied(lambda plan: (len(servers_of(plan, probe_port)) == 5) == alive)
+            samples.append((at - flipped) * 1000)
+            if step % 50 == 0:
+                expected = 5 if alive else 4
+                wait_until(lambda: len(haproxy_addresses(pipeline.run_dir, probe_port)) == expected, timeout=5,
+                           message="HAProxy's own state to agree")
+                verified += 1
+        return {"apps": apps, "tasks": apps * 5, "changes": changes, "initial_sync_s": round(initial, 2),
+                "p50_ms": round(statistics.median(samples), 1), "p99_ms": round(percentile(samples, 0.99), 1),
+                "max_ms": round(max(samples), 1), "checked_against_haproxy": verified}
+    finally:
+        pipeline.cleanup()
+        sim.stop()
+
+
+def registrator_run(changes: int) -> dict:
+    from tests.etcd_server import EtcdServer
+    etcd = EtcdServer().start()
+    base = free_port_range(100, 40000)
+    client = etcd.client()
+    for i in range(100):
+        for j in range(5):
+            client.write(f"/services/svc{i}@{base + i}/h{j}:c{j}:80", f"10.1.{i}.{j + 1}:8080")
+    pipeline = Pipeline(["--registrator", etcd.url("/services"), "--status-endpoint", "", "-i", "3600"],
+                        programs=("haproxy", "applier", "planner", "collector"))
+    watch = BusWatch(pipeline.run_dir)
+    try:
+        pipeline.start()
+        watch.wait_applied(lambda plan: len(plan["services"]) == 100, timeout=120)
+        probe_port, key = base + 50, f"/services/svc50@{base + 50}/h0:c0:80"
+        samples = []
+        for step in range(changes):
+            present = step % 2 == 1
+            watch.forget()
+            changed = time.monotonic()
+            if present:
+                client.write(key, "10.1.50.1:8080")
+            else:
+                client.delete(key)
+            at = watch.wait_applied(lambda plan: (len(servers_of(plan, probe_port)) == 5) == present)
+            samples.append((at - changed) * 1000)
+        return {"entries": 500, "changes": changes, "p50_ms": round(statistics.median(samples), 1),
+                "p99_ms": round(percentile(samples, 0.99), 1), "max_ms": round(max(samples), 1)}
+    finally:
+        pipeline.cleanup()
+        etcd.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--apps", default="100,1000")
+    parser.add_argument("--changes", type=int, default=200)
+    parser.add_argument("--registrator", action="store_true", help="also measure etcd change → traffic")
+    args = parser.parse_args()
+    for apps in (int(a) for a in args.apps.split(",") if a):
+        print("marathon event → applied:", marathon_run(apps, args.changes), flush=True)
+    if args.registrator:
+        print("registrator change → applied:", registrator_run(args.changes), flush=True)
+
+
+if __name__ == "__main__":
+    main()
