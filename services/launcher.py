@@ -61,7 +61,9 @@ def render_supervisord_conf(settings: Settings, args: list[str]) -> str:
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(str(DEPLOY_DIR)),
                                      undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return environment.get_template("supervisord.conf.j2").render(
-        run_dir=settings.run_dir, programs=programs(settings, args))
+        run_dir=settings.run_dir, programs=programs(settings, args),
+        # Saying so explicitly keeps supervisord from warning that it did not drop privileges.
+        user="root" if os.geteuid() == 0 else None)
 
 
 def write_supervisord_conf(settings: Settings, args: list[str]) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import socket
 import socketserver
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -29,6 +30,14 @@ class TcpBackend:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A proxy closing an idle keep-alive connection is normal: no traceback for it."""
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
 
 
 class HttpBackend:
@@ -58,7 +67,7 @@ class HttpBackend:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
