@@ -71,3 +71,23 @@ def test_health_check_path_cannot_inject():
 
 def test_ipv6_address_format():
     assert Server.from_dict({"ip": "::1", "port": 80}).address == "[::1]:80"
+
+
+def test_decoder_reuses_unchanged_services_and_still_validates_changed_ones():
+    from services.common.model import ServiceDecoder
+    decoder = ServiceDecoder()
+    wire = [service().to_dict(), service(port=1235).to_dict()]
+    first = decoder.decode([dict(d) for d in wire])
+    changed = dict(wire[1], servers=[{"ip": "10.0.0.9", "port": 80}])
+    second = decoder.decode([dict(wire[0]), changed])
+    assert second[0] is first[0] and second[1] is not first[1]
+    assert second[1].servers[0].ip == "10.0.0.9"
+    with pytest.raises(ModelError, match="port"):
+        decoder.decode([dict(wire[0], port=0)])
+
+
+def test_hashes_follow_content_not_object_identity():
+    a, b = service(), service()
+    assert a is not b and a.digest == b.digest
+    assert Plan((a,)).hash == Plan((b,)).hash != Plan((service(mode="http"),)).hash
+    assert Plan((a,)).hash != Plan((a,), settings=ProxySettings(max_connections=1)).hash

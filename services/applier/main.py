@@ -22,7 +22,7 @@ import zmq
 from services.applier.driver import DriverResult, ProxyDriver
 from services.common.bus import Publisher, Subscriber
 from services.common.config import Settings
-from services.common.model import ApplyResult, ModelError, Plan
+from services.common.model import ApplyResult, ModelError, Plan, ServiceDecoder
 
 log = logging.getLogger("proxymatic.applier")
 
@@ -101,6 +101,7 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
     log.info("applier: plans from %s, results on %s as %s, drivers: %s", settings.bus("planner").pub,
              settings.bus("applier").pub, topic, ", ".join(d.name for d in drivers) or "none")
 
+    decoder = ServiceDecoder()
     pending: Plan | None = None  # the newest plan not applied yet
     current: Plan | None = None  # the plan the proxies were last converged to (or tried)
     last: ApplyResult | None = None
@@ -117,13 +118,13 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
             ready = dict(poller.poll(int(timeout * 1000)))
             if publisher.snapshot in ready:
                 publisher.serve_snapshots()
-            for message in subscriber.drain(ready):
-                if message.is_heartbeat or message.topic != "plan":
-                    continue
+            plans = [m for m in subscriber.drain(ready) if m.topic == "plan"]
+            if plans:
+                newest = plans[-1]  # older queued plans are obsolete: decode only the newest
                 try:
-                    pending = Plan.from_dict(message.payload)  # newer plans replace older ones
+                    pending = Plan.from_dict(newest.payload, decoder)
                 except ModelError as error:
-                    log.error("applier: rejected plan from %s: %s", message.sender, error)
+                    log.error("applier: rejected plan from %s: %s", newest.sender, error)
 
             now = time.monotonic()
             reason = ""

@@ -108,7 +108,8 @@ class Server:
         return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"ip": self.ip, "port": self.port, "hostname": self.hostname, "weight": self.weight,
+                "maxconn": self.maxconn}
 
     @classmethod
     def from_dict(cls, data: Any, what: str = "server") -> "Server":
@@ -178,10 +179,28 @@ class Service:
         return f"{self.port}/{self.protocol}"
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        data["servers"] = [s.to_dict() for s in self.servers]
-        data["health_check"] = self.health_check.to_dict() if self.health_check else None
-        return data
+        """The wire form. Computed once per object (services are immutable and most survive
+        from one snapshot to the next): callers must not modify it."""
+        cached = self.__dict__.get("_wire")
+        if cached is None:
+            cached = {
+                "name": self.name, "port": self.port, "protocol": self.protocol, "mode": self.mode,
+                "source": self.source, "servers": [s.to_dict() for s in self.servers],
+                "health_check": self.health_check.to_dict() if self.health_check else None,
+                "timeout_client": self.timeout_client, "timeout_server": self.timeout_server,
+                "host_network": self.host_network,
+            }
+            object.__setattr__(self, "_wire", cached)
+        return cached
+
+    @property
+    def digest(self) -> str:
+        """Content hash of this service, computed once per object."""
+        cached = self.__dict__.get("_digest")
+        if cached is None:
+            cached = content_hash(self.to_dict())
+            object.__setattr__(self, "_digest", cached)
+        return cached
 
     @classmethod
     def from_dict(cls, data: Any, what: str = "service") -> "Service":
@@ -227,14 +246,44 @@ def server_sort_key(server: Server) -> tuple:
     return (server.ip, server.port, server.hostname)
 
 
+def _by_key(services: Iterable[Service]) -> list[Service]:
+    return sorted(services, key=lambda s: (s.port, s.protocol))
+
+
 def services_to_list(services: Iterable[Service]) -> list[dict]:
-    return [s.to_dict() for s in sorted(services, key=lambda s: (s.port, s.protocol))]
+    return [s.to_dict() for s in _by_key(services)]
+
+
+def services_hash(services: Iterable[Service], *extra: Any) -> str:
+    """Hash of the per-service hashes (cheap when services are reused) and any extra data."""
+    return content_hash([s.digest for s in _by_key(services)] + list(extra))
+
+
+class ServiceDecoder:
+    """Decodes lists of service dicts, reusing the Service decoded last time when a dict is
+    equal to the one it came from: with full-state messages most services do not change, and
+    comparing dicts is much cheaper than validating them again. One per subscriber."""
+
+    def __init__(self) -> None:
+        self._known: dict[Any, tuple[dict, Service]] = {}
+
+    def decode(self, data: Any, what: str = "services") -> tuple[Service, ...]:
+        if not isinstance(data, list):
+            raise ModelError(f"{what} must be a list")
+        known: dict[Any, tuple[dict, Service]] = {}
+        decoded = []
+        for index, item in enumerate(data):
+            key = (item.get("port"), item.get("protocol"), item.get("source")) if isinstance(item, dict) else None
+            hit = self._known.get(key)
+            service = hit[1] if hit is not None and hit[0] == item else Service.from_dict(item, f"{what}[{index}]")
+            known[key] = (item, service)
+            decoded.append(service)
+        self._known = known
+        return tuple(decoded)
 
 
 def services_from_list(data: Any, what: str = "services") -> tuple[Service, ...]:
-    if not isinstance(data, list):
-        raise ModelError(f"{what} must be a list")
-    return tuple(Service.from_dict(item, f"{what}[{i}]") for i, item in enumerate(data))
+    return ServiceDecoder().decode(data, what)
 
 
 @dataclass(frozen=True)
@@ -251,7 +300,7 @@ class SourceSnapshot:
 
     @property
     def hash(self) -> str:
-        return content_hash(services_to_list(self.services))
+        return services_hash(self.services)
 
     def to_dict(self) -> dict:
         return {
@@ -265,12 +314,12 @@ class SourceSnapshot:
         }
 
     @classmethod
-    def from_dict(cls, data: Any) -> "SourceSnapshot":
+    def from_dict(cls, data: Any, decoder: ServiceDecoder | None = None) -> "SourceSnapshot":
         data = _require_dict(data, "snapshot")
         return cls(
             source=_choice(data.get("source"), SOURCES, "snapshot.source"),
             state=_choice(data.get("state"), SOURCE_STATES, "snapshot.state"),
-            services=services_from_list(data.get("services", [])),
+            services=(decoder or ServiceDecoder()).decode(data.get("services", [])),
             error=str(data.get("error", "")),
             warnings=tuple(str(w) for w in data.get("warnings", [])),
         )
@@ -311,7 +360,7 @@ class Plan:
 
     @property
     def hash(self) -> str:
-        return content_hash({"services": services_to_list(self.services), "settings": self.settings.to_dict()})
+        return services_hash(self.services, self.settings.to_dict())
 
     def to_dict(self) -> dict:
         return {
@@ -325,10 +374,10 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, data: Any) -> "Plan":
+    def from_dict(cls, data: Any, decoder: ServiceDecoder | None = None) -> "Plan":
         data = _require_dict(data, "plan")
         return cls(
-            services=services_from_list(data.get("services", [])),
+            services=(decoder or ServiceDecoder()).decode(data.get("services", [])),
             settings=ProxySettings.from_dict(data.get("settings", {})),
             inputs=tuple(sorted(dict(data.get("inputs", {})).items())),
             sources_ready=tuple(data.get("sources_ready", [])),

@@ -13,12 +13,12 @@ import zmq
 
 from services.common.bus import Publisher, Subscriber
 from services.common.config import Settings
-from services.common.model import ModelError, SourceSnapshot
-from services.planner.policy import absorb, make_plan
+from services.common.model import ModelError, ServiceDecoder, SourceSnapshot
+from services.planner.policy import PolicyMemo, absorb, make_plan
 
 log = logging.getLogger("proxymatic.planner")
 
-QUIET_PERIOD = 0.005
+QUIET_PERIOD = 0.002
 MAX_DELAY = 0.05
 
 
@@ -28,6 +28,8 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
     publisher = Publisher(ctx, f"planner@{settings.node}", settings.bus("planner"))
     subscriber = Subscriber(ctx, [settings.bus("collector")], ["source."])
     snapshots: dict[str, SourceSnapshot] = {}
+    decoders: dict[str, ServiceDecoder] = {}
+    memo = PolicyMemo()
     first_pending: float | None = None
     last_change = 0.0
     last_published: tuple | None = None
@@ -50,7 +52,8 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
                 if message.is_heartbeat:
                     continue
                 try:
-                    snapshot = SourceSnapshot.from_dict(message.payload)
+                    source = str(message.payload.get("source"))
+                    snapshot = SourceSnapshot.from_dict(message.payload, decoders.setdefault(source, ServiceDecoder()))
                 except ModelError as error:
                     log.error("planner: rejected snapshot on %s from %s: %s", message.topic, message.sender, error)
                     continue
@@ -63,7 +66,7 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
             if now - last_change < quiet_period and now - first_pending < max_delay:
                 continue
             first_pending = None
-            plan = make_plan(snapshots, settings)
+            plan = make_plan(snapshots, settings, memo)
             identity = (plan.hash, plan.sources_ready, plan.notes)
             if identity == last_published:
                 continue

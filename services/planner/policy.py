@@ -64,7 +64,27 @@ def apply_policies(service: Service, settings: Settings) -> Service:
     return service.with_servers(servers)
 
 
-def make_plan(snapshots: dict[str, SourceSnapshot], settings: Settings) -> Plan:
+class PolicyMemo:
+    """Policies applied to a service last time, by object identity: sources and the bus decoder
+    reuse unchanged Service objects, so only changed services are processed again."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[Service, Service]] = {}
+        self._next: dict[int, tuple[Service, Service]] = {}
+
+    def apply(self, service: Service, settings: Settings) -> Service:
+        hit = self._seen.get(id(service))
+        result = hit[1] if hit is not None and hit[0] is service else apply_policies(service, settings)
+        self._next[id(service)] = (service, result)
+        return result
+
+    def rotate(self) -> None:
+        """Forget services that were not in the last plan."""
+        self._seen, self._next = self._next, {}
+
+
+def make_plan(snapshots: dict[str, SourceSnapshot], settings: Settings, memo: PolicyMemo | None = None) -> Plan:
+    memo = memo or PolicyMemo()
     merged, notes = merge(snapshots)
     reserved = reserved_ports(settings)
     services: list[Service] = []
@@ -78,7 +98,8 @@ def make_plan(snapshots: dict[str, SourceSnapshot], settings: Settings) -> Plan:
             notes.append(f"port {key}: service {service.name!r} collides with "
                          f"{reserved[service.port]}; not proxied")
             continue
-        services.append(apply_policies(service, settings))
+        services.append(memo.apply(service, settings))
+    memo.rotate()
     return Plan(
         services=tuple(services),
         settings=settings.proxy_settings(),
