@@ -14,8 +14,10 @@ import urllib.request
 import pytest
 
 from services.applier import haproxy_driver, haproxy_launch
+from services.applier import haproxy_runtime as runtime
 from services.applier.haproxy_driver import HaproxyDriver
-from services.applier.haproxy_runtime import MasterCli
+from services.applier.haproxy_render import Rendering
+from services.applier.haproxy_runtime import MasterCli, WorkerApi
 from services.common.config import Settings
 from services.common.model import Plan, ProxySettings, Service
 from tests.helpers import HttpBackend, TcpBackend, free_port, tcp_ask, wait_until
@@ -234,9 +236,14 @@ def test_config_failing_validation_is_rejected_and_old_config_keeps_serving(hapr
 
     # A service-level change HAProxy refuses (changes to slot contents alone are typed values
     # and skip `haproxy -c`; see test_render_refusal_is_rejected for those).
-    real_render, real_skeleton = haproxy_driver.render, haproxy_driver.render_skeleton
-    monkeypatch.setattr(haproxy_driver, "render", lambda *a, **k: real_render(*a, **k) + "    bogus_keyword 1\n")
-    monkeypatch.setattr(haproxy_driver, "render_skeleton", lambda *a, **k: real_skeleton(*a, **k) + "bogus\n")
+    real_renderer = driver._renderer
+
+    class Bogus:
+        def update(self, plan, previous):
+            real = real_renderer.update(plan, previous)
+            return Rendering(real.slots, real.text + "    bogus_keyword 1\n", "bogus skeleton")
+
+    monkeypatch.setattr(driver, "_renderer", Bogus())
     result = driver.apply(make_plan(tcp_service(port, backends[1:2])))
     assert not result.ok and result.action == "rejected"
     assert "bogus_keyword" in result.errors[0] and "previous one keeps serving" in result.errors[0]
@@ -245,8 +252,7 @@ def test_config_failing_validation_is_rejected_and_old_config_keeps_serving(hapr
         assert handle.read() == good
     assert haproxy.proc().worker == worker
 
-    monkeypatch.setattr(haproxy_driver, "render", real_render)
-    monkeypatch.setattr(haproxy_driver, "render_skeleton", real_skeleton)
+    monkeypatch.setattr(driver, "_renderer", real_renderer)
     fixed = driver.apply(make_plan(tcp_service(port, backends[1:2])))
     assert fixed.ok and fixed.action == "runtime"
     assert serving(port, 3) == {"b1"}
@@ -360,3 +366,83 @@ def test_statistics_page_on_the_stats_socket(haproxy):
             answer += chunk
     assert answer.startswith(b"HTTP/1.") and b" 200 " in answer.split(b"\r\n")[0]
     assert b"Statistics Report" in answer
+
+
+def test_membership_change_is_one_round_trip_before_the_file_is_rewritten(haproxy, backends, monkeypatch):
+    """Among many services, a change to one service's servers: `show proc` and every command go
+    out on one CLI line, in one connection, before haproxy.cfg and slots.json are rewritten."""
+    driver = HaproxyDriver(haproxy.settings)
+    port = free_port()
+    others = [Service.from_dict({"name": f"other{i}", "port": p,
+                                 "servers": [{"ip": "10.0.0.1", "port": 1000 + i, "weight": 1}]})
+              for i, p in enumerate(free_port() for _ in range(20))]
+    assert driver.apply(make_plan(tcp_service(port, backends[:1]), *others)).action == "reload"
+
+    events = []
+
+    def recording(kind, real, method=False):
+        if method:
+            return lambda self, arg, *rest: events.append((kind, arg)) or real(self, arg, *rest)
+        return lambda arg, *rest: events.append((kind, arg)) or real(arg, *rest)
+
+    monkeypatch.setattr(MasterCli, "_send_line", recording("cli", MasterCli._send_line, method=True))
+    monkeypatch.setattr(driver, "_replace", recording("file", driver._replace))
+    monkeypatch.setattr(haproxy_driver, "write_atomic", recording("file", haproxy_driver.write_atomic))
+
+    result = driver.apply(make_plan(tcp_service(port, backends[1:3]), *others))
+    assert result.ok and result.action == "runtime", result
+    assert [kind for kind, _ in events] == ["cli", "file", "file"], events
+    line = events[0][1]
+    assert line.startswith("prompt; show proc; @!") and "set server svc_%d_tcp/s1 addr 127.0.0.1" % port in line
+    assert [path for _, path in events[1:]] == [haproxy.paths.config, haproxy.paths.state]
+    assert_serving(port, {"b1", "b2"})
+    with open(haproxy.paths.config) as handle:
+        assert f"127.0.0.1:{backends[2].port} weight 10" in handle.read()
+
+    # The same plan again: one `show proc` (a restart behind our back would show there), nothing else.
+    events.clear()
+    again = driver.apply(make_plan(tcp_service(port, backends[1:3]), *others))
+    assert again.ok and again.action == "none"
+    assert events == [("cli", "show proc")]
+
+
+def test_membership_change_right_after_haproxy_restarted_behind_our_back(haproxy, backends):
+    """The `show proc` sent with the commands shows a new worker: the driver adopts it and sends
+    the change to that worker, still without a reload."""
+    driver = HaproxyDriver(haproxy.settings)
+    port = free_port()
+    assert driver.apply(make_plan(tcp_service(port, backends[:1]))).action == "reload"
+    assert driver.apply(make_plan(tcp_service(port, backends[:2]))).action == "runtime"
+    haproxy.kill()
+    haproxy.start()  # from the file: b0 and b1
+    result = driver.apply(make_plan(tcp_service(port, backends[1:4])))
+    assert result.ok and result.action == "runtime", result
+    assert result.details["worker_pid"] == haproxy.proc().worker
+    assert_serving(port, {"b1", "b2", "b3"})
+    assert haproxy.proc().reloads == 0
+
+
+def test_batched_commands_get_one_answer_each(haproxy, backends):
+    driver = HaproxyDriver(haproxy.settings)
+    port = free_port()
+    assert driver.apply(make_plan(tcp_service(port, backends[:1]))).ok
+    worker = haproxy.proc().worker
+    bid = f"svc_{port}_tcp"
+    api = WorkerApi(haproxy.master, worker)
+    commands = [runtime.set_weight(bid, "s0", 5), runtime.set_weight(bid, "nope", 5),
+                runtime.set_addr(bid, "s1", "127.0.0.1", backends[1].port), runtime.set_maxconn(bid, "s1", 3)]
+    for max_line in (8192, 40):  # one line, or one line per command
+        answers = haproxy.master.send_batch([f"@!{worker} {c.text}" for c in commands], max_line=max_line)
+        assert len(answers) == 4 and answers[0].strip() == "" and "No such server" in answers[1]
+        assert "port" in answers[2] and answers[3].strip() == ""
+    proc, errors = api.run(commands, show_proc=True)
+    assert proc.worker == worker
+    assert len(errors) == 1 and "nope" in errors[0]
+
+    # A worker that is gone ends the line: what ran is answered, the rest is not.
+    answers = haproxy.master.send_batch([f"@!{worker} {commands[0].text}", "@!1 show info", f"@!{worker} help"])
+    assert answers[0].strip() == "" and "Can't find the target PID" in answers[1] and answers[2] is None
+    _, errors = WorkerApi(haproxy.master, 999999).run(commands[:2])
+    assert errors[0] == "worker 999999 is gone" and "not run" in errors[1]
+    with pytest.raises(ValueError):
+        haproxy.master.send_batch(["show proc; reload"])

@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import tempfile
+from dataclasses import replace
 
 import pytest
 
+from services.applier import haproxy_render
 from services.applier.haproxy_launch import check_config
 from services.applier.haproxy_render import (
-    HaproxyPaths, RenderError, assign_slots, global_maxconn, haproxy_services, quote_path, render,
-    render_skeleton, slot_capacity,
+    ConfigRenderer, HaproxyPaths, RenderError, assign_slots, global_maxconn, haproxy_services, quote_path,
+    render, render_skeleton, slot_capacity,
 )
-from services.common.model import HealthCheck, Plan, ProxySettings, Server, Service
+from services.common.model import HealthCheck, Plan, ProxySettings, Server, Service, content_hash
 
 PATHS = HaproxyPaths.for_run_dir("/run/pm")
 needs_haproxy = pytest.mark.skipif(not os.path.exists("/usr/sbin/haproxy") and not shutil.which("haproxy"),
@@ -192,3 +195,113 @@ def test_haproxy_accepts_the_rendering():
         assert not valid and "not_a_keyword" in message
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _random_service(rng: random.Random, port: int) -> Service:
+    servers = [{"ip": f"10.0.{rng.randrange(3)}.{rng.randrange(1, 30)}", "port": rng.choice((80, 81)),
+                "weight": rng.choice((0, 1, 10, 256)), "maxconn": rng.choice((None, None, 5))}
+               for _ in range(rng.choice((0, 1, 3, 5, 5, 9, 20)))]
+    extra = {}
+    if rng.random() < 0.2:
+        extra["mode"] = "http"
+    if rng.random() < 0.2:
+        extra["health_check"] = rng.choice(({"protocol": "tcp"}, {"protocol": "http", "path": "/h'x"},
+                                            {"protocol": "tcp", "path": "/unused", "fall": 2}))
+    if rng.random() < 0.2:
+        extra["timeout_client"] = rng.choice((300, 7))
+    return Service.from_dict({"name": f"app{port}", "port": port, "servers": servers, **extra})
+
+
+def test_incremental_rendering_equals_a_full_render_over_random_plans():
+    """ConfigRenderer assembles the file from cached per-service sections: over a random plan
+    sequence (and the ways the driver moves `previous`: committed, rejected, re-read from disk,
+    lost) it gives exactly what assign_slots + render + render_skeleton give from scratch."""
+    rng = random.Random(20240611)
+    renderer = ConfigRenderer(PATHS)
+    services = {port: _random_service(rng, port) for port in rng.sample(range(8000, 8030), 10)}
+    settings = ProxySettings(max_connections=100)
+    previous: dict = {}
+    for step in range(400):
+        op = rng.random()
+        if op < 0.5 and services:  # one service's servers: the common case
+            port = rng.choice(sorted(services))
+            svc = services[port]
+            servers = list(svc.servers)
+            if servers and rng.random() < 0.5:
+                servers.pop(rng.randrange(len(servers)))
+            if rng.random() < 0.5:
+                servers.append(Server(f"10.0.9.{rng.randrange(1, 200)}", 80, weight=rng.choice((1, 7))))
+            if servers and rng.random() < 0.3:
+                i = rng.randrange(len(servers))
+                servers[i] = replace(servers[i], weight=rng.choice((0, 3, 256)), maxconn=rng.choice((None, 9)))
+            services[port] = svc.with_servers(servers)
+        elif op < 0.6:
+            services[rng.choice(range(8000, 8030))] = _random_service(rng, rng.choice(range(8000, 8030)))
+            services = {s.port: s for s in services.values()}
+        elif op < 0.7 and services:
+            services.pop(rng.choice(sorted(services)))
+        elif op < 0.75:
+            settings = ProxySettings(max_connections=rng.choice((100, 200)), haproxy=rng.random() < 0.9)
+        elif op < 0.8:  # equal content, new objects (as from a decoder that does not reuse them)
+            services = {p: Service.from_dict(s.to_dict()) for p, s in services.items()}
+        if rng.random() < 0.05 and services:  # a value the renderer refuses
+            port = rng.choice(sorted(services))
+            bad = services[port].with_servers([Server("10.0.0.1", 80, weight=300)])
+            plan = Plan(tuple({**services, port: bad}.values()), settings)
+            with pytest.raises(RenderError):
+                renderer.update(plan, previous)
+        if rng.random() < 0.03:  # a second service on the same port
+            dup = next(iter(services.values()), None)
+            if dup is not None:
+                with pytest.raises(RenderError, match="more than one"):
+                    renderer.update(Plan((dup, replace(dup, name="other")), settings), previous)
+        order = list(services.values())
+        rng.shuffle(order)
+        plan = Plan(tuple(order), settings)
+
+        got = renderer.update(plan, previous)
+        slots = assign_slots(haproxy_services(plan), previous)
+        assert got.slots == slots, step
+        assert got.text == render(plan, PATHS, slots), step
+        assert got.skeleton_hash == content_hash(render_skeleton(plan, PATHS, slots)), step
+
+        fate = rng.random()
+        if fate < 0.75:  # applied
+            previous = got.slots
+        elif fate < 0.85:  # rejected: the driver keeps its layout
+            pass
+        elif fate < 0.95:  # adopted from slots.json: equal values, new objects
+            previous = {bid: tuple(None if s is None else Server.from_dict(s.to_dict()) for s in entries)
+                        for bid, entries in got.slots.items()}
+        else:  # state lost: the next reload starts from scratch
+            previous = {}
+
+
+def test_incremental_rendering_redoes_only_the_changed_service(monkeypatch):
+    services = [service(9000 + i, [("10.0.0.1", 80 + j, 1, None) for j in range(3)]) for i in range(50)]
+    renderer = ConfigRenderer(PATHS)
+    first = renderer.update(Plan(tuple(services)), {})
+
+    calls = {"section": 0, "assign": 0, "hash": 0}
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(haproxy_render, "_render_section", counting("section", haproxy_render._render_section))
+    monkeypatch.setattr(haproxy_render, "assign_slots", counting("assign", haproxy_render.assign_slots))
+    monkeypatch.setattr(haproxy_render, "skeleton_hash", counting("hash", haproxy_render.skeleton_hash))
+    services[17] = services[17].with_servers([Server("10.0.0.1", 80, weight=1), Server("10.0.0.2", 80, weight=1)])
+    second = renderer.update(Plan(tuple(services)), first.slots)
+    assert calls == {"section": 1, "assign": 1, "hash": 0}
+    assert second.skeleton_hash == first.skeleton_hash
+    changed = [bid for bid in second.slots if second.slots[bid] is not first.slots[bid]]
+    assert changed == ["svc_9017_tcp"]
+
+    # A new timeout changes that service's skeleton: only its skeleton section is rendered anew.
+    services[3] = replace(services[3], timeout_server=5)
+    third = renderer.update(Plan(tuple(services)), second.slots)
+    assert calls == {"section": 3, "assign": 2, "hash": 1}
+    assert third.skeleton_hash != second.skeleton_hash

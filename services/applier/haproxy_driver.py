@@ -6,10 +6,14 @@ listeners handed over to the new worker) happens only when the config *skeleton*
 services, listeners, modes, timeouts, health checks, settings, or a backend outgrowing its slots.
 
 Invariants:
-- Every config is validated with `haproxy -c` before it replaces haproxy.cfg; a config that fails
-  is reported (`rejected`) and the last good config keeps serving.
+- Every config with a new skeleton is validated with `haproxy -c` before it replaces haproxy.cfg;
+  a config that fails is reported (`rejected`) and the last good config keeps serving. Changes of
+  slot contents only are typed values in an accepted skeleton and skip it.
 - haproxy.cfg always equals the state the runtime converged to, so HAProxy restarted from the
-  file serves the same backends. It is rewritten (atomically) after runtime changes too.
+  file serves the same backends. It is rewritten (atomically) after runtime changes too: right
+  after the commands, which go first, as one master CLI line with `show proc` in front.
+- The rendering is incremental (haproxy_render.ConfigRenderer): a change to one service's servers
+  re-renders that service only; the text is byte-identical to a from-scratch render.
 - slots.json beside it records the slot layout of haproxy.cfg, so a restarted applier adopts a
   running HAProxy: it compares `show servers state` with the layout and fixes only differences.
 """
@@ -21,14 +25,12 @@ import logging
 import os
 from dataclasses import dataclass
 
+from services.applier import haproxy_runtime as runtime
 from services.applier.driver import DriverResult, ProxyDriver
 from services.applier.haproxy_launch import check_config, fd_limit
-from services.applier.haproxy_render import (
-    HaproxyPaths, RenderError, Slots, assign_slots, haproxy_services, render, render_skeleton,
-    slot_name,
-)
+from services.applier.haproxy_render import ConfigRenderer, HaproxyPaths, RenderError, Slots, slot_name
 from services.applier.haproxy_runtime import (
-    CommandFailed, HaproxyUnavailable, MasterCli, ProcInfo, WorkerApi,
+    Command, CommandFailed, HaproxyUnavailable, MasterCli, ProcInfo, WorkerApi,
 )
 from services.common.config import Settings
 from services.common.files import write_atomic
@@ -69,6 +71,18 @@ def _key(backend: str) -> str:
     return f"{parts[1]}/{parts[2]}" if len(parts) == 3 else backend
 
 
+class _PlanHash:
+    """A plan's hash for log messages, computed only if the message is emitted."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+
+    def __str__(self) -> str:
+        return self.plan.hash
+
+
 class HaproxyDriver(ProxyDriver):
     name = "haproxy"
 
@@ -85,6 +99,9 @@ class HaproxyDriver(ProxyDriver):
         self._slots: dict[str, tuple[Server | None, ...]] = {}
         self._config_text: str | None = None
         self._skeleton_hash: str | None = None
+        self._renderer = ConfigRenderer(self.paths, self.fd_limit)
+        self._state_lines: dict[str, tuple[tuple, str]] = {}  # see _write_state
+        self._active: dict[str, tuple[tuple, int]] = {}  # servers per backend, see _details
 
     # -- public -------------------------------------------------------------------------------
 
@@ -97,7 +114,7 @@ class HaproxyDriver(ProxyDriver):
             return self._apply(plan)
         except HaproxyUnavailable as error:
             self._worker = None
-            log.warning("haproxy: not reachable, plan %s not applied yet: %s", plan.hash, error)
+            log.warning("haproxy: not reachable, plan %s not applied yet: %s", _PlanHash(plan), error)
             return DriverResult(self.name, False, "none", errors=(f"HAProxy is not reachable: {error}",))
         except CommandFailed as error:
             self._worker = None
@@ -107,53 +124,69 @@ class HaproxyDriver(ProxyDriver):
     # -- the algorithm ------------------------------------------------------------------------
 
     def _apply(self, plan: Plan) -> DriverResult:
-        proc = self.master.show_proc()
+        proc: ProcInfo | None = None  # `show proc` as seen during this apply
+        fixes = 0
+        if not self._trusted or self._worker is None:
+            proc = self.master.show_proc()
+            fixes += self._sync_worker(proc)
+        reload_reason = ""
+        for _ in range(3):
+            try:
+                rendering = self._renderer.update(plan, self._slots)
+            except RenderError as error:
+                log.error("haproxy: plan %s rejected: %s", _PlanHash(plan), error)
+                return DriverResult(self.name, False, "rejected", errors=(f"cannot render HAProxy config: {error}",),
+                                    details=self._details(fixes))
+            text, slots = rendering.text, rendering.slots
+            unchanged = self._trusted and text == self._config_text
+            runtime_only = self._trusted and rendering.skeleton_hash == self._skeleton_hash
+            if proc is None and (unchanged or not runtime_only):
+                # Nothing to send (a resync) or a reload ahead: first see whether HAProxy was
+                # restarted or reloaded behind our back, then decide again.
+                proc = self.master.show_proc()
+                fixes += self._sync_worker(proc)
+                continue
+            if unchanged:
+                return DriverResult(self.name, True, "runtime" if fixes else "none", details=self._details(fixes))
+            if not runtime_only:
+                break
+            # Only slot contents differ from a config HAProxy already accepted, and those are typed
+            # values (re-parsed addresses, checked integers): no `haproxy -c`. The commands go out
+            # first (with `show proc` on the same line when not seen yet), the files follow.
+            seen, changes, errors = self._runtime_update(slots, show_proc=proc is None)
+            if seen is not None:
+                proc = seen
+                if seen.worker != self._worker:
+                    # HAProxy restarted or reloaded meanwhile: adopt its worker and start over.
+                    fixes += self._sync_worker(seen)
+                    continue
+            if not errors:
+                self._commit_runtime(text, slots, rendering.skeleton_hash)
+                log.info("haproxy: plan %s applied at runtime (%d changes, no reload)", _PlanHash(plan), changes)
+                return DriverResult(self.name, True, "runtime", details=self._details(fixes + changes))
+            reload_reason = "; ".join(errors[:3])
+            log.warning("haproxy: runtime update failed (%s); reloading instead", reload_reason)
+            self._trusted = False
+            break
+        else:
+            raise HaproxyUnavailable("HAProxy changed workers during every attempt to apply the plan")
+
+        valid, message = self._validate(text)
+        if not valid:
+            log.error("haproxy: plan %s rejected, haproxy -c: %s", _PlanHash(plan), message)
+            error = f"HAProxy rejected the new config: {message}" if reload_reason else \
+                f"HAProxy rejected the new config, the previous one keeps serving: {message}"
+            return DriverResult(self.name, False, "rejected", errors=(error,), details=self._details(fixes))
+        return self._reload(plan, text, slots, rendering.skeleton_hash, proc)
+
+    def _sync_worker(self, proc: ProcInfo) -> int:
+        """After `show proc`: adopt its worker when it is not the one we synced with. Returns
+        the number of slots fixed."""
         if proc.worker is None:
             raise HaproxyUnavailable("HAProxy has no worker process")
-        fixes = 0
-        if proc.worker != self._worker:
-            fixes = self._adopt(proc.worker)
-        services = haproxy_services(plan)
-        try:
-            slots = assign_slots(services, self._slots)
-            text = render(plan, self.paths, slots, self.fd_limit)
-            skeleton_hash = content_hash(render_skeleton(plan, self.paths, slots, self.fd_limit))
-        except RenderError as error:
-            log.error("haproxy: plan %s rejected: %s", plan.hash, error)
-            return DriverResult(self.name, False, "rejected", errors=(f"cannot render HAProxy config: {error}",),
-                                details=self._details(fixes))
-        if self._trusted and text == self._config_text:
-            return DriverResult(self.name, True, "runtime" if fixes else "none", details=self._details(fixes))
-
-        runtime_only = self._trusted and skeleton_hash == self._skeleton_hash
-        if runtime_only:
-            # Only slot contents differ from a config HAProxy already accepted, and those are
-            # typed values (re-parsed addresses, checked integers): skip `haproxy -c`, the
-            # slowest step of a membership change.
-            write_atomic(self.paths.candidate, text)
-        else:
-            valid, message = self._validate(text)
-            if not valid:
-                log.error("haproxy: plan %s rejected, haproxy -c: %s", plan.hash, message)
-                return DriverResult(self.name, False, "rejected",
-                                    errors=(f"HAProxy rejected the new config, the previous one keeps serving: {message}",),
-                                    details=self._details(fixes))
-
-        if runtime_only:
-            try:
-                changes = self._runtime_update(WorkerApi(self.master, proc.worker), slots)
-            except CommandFailed as error:
-                log.warning("haproxy: runtime update failed (%s); reloading instead", error)
-                self._trusted = False
-                valid, message = self._validate(text)
-                if not valid:
-                    return DriverResult(self.name, False, "rejected", errors=(f"HAProxy rejected the new config: {message}",),
-                                        details=self._details(fixes))
-            else:
-                self._commit(text, slots, skeleton_hash)
-                log.info("haproxy: plan %s applied at runtime (%d changes, no reload)", plan.hash, changes)
-                return DriverResult(self.name, True, "runtime", details=self._details(fixes + changes))
-        return self._reload(plan, text, slots, skeleton_hash, proc)
+        if proc.worker == self._worker:
+            return 0
+        return self._adopt(proc.worker)
 
     def _validate(self, text: str) -> tuple[bool, str]:
         write_atomic(self.paths.candidate, text)
@@ -162,6 +195,14 @@ class HaproxyDriver(ProxyDriver):
             # Kept for operators; never read back.
             os.replace(self.paths.candidate, self.paths.config + ".rejected")
         return valid, message
+
+    def _commit_runtime(self, text: str, slots: Slots, skeleton_hash: str) -> None:
+        """After runtime changes: haproxy.cfg (no validation needed, see _apply) and slots.json."""
+        self._replace(self.paths.config, text)
+        self._write_state(text, slots, skeleton_hash, True)
+        self._slots = dict(slots)
+        self._config_text = text
+        self._skeleton_hash = skeleton_hash
 
     def _commit(self, text: str, slots: Slots, skeleton_hash: str, confirmed: bool = True) -> None:
         """The validated candidate becomes haproxy.cfg; slots.json describes it."""
@@ -178,21 +219,21 @@ class HaproxyDriver(ProxyDriver):
         self._commit(text, slots, skeleton_hash, confirmed=False)
         self._trusted = False
         self._worker = None
-        log.info("haproxy: reloading for plan %s (worker %s)", plan.hash, before.worker)
+        log.info("haproxy: reloading for plan %s (worker %s)", _PlanHash(plan), before.worker)
         self.master.reload()
         try:
             after = self.master.wait_for_reload(before, self.reload_timeout)
         except CommandFailed as error:
             # HAProxy could not load it (a port already in use...): the old worker still serves
             # the previous config; put that config (and its layout) back on disk.
-            log.error("haproxy: reload for plan %s failed: %s; restoring the previous config", plan.hash, error)
+            log.error("haproxy: reload for plan %s failed: %s; restoring the previous config", _PlanHash(plan), error)
             self._restore(previous)
             return DriverResult(self.name, False, "rejected", errors=(f"reload failed: {error}",),
                                 details=self._details(0))
         self._write_state(text, slots, skeleton_hash, confirmed=True)
         self._worker = after.worker
         self._trusted = True
-        log.info("haproxy: reloaded for plan %s, new worker %s", plan.hash, after.worker)
+        log.info("haproxy: reloaded for plan %s, new worker %s", _PlanHash(plan), after.worker)
         return DriverResult(self.name, True, "reload", details=self._details(0))
 
     def _restore(self, previous: tuple) -> None:
@@ -212,45 +253,59 @@ class HaproxyDriver(ProxyDriver):
 
     # -- runtime changes ----------------------------------------------------------------------
 
-    def _runtime_update(self, api: WorkerApi, slots: Slots) -> int:
-        """Move every slot from its known state to `slots`; returns the number of slots changed.
-        Additions first, removals last, so a service never has fewer ready servers than before
-        or after the change."""
+    def _runtime_update(self, slots: Slots, show_proc: bool) -> tuple[ProcInfo | None, int, list[str]]:
+        """Move every slot from its known state to `slots`, in one batch of runtime API commands
+        to the current worker. Returns `show proc` (taken first on the same line when asked), the
+        number of slots changed and the failed commands. Additions first, removals last, so a
+        service never has fewer ready servers than before or after the change."""
         work = []
+        known = self._slots
         for bid, wanted in slots.items():
-            current = self._slots.get(bid, ())
+            current = known.get(bid, ())
+            if current is wanted:  # unchanged services keep their layout objects
+                continue
             for index, server in enumerate(wanted):
                 old = current[index] if index < len(current) else None
                 if old != server:
                     work.append((bid, index, SlotView.of(old), server))
         work.sort(key=lambda item: (item[3] is None, not item[2].maint))
+        commands: list[Command] = []
+        messages = []
         for bid, index, view, server in work:
-            self._converge_slot(api, bid, index, view, server)
-        return len(work)
+            message = self._slot_commands(commands, bid, index, view, server)
+            if message:
+                messages.append(message)
+        proc, errors = WorkerApi(self.master, self._worker).run(commands, show_proc=show_proc)
+        if not errors and (proc is None or proc.worker == self._worker):
+            for message in messages:
+                log.info("haproxy: %s", message)
+        return proc, len(work), errors
 
-    def _converge_slot(self, api: WorkerApi, bid: str, index: int, view: SlotView, server: Server | None) -> None:
+    @staticmethod
+    def _slot_commands(out: list[Command], bid: str, index: int, view: SlotView, server: Server | None) -> str:
+        """Append the commands that move one slot from `view` to `server`; returns what they do,
+        for the log."""
         slot = slot_name(index)
         if server is None:
-            if not view.maint:
-                api.set_state(bid, slot, "maint")
-                log.info("haproxy: %s: server %s:%s removed (slot %s drained in maintenance)",
-                         _key(bid), view.ip, view.port, slot)
-            return
+            if view.maint:
+                return ""
+            out.append(runtime.set_state(bid, slot, "maint"))
+            return f"{_key(bid)}: server {view.ip}:{view.port} removed (slot {slot} drained in maintenance)"
         maint = view.maint
         moved = not (_same_ip(view.ip, server.ip) and view.port == server.port)
         if moved and not maint:
-            api.set_state(bid, slot, "maint")
+            out.append(runtime.set_state(bid, slot, "maint"))
             maint = True
         if moved:
-            api.set_addr(bid, slot, server.ip, server.port)
+            out.append(runtime.set_addr(bid, slot, server.ip, server.port))
         if view.weight != server.weight or moved:
-            api.set_weight(bid, slot, server.weight)
+            out.append(runtime.set_weight(bid, slot, server.weight))
         if view.maxconn != (server.maxconn or 0) or moved:
-            api.set_maxconn(bid, slot, server.maxconn)
+            out.append(runtime.set_maxconn(bid, slot, server.maxconn))
         if maint:
-            api.set_state(bid, slot, "ready")
-        log.info("haproxy: %s: server %s in slot %s: weight %s, maxconn %s%s", _key(bid), server.address,
-                 slot, server.weight, server.maxconn or "unlimited", " (added)" if moved else "")
+            out.append(runtime.set_state(bid, slot, "ready"))
+        return (f"{_key(bid)}: server {server.address} in slot {slot}: weight {server.weight}, "
+                f"maxconn {server.maxconn or 'unlimited'}{' (added)' if moved else ''}")
 
     # -- adopting a running HAProxy -----------------------------------------------------------
 
@@ -283,6 +338,8 @@ class HaproxyDriver(ProxyDriver):
             return 0
         maxconn = api.servers_maxconn()
         fixes = 0
+        commands: list[Command] = []
+        messages = []
         for bid, entries in slots.items():
             for index, server in enumerate(entries):
                 name = slot_name(index)
@@ -294,7 +351,11 @@ class HaproxyDriver(ProxyDriver):
                         (view.port, view.weight, view.maxconn) == (server.port, server.weight, server.maxconn or 0):
                     continue
                 fixes += 1
-                self._converge_slot(api, bid, index, view, server)
+                messages.append(self._slot_commands(commands, bid, index, view, server))
+        api.run_all(commands)
+        for message in messages:
+            if message:
+                log.info("haproxy: %s", message)
         self._trusted = True
         log.info("haproxy: adopted running worker %s (%d slots fixed)", worker, fixes)
         return fixes
@@ -302,14 +363,24 @@ class HaproxyDriver(ProxyDriver):
     # -- files --------------------------------------------------------------------------------
 
     def _write_state(self, text: str, slots: Slots, skeleton_hash: str, confirmed: bool) -> None:
-        data = {
-            "version": STATE_VERSION,
-            "config_hash": content_hash(text),
-            "skeleton_hash": skeleton_hash,
-            "confirmed": confirmed,
-            "slots": {bid: [s.to_dict() if s else None for s in entries] for bid, entries in sorted(slots.items())},
-        }
-        write_atomic(self.paths.state, json.dumps(data, indent=1, sort_keys=True) + "\n")
+        """slots.json (what _read_state reads back): one line per backend, each line kept while
+        the backend's layout object stays the same, so a membership change re-encodes only the
+        backends it touched."""
+        fragments = {}
+        lines = []
+        for bid in sorted(slots):
+            entries = slots[bid]
+            cached = self._state_lines.get(bid)
+            if cached is None or cached[0] is not entries:
+                cached = (entries, f"  {json.dumps(bid)}: "
+                          + json.dumps([s.to_dict() if s else None for s in entries], sort_keys=True))
+            fragments[bid] = cached
+            lines.append(cached[1])
+        self._state_lines = fragments
+        head = json.dumps({"confirmed": confirmed, "config_hash": content_hash(text),
+                           "skeleton_hash": skeleton_hash}, sort_keys=True)[:-1]
+        body = ",\n".join(lines)
+        write_atomic(self.paths.state, f'{head}, "slots": {{\n{body}\n}}, "version": {STATE_VERSION}}}\n')
 
     def _read_state(self) -> tuple[dict[str, tuple[Server | None, ...]], str, bool] | None:
         raw = self._read(self.paths.state)
@@ -346,6 +417,22 @@ class HaproxyDriver(ProxyDriver):
         except FileNotFoundError:
             pass
 
+    def _replace(self, path: str, text: str) -> None:
+        """Atomically replace `path` (temp file, fsync, rename, fsync of the directory), without
+        reading it first: the caller knows it differs."""
+        temp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(temp, "w", encoding="utf-8") as out:
+                out.write(text)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(temp, 0o644)
+            os.replace(temp, path)
+        except BaseException:
+            self._remove(temp)
+            raise
+        self._fsync_dir()
+
     def _fsync_dir(self) -> None:
         fd = os.open(self.paths.dir, os.O_RDONLY)
         try:
@@ -354,6 +441,13 @@ class HaproxyDriver(ProxyDriver):
             os.close(fd)
 
     def _details(self, changes: int) -> dict:
-        active = sum(1 for entries in self._slots.values() for s in entries if s is not None)
+        counts, active = {}, 0
+        for bid, entries in self._slots.items():
+            cached = self._active.get(bid)
+            if cached is None or cached[0] is not entries:
+                cached = (entries, sum(1 for s in entries if s is not None))
+            counts[bid] = cached
+            active += cached[1]
+        self._active = counts
         return {"worker_pid": self._worker, "services": len(self._slots), "servers": active,
                 "changes": changes, "config": self.paths.config}

@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 
 import jinja2
 
-from services.common.model import Plan, Server, Service
+from services.common.model import Plan, ProxySettings, Server, Service, content_hash
 
 MIN_SLOTS = 16  # disabled slots are cheap; each growth costs a reload
 MAX_HAPROXY_WEIGHT = 256
@@ -275,3 +275,112 @@ def render_skeleton(plan: Plan, paths: HaproxyPaths, slots: Slots, fd_limit: int
     """The config with every slot empty: what only a reload can change. Two renderings with the
     same skeleton differ in slot contents only, which the runtime API changes live."""
     return render(plan, paths, empty_slots(slots), fd_limit)
+
+
+def skeleton_hash(skeleton_text: str) -> str:
+    """The skeleton's identity, as slots.json records it."""
+    return content_hash(skeleton_text)
+
+
+def skeleton_key(service: Service, capacity: int) -> tuple:
+    """Everything of one service its skeleton section depends on (see `render_skeleton`): equal
+    keys give equal skeleton text. Stricter than the text (a tcp check's unused path, a default
+    timeout spelled out), never looser: the key only saves re-rendering and re-hashing."""
+    return (backend_id(service), service.port, service.protocol, service.mode, service.timeout_client,
+            service.timeout_server, service.health_check, capacity)
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """A plan rendered by ConfigRenderer: the slot layout, the full config text (== `render`) and
+    the hash of its skeleton (== skeleton_hash(render_skeleton(...)))."""
+
+    slots: dict[str, tuple[Server | None, ...]]
+    text: str
+    skeleton_hash: str
+
+
+class _Block:
+    """One service's section: the slots it was given from which previous slots, its text, and
+    its skeleton section (rendered on demand)."""
+
+    __slots__ = ("service", "before", "slots", "max_connections", "text", "key", "skeleton")
+
+    def __init__(self, service: Service, before: tuple, slots: tuple, max_connections: int, text: str,
+                 key: tuple, skeleton: str | None):
+        self.service, self.before, self.slots = service, before, slots
+        self.max_connections, self.text, self.key, self.skeleton = max_connections, text, key, skeleton
+
+
+class ConfigRenderer:
+    """`render` and the skeleton hash, incrementally: each service's section is rendered on its
+    own and kept with the service and slots it was rendered from; the file is assembled from the
+    sections. A plan that changes one service's servers re-runs assign_slots and the template for
+    that service only, and reuses the skeleton hash when no skeleton key changed.
+
+    `render` / `render_skeleton` stay the reference: the assembled text is byte-identical to them
+    (tests/test_haproxy_render.py checks it over random plan sequences).
+    """
+
+    def __init__(self, paths: HaproxyPaths, fd_limit: int | None = None):
+        self.paths = paths
+        self.fd_limit = fd_limit
+        self._blocks: dict[str, _Block] = {}
+        self._header: tuple[int, str] | None = None  # (max_connections, text without the last newline)
+        self._skeleton: tuple[tuple, str] | None = None  # (skeleton key of the whole plan, its hash)
+
+    def update(self, plan: Plan, previous: Slots) -> Rendering:
+        """Render `plan` with slots assigned from `previous` (see assign_slots). Raises RenderError."""
+        max_connections = _checked_int(plan.settings.max_connections, 1, 1_000_000, "max_connections")
+        header = self._header_text(max_connections)
+        cached = self._blocks
+        blocks: dict[str, _Block] = {}
+        for service in haproxy_services(plan):
+            bid = backend_id(service)
+            if bid in blocks:
+                raise RenderError(f"service {service.key}: more than one service for {bid}")
+            before = previous.get(bid, ())
+            block = cached.get(bid)
+            if block is None or block.max_connections != max_connections \
+                    or not (before is block.slots or before is block.before) \
+                    or not (block.service is service or block.service == service):
+                block = self._render_block(service, bid, before, max_connections, block)
+            blocks[bid] = block
+        self._blocks = blocks
+        text = header + "".join([b.text for b in blocks.values()]) + "\n"
+        key = (max_connections, tuple([b.key for b in blocks.values()]))
+        if self._skeleton is None or self._skeleton[0] != key:
+            skeleton = header + "".join([self._skeleton_text(b) for b in blocks.values()]) + "\n"
+            self._skeleton = (key, skeleton_hash(skeleton))
+        return Rendering({bid: b.slots for bid, b in blocks.items()}, text, self._skeleton[1])
+
+    def _header_text(self, max_connections: int) -> str:
+        if self._header is None or self._header[0] != max_connections:
+            text = render(Plan((), ProxySettings(max_connections=max_connections)), self.paths, {}, self.fd_limit)
+            self._header = (max_connections, text[:-1])
+        return self._header[1]
+
+    def _render_block(self, service: Service, bid: str, before: tuple, max_connections: int,
+                      old: _Block | None) -> _Block:
+        slots = assign_slots([service], {bid: before})[bid]
+        if old is not None and old.max_connections == max_connections and old.slots == slots \
+                and old.service == service:
+            # Same section (e.g. `previous` re-read from slots.json): keep the text and objects.
+            return _Block(service, before, old.slots, max_connections, old.text, old.key, old.skeleton)
+        key = skeleton_key(service, len(slots))
+        same_skeleton = old is not None and old.key == key and old.max_connections == max_connections
+        skeleton = old.skeleton if same_skeleton else None
+        return _Block(service, before, slots, max_connections, _render_section(service, slots, max_connections),
+                      key, skeleton)
+
+    def _skeleton_text(self, block: _Block) -> str:
+        if block.skeleton is None:
+            block.skeleton = _render_section(block.service, (None,) * len(block.slots), block.max_connections)
+        return block.skeleton
+
+
+def _render_section(service: Service, slots: tuple[Server | None, ...], max_connections: int) -> str:
+    """One `listen` section exactly as `render` writes it (starting with its newline)."""
+    template = _ENV.get_template("haproxy.cfg.j2")
+    context = template.new_context({"svc": service_context(service, slots, max_connections)})
+    return "".join(template.blocks["listen"](context))

@@ -5,6 +5,10 @@ Routing worker commands through the master rather than the worker's own stats so
 command always reaches the worker we believe is current: during a reload the stats socket path
 may briefly still belong to the old worker, while `@!<pid>` fails loudly if that worker is gone.
 
+Worker commands go out in batches: `prompt; @!<pid> <c1>; @!<pid> <c2>; ...` on one line, one
+connection, and the master's prompt after each command splits the answers back per command (see
+MasterCli.send_batch), so a membership change is one round trip, `show proc` included.
+
 HAProxy 2.6 syntax used here (checked against `help` on a running 2.6.12):
     show proc
     reload
@@ -20,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -28,6 +33,12 @@ log = logging.getLogger("proxymatic.applier.haproxy")
 
 # Admin-state flags of `show servers state` (HAProxy's SRV_ADMF_*): any maintenance origin.
 ADMIN_MAINT_MASK = 0x01 | 0x02 | 0x20
+
+
+# What `prompt` makes the master CLI print after each command (2.6: `master> `).
+_PROMPT_RE = re.compile(r"^master[^\n>]*> ", re.M)
+MAX_BATCH_LINE = 8192
+GONE_MARKER = "Can't find the target PID"
 
 
 class HaproxyUnavailable(OSError):
@@ -139,21 +150,31 @@ def parse_server_maxconn(text: str) -> dict[tuple[str, str], int]:
     return out
 
 
+def _check_single(command: str) -> None:
+    """One command per CLI line part: nothing from a value can start another command."""
+    if "\n" in command or "\r" in command or ";" in command:
+        raise ValueError(f"refusing a multi-command CLI line: {command!r}")
+
+
 class MasterCli:
-    """One connection per command, as HAProxy's non-interactive CLI mode expects."""
+    """One connection per line: a single command (`send`), or a batch in prompt mode
+    (`send_batch`). The connection is half-closed after the line, so the master answers and
+    closes."""
 
     def __init__(self, path: str, timeout: float = 5.0):
         self.path = path
         self.timeout = timeout
 
     def send(self, command: str) -> str:
-        if "\n" in command or "\r" in command or ";" in command:
-            raise ValueError(f"refusing a multi-command CLI line: {command!r}")
+        _check_single(command)
+        return self._send_line(command)
+
+    def _send_line(self, line: str) -> str:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
                 conn.settimeout(self.timeout)
                 conn.connect(self.path)
-                conn.sendall(command.encode() + b"\n")
+                conn.sendall(line.encode() + b"\n")
                 conn.shutdown(socket.SHUT_WR)  # the master CLI answers once it sees the end
                 chunks = []
                 while True:
@@ -164,6 +185,40 @@ class MasterCli:
         except OSError as error:
             raise HaproxyUnavailable(f"master CLI {self.path}: {error}") from error
         return b"".join(chunks).decode(errors="replace")
+
+    def send_batch(self, commands: list[str], max_line: int = MAX_BATCH_LINE) -> list[str | None]:
+        """Several commands in as few connections as possible: `prompt; <c1>; <c2>; ...` per line
+        of at most `max_line` bytes (HAProxy's CLI buffer is tune.bufsize, 16 kB by default).
+
+        In prompt mode the master prints `master> ` after every command, so each command gets its
+        own answer back (a worker command's answer is the worker's text, usually empty). A command
+        HAProxy cannot route (`@!<pid>` of a process that is gone) ends the line: its answer is the
+        master's error message, and it and every command after it (nothing more is sent) get
+        None or that message, so a caller sees exactly which commands ran.
+        """
+        for command in commands:
+            _check_single(command)
+        answers: list[str | None] = []
+        start = 0
+        while start < len(commands):
+            end, size = start, len("prompt")
+            while end < len(commands) and (end == start or size + 2 + len(commands[end]) <= max_line):
+                size += 2 + len(commands[end])
+                end += 1
+            chunk = commands[start:end]
+            parts = _PROMPT_RE.split(self._send_line("; ".join(["prompt", *chunk])))
+            if parts[0].strip():
+                raise CommandFailed(f"unexpected answer to `prompt`: {parts[0][:200]!r}")
+            got = parts[1:]
+            if len(got) == len(chunk) + 1 and not got[-1].strip():
+                answers += got[:-1]
+                start = end
+                continue
+            # The line stopped early: the last part is the failing command's message.
+            answers += got[:len(chunk)] + [None] * (len(chunk) - len(got))
+            answers += [None] * (len(commands) - end)
+            break
+        return answers
 
     def show_proc(self) -> ProcInfo:
         return parse_show_proc(self.send("show proc"))
@@ -205,9 +260,48 @@ class MasterCli:
     def worker_command(self, pid: int, command: str) -> str:
         """Send a runtime API command to one worker; raises CommandFailed if it is gone."""
         answer = self.send(f"@!{int(pid)} {command}")
-        if "Can't find the target PID" in answer:
+        if GONE_MARKER in answer:
             raise CommandFailed(f"worker {pid} is gone")
         return answer.strip()
+
+
+@dataclass(frozen=True)
+class Command:
+    """One runtime API command for a worker, and how to tell its answer is not an error: an
+    empty answer, or one containing one of `ok_markers`."""
+
+    text: str
+    ok_markers: tuple[str, ...] = ()
+
+    def error(self, answer: str | None, pid: int) -> str | None:
+        """None when `answer` means success, else what went wrong."""
+        if answer is None:
+            return f"`{self.text}`: not run (an earlier command of the batch ended it)"
+        answer = answer.strip()
+        if GONE_MARKER in answer:
+            return f"worker {pid} is gone"
+        if answer and not any(marker in answer for marker in self.ok_markers):
+            return f"`{self.text}`: {answer.splitlines()[0]}"
+        return None
+
+
+def set_addr(backend: str, server: str, ip: str, port: int) -> Command:
+    return Command(f"set server {backend}/{server} addr {ip} port {int(port)}",
+                   ok_markers=("changed from", "no need to change"))
+
+
+def set_weight(backend: str, server: str, weight: int) -> Command:
+    return Command(f"set weight {backend}/{server} {int(weight)}")
+
+
+def set_maxconn(backend: str, server: str, maxconn: int | None) -> Command:
+    return Command(f"set maxconn server {backend}/{server} {int(maxconn or 0)}")
+
+
+def set_state(backend: str, server: str, state: str) -> Command:
+    if state not in ("ready", "maint", "drain"):
+        raise ValueError(f"unknown server state {state!r}")
+    return Command(f"set server {backend}/{server} state {state}")
 
 
 class WorkerApi:
@@ -217,11 +311,32 @@ class WorkerApi:
         self.master = master
         self.pid = pid
 
-    def _set(self, command: str, ok_markers: tuple[str, ...] = ()) -> None:
-        answer = self.master.worker_command(self.pid, command)
-        if answer and not any(marker in answer for marker in ok_markers):
-            raise CommandFailed(f"`{command}`: {answer.splitlines()[0]}")
-        log.debug("haproxy: worker %s: %s", self.pid, command)
+    def run(self, commands: list[Command], show_proc: bool = False) -> tuple[ProcInfo | None, list[str]]:
+        """Send `commands` in order, batched (MasterCli.send_batch); returns `show proc` taken
+        first on the same line when `show_proc` (None otherwise) and one message per failed
+        command. With `show_proc`, a caller must check the worker is still the one it meant
+        before trusting the answers."""
+        lines = (["show proc"] if show_proc else []) + [f"@!{int(self.pid)} {c.text}" for c in commands]
+        if not lines:
+            return None, []
+        answers = self.master.send_batch(lines)
+        proc = None
+        if show_proc:
+            if answers[0] is None:
+                raise CommandFailed("`show proc` got no answer")
+            proc = parse_show_proc(answers[0])
+            answers = answers[1:]
+        errors = [e for c, a in zip(commands, answers) if (e := c.error(a, self.pid)) is not None]
+        if log.isEnabledFor(logging.DEBUG):
+            for command in commands:
+                log.debug("haproxy: worker %s: %s", self.pid, command.text)
+        return proc, errors
+
+    def run_all(self, commands: list[Command]) -> None:
+        """Send `commands`; raises CommandFailed naming the first that failed."""
+        _, errors = self.run(commands)
+        if errors:
+            raise CommandFailed(errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
 
     def servers_state(self) -> dict[tuple[str, str], ServerState]:
         return parse_servers_state(self.master.worker_command(self.pid, "show servers state"))
@@ -230,16 +345,13 @@ class WorkerApi:
         return parse_server_maxconn(self.master.worker_command(self.pid, "show stat -1 4 -1"))
 
     def set_addr(self, backend: str, server: str, ip: str, port: int) -> None:
-        self._set(f"set server {backend}/{server} addr {ip} port {int(port)}",
-                  ok_markers=("changed from", "no need to change"))
+        self.run_all([set_addr(backend, server, ip, port)])
 
     def set_weight(self, backend: str, server: str, weight: int) -> None:
-        self._set(f"set weight {backend}/{server} {int(weight)}")
+        self.run_all([set_weight(backend, server, weight)])
 
     def set_maxconn(self, backend: str, server: str, maxconn: int | None) -> None:
-        self._set(f"set maxconn server {backend}/{server} {int(maxconn or 0)}")
+        self.run_all([set_maxconn(backend, server, maxconn)])
 
     def set_state(self, backend: str, server: str, state: str) -> None:
-        if state not in ("ready", "maint", "drain"):
-            raise ValueError(f"unknown server state {state!r}")
-        self._set(f"set server {backend}/{server} state {state}")
+        self.run_all([set_state(backend, server, state)])
