@@ -305,3 +305,9 @@ def test_incremental_rendering_redoes_only_the_changed_service(monkeypatch):
     third = renderer.update(Plan(tuple(services)), second.slots)
     assert calls == {"section": 3, "assign": 2, "hash": 1}
     assert third.skeleton_hash != second.skeleton_hash
+
+
+def test_global_maxconn_leaves_file_descriptors_for_listeners():
+    # HAProxy refuses to start when 2 * maxconn + listeners exceeds the hard fd limit.
+    assert global_maxconn(8192, fd_limit=20000, listeners=1000) == (20000 - 1024 - 1000) // 2
+    assert global_maxconn(8192, fd_limit=20000, listeners=0) == (20000 - 1024) // 2

@@ -157,12 +157,13 @@ def empty_slots(layout: Slots) -> dict[str, tuple[None, ...]]:
     return {bid: (None,) * len(slots) for bid, slots in layout.items()}
 
 
-def global_maxconn(max_connections: int, fd_limit: int | None = None) -> int:
+def global_maxconn(max_connections: int, fd_limit: int | None = None, listeners: int = 0) -> int:
     """Twice the per-service limit, capped so HAProxy can get the file descriptors it needs
-    (two per proxied connection) below the hard RLIMIT_NOFILE."""
+    (two per proxied connection, one per listener) below the hard RLIMIT_NOFILE: asking for more
+    makes HAProxy refuse to start."""
     wanted = max_connections * 2
     if fd_limit:
-        wanted = min(wanted, max(64, (fd_limit - FD_RESERVE) // 2))
+        wanted = min(wanted, max(64, (fd_limit - FD_RESERVE - listeners) // 2))
     return wanted
 
 
@@ -243,7 +244,8 @@ _ENV = jinja2.Environment(
 )
 
 
-def render(plan: Plan, paths: HaproxyPaths, slots: Slots, fd_limit: int | None = None) -> str:
+def render(plan: Plan, paths: HaproxyPaths, slots: Slots, fd_limit: int | None = None,
+           listeners: int | None = None) -> str:
     """The complete haproxy.cfg for `plan` with servers placed as in `slots`.
 
     `slots` must hold an entry for every HAProxy service of the plan (see assign_slots).
@@ -262,7 +264,8 @@ def render(plan: Plan, paths: HaproxyPaths, slots: Slots, fd_limit: int | None =
     text = _ENV.get_template("haproxy.cfg.j2").render(
         paths=paths,
         services=services,
-        global_maxconn=global_maxconn(max_connections, fd_limit),
+        global_maxconn=global_maxconn(max_connections, fd_limit,
+                                      len(services) if listeners is None else listeners),
         timeout_connect=TIMEOUT_CONNECT,
         default_timeout_client=DEFAULT_TIMEOUT_CLIENT,
         default_timeout_server=DEFAULT_TIMEOUT_SERVER,
@@ -332,10 +335,11 @@ class ConfigRenderer:
     def update(self, plan: Plan, previous: Slots) -> Rendering:
         """Render `plan` with slots assigned from `previous` (see assign_slots). Raises RenderError."""
         max_connections = _checked_int(plan.settings.max_connections, 1, 1_000_000, "max_connections")
-        header = self._header_text(max_connections)
+        services = haproxy_services(plan)
+        header = self._header_text(max_connections, len(services))
         cached = self._blocks
         blocks: dict[str, _Block] = {}
-        for service in haproxy_services(plan):
+        for service in services:
             bid = backend_id(service)
             if bid in blocks:
                 raise RenderError(f"service {service.key}: more than one service for {bid}")
@@ -348,16 +352,17 @@ class ConfigRenderer:
             blocks[bid] = block
         self._blocks = blocks
         text = header + "".join([b.text for b in blocks.values()]) + "\n"
-        key = (max_connections, tuple([b.key for b in blocks.values()]))
+        key = (max_connections, header, tuple([b.key for b in blocks.values()]))
         if self._skeleton is None or self._skeleton[0] != key:
             skeleton = header + "".join([self._skeleton_text(b) for b in blocks.values()]) + "\n"
             self._skeleton = (key, skeleton_hash(skeleton))
         return Rendering({bid: b.slots for bid, b in blocks.items()}, text, self._skeleton[1])
 
-    def _header_text(self, max_connections: int) -> str:
-        if self._header is None or self._header[0] != max_connections:
-            text = render(Plan((), ProxySettings(max_connections=max_connections)), self.paths, {}, self.fd_limit)
-            self._header = (max_connections, text[:-1])
+    def _header_text(self, max_connections: int, listeners: int) -> str:
+        if self._header is None or self._header[0] != (max_connections, listeners):
+            text = render(Plan((), ProxySettings(max_connections=max_connections)), self.paths, {}, self.fd_limit,
+                          listeners)
+            self._header = ((max_connections, listeners), text[:-1])
         return self._header[1]
 
     def _render_block(self, service: Service, bid: str, before: tuple, max_connections: int,
