@@ -46,14 +46,17 @@ class BusWatch:
 
     def __init__(self, run_dir: str):
         self.subscriber = Subscriber(zmq.Context.instance(), [
-            Endpoint.parse(f"ipc://{run_dir}/bus/planner.pub"), Endpoint.parse(f"ipc://{run_dir}/bus/applier.pub")],
-            ["plan", "applied."])
+            Endpoint.parse(f"ipc://{run_dir}/bus/{stage}.pub") for stage in ("collector", "planner", "applier")],
+            ["source.", "plan", "applied."])
         self.plans: dict[str, dict] = {}
         self.applied: dict[str, float] = {}
         self.last_plan = ""
+        # wall-clock publishing times of the latest messages, for the per-stage breakdown
+        self.stamps: dict[str, float] = {}
 
     def pump(self, timeout: float = 0.001) -> None:
         for message in self.subscriber.poll(timeout):
+            self.stamps[message.topic.split(".")[0]] = message.ts
             if message.topic == "plan":
                 self.plans[message.payload["hash"]] = message.payload
                 self.last_plan = message.payload["hash"]
@@ -123,14 +126,17 @@ def marathon_run(apps: int, changes: int) -> dict:
         probe_port = base + apps // 2
         task = sim.task_ids(f"/bench/app{apps // 2}")[0]
         samples = []
+        hops: dict[str, list[float]] = {"source": [], "plan": [], "applied": []}
         verified = 0
         for step in range(changes):
             alive = step % 2 == 1
             watch.forget()
-            flipped = time.monotonic()
+            flipped, flipped_wall = time.monotonic(), time.time()
             sim.set_health(task, alive)
             at = watch.wait_applied(lambda plan: (len(servers_of(plan, probe_port)) == 5) == alive)
             samples.append((at - flipped) * 1000)
+            for hop in hops:  # when each stage published its part, from the publisher's clock
+                hops[hop].append((watch.stamps.get(hop, flipped_wall) - flipped_wall) * 1000)
             if step % 50 == 0:
                 expected = 5 if alive else 4
                 wait_until(lambda: len(haproxy_addresses(pipeline.run_dir, probe_port)) == expected, timeout=5,
@@ -138,7 +144,8 @@ def marathon_run(apps: int, changes: int) -> dict:
                 verified += 1
         return {"apps": apps, "tasks": apps * 5, "changes": changes, "initial_sync_s": round(initial, 2),
                 "p50_ms": round(statistics.median(samples), 1), "p99_ms": round(percentile(samples, 0.99), 1),
-                "max_ms": round(max(samples), 1), "checked_against_haproxy": verified}
+                "max_ms": round(max(samples), 1), "checked_against_haproxy": verified,
+                "median_published_at_ms": {hop: round(statistics.median(v), 1) for hop, v in hops.items()}}
     finally:
         pipeline.cleanup()
         sim.stop()

@@ -72,7 +72,8 @@ def backends():
 
 def test_plan_is_applied_and_result_published(backends):
     haproxy = HaproxyProcess(node_name="n1").start()
-    stage = Stage(haproxy.settings, drivers=[HaproxyDriver(haproxy.settings)])
+    # as build_drivers makes it: files written after the result is published
+    stage = Stage(haproxy.settings, drivers=[HaproxyDriver(haproxy.settings, defer_writes=True)])
     try:
         port = free_port()
         first = make_plan(port, backends[0])
@@ -86,6 +87,9 @@ def test_plan_is_applied_and_result_published(backends):
         stage.publish(second)
         assert stage.result_for(second).action == "runtime"
         assert tcp_ask(port) == "b"
+        # the deferred write follows at once: the file on disk is what HAProxy runs
+        wait_until(lambda: f"127.0.0.1:{backends[1].port} " in open(haproxy.paths.config).read(),
+                   message="config file rewritten after the runtime change")
     finally:
         stage.close()
         haproxy.cleanup()

@@ -29,5 +29,8 @@ class ProxyDriver(ABC):
     def apply(self, plan: Plan) -> DriverResult:
         """Converge the proxy to `plan`. Safe to call repeatedly with the same plan (cheap no-op)."""
 
+    def flush(self) -> None:
+        """Persist what the last apply changed, after its result was published (optional)."""
+
     def close(self) -> None:
         """Release sockets; the proxy process itself keeps running (it belongs to supervisord)."""

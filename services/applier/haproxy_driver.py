@@ -86,7 +86,8 @@ class _PlanHash:
 class HaproxyDriver(ProxyDriver):
     name = "haproxy"
 
-    def __init__(self, settings: Settings, binary: str | None = None, reload_timeout: float = 15.0):
+    def __init__(self, settings: Settings, binary: str | None = None, reload_timeout: float = 15.0,
+                 defer_writes: bool = False):
         self.paths = HaproxyPaths.for_run_dir(settings.run_dir)
         self.master = MasterCli(self.paths.master_socket)
         self.binary = binary
@@ -102,6 +103,10 @@ class HaproxyDriver(ProxyDriver):
         self._renderer = ConfigRenderer(self.paths, self.fd_limit)
         self._state_lines: dict[str, tuple[tuple, str]] = {}  # see _write_state
         self._active: dict[str, tuple[tuple, int]] = {}  # servers per backend, see _details
+        self._unwritten: tuple[str, Slots, str] | None = None  # see _commit_runtime
+        # The applier stage calls `flush` right after publishing a result; direct callers
+        # (tests, tools) get the files written before `apply` returns.
+        self._defer_writes = defer_writes
 
     # -- public -------------------------------------------------------------------------------
 
@@ -124,6 +129,7 @@ class HaproxyDriver(ProxyDriver):
     # -- the algorithm ------------------------------------------------------------------------
 
     def _apply(self, plan: Plan) -> DriverResult:
+        self.flush()
         proc: ProcInfo | None = None  # `show proc` as seen during this apply
         fixes = 0
         if not self._trusted or self._worker is None:
@@ -197,12 +203,23 @@ class HaproxyDriver(ProxyDriver):
         return valid, message
 
     def _commit_runtime(self, text: str, slots: Slots, skeleton_hash: str) -> None:
-        """After runtime changes: haproxy.cfg (no validation needed, see _apply) and slots.json."""
-        self._replace(self.paths.config, text)
-        self._write_state(text, slots, skeleton_hash, True)
+        """After runtime changes: haproxy.cfg (no validation needed, see _apply) and slots.json
+        are written by `flush`, once the result is out (the writes and their fsyncs are the
+        slowest part of a membership change). A restarted applier re-adopts from the files."""
+        self._unwritten = (text, slots, skeleton_hash)
         self._slots = dict(slots)
+        if not self._defer_writes:
+            self.flush()
         self._config_text = text
         self._skeleton_hash = skeleton_hash
+
+    def flush(self) -> None:
+        """Write the config and slot layout of the last runtime change, if not written yet."""
+        if self._unwritten is not None:
+            text, slots, skeleton_hash = self._unwritten
+            self._unwritten = None
+            self._replace(self.paths.config, text)
+            self._write_state(text, slots, skeleton_hash, True)
 
     def _commit(self, text: str, slots: Slots, skeleton_hash: str, confirmed: bool = True) -> None:
         """The validated candidate becomes haproxy.cfg; slots.json describes it."""

@@ -45,7 +45,7 @@ def build_drivers(settings: Settings) -> list[ProxyDriver]:
     drivers: list[ProxyDriver] = []
     if settings.haproxy:
         from services.applier.haproxy_driver import HaproxyDriver
-        drivers.append(HaproxyDriver(settings))
+        drivers.append(HaproxyDriver(settings, defer_writes=True))
     for module_name, class_name, wanted in OPTIONAL_DRIVERS:
         if not wanted(settings):
             continue
@@ -153,6 +153,11 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
                     "applier: plan %s (%s): %s%s", plan.hash, reason, summary or "no drivers",
                     "; " + "; ".join(result.errors) if result.errors else "")
             last = result
+            for driver in drivers:  # files after the result: they are not on the path to traffic
+                try:
+                    driver.flush()
+                except Exception:
+                    log.exception("applier: driver %s could not save its state", driver.name)
             if should_retry(result):
                 retry_at = time.monotonic() + backoff
                 log.info("applier: retrying plan %s in %.1fs", plan.hash, backoff)
@@ -163,6 +168,7 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
     finally:
         for driver in drivers:
             try:
+                driver.flush()
                 driver.close()
             except Exception:
                 log.exception("applier: closing driver %s", driver.name)
