@@ -2,6 +2,7 @@
 own process, real HAProxy for TCP and Pen for UDP."""
 from __future__ import annotations
 
+import http.client
 import socket
 import threading
 
@@ -10,15 +11,28 @@ import pytest
 from sim.marathon import MarathonSim
 from sim.pipeline import Pipeline
 from tests.etcd_server import etcd_server, unique_prefix  # noqa: F401  (fixture)
-from tests.helpers import TcpBackend, UdpEcho, free_port, tcp_ask, udp_ask, wait_until
+from tests.helpers import HttpBackend, TcpBackend, UdpEcho, free_port, tcp_ask, udp_ask, wait_until
 
 
-def serving(port: int, tries: int = 8) -> set[str]:
+def http_ask(port: int) -> str:
+    """Marathon tasks here are HTTP backends: HAProxy health-checks them with the app's
+    Marathon health check path; registrator entries are plain TCP backends (tcp_ask)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    conn.request("GET", "/")
+    response = conn.getresponse()
+    body = response.read().decode().strip()
+    conn.close()
+    if response.status != 200:
+        raise OSError(f"HTTP {response.status}")
+    return body
+
+
+def serving(port: int, tries: int = 8, http_backends: bool = False) -> set[str]:
     names = set()
     for _ in range(tries):
         try:
-            names.add(tcp_ask(port, timeout=1))
-        except OSError:
+            names.add(http_ask(port) if http_backends else tcp_ask(port, timeout=1))
+        except (OSError, http.client.HTTPException):
             names.add("<refused>")
     return names
 
@@ -32,9 +46,9 @@ class Load(threading.Thread):
     def run(self) -> None:
         while not self.done.is_set():
             try:
-                assert tcp_ask(self.port, timeout=2)
+                assert http_ask(self.port)
                 self.ok += 1
-            except (OSError, AssertionError) as error:
+            except (OSError, AssertionError, http.client.HTTPException) as error:
                 self.failures.append(repr(error))
 
     def stop(self) -> None:
@@ -44,7 +58,8 @@ class Load(threading.Thread):
 
 @pytest.fixture
 def backends():
-    made = {name: TcpBackend(name) for name in ("m1", "m2", "m3", "r1", "r2")}
+    made = {name: HttpBackend(name) for name in ("m1", "m2", "m3")}
+    made.update({name: TcpBackend(name) for name in ("r1", "r2")})
     made["u1"], made["u2"] = UdpEcho("u1"), UdpEcho("u2")
     yield made
     for backend in made.values():
@@ -65,7 +80,7 @@ def test_marathon_and_registrator_reach_haproxy_and_pen(etcd_server, backends): 
     pipeline = Pipeline(["--marathon", sim.url, "--registrator", etcd_server.url(prefix), "--status-endpoint", ""])
     try:
         pipeline.start()
-        wait_until(lambda: serving(web_port) == {"m1", "m2"}, timeout=30, message="marathon tasks served")
+        wait_until(lambda: serving(web_port, http_backends=True) == {"m1", "m2"}, timeout=30, message="marathon tasks served")
         wait_until(lambda: serving(cache_port) == {"r1"}, timeout=30, message="registrator entry served")
         wait_until(lambda: udp_ask(dns_port) == "u1", timeout=30, message="UDP entry served by Pen")
 
@@ -76,10 +91,10 @@ def test_marathon_and_registrator_reach_haproxy_and_pen(etcd_server, backends): 
         try:
             first, second = sim.task_ids("/shop/web")
             sim.set_health(first, False)
-            wait_until(lambda: serving(web_port) == {"m2"}, message="failing task drained")
+            wait_until(lambda: serving(web_port, http_backends=True) == {"m2"}, message="failing task drained")
             sim.kill_task(first)
-            sim.scale("/shop/web", 2, host="127.0.0.1")
-            sim.set_health(first, True) if first in sim.task_ids("/shop/web") else None
+            wait_until(lambda: first not in sim.task_ids("/shop/web"), message="task killed")
+            assert serving(web_port, http_backends=True) == {"m2"}
         finally:
             load.stop()
         assert load.failures == [] and load.ok > 10
@@ -95,7 +110,7 @@ def test_marathon_and_registrator_reach_haproxy_and_pen(etcd_server, backends): 
         sim.stop()
         etcd_server.kill()
         try:
-            assert serving(cache_port) == {"r2"} and "m2" in serving(web_port)
+            assert serving(cache_port) == {"r2"} and "m2" in serving(web_port, http_backends=True)
             pipeline.restart("collector")  # even a collector restarted during the outage keeps nothing from nowhere
             assert serving(cache_port) == {"r2"}
         finally:
