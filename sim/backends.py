@@ -5,6 +5,7 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -43,10 +44,11 @@ class QuietHTTPServer(ThreadingHTTPServer):
 class HttpBackend:
     """An HTTP server answering `name` on every path; `healthy` drives /health (200 or 503)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, delay: float = 0.0):
         self.name = name
         self.healthy = True
         self.requests = 0
+        self.delay = delay  # seconds spent on each request (a busy backend)
         backend = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -54,6 +56,8 @@ class HttpBackend:
 
             def do_GET(self) -> None:
                 backend.requests += 1
+                if backend.delay:
+                    time.sleep(backend.delay)
                 if self.path == "/health" and not backend.healthy:
                     body, code = b"unhealthy\n", 503
                 else:

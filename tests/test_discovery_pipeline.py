@@ -118,3 +118,41 @@ def test_marathon_and_registrator_reach_haproxy_and_pen(etcd_server, backends): 
     finally:
         pipeline.cleanup()
         sim.stop()
+
+
+def test_canary_weights_split_traffic_under_load():
+    """Two app versions on one service port are one service; each version's servers get its
+    weight label. leastconn honours weights once connections overlap (busy backends, several
+    clients), which is when a canary's share matters."""
+    main, canary = HttpBackend("main", delay=0.02), HttpBackend("canary", delay=0.02)
+    sim = MarathonSim().start()
+    port = free_port()
+    for app_id, backend, weight in (("/shop/web", main, "800"), ("/shop/web-canary", canary, "200")):
+        sim.deploy_app(app_id, network="BRIDGE", service_ports=[port], instances=1, host="127.0.0.1",
+                       host_ports=[[backend.port]], labels={"com.meltwater.proxymatic.port.0.weight": weight})
+    pipeline = Pipeline(["--marathon", sim.url, "--status-endpoint", ""])
+    try:
+        pipeline.start()
+        wait_until(lambda: serving(port, 20, http_backends=True) == {"main", "canary"}, timeout=30,
+                   message="both versions served")
+        counts = {"main": 0, "canary": 0}
+        lock = threading.Lock()
+
+        def client() -> None:
+            for _ in range(25):
+                name = http_ask(port)
+                with lock:
+                    counts[name] += 1
+
+        clients = [threading.Thread(target=client) for _ in range(16)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
+        share = counts["canary"] / sum(counts.values())
+        assert 0.1 <= share <= 0.3, counts  # 20% asked for
+    finally:
+        pipeline.cleanup()
+        sim.stop()
+        main.close()
+        canary.close()
