@@ -23,10 +23,10 @@ def resolve(host: str) -> str | None:
     return ADDRESSES.get(host)
 
 
-def app(app_id: str, port: int, labels: dict | None = None, checks: int = 1) -> dict:
+def app(app_id: str, port: int, labels: dict | None = None, checks: int = 1, check: dict | None = None) -> dict:
     return {"id": app_id, "version": "v1", "networks": [{"mode": "host"}], "labels": labels or {},
             "portDefinitions": [{"port": port, "protocol": "tcp"}],
-            "healthChecks": [{"protocol": "HTTP", "path": "/"}] * checks}
+            "healthChecks": [check or {"protocol": "HTTP", "path": "/"}] * checks}
 
 
 def task(task_id: str, host: str = "agent-1", port: int = 31000, alive: bool | None = True,
@@ -189,7 +189,9 @@ def test_random_incremental_updates_equal_a_full_build():
             labels = {PREFIX + "weight": str(rng.randint(1, 1000))}
             if rng.random() < 0.5:
                 labels[PREFIX + "mode"] = rng.choice(["tcp", "http", "bogus"])
-            cluster.deploy(app(app_id, port, labels, checks=rng.randrange(2)))
+            check = rng.choice([None, {"protocol": "HTTP", "path": "/alt", "intervalSeconds": 5},
+                                {"protocol": "TCP"}, {"protocol": "COMMAND"}, {"protocol": "HTTP", "path": "bad path"}])
+            cluster.deploy(app(app_id, port, labels, checks=rng.randrange(2), check=check))
         elif action < 0.1:
             cluster.remove(app_id)
             continue
@@ -208,6 +210,30 @@ def test_random_incremental_updates_equal_a_full_build():
         reference = cluster.reference()
         assert services == reference.services, f"step {step}"
         assert set(warnings) == set(reference.warnings), f"step {step}"
+
+
+def test_changed_health_check_definition_rebuilds_the_service():
+    cluster = canary_cluster()
+    services, _ = cluster.builder.result()
+    (web,) = [s for s in services if s.port == 1234]
+    assert web.health_check.protocol == "http" and web.health_check.path == "/"
+    other = cluster.builder.fragment("/other")
+    # a new definition of the canary (same tasks, same version string): its check changed
+    cluster.deploy(app("/web-canary", 9999, {PREFIX + "servicePort": "1234", PREFIX + "weight": "10"},
+                       check={"protocol": "HTTP", "path": "/ready"}), *cluster.tasks["/web-canary"].values())
+    assert cluster.update("/web-canary", "/other") == [True, False]
+    assert cluster.builder.fragment("/other") is other
+    services, warnings = cluster.builder.result()
+    (web,) = [s for s in services if s.port == 1234]
+    assert web.health_check.path == "/" and any("disagree on health check" in w for w in warnings)
+    # the canary drops its checks: the proxy checks nobody on that port
+    cluster.deploy(app("/web-canary", 9999, {PREFIX + "servicePort": "1234", PREFIX + "weight": "10"}, checks=0),
+                   *cluster.tasks["/web-canary"].values())
+    cluster.update("/web-canary")
+    services, warnings = cluster.builder.result()
+    (web,) = [s for s in services if s.port == 1234]
+    assert web.health_check is None and not any("disagree" in w for w in warnings)
+    assert services == cluster.reference().services
 
 
 # --- against the simulator ------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from services.collector.marathon_client import SSEParser
 from services.collector.marathon_parse import (build_services, network_mode, parse_app, service_name,
                                                services_from_payloads)
-from services.common.model import Service
+from services.common.model import HealthCheck, Service
 
 FIXTURES = "/work/shared/fixtures/marathon"
 PREFIX = "com.meltwater.proxymatic.port.0."
@@ -105,12 +105,17 @@ def test_canary():
     (service,) = proxymatic_case("testCanary", "_v2_tasks.json")
     assert (service.name, service.key, service.mode) == ("webapp.demo", "1234/tcp", "http")
     assert [(s.address, s.weight) for s in service.servers] == [("127.0.0.1:31468", 500), ("127.0.0.1:31469", 100)]
-    assert service.health_check is None and not service.host_network
+    # both versions define the same HTTP check on port 0: HAProxy checks it too
+    assert service.health_check == STATUS_CHECK and not service.host_network
+
+
+STATUS_CHECK = HealthCheck(protocol="http", path="/_status", interval_seconds=15, timeout_seconds=5, fall=3)
 
 
 def test_load_balancer_options():
     (service,) = proxymatic_case("testLoadBalancerOptions", "_v2_tasks.json")
     assert (service.name, service.key, service.mode) == ("webapp.demo", "1234/tcp", "http")
+    assert service.health_check == STATUS_CHECK
     assert [(s.address, s.weight, s.maxconn) for s in service.servers] == [
         ("127.0.0.1:31468", 100, 150), ("127.0.0.1:31469", 500, None)]
     assert (service.timeout_client, service.timeout_server) == (100, 200)  # JSON numbers accepted
@@ -119,6 +124,7 @@ def test_load_balancer_options():
 def test_refresh():
     (first,) = proxymatic_case("testRefresh", "_v2_tasks_0.json")
     assert [s.address for s in first.servers] == ["127.0.0.1:31478"] and first.mode == "tcp"
+    assert first.health_check == STATUS_CHECK  # an HTTP check in a tcp-mode service: option httpchk
     (second,) = proxymatic_case("testRefresh", "_v2_tasks_1.json")
     assert [s.address for s in second.servers] == ["127.0.0.1:31478", "127.0.0.1:31479"]
 
@@ -245,6 +251,160 @@ def test_canary_conflicting_modes_are_reported():
     assert (service.name, service.mode) == ("web", "http")
     assert sorted(s.weight for s in service.servers) == [10, 500]
     assert any("disagree on mode" in w for w in result.warnings)
+
+
+# --- health checks: Marathon's definition, also run by the proxy ---------------------------
+
+def http_check(path="/", interval=60, timeout=20, fall=3):
+    return HealthCheck(protocol="http", path=path, interval_seconds=interval, timeout_seconds=timeout, fall=fall)
+
+
+def tcp_check(interval=60, timeout=20, fall=3):
+    return HealthCheck(protocol="tcp", interval_seconds=interval, timeout_seconds=timeout, fall=fall)
+
+
+@pytest.mark.parametrize("fixture,app_id,expected", [
+    # 1.4 BRIDGE, HTTP on portIndex 0 (the Marathon docs' app)
+    ("marathon-docs-app.json", "/foo", [http_check("/", 20, 20, 3)]),
+    ("marathon-docs-v1.4.13-app.json", "/foo", [http_check("/", 20, 20, 3)]),
+    # timeout 15 > interval 3: at most the interval
+    ("marathon-lb-zdd_apps.json", "/nginx-green", [http_check("/", 3, 3, 10)]),
+    # 1.5 container/bridge, MESOS_HTTP: HAProxy speaks plain HTTP to the same port
+    ("marathon-lb-zdd_app_blue_marathon1.5.json", "/nginx-green", [http_check("/", 3, 3, 10)]),
+    # TCP checks
+    ("gestalt-dcos-marathon-app-response.json", "/gestalt-framework/data-0", [tcp_check(30, 15, 4)]),
+    ("gestalt-dcos-marathon14-app-response.json", "/gestalt-framework-tasks/data-0", [tcp_check(30, 15, 4)]),
+    # BRIDGE with a UDP second port: no check there (and no portIndex 1 check anyway)
+    ("marathon-consul-apps.json", "/bridged-webapp", [http_check("/", 20, 20, 3), None]),
+    # HOST, legacy ports: portIndex 0 -> port 0; `port: 8123` matches no declared port
+    ("marathon-consul-app.json", "/myapp", [http_check("/", 5, 5, 3), None, None, None]),
+    ("marathon-docs-app_list.json", "/myapp", [None, None]),  # healthChecks: []
+])
+def test_fixture_health_checks(fixture, app_id, expected):
+    (app,) = [a for a in apps_of(load(f"{FIXTURES}/apps/{fixture}")) if a["id"] == app_id]
+    spec = parse_app(app)
+    assert [route.health_check for route in spec.routes] == expected
+    assert spec.warnings == ()
+
+
+def test_fixture_health_check_reaches_the_service():
+    result = services_from_payloads(apps_of(load(f"{FIXTURES}/apps/marathon-lb-zdd_apps.json")), resolve=resolve)
+    by_key = {s.key: s for s in result.services}
+    assert by_key["10000/tcp"].health_check == http_check("/", 3, 3, 10)
+    for service in result.services:
+        assert Service.from_dict(service.to_dict()) == service
+
+
+def checked_app(*checks, ports=(1234, 1235), **extra):
+    return host_app(ports=ports, healthChecks=list(checks), **extra)
+
+
+def route_checks(app):
+    return [route.health_check for route in parse_app(app).routes]
+
+
+def test_health_check_fields_are_clamped_and_defaulted():
+    assert route_checks(checked_app({"protocol": "HTTP", "path": "/health"})) == [http_check("/health"), None]
+    assert route_checks(checked_app({"protocol": "HTTP", "path": "/h", "intervalSeconds": 0, "timeoutSeconds": 0,
+                                     "maxConsecutiveFailures": 0})) == [http_check("/h", 1, 1, 3), None]
+    assert route_checks(checked_app({"path": "/h", "intervalSeconds": 99999, "timeoutSeconds": 5000,
+                                     "maxConsecutiveFailures": 1000})) == [http_check("/h", 3600, 3600, 100), None]
+    # Marathon's default protocol is HTTP; a missing or empty path is /
+    assert route_checks(checked_app({"portIndex": 1}, {"protocol": "TCP", "path": ""})) == [tcp_check(), http_check()]
+    # not integers (Marathon never sends these): the defaults, with a warning
+    spec = parse_app(checked_app({"protocol": "HTTP", "intervalSeconds": "10", "timeoutSeconds": True,
+                                  "maxConsecutiveFailures": 2.0}))
+    assert spec.routes[0].health_check == http_check("/", 60, 20, 2)
+    assert len(spec.warnings) == 2 and all("health check" in w for w in spec.warnings)
+
+
+@pytest.mark.parametrize("check", [
+    {"protocol": "COMMAND", "command": {"value": "curl -f localhost"}},
+    {"protocol": "HTTPS", "path": "/"}, {"protocol": "MESOS_HTTPS", "path": "/"},
+    {"protocol": "bogus"}, {"protocol": 7}, {"protocol": "HTTP", "portIndex": 5},
+    {"protocol": "HTTP", "portIndex": "0"}, {"protocol": "HTTP", "port": 31000}, "garbage"])
+def test_checks_the_proxy_cannot_run_give_none(check):
+    app = checked_app(check)
+    assert route_checks(app) == [None, None]
+    result = build(app, [task(ports=(31000, 31001), healthCheckResults=[{"alive": True}])])
+    assert [s.health_check for s in result.services] == [None, None]  # Marathon's results alone
+
+
+def test_check_port_selects_the_exposed_port():
+    # HOST: `port` is the declared (required) port
+    assert route_checks(checked_app({"protocol": "TCP", "port": 1235})) == [None, tcp_check()]
+    # HTTP wins over TCP on one port, whatever the order; otherwise the first listed
+    assert route_checks(checked_app({"protocol": "TCP"}, {"path": "/a"}, {"path": "/b"})) == [http_check("/a"), None]
+    bridge = {"id": "/b", "version": "v1", "networks": [{"mode": "container/bridge"}],
+              "container": {"portMappings": [{"containerPort": 80, "hostPort": 8080, "servicePort": 10000},
+                                             {"containerPort": 81, "hostPort": 0, "servicePort": 10001}]}}
+    # BRIDGE: Marathon's HTTP/TCP checks reach the host port, MESOS_* ones the container port
+    assert route_checks({**bridge, "healthChecks": [{"protocol": "HTTP", "port": 8080}]}) == [http_check(), None]
+    assert route_checks({**bridge, "healthChecks": [{"protocol": "HTTP", "port": 80}]}) == [None, None]
+    assert route_checks({**bridge, "healthChecks": [{"protocol": "MESOS_HTTP", "port": 81}]}) == [None, http_check()]
+    assert route_checks({**bridge, "healthChecks": [{"protocol": "MESOS_TCP", "portIndex": 1}]}) == [None, tcp_check()]
+    # USER networks: the container port
+    user = {**bridge, "networks": [{"mode": "container", "name": "dcos"}]}
+    assert route_checks({**user, "healthChecks": [{"protocol": "MESOS_HTTP", "port": 81, "path": "/x"}]}) == [
+        None, http_check("/x")]
+    # a UDP port is never checked by the proxy
+    udp = host_app(healthChecks=[{"protocol": "TCP"}])
+    udp["portDefinitions"][0]["protocol"] = "udp"
+    assert route_checks(udp) == [None]
+
+
+@pytest.mark.parametrize("path", ["/a b", '/x"y', "/a\nb", "/a\rHost: evil", "health", "/<script>", 42, ["/"],
+                                  "/" + "a" * 2000, "/a#frag", "/a\\b", "/é"])
+def test_hostile_health_check_path_never_reaches_the_service(path):
+    app = checked_app({"protocol": "HTTP", "path": path}, {"protocol": "TCP", "portIndex": 1},
+                      labels={PREFIX + "mode": "http"})
+    spec = parse_app(app)
+    assert [route.health_check for route in spec.routes] == [None, None]  # the whole app: none
+    result = build(app, [task(ports=(31000, 31001), healthCheckResults=[{"alive": True}])])
+    assert [s.health_check for s in result.services] == [None, None]
+    assert len(result.services[0].servers) == 1  # still served by Marathon's verdict
+    (warning,) = [w for w in result.warnings if "health check path" in w]
+    assert "/product/system/service" in warning and repr(path)[:20] in warning
+    assert "\n" not in warning and "\r" not in warning and len(warning) < 300
+
+
+def test_canary_health_checks():
+    def two(web_checks, canary_checks, canary_id="/web-canary"):
+        one = host_app("/web", ports=(1234,), healthChecks=web_checks)
+        other = host_app(canary_id, ports=(9999,), labels={PREFIX + "servicePort": "1234"}, healthChecks=canary_checks)
+        alive = [{"alive": True}]
+        pairs = [(task("a", healthCheckResults=alive), parse_app(one)),
+                 (task("b", ports=(31001,), healthCheckResults=alive), parse_app(other))]
+        result = build_services(pairs, resolve)
+        (service,) = result.services
+        assert len(service.servers) == 2
+        return service.health_check, [w for w in result.warnings if "health check" in w]
+
+    # the same check: used, silently
+    assert two([{"path": "/h"}], [{"path": "/h"}]) == (http_check("/h"), [])
+    # different checks: the lowest app id's, reported (whichever app owns the port)
+    check, (warning,) = two([{"path": "/h"}], [{"path": "/other"}])
+    assert check == http_check("/h") and "disagree" in warning and "/web-canary" in warning
+    check, (warning,) = two([{"path": "/h"}], [{"path": "/other"}], canary_id="/a-canary")
+    assert check == http_check("/other") and "from '/a-canary'" in warning
+    check, _ = two([{"path": "/h"}], [{"protocol": "TCP"}])
+    assert check == http_check("/h")
+    # one app without a check for the port (none, COMMAND...): no proxy check at all, reported
+    check, (warning,) = two([{"path": "/h"}], [])
+    assert check is None and "/web-canary" in warning
+    assert two([{"protocol": "COMMAND"}], [{"path": "/h"}])[0] is None
+    assert two([], []) == (None, [])
+
+
+def test_versions_of_one_app_with_different_checks():
+    old = host_app("/web", ports=(1234,), healthChecks=[{"path": "/old"}])
+    new = {**host_app("/web", ports=(1234,), healthChecks=[{"path": "/new"}]), "version": "v2"}
+    alive = [{"alive": True}]
+    pairs = [(task("a", healthCheckResults=alive), parse_app(old)),
+             (task("b", ports=(31001,), version="v2", healthCheckResults=alive), parse_app(new))]
+    result = build_services(pairs, resolve)
+    assert result.services[0].health_check == http_check("/new")  # the newest version of the lowest id
+    assert any("disagree on health check" in w for w in result.warnings)
 
 
 # --- SSE framing ----------------------------------------------------------------------------

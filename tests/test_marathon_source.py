@@ -10,6 +10,7 @@ import pytest
 from services.collector.marathon import MarathonSource
 from services.collector.source import SourceError
 from services.common.config import Settings
+from services.common.model import HealthCheck
 from sim.marathon import MarathonSim
 from tests.helpers import free_port, wait_until
 
@@ -91,6 +92,17 @@ def test_kill_health_fail_and_recover(sim, make_source):
     next_discovery(source, lambda d: servers(d) == [])
     sim.set_health(second, True)
     next_discovery(source, lambda d: len(servers(d)) == 1)
+
+
+def test_marathon_health_check_is_also_the_proxy_check(sim, make_source):
+    sim.deploy_app("/demo/web", service_ports=[10000], instances=1, health_check=True)  # MESOS_HTTP /health
+    source = make_source(sim.url)
+    connected(source)
+    (service,) = source.current().services
+    assert service.health_check == HealthCheck(protocol="http", path="/health", interval_seconds=10,
+                                               timeout_seconds=5, fall=3)
+    sim.update_app("/demo/web", health_check=False)  # a new config version: the check goes with it
+    next_discovery(source, lambda d: [s.health_check for s in d.services] == [None] and len(servers(d)) == 1)
 
 
 def test_new_task_waits_for_its_first_health_result(sim, make_source):

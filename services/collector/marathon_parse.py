@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from services.common.model import (DEFAULT_WEIGHT, MAX_WEIGHT, ModelError, Server, Service, validate_name)
+from services.common.model import (DEFAULT_WEIGHT, MAX_WEIGHT, HealthCheck, ModelError, Server, Service,
+                                   validate_name)
 
 LABEL_PREFIX = "com.meltwater.proxymatic.port."
 # States in which a task is serving. `state` is absent from old Marathon (1.1 and the 1.4 docs).
@@ -25,6 +26,10 @@ TERMINAL_STATES = frozenset({
 _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{0,255}$")
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]+")
 MAX_WARNINGS = 200
+# Marathon health check protocols HAProxy can reproduce from outside the task (plain HTTP or a
+# TCP connect), and Marathon's defaults for the fields it leaves out.
+CHECK_PROTOCOLS = {"HTTP": "http", "MESOS_HTTP": "http", "TCP": "tcp", "MESOS_TCP": "tcp"}
+CHECK_DEFAULTS = {"intervalSeconds": 60, "timeoutSeconds": 20, "maxConsecutiveFailures": 3}
 
 
 class AppError(ValueError):
@@ -51,6 +56,7 @@ class PortRoute:
     timeout_client: int | None = None
     timeout_server: int | None = None
     overridden: bool = False  # servicePort came from a label
+    health_check: HealthCheck | None = None  # the app's Marathon check on this port, for HAProxy
 
 
 @dataclass(frozen=True)
@@ -117,23 +123,25 @@ def _port_mappings(app: Mapping) -> list:
     return mappings if isinstance(mappings, list) else []
 
 
-def _raw_ports(app: Mapping, network: str) -> list[tuple[Any, Any, Any]]:
-    """(servicePort, protocol, containerPort) per exposed port index."""
+def _raw_ports(app: Mapping, network: str) -> list[tuple[Any, Any, Any, Any]]:
+    """(servicePort, protocol, containerPort, hostPort) per exposed port index. On HOST the
+    declared port is both the service port and (with requirePorts) the host port."""
+    bad = (None, None, None, None)
     if network in ("bridge", "container"):
         mappings = _port_mappings(app)
         if mappings or network == "bridge":
-            return [(m.get("servicePort", 0), m.get("protocol", "tcp"), m.get("containerPort"))
-                    if isinstance(m, dict) else (None, None, None) for m in mappings]
+            return [(m.get("servicePort", 0), m.get("protocol", "tcp"), m.get("containerPort"), m.get("hostPort"))
+                    if isinstance(m, dict) else bad for m in mappings]
         discovery = (app.get("ipAddress") or {}).get("discovery") if isinstance(app.get("ipAddress"), dict) else None
         ports = discovery.get("ports") if isinstance(discovery, dict) else None
-        return [(0, p.get("protocol", "tcp"), p.get("number")) if isinstance(p, dict) else (None, None, None)
+        return [(0, p.get("protocol", "tcp"), p.get("number"), None) if isinstance(p, dict) else bad
                 for p in (ports if isinstance(ports, list) else [])]
     definitions = app.get("portDefinitions")
     if isinstance(definitions, list) and definitions:
-        return [(d.get("port", 0), d.get("protocol", "tcp"), None) if isinstance(d, dict) else (None, None, None)
+        return [(d.get("port", 0), d.get("protocol", "tcp"), None, d.get("port")) if isinstance(d, dict) else bad
                 for d in definitions]
     legacy = app.get("ports")
-    return [(p, "tcp", None) for p in legacy] if isinstance(legacy, list) else []
+    return [(p, "tcp", None, p) for p in legacy] if isinstance(legacy, list) else []
 
 
 def _label_int(labels: Mapping, key: str, low: int, high: int, app_id: str, warnings: list) -> int | None:
@@ -167,6 +175,73 @@ def _protocol(value: Any) -> str | None:
     return "udp" if parts == {"udp"} else None
 
 
+def _port_number(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536 else None
+
+
+def _check_seconds(check: Mapping, key: str, low: int, high: int, app_id: str, warnings: list) -> int:
+    """A numeric field of a Marathon health check, clamped to what HAProxy accepts. Absent:
+    Marathon's default; not an integer (Marathon never sends one): the default, with a warning."""
+    value = check.get(key)
+    if value is None:
+        value = CHECK_DEFAULTS[key]
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, bool) or not isinstance(value, int):
+        warnings.append(f"app {clip(app_id)}: health check {key}={clip(value)} ignored (expected an integer)")
+        value = CHECK_DEFAULTS[key]
+    if key == "maxConsecutiveFailures" and value == 0:
+        value = CHECK_DEFAULTS[key]  # 0 is "never kill" in Marathon: HAProxy needs a number
+    return max(low, min(high, value))
+
+
+def _check_ports(checks: Any, network: str, raw_ports: list[tuple[Any, Any, Any, Any]], app_id: str,
+                 warnings: list) -> dict[int, HealthCheck]:
+    """Marathon health checks -> the HAProxy check of each exposed port index that has one.
+
+    A check applies to port N when its `portIndex` is N (absent with no `port`: 0, as in
+    Marathon), or its fixed `port` is the port it reaches: the declared port on HOST, the host
+    port (HTTP, TCP: Marathon connects to the agent) or the container port (MESOS_*: Mesos
+    checks inside the task's network) on BRIDGE, the container port on USER networks. HTTP
+    wins over TCP on one port, then the first listed. COMMAND and HTTPS checks give none. One
+    HTTP path the model would refuse (it ends up in the HAProxy config) disables the HAProxy
+    checks of the whole app, with a warning."""
+    if not isinstance(checks, list):
+        return {}
+    found: dict[int, HealthCheck] = {}
+    for check in checks:
+        if not isinstance(check, dict):
+            continue
+        marathon_protocol = check.get("protocol", "HTTP")  # Marathon's default protocol
+        protocol = CHECK_PROTOCOLS.get(marathon_protocol.upper()) if isinstance(marathon_protocol, str) else None
+        if protocol is None:
+            continue  # COMMAND, HTTPS, MESOS_HTTPS, garbage: Marathon's verdict alone
+        path = check.get("path") if protocol == "http" else None
+        interval = _check_seconds(check, "intervalSeconds", 1, 3600, app_id, warnings)
+        try:
+            health = HealthCheck.from_dict({
+                "protocol": protocol, "path": path or "/", "interval_seconds": interval,
+                "timeout_seconds": min(interval, _check_seconds(check, "timeoutSeconds", 1, 3600, app_id, warnings)),
+                "fall": _check_seconds(check, "maxConsecutiveFailures", 1, 100, app_id, warnings)})
+        except ModelError:
+            warnings.append(f"app {clip(app_id)}: health check path {clip(path)} cannot be used by the proxy; "
+                            "no proxy health checks for this app (Marathon's results still apply)")
+            return {}
+        index, port = check.get("portIndex"), _port_number(check.get("port"))
+        if index is None and check.get("port") is None:
+            index = 0
+        for number, (_, _, container_port, host_port) in enumerate(raw_ports):
+            if isinstance(index, int) and not isinstance(index, bool):
+                applies = index == number
+            elif network == "host" or (network == "bridge" and not marathon_protocol.upper().startswith("MESOS_")):
+                applies = port is not None and _port_number(host_port) == port
+            else:
+                applies = port is not None and _port_number(container_port) == port
+            if applies and (number not in found or (found[number].protocol == "tcp" and protocol == "http")):
+                found[number] = health
+    return found
+
+
 def parse_app(app: Any) -> AppSpec:
     """One app definition (any 1.x shape) -> AppSpec. Raises AppError if unusable."""
     if not isinstance(app, dict):
@@ -189,7 +264,10 @@ def parse_app(app: Any) -> AppSpec:
         warnings.append(f"app {clip(app_id)}: labels must be an object; ignored")
     network = network_mode(app)
     routes: list[PortRoute] = []
-    for index, (service_port, protocol_value, container_port) in enumerate(_raw_ports(app, network)):
+    raw_ports = _raw_ports(app, network)
+    checks = app.get("healthChecks")
+    health_checks = _check_ports(checks, network, raw_ports, app_id, warnings)
+    for index, (service_port, protocol_value, container_port, _) in enumerate(raw_ports):
         prefix = f"{LABEL_PREFIX}{index}."
         protocol = _protocol(protocol_value)
         if protocol is None:
@@ -219,6 +297,7 @@ def parse_app(app: Any) -> AppSpec:
             timeout_client=_label_int(labels, prefix + "timeout.client", 1, 86400, app_id, warnings),
             timeout_server=_label_int(labels, prefix + "timeout.server", 1, 86400, app_id, warnings),
             overridden=override is not None,
+            health_check=health_checks.get(index) if protocol == "tcp" else None,
         ))
     # One port number is one service: when it is listed twice (TCP and UDP), the TCP one stays.
     chosen: dict[int, PortRoute] = {}
@@ -227,7 +306,6 @@ def parse_app(app: Any) -> AppSpec:
                                    or (route.protocol == "tcp" and chosen[route.service_port].protocol != "tcp")):
             chosen[route.service_port] = route
     routes = [r for r in routes if not r.service_port or chosen[r.service_port] is r]
-    checks = app.get("healthChecks")
     return AppSpec(app_id=app_id, version=version, name=name, network=network, routes=tuple(routes),
                    health_checks=len(checks) if isinstance(checks, list) else 0, warnings=tuple(warnings))
 
@@ -577,11 +655,41 @@ def _service(port: int, protocol: str, entries: list[tuple[AppSpec, Backend]], w
         mode=attribute(lambda r: r.mode, "mode") or "tcp",
         source="marathon",
         servers=(),
-        health_check=None,  # Marathon's own health results decide; see docs/marathon.md
+        health_check=_health_check(port, protocol, entries, warnings),
         timeout_client=attribute(lambda r: r.timeout_client, "timeout.client"),
         timeout_server=attribute(lambda r: r.timeout_server, "timeout.server"),
         host_network=any(backend.host_network for _, backend in entries),
     ).with_servers(servers.values())
+
+
+def _health_check(port: int, protocol: str, entries: list[tuple[AppSpec, Backend]],
+                  warnings: list[str]) -> HealthCheck | None:
+    """The proxy's own check of a service: only when every app version on the port defines one
+    (a check some servers were never meant to answer would take them out); apps that disagree:
+    the lowest app id's (its newest version's), reported. Marathon's results decide membership
+    either way."""
+    checks: dict[tuple[str, str], HealthCheck | None] = {}
+    for spec, backend in entries:
+        checks[(spec.app_id, spec.version)] = backend.route.health_check
+    if not checks or None in checks.values():
+        if any(checks.values()):
+            missing = sorted({app_id for (app_id, _), check in checks.items() if check is None})
+            warnings.append(f"service {port}/{protocol}: no proxy health check: "
+                            f"{', '.join(clip(a) for a in missing)} define(s) none for this port")
+        return None
+    lowest = min(app_id for app_id, _ in checks)
+    chosen = checks[(lowest, max(version for app_id, version in checks if app_id == lowest))]
+    if len(set(checks.values())) > 1:
+        described = {f"{clip(app_id)}={_describe(check)}" for (app_id, _), check in sorted(checks.items())}
+        warnings.append(f"service {port}/{protocol}: apps disagree on health check ({', '.join(sorted(described))}); "
+                        f"using {_describe(chosen)} from {clip(lowest)}")
+    return chosen
+
+
+def _describe(check: HealthCheck | None) -> str:
+    if check is None:
+        return "none"
+    return f"{check.protocol} {check.path}" if check.protocol == "http" else check.protocol
 
 
 # ---------------------------------------------------------------------------------------------
