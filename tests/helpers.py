@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from typing import Callable, TypeVar
 
@@ -55,3 +56,26 @@ def udp_ask(port: int, sock: socket.socket | None = None) -> str:
     finally:
         if own:
             sock.close()
+
+
+class Load(threading.Thread):
+    """Requests through a proxy in a loop (`ask(port)` returns the backend's answer), counting
+    failures: for "zero failed requests while X changes" assertions."""
+
+    def __init__(self, port: int, ask: Callable[[int], str] | None = None):
+        super().__init__(daemon=True)
+        self.port, self.ask = port, ask or (lambda p: tcp_ask(p, timeout=3))
+        self.ok, self.failures = 0, []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                assert self.ask(self.port), "empty answer"
+                self.ok += 1
+            except Exception as error:  # every kind of failure counts
+                self.failures.append(repr(error))
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()

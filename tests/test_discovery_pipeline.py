@@ -10,8 +10,8 @@ import pytest
 
 from sim.marathon import MarathonSim
 from sim.pipeline import Pipeline
-from tests.etcd_server import etcd_server, unique_prefix  # noqa: F401  (fixture)
-from tests.helpers import HttpBackend, TcpBackend, UdpEcho, free_port, tcp_ask, udp_ask, wait_until
+from tests.etcd_server import unique_prefix
+from tests.helpers import HttpBackend, Load, TcpBackend, UdpEcho, free_port, tcp_ask, udp_ask, wait_until
 
 
 def http_ask(port: int) -> str:
@@ -37,25 +37,6 @@ def serving(port: int, tries: int = 8, http_backends: bool = False) -> set[str]:
     return names
 
 
-class Load(threading.Thread):
-    def __init__(self, port: int):
-        super().__init__(daemon=True)
-        self.port, self.ok, self.failures = port, 0, []
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            try:
-                assert http_ask(self.port)
-                self.ok += 1
-            except (OSError, AssertionError, http.client.HTTPException) as error:
-                self.failures.append(repr(error))
-
-    def stop(self) -> None:
-        self.done.set()
-        self.join()
-
-
 @pytest.fixture
 def backends():
     made = {name: HttpBackend(name) for name in ("m1", "m2", "m3")}
@@ -66,7 +47,7 @@ def backends():
         backend.close()
 
 
-def test_marathon_and_registrator_reach_haproxy_and_pen(etcd_server, backends):  # noqa: F811
+def test_marathon_and_registrator_reach_haproxy_and_pen(etcd_server, backends):
     sim = MarathonSim().start()
     web_port, cache_port, dns_port = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
     prefix = unique_prefix("services")
@@ -86,7 +67,7 @@ def test_marathon_and_registrator_reach_haproxy_and_pen(etcd_server, backends): 
 
         # A rolling restart under load: health fails first (the app traps SIGTERM), then the
         # task is killed and a new one starts. Not one request fails.
-        load = Load(web_port)
+        load = Load(web_port, http_ask)
         load.start()
         try:
             first, second = sim.task_ids("/shop/web")

@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import urllib.error
 import urllib.request
 
 import pytest
 
-from tests.helpers import TcpBackend, free_port, tcp_ask, wait_until
+from tests.helpers import Load, TcpBackend, free_port, tcp_ask, wait_until
 
 BIN = os.path.dirname(sys.executable)
 
@@ -78,32 +77,6 @@ class Stack:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-class Load:
-    """Connections through the proxy in a loop; counts failures."""
-
-    def __init__(self, port: int):
-        self.port, self.ok, self.failed, self.errors = port, 0, 0, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                if tcp_ask(self.port):
-                    self.ok += 1
-                else:
-                    self.failed += 1
-                    self.errors.append("empty answer")
-            except OSError as error:
-                self.failed += 1
-                self.errors.append(repr(error))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 @pytest.fixture
 def stack():
     s = Stack()
@@ -138,6 +111,7 @@ def test_pipeline_serves_follows_survives_and_drains(stack):
 
     # kill -9 of every stage: supervisord restarts it, traffic never fails, the pipeline converges.
     load = Load(stack.service_port)
+    load.start()
     try:
         backends_in_turn = [[a, b], [a, c], [c], [a, b, c]]
         for stage, servers in zip(("collector", "planner", "applier", "status"), backends_in_turn):
@@ -151,7 +125,7 @@ def test_pipeline_serves_follows_survives_and_drains(stack):
         wait_until(lambda: stack.status()[0] == 200, message="status OK after restarts")
     finally:
         load.stop()
-    assert load.failed == 0, load.errors[:5]
+    assert load.failures == [], load.failures[:5]
     assert load.ok > 50
 
     # The bus can be tapped.

@@ -20,7 +20,7 @@ from services.applier.haproxy_render import Rendering
 from services.applier.haproxy_runtime import MasterCli, WorkerApi
 from services.common.config import Settings
 from services.common.model import Plan, ProxySettings, Service
-from tests.helpers import HttpBackend, TcpBackend, free_port, tcp_ask, wait_until
+from tests.helpers import HttpBackend, Load, TcpBackend, free_port, tcp_ask, wait_until
 
 pytestmark = pytest.mark.skipif(not os.path.exists(haproxy_launch.haproxy_binary()), reason="haproxy is not installed")
 
@@ -75,27 +75,6 @@ class EchoBackend:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-class Load(threading.Thread):
-    """Connections in a loop through the proxy, counting failures."""
-
-    def __init__(self, port: int):
-        super().__init__(daemon=True)
-        self.port, self.ok, self.failures = port, 0, []
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            try:
-                assert tcp_ask(self.port, timeout=3), "empty answer"
-                self.ok += 1
-            except (OSError, AssertionError) as error:
-                self.failures.append(repr(error))
-
-    def stop(self) -> None:
-        self.done.set()
-        self.join()
 
 
 def tcp_service(port, backends, weights=None, maxconn=None, **extra) -> Service:

@@ -20,7 +20,7 @@ import pytest
 from services.applier import nginx_driver
 from services.applier.nginx_driver import NginxDriver
 from services.common.config import Settings
-from services.common.model import Plan, ProxySettings, Service
+from services.common.model import Plan, Service
 from tests.helpers import HttpBackend, free_port, wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")

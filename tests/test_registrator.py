@@ -9,7 +9,7 @@ import requests
 from services.collector.registrator import RegistratorSource
 from services.collector.source import SourceError
 from services.common.config import Settings
-from tests.etcd_server import EtcdServer, etcd_server, unique_prefix  # noqa: F401 - fixture
+from tests.etcd_server import EtcdServer, unique_prefix
 from tests.helpers import free_port, wait_until
 
 FAST = dict(watch_timeout=2.0, read_timeout=5.0, connect_timeout=0.5, backoff_start=0.05, backoff_max=0.3)
