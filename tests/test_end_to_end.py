@@ -97,6 +97,9 @@ def test_pipeline_serves_follows_survives_and_drains(stack):
     wait_until(lambda: stack.status()[0] == 200, timeout=30, message="/status OK")
     assert stack.status() == (200, "OK\n")
     wait_until(lambda: stack.serving() == {"a", "b"}, message="traffic to a and b")
+    # The HAProxy statistics share the status endpoint.
+    code, csv = http_get(f"http://127.0.0.1:{stack.status_port}/;csv")
+    assert code == 200 and f"svc_{stack.service_port}_tcp" in csv
 
     # Editing the file moves traffic.
     stack.write([b, c])

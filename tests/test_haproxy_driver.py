@@ -246,6 +246,34 @@ def test_render_refusal_is_rejected(haproxy, backends):
     assert tcp_ask(port) == "b0"
 
 
+def test_a_removed_server_is_drained_not_cut(haproxy, backends):
+    """A task failing its health check leaves the plan: new connections go elsewhere at once,
+    established ones finish (interface.md, rolling upgrades)."""
+    echo = EchoBackend()
+    driver = HaproxyDriver(haproxy.settings)
+    port = free_port()
+
+    def service(*servers):
+        return Service.from_dict({"name": "echo", "port": port, "servers": [
+            {"ip": "127.0.0.1", "port": p, "weight": 1} for p in servers]})
+
+    assert driver.apply(make_plan(service(echo.port))).ok
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            stream = conn.makefile("rwb")
+            stream.write(b"before\n")
+            stream.flush()
+            assert stream.readline() == b"before\n"
+            result = driver.apply(make_plan(service(backends[0].port)))
+            assert result.action == "runtime"
+            assert serving(port, 5) == {"b0"}  # new connections: the remaining server only
+            stream.write(b"after\n")
+            stream.flush()
+            assert stream.readline() == b"after\n"  # the established one still works
+    finally:
+        echo.close()
+
+
 def test_reload_failure_restores_the_previous_config(haproxy, backends):
     """`haproxy -c` cannot know a port is taken: the reload fails, the old worker serves on."""
     driver = HaproxyDriver(haproxy.settings)
