@@ -25,9 +25,10 @@ import csv
 import io
 import logging
 import re
-import socket
 import time
 from dataclasses import dataclass
+
+from services.common.unix_socket import exchange
 
 log = logging.getLogger("proxymatic.applier.haproxy")
 
@@ -171,20 +172,11 @@ class MasterCli:
 
     def _send_line(self, line: str) -> str:
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-                conn.settimeout(self.timeout)
-                conn.connect(self.path)
-                conn.sendall(line.encode() + b"\n")
-                conn.shutdown(socket.SHUT_WR)  # the master CLI answers once it sees the end
-                chunks = []
-                while True:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
+            # the master CLI answers once it sees the end of input
+            answer = exchange(self.path, line.encode() + b"\n", self.timeout, half_close=True)
         except OSError as error:
             raise HaproxyUnavailable(f"master CLI {self.path}: {error}") from error
-        return b"".join(chunks).decode(errors="replace")
+        return answer.decode(errors="replace")
 
     def send_batch(self, commands: list[str], max_line: int = MAX_BATCH_LINE) -> list[str | None]:
         """Several commands in as few connections as possible: `prompt; <c1>; <c2>; ...` per line

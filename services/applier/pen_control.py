@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import socket
 from dataclasses import dataclass
 
 from services.common.model import Server
+from services.common.unix_socket import exchange
 
 # An unused slot: Pen skips servers whose address is 0.0.0.0 (or that were never set).
 EMPTY_ADDRESS = "0.0.0.0"
@@ -62,19 +62,9 @@ class PenControl:
         if "\n" in line or "\r" in line:
             raise ValueError(f"a pen command is one line, got {line!r}")
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-                conn.settimeout(self.timeout)
-                conn.connect(self.path)
-                conn.sendall(line.encode() + b"\n")
-                chunks = []
-                while True:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
+            reply = exchange(self.path, line.encode() + b"\n", self.timeout).decode(errors="replace")
         except OSError as error:
             raise PenControlError(f"pen control socket {self.path}: {error}") from error
-        reply = b"".join(chunks).decode(errors="replace")
         if reply.startswith("do_cmd: ignoring"):
             raise PenControlError(f"pen rejected {line!r}: {reply.strip()}")
         return reply

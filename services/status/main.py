@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -19,6 +18,7 @@ import zmq
 from services.common.bus import Subscriber
 from services.common.config import Settings
 from services.common.model import ApplyResult
+from services.common.unix_socket import exchange
 from services.status.state import OK, PipelineState
 
 log = logging.getLogger("proxymatic.status")
@@ -61,16 +61,9 @@ def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) 
 
 def proxy_to_unix_http(path: str, request_line: bytes, headers: list[tuple[str, str]]) -> bytes:
     """Forward one HTTP request to a unix-socket HTTP server and return the raw response."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(5)
-        conn.connect(path)
-        head = request_line + b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in headers
-                                       if k.lower() not in ("connection", "keep-alive"))
-        conn.sendall(head + b"Connection: close\r\n\r\n")
-        chunks = []
-        while chunk := conn.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+    head = request_line + b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in headers
+                                   if k.lower() not in ("connection", "keep-alive"))
+    return exchange(path, head + b"Connection: close\r\n\r\n", timeout=5)
 
 
 def make_handler(settings: Settings, state: PipelineState):
