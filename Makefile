@@ -26,7 +26,8 @@ system-deps:
 	fi
 
 $(VENV)/.installed: pyproject.toml
-	@[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
+	@[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  [ "$$(id -u)" = 0 ] && apt-get install -y -qq python3-venv >/dev/null && rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(VENV)/bin/pip install -q -e '.[test]'
 	@touch $@
 
