@@ -95,11 +95,10 @@ def main() -> None:
     rng = random.Random(args.seed)
     backends = [HttpBackend(f"b{i}") for i in range(8)]
     service_port, vhost_port = free_port(), free_port()
-    pipeline = Pipeline(["--services-file", "", "--status-endpoint", "", "--vhost-domain", DOMAIN,
+    pipeline = Pipeline(["--status-endpoint", "", "--vhost-domain", DOMAIN,
                          "--vhost-port", str(vhost_port), "--node-name", "bench"],
-                        programs=("haproxy", "pen", "nginx", "applier", "planner", "collector"))
-    services_file = os.path.join(pipeline.run_dir, "services.json")
-    pipeline.args[pipeline.args.index("--services-file") + 1] = services_file
+                        programs=("haproxy", "pen", "nginx", "applier", "planner", "collector"), services_file=True)
+    services_file = pipeline.services_file
     active = {b.name: (b, 500) for b in backends[:3]}
     write_services(services_file, service_port, active)
     ctx = zmq.Context.instance()

@@ -16,9 +16,11 @@ STAGE_ORDER = ("haproxy", "pen", "nginx", "applier", "planner", "collector", "st
 
 class Pipeline:
     def __init__(self, args: list[str], programs: tuple[str, ...] = ("haproxy", "pen", "applier", "planner", "collector"),
-                 env: dict | None = None, log_to_files: bool = True):
+                 env: dict | None = None, log_to_files: bool = True, services_file: bool = False):
         self.run_dir = tempfile.mkdtemp(prefix="pmp")
-        self.args = ["--run-dir", self.run_dir, *args]
+        # `services_file=True`: a static source at `self.services_file`, inside the run dir
+        self.services_file = os.path.join(self.run_dir, "services.json")
+        self.args = ["--run-dir", self.run_dir, *(["--services-file", self.services_file] if services_file else []), *args]
         self.programs = programs
         self.env = {**os.environ, **(env or {})}
         self.log_to_files = log_to_files
