@@ -1,7 +1,8 @@
 """The planner stage: subscribes to source snapshots, publishes the plan (topic `plan`).
 
-Bursts are coalesced: after a change the planner waits for a short quiet period (bounded by a
-maximum delay) and plans once. A plan is published only when it differs from the last one.
+Bursts are coalesced: a change after a calm period is planned at once; further changes within
+MAX_DELAY wait for a short quiet period (bounded by MAX_DELAY) and are planned together. A
+plan is published only when it differs from the last one.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
     memo = PolicyMemo()
     first_pending: float | None = None
     last_change = 0.0
+    last_planned = 0.0
     last_published: tuple | None = None
     poller = zmq.Poller()
     for socket in subscriber.sockets():
@@ -63,9 +65,12 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
             if first_pending is None:
                 continue
             now = time.monotonic()
-            if now - last_change < quiet_period and now - first_pending < max_delay:
+            # Leading edge: a change after a calm period is planned at once; changes that follow
+            # within max_delay wait for a quiet period, so a burst costs few plans.
+            calm = first_pending - last_planned >= max_delay
+            if not calm and now - last_change < quiet_period and now - first_pending < max_delay:
                 continue
-            first_pending = None
+            first_pending, last_planned = None, now
             plan = make_plan(snapshots, settings, memo)
             identity = (plan.hash, plan.sources_ready, plan.notes)
             if identity == last_published:
