@@ -13,7 +13,7 @@ import pytest
 from services.applier import haproxy_render
 from services.applier.haproxy_launch import check_config
 from services.applier.haproxy_render import (
-    ConfigRenderer, HaproxyPaths, RenderError, assign_slots, global_maxconn, haproxy_services, quote_path,
+    ConfigRenderer, HaproxyPaths, RenderError, assign_slots, extra_fds, global_maxconn, haproxy_services, quote_path,
     render, render_skeleton, slot_capacity,
 )
 from services.common.model import HealthCheck, Plan, ProxySettings, Server, Service, content_hash
@@ -309,5 +309,8 @@ def test_incremental_rendering_redoes_only_the_changed_service(monkeypatch):
 
 def test_global_maxconn_leaves_file_descriptors_for_listeners():
     # HAProxy refuses to start when 2 * maxconn + listeners exceeds the hard fd limit.
-    assert global_maxconn(8192, fd_limit=20000, listeners=1000) == (20000 - 1024 - 1000) // 2
-    assert global_maxconn(8192, fd_limit=20000, listeners=0) == (20000 - 1024) // 2
+    assert global_maxconn(8192, fd_limit=20000, extra_fds=1000) == (20000 - 1024 - 1000) // 2
+    assert global_maxconn(8192, fd_limit=20000, extra_fds=0) == (20000 - 1024) // 2
+    checked = Service.from_dict({"name": "a", "port": 1, "health_check": {"protocol": "tcp"}})
+    unchecked = Service.from_dict({"name": "b", "port": 2})
+    assert extra_fds([checked, unchecked], {"svc_1_tcp": (None,) * 16, "svc_2_tcp": (None,) * 16}) == 2 + 16

@@ -157,14 +157,19 @@ def empty_slots(layout: Slots) -> dict[str, tuple[None, ...]]:
     return {bid: (None,) * len(slots) for bid, slots in layout.items()}
 
 
-def global_maxconn(max_connections: int, fd_limit: int | None = None, listeners: int = 0) -> int:
+def global_maxconn(max_connections: int, fd_limit: int | None = None, extra_fds: int = 0) -> int:
     """Twice the per-service limit, capped so HAProxy can get the file descriptors it needs
-    (two per proxied connection, one per listener) below the hard RLIMIT_NOFILE: asking for more
-    makes HAProxy refuse to start."""
+    (two per proxied connection, plus `extra_fds`: one per listener and one per health-checked
+    server slot) below the hard RLIMIT_NOFILE: asking for more makes HAProxy refuse to start."""
     wanted = max_connections * 2
     if fd_limit:
-        wanted = min(wanted, max(64, (fd_limit - FD_RESERVE - listeners) // 2))
+        wanted = min(wanted, max(64, (fd_limit - FD_RESERVE - extra_fds) // 2))
     return wanted
+
+
+def extra_fds(services: Iterable[Service], slots: Slots) -> int:
+    """File descriptors besides connections: a listener per service, a check per checked slot."""
+    return sum(1 + (len(slots.get(backend_id(s), ())) if s.health_check else 0) for s in services)
 
 
 def _address(server: Server, what: str) -> str:
@@ -245,7 +250,7 @@ _ENV = jinja2.Environment(
 
 
 def render(plan: Plan, paths: HaproxyPaths, slots: Slots, fd_limit: int | None = None,
-           listeners: int | None = None) -> str:
+           reserved_fds: int | None = None) -> str:
     """The complete haproxy.cfg for `plan` with servers placed as in `slots`.
 
     `slots` must hold an entry for every HAProxy service of the plan (see assign_slots).
@@ -264,8 +269,8 @@ def render(plan: Plan, paths: HaproxyPaths, slots: Slots, fd_limit: int | None =
     text = _ENV.get_template("haproxy.cfg.j2").render(
         paths=paths,
         services=services,
-        global_maxconn=global_maxconn(max_connections, fd_limit,
-                                      len(services) if listeners is None else listeners),
+        global_maxconn=global_maxconn(max_connections, fd_limit, extra_fds(haproxy_services(plan), slots)
+                                      if reserved_fds is None else reserved_fds),
         timeout_connect=TIMEOUT_CONNECT,
         default_timeout_client=DEFAULT_TIMEOUT_CLIENT,
         default_timeout_server=DEFAULT_TIMEOUT_SERVER,
@@ -336,7 +341,6 @@ class ConfigRenderer:
         """Render `plan` with slots assigned from `previous` (see assign_slots). Raises RenderError."""
         max_connections = _checked_int(plan.settings.max_connections, 1, 1_000_000, "max_connections")
         services = haproxy_services(plan)
-        header = self._header_text(max_connections, len(services))
         cached = self._blocks
         blocks: dict[str, _Block] = {}
         for service in services:
@@ -351,6 +355,7 @@ class ConfigRenderer:
                 block = self._render_block(service, bid, before, max_connections, block)
             blocks[bid] = block
         self._blocks = blocks
+        header = self._header_text(max_connections, extra_fds(services, {bid: b.slots for bid, b in blocks.items()}))
         text = header + "".join([b.text for b in blocks.values()]) + "\n"
         key = (max_connections, header, tuple([b.key for b in blocks.values()]))
         if self._skeleton is None or self._skeleton[0] != key:
@@ -358,11 +363,11 @@ class ConfigRenderer:
             self._skeleton = (key, skeleton_hash(skeleton))
         return Rendering({bid: b.slots for bid, b in blocks.items()}, text, self._skeleton[1])
 
-    def _header_text(self, max_connections: int, listeners: int) -> str:
-        if self._header is None or self._header[0] != (max_connections, listeners):
+    def _header_text(self, max_connections: int, reserved_fds: int) -> str:
+        if self._header is None or self._header[0] != (max_connections, reserved_fds):
             text = render(Plan((), ProxySettings(max_connections=max_connections)), self.paths, {}, self.fd_limit,
-                          listeners)
-            self._header = ((max_connections, listeners), text[:-1])
+                          reserved_fds)
+            self._header = ((max_connections, reserved_fds), text[:-1])
         return self._header[1]
 
     def _render_block(self, service: Service, bid: str, before: tuple, max_connections: int,
