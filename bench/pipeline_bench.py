@@ -6,7 +6,7 @@ with 5 tasks each. Registrator: one etcd key is deleted / set again. The clock s
 applier reports on the bus that it applied the plan carrying the change (HAProxy's runtime API
 has been told by then); a sample of changes is also checked against HAProxy's own server state.
 
-    .venv/bin/python -m bench.pipeline_bench [--apps 100,1000] [--changes 200] [--registrator]
+    .venv/bin/python -m bench.pipeline_bench [--apps 100,1000] [--changes 200] [--registrator] [--breakdown]
 """
 from __future__ import annotations
 
@@ -44,10 +44,12 @@ class BusWatch:
     """Follows plan and applied messages: which plan hash holds which servers, and when each
     plan hash was applied."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, breakdown: bool = False):
+        # The breakdown also decodes every source snapshot here, which takes CPU from the
+        # pipeline on a 2-core machine: off unless asked for.
         self.subscriber = Subscriber(zmq.Context.instance(), [
             Endpoint.parse(f"ipc://{run_dir}/bus/{stage}.pub") for stage in ("collector", "planner", "applier")],
-            ["source.", "plan", "applied."])
+            ["source.", "plan", "applied."] if breakdown else ["plan", "applied."])
         self.plans: dict[str, dict] = {}
         self.applied: dict[str, float] = {}
         self.last_plan = ""
@@ -109,14 +111,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def marathon_run(apps: int, changes: int) -> dict:
+def marathon_run(apps: int, changes: int, breakdown: bool = False) -> dict:
     sim = MarathonSim().start()
     base = free_port_range(apps)
     for i in range(apps):
         sim.deploy_app(f"/bench/app{i}", network="BRIDGE", service_ports=[base + i], instances=5, health_check=True)
     pipeline = Pipeline(["--marathon", sim.url, "--status-endpoint", "", "-i", "3600"],
                         programs=("haproxy", "applier", "planner", "collector"))
-    watch = BusWatch(pipeline.run_dir)
+    watch = BusWatch(pipeline.run_dir, breakdown)
     try:
         started = time.monotonic()
         pipeline.start()
@@ -145,7 +147,8 @@ def marathon_run(apps: int, changes: int) -> dict:
         return {"apps": apps, "tasks": apps * 5, "changes": changes, "initial_sync_s": round(initial, 2),
                 "p50_ms": round(statistics.median(samples), 1), "p99_ms": round(percentile(samples, 0.99), 1),
                 "max_ms": round(max(samples), 1), "checked_against_haproxy": verified,
-                "median_published_at_ms": {hop: round(statistics.median(v), 1) for hop, v in hops.items()}}
+                **({"median_published_at_ms": {hop: round(statistics.median(v), 1) for hop, v in hops.items()}}
+                   if breakdown else {})}
     finally:
         pipeline.cleanup()
         sim.stop()
@@ -189,9 +192,10 @@ def main() -> None:
     parser.add_argument("--apps", default="100,1000")
     parser.add_argument("--changes", type=int, default=200)
     parser.add_argument("--registrator", action="store_true", help="also measure etcd change → traffic")
+    parser.add_argument("--breakdown", action="store_true", help="also report when each stage published")
     args = parser.parse_args()
     for apps in (int(a) for a in args.apps.split(",") if a):
-        print("marathon event → applied:", marathon_run(apps, args.changes), flush=True)
+        print("marathon event → applied:", marathon_run(apps, args.changes, args.breakdown), flush=True)
     if args.registrator:
         print("registrator change → applied:", registrator_run(args.changes), flush=True)
 
