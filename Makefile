@@ -35,7 +35,7 @@ test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/python -m bench.demo
+	$(VENV)/bin/python -m sim.demo
 
 bench: install
 	$(VENV)/bin/python -m bench.run_all
