@@ -12,6 +12,7 @@ import collections
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -69,10 +70,22 @@ def show(counts: collections.Counter) -> None:
         print(f"    {name:<12} {'#' * count} {count}", flush=True)
 
 
+def port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--once", action="store_true", help="run the script, then stop (no waiting for Ctrl-C)")
     args = parser.parse_args()
+    for port, variable in ((SERVICE_PORT, "DEMO_PORT"), (STATUS_PORT, "DEMO_STATUS_PORT")):
+        if not port_free(port):
+            raise SystemExit(f"demo: port {port} is in use; choose another with {variable}=<port> make demo")
     run_dir = tempfile.mkdtemp(prefix="proxymatic-demo-")
     services_file = os.path.join(run_dir, "services.json")
     backends = {name: HttpBackend(name) for name in ("backend-a", "backend-b", "backend-c")}
