@@ -129,7 +129,6 @@ class HaproxyDriver(ProxyDriver):
     # -- the algorithm ------------------------------------------------------------------------
 
     def _apply(self, plan: Plan) -> DriverResult:
-        self.flush()
         proc: ProcInfo | None = None  # `show proc` as seen during this apply
         fixes = 0
         if not self._trusted or self._worker is None:
@@ -231,6 +230,7 @@ class HaproxyDriver(ProxyDriver):
         self._skeleton_hash = skeleton_hash
 
     def _reload(self, plan: Plan, text: str, slots: Slots, skeleton_hash: str, before: ProcInfo) -> DriverResult:
+        self.flush()  # the files must describe what runs before they are replaced or restored
         previous = (self._read(self.paths.config), dict(self._slots), self._skeleton_hash, self._trusted)
         # Not confirmed until the new worker runs: an applier restarted in between reloads again.
         self._commit(text, slots, skeleton_hash, confirmed=False)
@@ -330,6 +330,7 @@ class HaproxyDriver(ProxyDriver):
         """Sync with a worker we have not seen (first apply, HAProxy restarted or reloaded by
         someone else). Returns the number of slots fixed; leaves `_trusted` false when only a
         reload can make the running HAProxy match the config on disk."""
+        self.flush()  # adoption compares the running worker with the files
         self._worker = worker
         self._trusted = False
         state = self._read_state()

@@ -29,6 +29,11 @@ log = logging.getLogger("proxymatic.applier")
 RETRY_MIN = 0.5
 RETRY_MAX = 5.0  # a retry is one connect() to a unix socket: cheap
 RESYNC_INTERVAL = 15.0
+# Files describing the applied state are written once plans stop coming for FLUSH_QUIET
+# seconds (at most FLUSH_MAX after the change): a burst of changes is not a burst of fsyncs,
+# and writing never delays the next change.
+FLUSH_QUIET = 0.05
+FLUSH_MAX = 1.0
 # Most significant first: what one ApplyResult says when drivers did different things.
 ACTIONS = ("rejected", "reload", "start", "runtime", "none")
 
@@ -83,6 +88,15 @@ def apply_plan(drivers: list[ProxyDriver], plan: Plan) -> ApplyResult:
     )
 
 
+def flush(drivers: list[ProxyDriver]) -> None:
+    """Let every driver write the files describing what it applied (off the path to traffic)."""
+    for driver in drivers:
+        try:
+            driver.flush()
+        except Exception:
+            log.exception("applier: driver %s could not save its state", driver.name)
+
+
 def should_retry(result: ApplyResult) -> bool:
     """Failures other than a rejected config are transient (a proxy not up yet)."""
     return any(not d.get("ok") and d.get("action") != "rejected" for d in result.details.values())
@@ -108,13 +122,16 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
     retry_at: float | None = None
     backoff = RETRY_MIN
     next_resync = float("inf")
+    flush_at: float | None = None  # when the drivers' files are due (see FLUSH_QUIET)
+    unflushed_since = 0.0
     try:
         while not stop.is_set():
             publisher.heartbeat({"stage": "applier", "plan": last.plan_hash if last else "",
                                  "ok": bool(last and last.ok)})
             now = time.monotonic()
             timeout = min(publisher.seconds_to_heartbeat(), 0.2, max(0.0, next_resync - now),
-                          max(0.0, retry_at - now) if retry_at is not None else 0.2)
+                          max(0.0, retry_at - now) if retry_at is not None else 0.2,
+                          max(0.0, flush_at - now) if flush_at is not None else 0.2)
             ready = dict(poller.poll(int(timeout * 1000)))
             if publisher.snapshot in ready:
                 publisher.serve_snapshots()
@@ -127,6 +144,9 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
                     log.error("applier: rejected plan from %s: %s", newest.sender, error)
 
             now = time.monotonic()
+            if flush_at is not None and now >= flush_at and (pending is None or now - unflushed_since >= FLUSH_MAX):
+                flush_at = None
+                flush(drivers)
             reason = ""
             if pending is not None:
                 plan, pending = pending, None
@@ -153,11 +173,10 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
                     "applier: plan %s (%s): %s%s", plan.hash, reason, summary or "no drivers",
                     "; " + "; ".join(result.errors) if result.errors else "")
             last = result
-            for driver in drivers:  # files after the result: they are not on the path to traffic
-                try:
-                    driver.flush()
-                except Exception:
-                    log.exception("applier: driver %s could not save its state", driver.name)
+            now = time.monotonic()
+            if flush_at is None:
+                unflushed_since = now
+            flush_at = min(now + FLUSH_QUIET, unflushed_since + FLUSH_MAX)
             if should_retry(result):
                 retry_at = time.monotonic() + backoff
                 log.info("applier: retrying plan %s in %.1fs", plan.hash, backoff)
@@ -166,9 +185,9 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
                 retry_at, backoff = None, RETRY_MIN
             next_resync = time.monotonic() + RESYNC_INTERVAL
     finally:
+        flush(drivers)
         for driver in drivers:
             try:
-                driver.flush()
                 driver.close()
             except Exception:
                 log.exception("applier: closing driver %s", driver.name)
