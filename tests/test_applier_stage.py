@@ -164,11 +164,10 @@ def test_queued_plans_are_coalesced_and_a_driver_bug_is_reported():
         shutil.rmtree(settings.run_dir, ignore_errors=True)
 
 
-def test_build_drivers_skips_missing_modules(monkeypatch):
-    settings = Settings(run_dir="/tmp/pm-unused", haproxy=True, vhost_domain="")
-    monkeypatch.setattr(applier, "OPTIONAL_DRIVERS", (
-        ("services.applier.no_such_driver", "NoSuchDriver", lambda s: True),
-        ("services.applier.nginx_driver", "NginxDriver", lambda s: bool(s.vhost_domain)),
-    ))
-    assert [d.name for d in applier.build_drivers(settings)] == ["haproxy"]
-    assert applier.build_drivers(Settings(run_dir="/tmp/pm-unused", haproxy=False)) == []
+def test_build_drivers_follows_the_settings():
+    def names(**options):
+        return [d.name for d in applier.build_drivers(Settings(run_dir="/tmp/pm-unused", **options))]
+
+    assert names() == ["haproxy", "pen"]
+    assert names(haproxy=False) == ["pen"]
+    assert names(vhost_domain="apps.test") == ["haproxy", "pen", "nginx"]

@@ -12,7 +12,6 @@ was restarted or changed behind the applier's back.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 import time
@@ -20,6 +19,9 @@ import time
 import zmq
 
 from services.applier.driver import DriverResult, ProxyDriver
+from services.applier.haproxy_driver import HaproxyDriver
+from services.applier.nginx_driver import NginxDriver
+from services.applier.pen_driver import PenDriver
 from services.common.bus import Publisher, Subscriber
 from services.common.config import Settings
 from services.common.model import ApplyResult, ModelError, Plan, ServiceDecoder
@@ -37,31 +39,15 @@ FLUSH_MAX = 1.0
 # Most significant first: what one ApplyResult says when drivers did different things.
 ACTIONS = ("rejected", "reload", "start", "runtime", "none")
 
-# Drivers written as separate modules: (module, class, wanted(settings)).
-OPTIONAL_DRIVERS = (
-    ("services.applier.pen_driver", "PenDriver", lambda settings: True),  # UDP, and TCP without HAProxy
-    ("services.applier.nginx_driver", "NginxDriver", lambda settings: bool(settings.vhost_domain)),
-)
-
-
 def build_drivers(settings: Settings) -> list[ProxyDriver]:
-    """The drivers of this node: HAProxy when HAPROXY, Pen always, nginx with VHOST_DOMAIN.
-    A driver module that does not exist (yet) is skipped with a warning."""
+    """The drivers of this node: HAProxy when HAPROXY, Pen always (UDP, and TCP without
+    HAProxy), nginx with VHOST_DOMAIN."""
     drivers: list[ProxyDriver] = []
     if settings.haproxy:
-        from services.applier.haproxy_driver import HaproxyDriver
         drivers.append(HaproxyDriver(settings, defer_writes=True))
-    for module_name, class_name, wanted in OPTIONAL_DRIVERS:
-        if not wanted(settings):
-            continue
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            log.warning("applier: %s is not available, skipping %s", module_name, class_name)
-            continue
-        drivers.append(getattr(module, class_name)(settings))
+    drivers.append(PenDriver(settings))
+    if settings.vhost_domain:
+        drivers.append(NginxDriver(settings))
     return drivers
 
 
