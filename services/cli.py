@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import os
@@ -98,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "run":
         from services.launcher import launch
         return launch(settings, rest)
+    if command in STAGES:
+        # Full-state messages allocate tens of thousands of short-lived, acyclic objects that
+        # reference counting frees; the default thresholds ran a collection every few hundred
+        # net allocations and put 5-10 ms generation-2 pauses on the path from event to traffic.
+        gc.set_threshold(50_000, 20, 100)
     module_name, _, function = ENTRY_POINTS[command].partition(":")
     entry = getattr(importlib.import_module(module_name), function)
     os.makedirs(settings.run_dir, exist_ok=True)
