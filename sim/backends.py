@@ -1,6 +1,7 @@
 """Small real backends that say who they are: for tests, benchmarks and `make demo`."""
 from __future__ import annotations
 
+import json
 import socket
 import socketserver
 import sys
@@ -9,7 +10,24 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-class TcpBackend:
+class ServedBackend:
+    """A socketserver served from a daemon thread, a daemon thread per connection: `port`, `close()`."""
+
+    server: socketserver.BaseServer
+    port: int
+
+    def _start(self, server: socketserver.BaseServer) -> None:
+        self.server = server
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class TcpBackend(ServedBackend):
     """A TCP server that answers every connection with its name and closes: `who is serving?`"""
 
     def __init__(self, name: str, port: int | None = None):
@@ -23,14 +41,20 @@ class TcpBackend:
                 self.request.sendall(backend.name.encode() + b"\n")
 
         socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", port or 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self._start(socketserver.ThreadingTCPServer(("127.0.0.1", port or 0), Handler))
 
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+
+class EchoBackend(ServedBackend):
+    """Echoes lines on a connection that stays open: proves a connection survives a reload."""
+
+    def __init__(self):
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                for line in self.rfile:
+                    self.wfile.write(line)
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self._start(socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler))
 
 
 class QuietHTTPServer(ThreadingHTTPServer):
@@ -41,14 +65,17 @@ class QuietHTTPServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-class HttpBackend:
-    """An HTTP server answering `name` on every path; `healthy` drives /health (200 or 503)."""
+class HttpBackend(ServedBackend):
+    """An HTTP server answering `name` on every path; `healthy` drives /health (200 or 503).
+    With `echo_headers` it answers the request headers it received instead, as JSON (names in
+    lower case): what a proxy in front added."""
 
-    def __init__(self, name: str, delay: float = 0.0):
+    def __init__(self, name: str, delay: float = 0.0, echo_headers: bool = False):
         self.name = name
         self.healthy = True
         self.requests = 0
         self.delay = delay  # seconds spent on each request (a busy backend)
+        self.echo_headers = echo_headers
         backend = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -60,6 +87,8 @@ class HttpBackend:
                     time.sleep(backend.delay)
                 if self.path == "/health" and not backend.healthy:
                     body, code = b"unhealthy\n", 503
+                elif backend.echo_headers:
+                    body, code = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode(), 200
                 else:
                     body, code = backend.name.encode() + b"\n", 200
                 self.send_response(code)
@@ -71,14 +100,7 @@ class HttpBackend:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._start(QuietHTTPServer(("127.0.0.1", 0), Handler))
 
 
 class UdpEcho:

@@ -6,7 +6,8 @@ import threading
 import time
 from typing import Callable, TypeVar
 
-from sim.backends import HttpBackend, TcpBackend, UdpEcho  # noqa: F401  (re-exported for tests)
+from sim.backends import (  # noqa: F401  (re-exported for tests)
+    EchoBackend, HttpBackend, ServedBackend, TcpBackend, UdpEcho)
 
 T = TypeVar("T")
 

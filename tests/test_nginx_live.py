@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -28,31 +27,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOMAIN = "test.local"
 
 
-class HeaderBackend:
-    """Answers every GET with the request headers it received, as JSON."""
-
-    def __init__(self):
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def read_head(conn: socket.socket) -> bytes:
+    """Receive until the end of an HTTP head (or until the peer closes: then what came)."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return head
 
 
 class UpgradeEcho:
@@ -76,12 +59,9 @@ class UpgradeEcho:
 
     def _handle(self, conn: socket.socket) -> None:
         with conn:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                head += chunk
+            head = read_head(conn)
+            if b"\r\n\r\n" not in head:
+                return
             request = head.decode().lower()
             self.requests.append(request)
             if "upgrade: websocket" not in request or "connection: upgrade" not in request:
@@ -184,7 +164,7 @@ def nginx():
 
 # How the live tests stand in for HAProxy/Pen: a vhost proxies to 127.0.0.1:<service port>, the
 # listener HAProxy (or Pen) keeps on every service port. Here the listener is the test backend
-# itself: each service's port IS the port of a backend (HttpBackend, HeaderBackend, UpgradeEcho),
+# itself: each service's port IS the port of a backend (HttpBackend, UpgradeEcho),
 # so a request reaching it went through nginx to the service's node-local listener. The servers
 # listed in the plans are fake (TEST-NET addresses): nginx must never use them.
 FAKE = [("192.0.2.1", 31000, 10), ("192.0.2.2", 31001, 20), ("192.0.2.3", 31002, 0)]
@@ -288,7 +268,7 @@ def test_vhosts_default_server_reloads_and_rejected_config(nginx, monkeypatch):
 
 def test_websocket_upgrade_and_forwarded_headers(nginx):
     # the stand-in listeners: service port == backend port (see above)
-    echo, headers = UpgradeEcho(), HeaderBackend()
+    echo, headers = UpgradeEcho(), HttpBackend("hdr", echo_headers=True)
     try:
         assert nginx.driver.apply(nginx.plan(service("ws", echo.port, FAKE), service("hdr", headers.port))).ok
         # After a reload the old workers may still accept for a moment: ask until the new config answers.
@@ -301,12 +281,7 @@ def test_websocket_upgrade_and_forwarded_headers(nginx):
             conn.sendall(b"GET /socket HTTP/1.1\r\nHost: ws.test.local\r\nUpgrade: websocket\r\n"
                          b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    break
-                head += chunk
+            head = read_head(conn)
             if head.startswith(b"HTTP/1.1 101"):
                 return conn
             conn.close()  # an old worker still finishing after the reload: ask again
@@ -333,7 +308,7 @@ def test_websocket_upgrade_and_forwarded_headers(nginx):
 
 def test_proxy_protocol_client_address_reaches_the_backend():
     nginx = Nginx(proxy_protocol=True)
-    headers = HeaderBackend()  # the stand-in listener of the service (port == backend port)
+    headers = HttpBackend("hdr", echo_headers=True)  # the stand-in listener of the service (port == backend port)
     try:
         assert nginx.driver.apply(nginx.plan(service("hdr", headers.port, FAKE))).ok
 

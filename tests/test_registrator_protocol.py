@@ -9,10 +9,10 @@ from urllib.parse import parse_qs, urlparse
 
 from services.collector.registrator import RegistratorSource
 from services.common.config import Settings
-from tests.helpers import wait_until
+from tests.helpers import ServedBackend, wait_until
 
 
-class FakeEtcd:
+class FakeEtcd(ServedBackend):
     """Answers GET /v2/keys/services: a full read, then scripted watch answers in order."""
 
     def __init__(self, watch_answers: list[tuple[int, bytes]]):
@@ -57,15 +57,11 @@ class FakeEtcd:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self._start(ThreadingHTTPServer(("127.0.0.1", 0), Handler))
 
     def close(self) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 def test_wait_index_sequence_and_empty_body_retry():
