@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import socket
-import socketserver
 import subprocess
 import tempfile
 import threading
@@ -20,7 +19,7 @@ from services.applier.haproxy_render import Rendering
 from services.applier.haproxy_runtime import MasterCli, WorkerApi
 from services.common.config import Settings
 from services.common.model import Plan, ProxySettings, Service
-from tests.helpers import HttpBackend, Load, TcpBackend, free_port, tcp_ask, wait_until
+from tests.helpers import EchoBackend, HttpBackend, Load, TcpBackend, free_port, tcp_ask, wait_until
 
 pytestmark = pytest.mark.skipif(not os.path.exists(haproxy_launch.haproxy_binary()), reason="haproxy is not installed")
 
@@ -55,26 +54,6 @@ class HaproxyProcess:
     def cleanup(self) -> None:
         self.kill()
         shutil.rmtree(self.settings.run_dir, ignore_errors=True)
-
-
-class EchoBackend:
-    """Echoes lines on a connection that stays open: proves a connection survives a reload."""
-
-    def __init__(self):
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                for line in self.rfile:
-                    self.wfile.write(line)
-
-        socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def tcp_service(port, backends, weights=None, maxconn=None, **extra) -> Service:
@@ -116,6 +95,27 @@ def backends():
     made = [TcpBackend(f"b{i}") for i in range(4)]
     yield made
     close_all(made)
+
+
+def config_text(haproxy) -> str:
+    with open(haproxy.paths.config) as handle:
+        return handle.read()
+
+
+def serving_b0(haproxy, backends) -> tuple[HaproxyDriver, int, str, int | None]:
+    """A driver with one service on a fresh port, served by b0: (driver, port, the config file's
+    text, the worker's pid)."""
+    driver = HaproxyDriver(haproxy.settings)
+    port = free_port()
+    assert driver.apply(make_plan(tcp_service(port, backends[:1]))).ok
+    return driver, port, config_text(haproxy), haproxy.proc().worker
+
+
+def say(stream, line: bytes) -> bytes:
+    """Send a line on an open connection to an EchoBackend (`conn.makefile("rwb")`): its answer."""
+    stream.write(line)
+    stream.flush()
+    return stream.readline()
 
 
 def close_all(servers) -> None:
@@ -160,8 +160,7 @@ def test_membership_churn_under_load_never_reloads_nor_fails(haproxy, backends):
     # No reload: same worker, same reload count.
     assert (after.workers, after.reloads) == (before.workers, before.reloads)
     # The file says what the runtime does: b0 and b3 in their slots.
-    with open(haproxy.paths.config) as handle:
-        config = handle.read()
+    config = config_text(haproxy)
     assert f"127.0.0.1:{backends[0].port} weight 10 maxconn 51" in config
     assert f"127.0.0.1:{backends[3].port} weight 10" in config
     assert f"127.0.0.1:{backends[1].port}" not in config
@@ -187,9 +186,7 @@ def test_new_service_reloads_and_established_connections_survive(haproxy, backen
     try:
         with socket.create_connection(("127.0.0.1", echo_port), timeout=5) as conn:
             stream = conn.makefile("rwb")
-            stream.write(b"before\n")
-            stream.flush()
-            assert stream.readline() == b"before\n"
+            assert say(stream, b"before\n") == b"before\n"
             worker = haproxy.proc().worker
 
             result = driver.apply(make_plan(echo_service, tcp_service(web_port, backends[:1])))
@@ -197,21 +194,14 @@ def test_new_service_reloads_and_established_connections_survive(haproxy, backen
             assert haproxy.proc().worker != worker
             assert tcp_ask(web_port) == "b0"
 
-            stream.write(b"after\n")
-            stream.flush()
-            assert stream.readline() == b"after\n"  # served by the old worker, until it closes
+            assert say(stream, b"after\n") == b"after\n"  # served by the old worker, until it closes
             assert worker in haproxy.proc().old_workers
     finally:
         echo.close()
 
 
 def test_config_failing_validation_is_rejected_and_old_config_keeps_serving(haproxy, backends, monkeypatch):
-    driver = HaproxyDriver(haproxy.settings)
-    port = free_port()
-    assert driver.apply(make_plan(tcp_service(port, backends[:1]))).ok
-    with open(haproxy.paths.config) as handle:
-        good = handle.read()
-    worker = haproxy.proc().worker
+    driver, port, good, worker = serving_b0(haproxy, backends)
 
     # A service-level change HAProxy refuses (changes to slot contents alone are typed values
     # and skip `haproxy -c`; see test_render_refusal_is_rejected for those).
@@ -227,8 +217,7 @@ def test_config_failing_validation_is_rejected_and_old_config_keeps_serving(hapr
     assert not result.ok and result.action == "rejected"
     assert "bogus_keyword" in result.errors[0] and "previous one keeps serving" in result.errors[0]
     assert serving(port, 3) == {"b0"}
-    with open(haproxy.paths.config) as handle:
-        assert handle.read() == good
+    assert config_text(haproxy) == good
     assert haproxy.proc().worker == worker
 
     monkeypatch.setattr(driver, "_renderer", real_renderer)
@@ -261,27 +250,18 @@ def test_a_removed_server_is_drained_not_cut(haproxy, backends):
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
             stream = conn.makefile("rwb")
-            stream.write(b"before\n")
-            stream.flush()
-            assert stream.readline() == b"before\n"
+            assert say(stream, b"before\n") == b"before\n"
             result = driver.apply(make_plan(service(backends[0].port)))
             assert result.action == "runtime"
             assert serving(port, 5) == {"b0"}  # new connections: the remaining server only
-            stream.write(b"after\n")
-            stream.flush()
-            assert stream.readline() == b"after\n"  # the established one still works
+            assert say(stream, b"after\n") == b"after\n"  # the established one still works
     finally:
         echo.close()
 
 
 def test_reload_failure_restores_the_previous_config(haproxy, backends):
     """`haproxy -c` cannot know a port is taken: the reload fails, the old worker serves on."""
-    driver = HaproxyDriver(haproxy.settings)
-    port = free_port()
-    assert driver.apply(make_plan(tcp_service(port, backends[:1]))).ok
-    with open(haproxy.paths.config) as handle:
-        good = handle.read()
-    worker = haproxy.proc().worker
+    driver, port, good, worker = serving_b0(haproxy, backends)
     with socket.socket() as squatter:
         squatter.bind(("0.0.0.0", 0))
         squatter.listen()
@@ -290,8 +270,7 @@ def test_reload_failure_restores_the_previous_config(haproxy, backends):
         assert not result.ok and result.action == "rejected" and "reload failed" in result.errors[0]
     assert haproxy.proc().worker == worker
     assert tcp_ask(port) == "b0"
-    with open(haproxy.paths.config) as handle:
-        assert handle.read() == good
+    assert config_text(haproxy) == good
     # The driver re-adopts the running worker: a membership change is runtime again.
     again = driver.apply(make_plan(tcp_service(port, backends[:2])))
     assert again.ok and again.action == "runtime", again
@@ -403,8 +382,7 @@ def test_membership_change_is_one_round_trip_before_the_file_is_rewritten(haprox
     assert line.startswith("prompt; show proc; @!") and "set server svc_%d_tcp/s1 addr 127.0.0.1" % port in line
     assert [path for _, path in events[1:]] == [haproxy.paths.config, haproxy.paths.state]
     assert_serving(port, {"b1", "b2"})
-    with open(haproxy.paths.config) as handle:
-        assert f"127.0.0.1:{backends[2].port} weight 10" in handle.read()
+    assert f"127.0.0.1:{backends[2].port} weight 10" in config_text(haproxy)
 
     # The same plan again: one `show proc` (a restart behind our back would show there), nothing else.
     events.clear()
