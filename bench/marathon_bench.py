@@ -28,6 +28,7 @@ from services.collector.marathon import MarathonSource
 from services.common.config import Settings
 from sim.marathon import MarathonSim
 from tests.helpers import free_port, wait_until
+from tests.marathon_helpers import drive_until
 
 
 def servers_on(discovery, port: int) -> int:
@@ -35,16 +36,6 @@ def servers_on(discovery, port: int) -> int:
         if service.port == port:
             return len(service.servers)
     return 0
-
-
-def drive_until(source: MarathonSource, stop: threading.Event, predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        source.wait_for_change(1.0, stop)
-        discovery = source.current()
-        if predicate(discovery):
-            return discovery
-    raise RuntimeError("change never showed up")
 
 
 def latency_run(apps: int, changes: int) -> dict:
@@ -70,7 +61,7 @@ def latency_run(apps: int, changes: int) -> dict:
             expected = 4 if alive else 5
             t0 = time.perf_counter()
             sim.set_health(task_id, not alive)
-            drive_until(source, stop, lambda d: servers_on(d, port) == expected)
+            drive_until(source, lambda d: servers_on(d, port) == expected, timeout=10.0, stop=stop, wait=1.0)
             latencies.append(time.perf_counter() - t0)
         change_requests = len(sim.api_requests()) - requests_before
         fragments_per_change = (source.builder.stats["fragments_built"] - built_before) / changes
@@ -97,7 +88,7 @@ def latency_run(apps: int, changes: int) -> dict:
         t0 = time.perf_counter()
         sim.scale("/bench/app0", len(sim.task_ids("/bench/app0")) + 25)
         burst_events = sim.cluster.events_emitted - events_before
-        drive_until(source, stop, lambda d: servers_on(d, 10000) == target)
+        drive_until(source, lambda d: servers_on(d, 10000) == target, timeout=10.0, stop=stop, wait=1.0)
         burst_ms = (time.perf_counter() - t0) * 1000
         wait_until(lambda: source.stats["events"] >= events_after_connect + burst_events, timeout=10)
         source.wait_for_change(0.2, stop)

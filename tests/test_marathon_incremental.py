@@ -4,16 +4,14 @@ equal."""
 from __future__ import annotations
 
 import random
-import threading
-import time
 
 import pytest
 
 from services.collector.marathon import MarathonSource
 from services.collector.marathon_parse import ServiceBuilder, build_services, parse_app
 from services.common.config import Settings
-from sim.marathon import MarathonSim
 from tests.helpers import wait_until
+from tests.marathon_helpers import FAST, drive_until, servers, sim  # noqa: F401  (sim: a fixture)
 
 PREFIX = "com.meltwater.proxymatic.port.0."
 ADDRESSES = {"agent-1": "10.0.0.1", "agent-2": "10.0.0.2", "agent-3": "10.0.0.3"}
@@ -238,40 +236,11 @@ def test_changed_health_check_definition_rebuilds_the_service():
 
 # --- against the simulator ------------------------------------------------------------------
 
-FAST = dict(watchdog=1.0, request_timeout=0.5, connect_timeout=0.5, backoff_initial=0.05, backoff_max=0.2,
-            coalesce=0.02)
-
-
-@pytest.fixture
-def sim():
-    sim = MarathonSim().start()
-    yield sim
-    sim.stop()
-
-
 @pytest.fixture
 def source(sim):
     source = MarathonSource(Settings(marathon=sim.url, refresh_interval=3600), **FAST)
     yield source
     source.close()
-
-
-def servers(discovery, port):
-    for service in discovery.services:
-        if service.port == port:
-            return sorted(s.address for s in service.servers)
-    return []
-
-
-def drive(source, predicate, timeout=5.0):
-    stop = threading.Event()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        source.wait_for_change(0.5, stop)
-        discovery = source.current()
-        if predicate(discovery):
-            return discovery
-    raise AssertionError("discovery never matched")
 
 
 def connected(source):
@@ -297,7 +266,7 @@ def test_source_event_rebuilds_only_the_app_it_names(sim, source):
     before = {i: source.builder.fragment(f"/demo/app{i}") for i in range(3)}
     requests = len(sim.api_requests())
     sim.set_health(sim.task_ids("/demo/app1")[0], False)
-    discovery = drive(source, lambda d: len(servers(d, 10001)) == 1)
+    discovery = drive_until(source, lambda d: len(servers(d, 10001)) == 1)
     assert source.builder.fragment("/demo/app0") is before[0] and source.builder.fragment("/demo/app2") is before[2]
     assert source.builder.fragment("/demo/app1") is not before[1]
     assert len(servers(discovery, 10000)) == 2 and len(servers(discovery, 10002)) == 2
@@ -311,15 +280,15 @@ def test_source_canary_and_removal(sim, source):
     connected(source)
     assert len(servers(source.current(), 10000)) == 3
     sim.set_health(sim.task_ids("/demo/web")[0], False)
-    discovery = drive(source, lambda d: len(servers(d, 10000)) == 2)
+    discovery = drive_until(source, lambda d: len(servers(d, 10000)) == 2)
     (service,) = [s for s in discovery.services if s.port == 10000]
     assert service.name == "web.demo" and sorted(s.weight for s in service.servers) == [10, 500]
     sim.remove_app("/demo/web-canary")
-    discovery = drive(source, lambda d: len(servers(d, 10000)) == 1)
+    discovery = drive_until(source, lambda d: len(servers(d, 10000)) == 1)
     assert [s.weight for s in discovery.services[0].servers] == [500]
     assert source.builder.fragment("/demo/web-canary") is None
     sim.remove_app("/demo/web")
-    drive(source, lambda d: d.services == ())
+    drive_until(source, lambda d: d.services == ())
 
 
 def test_full_resync_reuses_the_fragments_of_unchanged_apps(sim, source):

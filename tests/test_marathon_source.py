@@ -13,17 +13,7 @@ from services.common.config import Settings
 from services.common.model import HealthCheck
 from sim.marathon import MarathonSim
 from tests.helpers import free_port, wait_until
-
-FAST = dict(watchdog=1.0, request_timeout=0.5, connect_timeout=0.5, backoff_initial=0.05, backoff_max=0.2,
-            coalesce=0.02)
-
-
-@pytest.fixture
-def sim():
-    sim = MarathonSim().start()
-    yield sim
-    sim.stop()
-
+from tests.marathon_helpers import FAST, drive_until, servers, sim  # noqa: F401  (sim: a fixture)
 
 @pytest.fixture
 def make_source():
@@ -39,30 +29,11 @@ def make_source():
         source.close()
 
 
-def servers(discovery, port=10000):
-    for service in discovery.services:
-        if service.port == port:
-            return sorted(s.address for s in service.servers)
-    return []
-
-
 def connected(source):
     """Wait for the stream, then absorb the resync it asks for."""
     source.current()  # the first call starts the stream, as the collector's does
     wait_until(lambda: source.stream is not None and source.stream.connected.is_set(), message="event stream")
     source.current()
-
-
-def next_discovery(source, predicate, timeout=5.0):
-    """Drive the source like the collector does until `predicate(discovery)` holds."""
-    stop = threading.Event()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        source.wait_for_change(0.5, stop)
-        discovery = source.current()
-        if predicate(discovery):
-            return discovery
-    raise AssertionError("discovery never matched")
 
 
 def test_scale_up_and_down_via_events(sim, make_source):
@@ -72,9 +43,9 @@ def test_scale_up_and_down_via_events(sim, make_source):
     connected(source)
     before = len(sim.api_requests())
     sim.scale("/demo/web", 3)
-    next_discovery(source, lambda d: len(servers(d)) == 3)
+    drive_until(source, lambda d: len(servers(d)) == 3)
     sim.scale("/demo/web", 1)
-    next_discovery(source, lambda d: len(servers(d)) == 1)
+    drive_until(source, lambda d: len(servers(d)) == 1)
     assert len(sim.api_requests()) - before <= 4  # events carry the change; at most a refetch per deployment
     assert source.stats["full_syncs"] <= 2
 
@@ -86,12 +57,12 @@ def test_kill_health_fail_and_recover(sim, make_source):
     assert len(servers(source.current())) == 2
     first, second = sim.task_ids("/demo/web")
     sim.kill_task(first, finish=False)  # TASK_KILLING: out at once
-    next_discovery(source, lambda d: len(servers(d)) == 1)
+    drive_until(source, lambda d: len(servers(d)) == 1)
     sim.finish_kill(first)
     sim.set_health(second, False)
-    next_discovery(source, lambda d: servers(d) == [])
+    drive_until(source, lambda d: servers(d) == [])
     sim.set_health(second, True)
-    next_discovery(source, lambda d: len(servers(d)) == 1)
+    drive_until(source, lambda d: len(servers(d)) == 1)
 
 
 def test_marathon_health_check_is_also_the_proxy_check(sim, make_source):
@@ -102,7 +73,7 @@ def test_marathon_health_check_is_also_the_proxy_check(sim, make_source):
     assert service.health_check == HealthCheck(protocol="http", path="/health", interval_seconds=10,
                                                timeout_seconds=5, fall=3)
     sim.update_app("/demo/web", health_check=False)  # a new config version: the check goes with it
-    next_discovery(source, lambda d: [s.health_check for s in d.services] == [None] and len(servers(d)) == 1)
+    drive_until(source, lambda d: [s.health_check for s in d.services] == [None] and len(servers(d)) == 1)
 
 
 def test_new_task_waits_for_its_first_health_result(sim, make_source):
@@ -110,10 +81,10 @@ def test_new_task_waits_for_its_first_health_result(sim, make_source):
     source = make_source(sim.url)
     connected(source)
     (new,) = sim.scale("/demo/web", 2, healthy_on_start=False)
-    discovery = next_discovery(source, lambda d: source.stats["events_applied"] > 0)
+    discovery = drive_until(source, lambda d: source.stats["events_applied"] > 0)
     assert len(servers(discovery)) == 1
     sim.set_health(new, True)
-    next_discovery(source, lambda d: len(servers(d)) == 2)
+    drive_until(source, lambda d: len(servers(d)) == 2)
 
 
 def test_leader_election_keeps_served_tasks(sim, make_source):
@@ -123,7 +94,7 @@ def test_leader_election_keeps_served_tasks(sim, make_source):
     assert len(servers(source.current())) == 2
     sim.leader_election()  # results vanish, streams drop: reconnect + full resync
     wait_until(lambda: source.stream.connects >= 2, message="reconnect")
-    discovery = next_discovery(source, lambda d: source.stats["full_syncs"] >= 3)
+    discovery = drive_until(source, lambda d: source.stats["full_syncs"] >= 3)
     assert len(servers(discovery)) == 2
     # a task that starts now has never passed: not served until Marathon says so
     (new,) = sim.scale("/demo/web", 3, healthy_on_start=False)
@@ -131,7 +102,7 @@ def test_leader_election_keeps_served_tasks(sim, make_source):
     assert len(servers(source.current())) == 2
     # a served task leaves when Marathon says it failed
     sim.set_health(sim.task_ids("/demo/web")[0], False)
-    next_discovery(source, lambda d: len(servers(d)) == 1)
+    drive_until(source, lambda d: len(servers(d)) == 1)
 
 
 @pytest.mark.parametrize("fault", ["down", "503", "hang", "malformed"])
@@ -148,7 +119,7 @@ def test_replica_failover(sim, make_source, fault):
     assert second.api_requests()
     connected(source)
     sim.scale("/demo/web", 3)
-    next_discovery(source, lambda d: len(servers(d)) == 3)
+    drive_until(source, lambda d: len(servers(d)) == 3)
 
 
 def test_no_replica_answers_raises_source_error(make_source):
@@ -164,9 +135,9 @@ def test_stream_drop_reconnects_and_resyncs(sim, make_source):
     syncs = source.stats["full_syncs"]
     sim.drop_streams()
     wait_until(lambda: source.stream.connects >= 2, message="reconnect")
-    next_discovery(source, lambda d: source.stats["full_syncs"] > syncs)
+    drive_until(source, lambda d: source.stats["full_syncs"] > syncs)
     sim.scale("/demo/web", 2)
-    next_discovery(source, lambda d: len(servers(d)) == 2)
+    drive_until(source, lambda d: len(servers(d)) == 2)
 
 
 def test_stalled_stream_is_detected_by_the_watchdog(sim, make_source):
@@ -177,7 +148,7 @@ def test_stalled_stream_is_detected_by_the_watchdog(sim, make_source):
     sim.scale("/demo/web", 2)  # lost in the stalled stream
     wait_until(lambda: source.stream.reconnects_by_watchdog >= 1, message="watchdog")
     sim.stall_streams(False)
-    next_discovery(source, lambda d: len(servers(d)) == 2)  # the resync after reconnect finds it
+    drive_until(source, lambda d: len(servers(d)) == 2)  # the resync after reconnect finds it
 
 
 def test_burst_of_100_events_costs_at_most_two_requests(sim, make_source):
@@ -188,7 +159,7 @@ def test_burst_of_100_events_costs_at_most_two_requests(sim, make_source):
     before = len(sim.api_requests())
     sim.scale("/demo/web", 51)  # 50 tasks: >= 100 status/instance/health events + deployment events
     assert sim.cluster.events_emitted - events_before >= 100
-    next_discovery(source, lambda d: len(servers(d)) == 51)
+    drive_until(source, lambda d: len(servers(d)) == 51)
     wait_until(lambda: source.stats["events"] >= 100, message="events")
     source.current()
     assert len(sim.api_requests()) - before <= 2
@@ -266,7 +237,7 @@ def test_malformed_events_and_hostile_labels_never_crash(sim, make_source):
     sim.emit_raw('event: health_status_changed_event\ndata: [1, 2]\n\n: comment\n\n')
     sim.emit_raw("event: deployment_info\ndata: " + "x" * 200000 + "\n\n")
     sim.scale("/demo/web", 2)
-    next_discovery(source, lambda d: len(servers(d)) == 2)
+    drive_until(source, lambda d: len(servers(d)) == 2)
     assert source.stream.connected.is_set()
 
 
