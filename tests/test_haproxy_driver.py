@@ -372,7 +372,6 @@ def test_membership_change_is_one_round_trip_before_the_file_is_rewritten(haprox
         return lambda arg, *rest: events.append((kind, arg)) or real(arg, *rest)
 
     monkeypatch.setattr(MasterCli, "_send_line", recording("cli", MasterCli._send_line, method=True))
-    monkeypatch.setattr(driver, "_replace", recording("file", driver._replace))
     monkeypatch.setattr(haproxy_driver, "write_atomic", recording("file", haproxy_driver.write_atomic))
 
     result = driver.apply(make_plan(tcp_service(port, backends[1:3]), *others))

@@ -33,7 +33,7 @@ from services.applier.haproxy_runtime import (
     Command, CommandFailed, HaproxyUnavailable, MasterCli, ProcInfo, WorkerApi,
 )
 from services.common.config import Settings
-from services.common.files import write_atomic
+from services.common.files import fsync_directory, write_atomic
 from services.common.model import ModelError, Plan, Server, content_hash
 
 log = logging.getLogger("proxymatic.applier.haproxy")
@@ -217,13 +217,13 @@ class HaproxyDriver(ProxyDriver):
         if self._unwritten is not None:
             text, slots, skeleton_hash = self._unwritten
             self._unwritten = None
-            self._replace(self.paths.config, text)
+            write_atomic(self.paths.config, text, skip_if_same=False)
             self._write_state(text, slots, skeleton_hash, True)
 
     def _commit(self, text: str, slots: Slots, skeleton_hash: str, confirmed: bool = True) -> None:
         """The validated candidate becomes haproxy.cfg; slots.json describes it."""
         os.replace(self.paths.candidate, self.paths.config)
-        self._fsync_dir()
+        fsync_directory(self.paths.dir)
         self._write_state(text, slots, skeleton_hash, confirmed)
         self._slots = dict(slots)
         self._config_text = text
@@ -434,29 +434,6 @@ class HaproxyDriver(ProxyDriver):
             os.unlink(path)
         except FileNotFoundError:
             pass
-
-    def _replace(self, path: str, text: str) -> None:
-        """Atomically replace `path` (temp file, fsync, rename, fsync of the directory), without
-        reading it first: the caller knows it differs."""
-        temp = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(temp, "w", encoding="utf-8") as out:
-                out.write(text)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(temp, 0o644)
-            os.replace(temp, path)
-        except BaseException:
-            self._remove(temp)
-            raise
-        self._fsync_dir()
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.paths.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _details(self, changes: int) -> dict:
         counts, active = {}, 0

@@ -5,15 +5,18 @@ import os
 import tempfile
 
 
-def write_atomic(path: str, text: str) -> bool:
-    """Write `text` to `path` through a temp file + fsync + rename; False when it was already so."""
-    try:
-        with open(path, encoding="utf-8") as current:
-            if current.read() == text:
-                return False
-    except FileNotFoundError:
-        pass
-    directory = os.path.dirname(path)
+def write_atomic(path: str, text: str, skip_if_same: bool = True) -> bool:
+    """Write `text` to `path` through a temp file + fsync + rename (+ fsync of the directory, so
+    the rename survives a crash). Returns False when the file already said so (not checked with
+    `skip_if_same=False`, for callers that know it differs and want to spare the read)."""
+    if skip_if_same:
+        try:
+            with open(path, encoding="utf-8") as current:
+                if current.read() == text:
+                    return False
+        except FileNotFoundError:
+            pass
+    directory = os.path.dirname(path) or "."
     fd, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
@@ -28,4 +31,13 @@ def write_atomic(path: str, text: str) -> bool:
         except FileNotFoundError:
             pass
         raise
+    fsync_directory(directory)
     return True
+
+
+def fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
