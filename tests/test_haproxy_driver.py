@@ -369,7 +369,7 @@ def test_membership_change_is_one_round_trip_before_the_file_is_rewritten(haprox
     def recording(kind, real, method=False):
         if method:
             return lambda self, arg, *rest: events.append((kind, arg)) or real(self, arg, *rest)
-        return lambda arg, *rest: events.append((kind, arg)) or real(arg, *rest)
+        return lambda arg, *rest, **options: events.append((kind, arg)) or real(arg, *rest, **options)
 
     monkeypatch.setattr(MasterCli, "_send_line", recording("cli", MasterCli._send_line, method=True))
     monkeypatch.setattr(haproxy_driver, "write_atomic", recording("file", haproxy_driver.write_atomic))
