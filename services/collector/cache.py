@@ -48,7 +48,6 @@ class SourceCache:
     def remember(self, snapshot: SourceSnapshot) -> None:
         if snapshot.state == "ok":
             self._pending[snapshot.source] = snapshot
-        self.flush()
 
     def flush(self, force: bool = False) -> None:
         now = time.monotonic()

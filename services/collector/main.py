@@ -124,10 +124,10 @@ def run(settings: Settings, stop: threading.Event, sources: list[Source] | None 
         while not stop.is_set():
             publisher.serve_snapshots()
             publisher.heartbeat({"stage": "collector", "sources": [s.name for s in sources]})
-            cache.flush()
             try:
                 snapshot = updates.get(timeout=min(0.05, publisher.seconds_to_heartbeat()) or 0.05)
             except queue.Empty:
+                cache.flush()  # only when idle: saving never delays publishing a change
                 continue
             cache.remember(snapshot)
             payload = snapshot.to_dict()
