@@ -25,7 +25,7 @@ from services.collector.marathon_client import (EventStream, MarathonClient, Not
                                                 parse_replicas)
 from services.collector.marathon_parse import (TERMINAL_STATES, AppError, AppSpec, ServiceBuilder,
                                                app_uses_current_config, clip, parse_app)
-from services.collector.marathon_resolve import Resolver
+from services.collector.resolve import Resolver
 from services.collector.source import Discovery, Source, SourceError
 from services.common.config import Settings
 

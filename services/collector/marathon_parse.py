@@ -713,7 +713,7 @@ def services_from_payloads(apps: Iterable[Any], tasks: Iterable[Any] = (),
                            previously_served: frozenset[str] = frozenset()) -> BuildResult:
     """Apps (each possibly with embedded `tasks`) plus /v2/tasks entries -> services.
     `versions` maps (app id, version) to the bare app of `/v2/apps/{id}/versions/{version}`."""
-    from services.collector.marathon_resolve import Resolver  # local: keeps this module pure
+    from services.collector.resolve import Resolver  # local: keeps this module pure
 
     resolve = resolve or Resolver()
     versions = versions or {}

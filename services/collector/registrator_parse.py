@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
+from services.collector.resolve import lookup_address
 from services.common.model import ModelError, Server, Service, validate_name
 
 SOURCE = "registrator"
@@ -121,14 +121,10 @@ def normalize_prefix(path: str) -> str:
 
 def resolve_host(host: str) -> str:
     """A host name → one IP address (IPv4 preferred). Raises OSError when it does not resolve."""
-    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    addresses = [info[4][0] for info in infos]
-    for address in addresses:
-        if ":" not in address:
-            return address
-    if addresses:
-        return addresses[0].split("%", 1)[0]
-    raise OSError(f"{host} has no address")
+    address = lookup_address(host)
+    if address is None:
+        raise OSError(f"{host} does not resolve")
+    return address
 
 
 def caching_resolver(resolve: Resolver) -> Resolver:

@@ -1,4 +1,4 @@
-"""Host name -> IP address for Marathon task hosts, cached briefly (HAProxy wants addresses).
+"""Host name -> IP address for discovered backends (proxies want addresses), cached briefly.
 
 A host that does not resolve is remembered for a shorter time so that a DNS outage costs one
 lookup per host per `negative_ttl`, not one per task per refresh.
@@ -12,22 +12,23 @@ import threading
 import time
 from typing import Callable
 
-log = logging.getLogger("proxymatic.collector.marathon")
+log = logging.getLogger("proxymatic.collector")
 
 
-def _system_lookup(host: str) -> str | None:
+def lookup_address(host: str) -> str | None:
+    """One IP address of `host` (IPv4 preferred, no IPv6 scope id), or None."""
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         return None
-    addresses = [info[4][0] for info in infos]
+    addresses = [info[4][0].split("%", 1)[0] for info in infos]
     v4 = [a for a in addresses if ":" not in a]
     return (v4 or addresses or [None])[0]
 
 
 class Resolver:
     def __init__(self, ttl: float = 30.0, negative_ttl: float = 5.0,
-                 lookup: Callable[[str], str | None] = _system_lookup, clock: Callable[[], float] = time.monotonic):
+                 lookup: Callable[[str], str | None] = lookup_address, clock: Callable[[], float] = time.monotonic):
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self._lookup = lookup
@@ -51,7 +52,7 @@ class Resolver:
         self.lookups += 1
         address = self._lookup(host)
         if address is None:
-            log.debug("marathon: task host %r does not resolve", host)
+            log.debug("host %r does not resolve", host)
         with self._lock:
             if len(self._cache) > 10000:
                 self._cache.clear()
