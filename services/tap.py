@@ -17,7 +17,9 @@ def summarize(message: Message) -> str:
     """One readable line: what an operator wants to see of each message kind."""
     p = message.payload
     if message.is_heartbeat:
-        extra = " ".join(f"{k}={v}" for k, v in sorted(p.items()) if k not in ("interval",))
+        def brief(value):  # the collector's per-source summaries: name:state
+            return ",".join(f"{k}:{v.get('state')}" for k, v in sorted(value.items())) if isinstance(value, dict) else value
+        extra = " ".join(f"{k}={brief(v)}" for k, v in sorted(p.items()) if k not in ("interval",))
         return f"alive {extra}"
     if message.topic.startswith("source."):
         text = f"{p.get('state')} services={len(p.get('services', []))} hash={p.get('hash')}"

@@ -100,6 +100,12 @@ class SourceRunner:
                                             error=error, warnings=last_good.warnings))
 
 
+def summarize(payload: dict) -> dict:
+    """A source snapshot in brief, for heartbeats and /status/details."""
+    return {"state": payload["state"], "error": payload["error"], "services": len(payload["services"]),
+            "hash": payload["hash"], "warnings": payload["warnings"][:50]}
+
+
 def run(settings: Settings, stop: threading.Event, sources: list[Source] | None = None) -> None:
     sources = build_sources(settings) if sources is None else sources
     ctx = zmq.Context.instance()
@@ -120,10 +126,13 @@ def run(settings: Settings, stop: threading.Event, sources: list[Source] | None 
         threads.append(thread)
     log.info("collector: sources %s, publishing on %s", [s.name for s in sources], settings.bus("collector").pub)
     last_published: dict[str, dict] = {}
+    # Each source's state in a few fields, on every heartbeat: the status stage reads it there
+    # instead of decoding every full snapshot.
+    summaries: dict[str, dict] = {s.name: {"state": "initializing"} for s in sources}
     try:
         while not stop.is_set():
             publisher.serve_snapshots()
-            publisher.heartbeat({"stage": "collector", "sources": [s.name for s in sources]})
+            publisher.heartbeat({"stage": "collector", "sources": summaries})
             try:
                 snapshot = updates.get(timeout=min(0.05, publisher.seconds_to_heartbeat()) or 0.05)
             except queue.Empty:
@@ -134,6 +143,7 @@ def run(settings: Settings, stop: threading.Event, sources: list[Source] | None 
             # Sources re-report after every wake-up; only real changes go on the bus.
             if last_published.get(snapshot.source) != payload:
                 last_published[snapshot.source] = payload
+                summaries[snapshot.source] = summarize(payload)
                 publisher.publish(f"source.{snapshot.source}", payload)
                 log.info("source %s: %s, %d services, hash %s", snapshot.source, snapshot.state,
                          len(snapshot.services), payload["hash"])

@@ -1,7 +1,7 @@
 """The status stage: `GET /status` for upstream load balancers, `/status/details` (JSON) for
 operators, and every other path proxied to HAProxy's statistics page, all on STATUS_ENDPOINT.
 
-It listens to the whole bus (sources, plan, applied results, heartbeats). TERMINATING comes
+It listens to the whole bus (plan, applied results, heartbeats, which carry the sources' states). TERMINATING comes
 from the marker file the launcher writes on SIGTERM (`<run_dir>/terminating`), so it survives a
 restart of this stage.
 """
@@ -34,8 +34,10 @@ def haproxy_stats_socket(settings: Settings) -> str:
 
 def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) -> None:
     ctx = zmq.Context.instance()
+    # Sources are followed through the collector's heartbeats (a summary per source), not its
+    # full snapshots, which would cost a large decode here on every change.
     subscriber = Subscriber(ctx, [settings.bus("collector"), settings.bus("planner"), settings.bus("applier")],
-                            ["source.", "plan", "applied."])
+                            ["plan", "applied."])
     try:
         while not stop.is_set():
             messages = subscriber.poll(0.2)
@@ -43,12 +45,9 @@ def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) 
                 state.heartbeats = subscriber.senders()
                 for message in messages:
                     payload = message.payload
-                    if message.topic.startswith("source."):
-                        state.sources[payload.get("source", message.topic[7:])] = {
-                            "state": payload.get("state"), "error": payload.get("error", ""),
-                            "services": len(payload.get("services", [])), "hash": payload.get("hash"),
-                            "warnings": payload.get("warnings", [])[:50],
-                        }
+                    if message.is_heartbeat:
+                        if payload.get("stage") == "collector" and isinstance(payload.get("sources"), dict):
+                            state.sources.update(payload["sources"])
                     elif message.topic == "plan":
                         state.plan_hash = payload.get("hash", "")
                         state.plan_sources_ready = tuple(payload.get("sources_ready", []))
