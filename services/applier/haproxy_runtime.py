@@ -335,15 +335,3 @@ class WorkerApi:
 
     def servers_maxconn(self) -> dict[tuple[str, str], int]:
         return parse_server_maxconn(self.master.worker_command(self.pid, "show stat -1 4 -1"))
-
-    def set_addr(self, backend: str, server: str, ip: str, port: int) -> None:
-        self.run_all([set_addr(backend, server, ip, port)])
-
-    def set_weight(self, backend: str, server: str, weight: int) -> None:
-        self.run_all([set_weight(backend, server, weight)])
-
-    def set_maxconn(self, backend: str, server: str, maxconn: int | None) -> None:
-        self.run_all([set_maxconn(backend, server, maxconn)])
-
-    def set_state(self, backend: str, server: str, state: str) -> None:
-        self.run_all([set_state(backend, server, state)])
