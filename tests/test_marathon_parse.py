@@ -12,7 +12,7 @@ from services.collector.marathon_parse import (build_services, network_mode, par
                                                services_from_payloads)
 from services.common.model import HealthCheck, Service
 
-FIXTURES = "/work/shared/fixtures/marathon"
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "marathon")
 PREFIX = "com.meltwater.proxymatic.port.0."
 
 

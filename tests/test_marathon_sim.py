@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 
 import pytest
@@ -10,7 +11,7 @@ import requests
 from sim.marathon import MarathonSim
 from tests.helpers import wait_until
 
-FIXTURES = "/work/shared/fixtures/marathon"
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "marathon")
 
 
 def load(path):

@@ -12,7 +12,7 @@ from services.collector.registrator_parse import (
 )
 from services.common.config import ConfigError, Settings
 
-FIXTURES = "/work/shared/fixtures/registrator"
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "registrator")
 
 
 def fixture(name: str) -> dict:

@@ -1,6 +1,6 @@
 """The simulated Marathon cluster: apps, versions, tasks, health results, and the events each
 change emits, rendered in the JSON shapes of real Marathon (1.5+ by default, 1.4 on request;
-compare with /work/shared/fixtures/marathon).
+compare with tests/fixtures/marathon).
 
 Several HTTP replicas (sim.marathon.server) can serve one Cluster; events go to every
 subscriber of every replica.
