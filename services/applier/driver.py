@@ -20,6 +20,11 @@ class DriverResult:
     action: str
     errors: tuple[str, ...] = ()
     details: dict = field(default_factory=dict)
+    # Services this proxy could not take (port in use, block rejected), service key
+    # ("port/protocol") -> reason naming the service, the port and the OS or proxy error.
+    # Everything else in the plan was applied: `ok` speaks for the rest. The applier retries
+    # a plan with set-aside services every few seconds, so a freed port is served without a restart.
+    set_aside: dict[str, str] = field(default_factory=dict)
 
 
 class ProxyDriver(ABC):

@@ -68,8 +68,9 @@ def apply_plan(drivers: list[ProxyDriver], plan: Plan) -> ApplyResult:
         plan_hash=plan.hash,
         ok=all(r.ok for r in results),
         action=action,
-        errors=tuple(f"{r.driver}: {e}" for r in results for e in r.errors),
-        details={r.driver: {"ok": r.ok, "action": r.action, "errors": list(r.errors), **r.details}
+        errors=tuple(f"{r.driver}: {e}" for r in results for e in (*r.errors, *r.set_aside.values())),
+        details={r.driver: {"ok": r.ok, "action": r.action, "errors": list(r.errors),
+                            "set_aside": dict(r.set_aside), **r.details}
                  for r in results},
     )
 
@@ -84,8 +85,10 @@ def flush(drivers: list[ProxyDriver]) -> None:
 
 
 def should_retry(result: ApplyResult) -> bool:
-    """Failures other than a rejected config are transient (a proxy not up yet)."""
-    return any(not d.get("ok") and d.get("action") != "rejected" for d in result.details.values())
+    """Failures other than a rejected config are transient (a proxy not up yet); a set-aside
+    service is retried too (its port may be freed)."""
+    return any((not d.get("ok") and d.get("action") != "rejected") or d.get("set_aside")
+               for d in result.details.values())
 
 
 def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | None = None) -> None:
