@@ -38,6 +38,10 @@ def parse_services_file(text: str) -> tuple[Service, ...]:
         document = json.loads(text)
     except json.JSONDecodeError as error:
         raise ModelError(f"not valid JSON: {error}") from None
+    except (ValueError, RecursionError) as error:
+        # json.loads raises plain ValueError for an integer of more than 4300 digits and
+        # RecursionError for arrays/objects nested thousands deep: still a bad file.
+        raise ModelError(f"not valid JSON: {type(error).__name__}: {str(error)[:200]}") from None
     if not isinstance(document, dict) or not isinstance(document.get("services"), list):
         raise ModelError('expected an object {"services": [...]}')
     unknown_top = sorted(set(document) - {"services"})
@@ -90,6 +94,8 @@ class FileSource(Source):
                 text = handle.read()
         except OSError as error:
             raise SourceError(f"cannot read services file {self.path}: {error.strerror}") from None
+        except UnicodeDecodeError as error:
+            raise SourceError(f"services file {self.path} is not UTF-8: {error}") from None
         try:
             return Discovery(parse_services_file(text))
         except ModelError as error:

@@ -26,8 +26,13 @@ MAX_WEIGHT = 1000
 
 # A service name is a DNS-ish label sequence: it becomes a virtual host name and appears in
 # logs, so anything that could break a config line or a Host header is refused.
-_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,253}[A-Za-z0-9])?$")
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{0,255}$")
+# `\Z`, never `$`: `$` also matches before a trailing newline ("web\n" would pass).
+_NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,253}[A-Za-z0-9])?\Z")
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_.:-]{0,255}\Z")
+# A URL path for `option httpchk`: printable, no spaces, no quotes but `'`, no `#`.
+_PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,1023}\Z")
+# Integers written as strings ("8080"): ASCII digits only, short enough for int().
+_DIGITS_RE = re.compile(r"[0-9]{1,12}\Z")
 
 
 class ModelError(ValueError):
@@ -45,7 +50,9 @@ def content_hash(data: Any) -> str:
 def _int_in(value: Any, low: int, high: int, what: str) -> int:
     # bool is an int in Python; a JSON `true` is never a valid port or weight.
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, str) and value.strip().isdigit():
+        # str.isdigit() is true for "²" and other Unicode digits that int() refuses or reads
+        # differently: only ASCII digits count.
+        if isinstance(value, str) and _DIGITS_RE.match(value.strip()):
             value = int(value.strip())
         else:
             raise ModelError(f"{what} must be an integer, got {value!r}")
@@ -74,6 +81,11 @@ def validate_name(value: Any, what: str = "name") -> str:
 
 
 def validate_ip(value: Any, what: str = "ip") -> str:
+    # Only a string: ip_address() also takes integers (1 -> "0.0.0.1") and bytes. No IPv6 zone
+    # ("fe80::1%eth0"): ip_address() accepts any text after the `%`, newlines and spaces too,
+    # and str() gives it back, straight into a proxy config line.
+    if not isinstance(value, str) or "%" in value:
+        raise ModelError(f"{what} must be an IP address, got {value!r}")
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
@@ -146,7 +158,7 @@ class HealthCheck:
         _reject_unknown(data, ("protocol", "path", "interval_seconds", "timeout_seconds", "fall"), what)
         path = data.get("path", "/")
         # The path ends up in an `option httpchk` line: printable, no spaces, no quotes.
-        if not isinstance(path, str) or not re.match(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,1023}$", path):
+        if not isinstance(path, str) or not _PATH_RE.match(path):
             raise ModelError(f"{what}.path {path!r} is not a valid URL path")
         return cls(
             protocol=_choice(data.get("protocol", "tcp"), ("tcp", "http"), f"{what}.protocol"),
@@ -321,8 +333,19 @@ class SourceSnapshot:
             state=_choice(data.get("state"), SOURCE_STATES, "snapshot.state"),
             services=(decoder or ServiceDecoder()).decode(data.get("services", [])),
             error=str(data.get("error", "")),
-            warnings=tuple(str(w) for w in data.get("warnings", [])),
+            warnings=_str_list(data.get("warnings", []), "snapshot.warnings"),
         )
+
+
+_SETTINGS_INTS = {"max_connections": (1, 1_000_000), "pen_servers": (1, 10000), "pen_clients": (1, 1_000_000),
+                  "vhost_port": (1, 65535)}
+_DOMAIN_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\Z")
+
+
+def _str_list(value: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ModelError(f"{what} must be a list of strings")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -342,8 +365,25 @@ class ProxySettings:
 
     @classmethod
     def from_dict(cls, data: Any) -> "ProxySettings":
+        """Validated like the options they come from (services/common/config.py): a plan read
+        from the bus reaches the renderers, so no setting is taken unchecked. Unknown keys are
+        ignored (a newer planner may send more)."""
         data = _require_dict(data, "settings")
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        values: dict[str, Any] = {}
+        for key, (low, high) in _SETTINGS_INTS.items():
+            if key in data:
+                values[key] = _int_in(data[key], low, high, f"settings.{key}")
+        for key in ("haproxy", "proxy_protocol"):
+            if key in data:
+                if not isinstance(data[key], bool):
+                    raise ModelError(f"settings.{key} must be true or false, got {data[key]!r}")
+                values[key] = data[key]
+        if "vhost_domain" in data:
+            domain = data["vhost_domain"]
+            if not isinstance(domain, str) or (domain and not _DOMAIN_RE.match(domain)):
+                raise ModelError(f"settings.vhost_domain {domain!r} is not a valid domain name")
+            values["vhost_domain"] = domain
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -379,10 +419,16 @@ class Plan:
         return cls(
             services=(decoder or ServiceDecoder()).decode(data.get("services", [])),
             settings=ProxySettings.from_dict(data.get("settings", {})),
-            inputs=tuple(sorted(dict(data.get("inputs", {})).items())),
-            sources_ready=tuple(data.get("sources_ready", [])),
-            notes=tuple(data.get("notes", [])),
+            inputs=_inputs(data.get("inputs", {})),
+            sources_ready=_str_list(data.get("sources_ready", []), "plan.sources_ready"),
+            notes=_str_list(data.get("notes", []), "plan.notes"),
         )
+
+
+def _inputs(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ModelError("plan.inputs must map source names to hashes")
+    return tuple(sorted(value.items()))
 
 
 @dataclass(frozen=True)
