@@ -30,7 +30,7 @@ class ScriptedSource(Source):
 def run_until(runner, count):
     thread = threading.Thread(target=runner.run, daemon=True)
     thread.start()
-    got = [runner.updates.get(timeout=10) for _ in range(count)]
+    got = [runner.updates.get(timeout=10).snapshot for _ in range(count)]
     runner.stop.set()
     thread.join(10)
     return got
@@ -72,3 +72,41 @@ def test_unreadable_saved_state_is_ignored(tmp_path):
     (tmp_path / "file.json").write_text("{garbage")
     assert SourceCache(str(tmp_path)).load("file") is None
     assert SourceCache(str(tmp_path)).load("marathon") is None
+
+
+def test_a_source_that_only_polls_is_degraded_with_its_reason_then_ok_again():
+    late = Discovery((WEB,), degraded="event stream down since 10:00:00: HTTP 503; polling every 60s")
+    runner = SourceRunner(ScriptedSource(Discovery((WEB,)), late, Discovery((WEB,))), 60, queue.Queue(),
+                          threading.Event())
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    reports = [runner.updates.get(timeout=10) for _ in range(3)]
+    runner.stop.set()
+    thread.join(10)
+    assert [(r.snapshot.state, r.snapshot.error) for r in reports] == [
+        ("ok", ""), ("degraded", late.degraded), ("ok", "")]
+    # its services are current: saved as the last good state, unlike a failure's kept state
+    assert all(r.live and r.snapshot.services == (WEB,) for r in reports)
+
+
+def test_a_failure_is_not_saved_as_last_good_state():
+    runner = SourceRunner(ScriptedSource(Discovery((WEB,)), SourceError("gone")), 60, queue.Queue(),
+                          threading.Event())
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    first, second = (runner.updates.get(timeout=10) for _ in range(2))
+    runner.stop.set()
+    thread.join(10)
+    assert (first.live, second.live) == (True, False)
+
+
+def test_credentials_never_reach_a_published_error_or_warning():
+    leaky = Discovery((WEB,), warnings=("app x: see http://admin:s3cret@m1:8080/v2",),
+                      degraded="event stream down: http://admin:s3cret@m1:8080 refused")
+    for answers in ((leaky,), (Discovery((WEB,)), SourceError("http://admin:s3cret@m1:8080: HTTP 500")),
+                    (Discovery((WEB,)), KeyError("http://admin:s3cret@m1:8080"))):
+        runner = SourceRunner(ScriptedSource(*answers), 60, queue.Queue(), threading.Event())
+        for snapshot in run_until(runner, 2):
+            text = repr(snapshot.to_dict())
+            assert "s3cret" not in text
+            assert "admin:***@m1" in text or snapshot.state == "ok"

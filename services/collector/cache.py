@@ -46,8 +46,9 @@ class SourceCache:
                               error=f"not answered since the collector started; serving its last good state from {saved}")
 
     def remember(self, snapshot: SourceSnapshot) -> None:
-        if snapshot.state == "ok":
-            self._pending[snapshot.source] = snapshot
+        """Save these services as the source's last good state (the caller passes only a
+        source's own current answers, never a failure's kept state)."""
+        self._pending[snapshot.source] = snapshot
 
     def flush(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 
 import zmq
@@ -20,6 +21,7 @@ from services.collector.source import Discovery, Source, SourceError
 from services.common.bus import Publisher
 from services.common.config import Settings
 from services.common.model import SourceSnapshot
+from services.common.redact import redact
 
 log = logging.getLogger("proxymatic.collector")
 
@@ -41,13 +43,22 @@ def build_sources(settings: Settings) -> list[Source]:
     return sources
 
 
+@dataclass(frozen=True)
+class SourceReport:
+    """One snapshot from a runner; `live` when its services are the source's current answer
+    (`ok`, or `degraded` only because changes may arrive late), so worth saving as last good."""
+
+    snapshot: SourceSnapshot
+    live: bool
+
+
 @dataclass
 class SourceRunner:
     """Drives one source: read, report, wait for change; back off while it fails."""
 
     source: Source
     refresh_interval: float
-    updates: "queue.Queue[SourceSnapshot]"
+    updates: "queue.Queue[SourceReport]"
     stop: threading.Event
     saved: Discovery | None = None  # last good state from before a restart
 
@@ -59,27 +70,38 @@ class SourceRunner:
                 discovery = self.source.current()
             except Exception as error:  # SourceError, or a bug in one source: never kill the collector
                 if not isinstance(error, SourceError):
-                    log.exception("source %s: unexpected error", self.source.name)
+                    log.error("source %s: unexpected error\n%s", self.source.name, redact(traceback.format_exc()))
                 self._report_failure(str(error) if isinstance(error, SourceError) else f"internal error: {error!r}",
                                      last_good)
                 self._back_off(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             backoff = BACKOFF_START
-            previous_warnings = set(last_good.warnings) if last_good else set()
-            for warning in discovery.warnings:
-                if warning not in previous_warnings:
-                    log.warning("source %s: %s", self.source.name, warning)
+            self._report(discovery, last_good)
             last_good = discovery
-            self.updates.put(SourceSnapshot(self.source.name, "ok", discovery.services,
-                                            warnings=discovery.warnings))
             try:
                 self.source.wait_for_change(self.refresh_interval, self.stop)
             except Exception as error:
                 if not isinstance(error, SourceError):
-                    log.exception("source %s: unexpected error while waiting", self.source.name)
+                    log.error("source %s: unexpected error while waiting\n%s", self.source.name,
+                              redact(traceback.format_exc()))
                 self._report_failure(str(error), last_good)
                 self._back_off(backoff)
+
+    def _report(self, discovery: Discovery, previous: Discovery | None) -> None:
+        # Credentials never reach the bus, whatever a source put in its texts.
+        warnings = tuple(redact(w) for w in discovery.warnings)
+        seen = set(previous.warnings) if previous else set()
+        for warning, original in zip(warnings, discovery.warnings):
+            if original not in seen:
+                log.warning("source %s: %s", self.source.name, warning)
+        if discovery.degraded and (previous is None or previous.degraded != discovery.degraded):
+            log.warning("source %s: degraded: %s", self.source.name, redact(discovery.degraded))
+        elif not discovery.degraded and previous is not None and previous.degraded:
+            log.info("source %s: ok again", self.source.name)
+        state, error = ("degraded", redact(discovery.degraded)) if discovery.degraded else ("ok", "")
+        self.updates.put(SourceReport(SourceSnapshot(self.source.name, state, discovery.services, error=error,
+                                                     warnings=warnings), live=True))
 
     def _back_off(self, seconds: float) -> None:
         """Wait before retrying, but let the source end the wait when it sees a recovery."""
@@ -92,12 +114,14 @@ class SourceRunner:
         self.stop.wait(max(0.0, BACKOFF_START - (time.monotonic() - started)))
 
     def _report_failure(self, error: str, last_good: Discovery | None) -> None:
+        error = redact(error)
         log.error("source %s: %s (keeping last good state)", self.source.name, error)
         if last_good is None:
-            self.updates.put(SourceSnapshot(self.source.name, "initializing", (), error=error))
+            snapshot = SourceSnapshot(self.source.name, "initializing", (), error=error)
         else:
-            self.updates.put(SourceSnapshot(self.source.name, "degraded", last_good.services,
-                                            error=error, warnings=last_good.warnings))
+            snapshot = SourceSnapshot(self.source.name, "degraded", last_good.services, error=error,
+                                      warnings=tuple(redact(w) for w in last_good.warnings))
+        self.updates.put(SourceReport(snapshot, live=False))
 
 
 def summarize(payload: dict) -> dict:
@@ -110,7 +134,7 @@ def run(settings: Settings, stop: threading.Event, sources: list[Source] | None 
     sources = build_sources(settings) if sources is None else sources
     ctx = zmq.Context.instance()
     publisher = Publisher(ctx, f"collector@{settings.node}", settings.bus("collector"))
-    updates: "queue.Queue[SourceSnapshot]" = queue.Queue()
+    updates: "queue.Queue[SourceReport]" = queue.Queue()
     cache = SourceCache(settings.path("state"))
     threads = []
     for source in sources:
@@ -118,7 +142,7 @@ def run(settings: Settings, stop: threading.Event, sources: list[Source] | None 
         if saved is not None:
             log.info("source %s: starting from its saved last good state (%d services)", source.name,
                      len(saved.services))
-            updates.put(saved)
+            updates.put(SourceReport(saved, live=False))
         runner = SourceRunner(source, settings.refresh_interval, updates, stop,
                               Discovery(saved.services) if saved else None)
         thread = threading.Thread(target=runner.run, name=f"source-{source.name}", daemon=True)
@@ -134,11 +158,13 @@ def run(settings: Settings, stop: threading.Event, sources: list[Source] | None 
             publisher.serve_snapshots()
             publisher.heartbeat({"stage": "collector", "sources": summaries})
             try:
-                snapshot = updates.get(timeout=min(0.05, publisher.seconds_to_heartbeat()) or 0.05)
+                report = updates.get(timeout=min(0.05, publisher.seconds_to_heartbeat()) or 0.05)
             except queue.Empty:
                 cache.flush()  # only when idle: saving never delays publishing a change
                 continue
-            cache.remember(snapshot)
+            snapshot = report.snapshot
+            if report.live:
+                cache.remember(snapshot)
             payload = snapshot.to_dict()
             # Sources re-report after every wake-up; only real changes go on the bus.
             if last_published.get(snapshot.source) != payload:

@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 from services.collector.marathon_client import (EventStream, MarathonClient, NotFound, Replica, decode_event,
                                                 parse_replicas)
+from services.collector.marathon_events import event_problem
 from services.collector.marathon_parse import (TERMINAL_STATES, AppError, AppSpec, ServiceBuilder,
                                                app_uses_current_config, clip, parse_app)
 from services.collector.resolve import Resolver
@@ -67,8 +68,10 @@ class MarathonSource(Source):
             # mirror resynced) once per refresh interval at most: the same cost as the poll.
             watchdog=watchdog if watchdog is not None else max(10.0, min(self.refresh_interval, 300.0)),
             connect_timeout=connect_timeout, backoff_initial=backoff_initial, backoff_max=backoff_max,
-            server_filter=server_filter)
+            server_filter=server_filter, on_status=self._on_stream_status)
         self.stream: EventStream | None = None
+        self._stream_note = ""  # why the source is degraded while the stream is down ("" when up)
+        self._dropped_note = ""  # the warning about malformed events dropped (guarded by _cond)
         self._cond = threading.Condition()
         # the mirror (guarded by _cond)
         self._apps: dict[str, tuple[dict, AppSpec]] = {}  # app id -> (app without tasks, spec)
@@ -80,7 +83,9 @@ class MarathonSource(Source):
         self._build_lock = threading.Lock()
         self._touched: set[str] = set()  # apps whose fragment may be stale (guarded by _cond)
         self._rebuild_all = True  # after a full sync: check every app, drop the vanished
-        self._discovery: Discovery | None = None
+        self._discovery: Discovery | None = None  # what the builder gave last
+        # (that, the notes, it with the notes below) (guarded by _cond)
+        self._noted: tuple[Discovery, tuple[str, str], Discovery] | None = None
         self._last_event = 0.0  # monotonic time of the last event or stream connect
         # pending work
         self._synced = False
@@ -92,7 +97,8 @@ class MarathonSource(Source):
         self._fetch_warnings: list[str] = []
         self._closed = False
         self._failed = False  # the last current() raised: wait for news, not for pending work
-        self.stats = {"events": 0, "events_applied": 0, "full_syncs": 0, "app_fetches": 0, "version_fetches": 0}
+        self.stats = {"events": 0, "events_applied": 0, "events_dropped": 0, "full_syncs": 0, "app_fetches": 0,
+                      "version_fetches": 0}
 
     # ------------------------------------------------------------------------------------------
     # Source interface
@@ -107,7 +113,7 @@ class MarathonSource(Source):
             if (not full and not self._dirty_apps and not self._touched and not self._rebuild_all
                     and self._discovery is not None):
                 self._failed = False
-                return self._discovery  # nothing changed since the last call
+                return self._with_notes(self._discovery)  # nothing changed since the last call
             dirty = set() if full else set(self._dirty_apps)
             self._pending_full = False
             self._dirty_apps.clear()
@@ -154,7 +160,10 @@ class MarathonSource(Source):
                         self._tasks.pop(app_id, None)
                 self._touched |= dirty
             for event_type, event in recorded:  # what happened while we were fetching
-                self._apply(event_type, event)
+                try:
+                    self._apply(event_type, event)
+                except Exception as error:  # noqa: BLE001 - one event must not fail the sync
+                    self._drop_event(event_type, f"{type(error).__name__}: {error}")
             self._fetch_warnings = warnings
 
     def wait_for_change(self, timeout: float, stop: threading.Event) -> None:
@@ -327,7 +336,18 @@ class MarathonSource(Source):
             discovery = self._discovery
             if discovery is None or discovery.services is not services or discovery.warnings != warnings:
                 discovery = self._discovery = Discovery(services, warnings)
-            return discovery
+        return self._with_notes(discovery)
+
+    def _with_notes(self, base: Discovery) -> Discovery:
+        """The built services with the stream's state: `degraded` while the stream is down,
+        and a warning counting the malformed events dropped. The same object while nothing
+        changed, so the collector sees no change."""
+        with self._cond:
+            notes = (self._stream_note, self._dropped_note)
+            if self._noted is None or self._noted[0] is not base or self._noted[1] != notes:
+                warnings = base.warnings + ((self._dropped_note,) if self._dropped_note else ())
+                self._noted = (base, notes, Discovery(base.services, warnings, degraded=self._stream_note))
+            return self._noted[2]
 
     def _pairs(self, app_id: str) -> tuple[list[tuple[dict, AppSpec]], list[str]]:
         """(task copy, spec of its version) for the tasks of one app, and warnings (lock held)."""
@@ -356,9 +376,52 @@ class MarathonSource(Source):
             self._last_event = time.monotonic()
             self._cond.notify_all()
 
+    def _on_stream_status(self) -> None:
+        """The stream went up or down (or failed once more): publish `degraded` while it is
+        down and we only poll, `ok` again once it is up."""
+        stream = self.stream
+        if stream is None:
+            return
+        health = stream.health()
+        note = ""
+        if not health.up and health.failed_attempts and health.down_since is not None:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(health.down_since))
+            note = (f"event stream down since {since}: {clip(health.error, 200)}; "
+                    f"polling every {self.refresh_interval:g}s")
+        with self._cond:
+            if note != self._stream_note:
+                self._stream_note = note
+                # While Marathon itself fails, the collector is backing off: a stream failing
+                # too is no news (the stream coming back is, through _on_connect).
+                if not self._failed:
+                    self._changed = True
+                    self._cond.notify_all()
+
     def _on_event(self, event_type: str, data: bytes) -> None:
+        """One event from the stream thread. Whatever is wrong with it (bad JSON, fields of the
+        wrong type, a bug while applying it) drops that event alone, with a warning; the
+        stream goes on."""
         self._last_event = time.monotonic()
         self.stats["events"] += 1
+        try:
+            problem = self._handle_event(event_type, data)
+        except Exception as error:  # noqa: BLE001 - a bug must not end the stream
+            problem = f"{type(error).__name__}: {error}"
+        if problem:
+            self._drop_event(event_type, problem)
+
+    def _drop_event(self, event_type: str, problem: str) -> None:
+        kind = clip(event_type or "untyped", 80)
+        log.warning("marathon: %s event dropped: %s", kind, clip(problem, 200))
+        with self._cond:
+            self.stats["events_dropped"] += 1
+            self._dropped_note = (f"event stream: {self.stats['events_dropped']} malformed events dropped "
+                                  f"(last: {kind}: {clip(problem, 200)})")
+            self._changed = True
+            self._cond.notify_all()
+
+    def _handle_event(self, event_type: str, data: bytes) -> str | None:
+        """Apply one event; returns why it was dropped, None when it was used (or ignored)."""
         if event_type.startswith("deployment_") or event_type == "unknown_large_event":
             # Plans can be megabytes: find the apps without parsing; none found -> resync.
             apps = {m.decode("utf-8", "replace") for m in _DEPLOYMENT_APP_RE.findall(data)} if data else set()
@@ -369,24 +432,28 @@ class MarathonSource(Source):
                     self._pending_full = True
                 self._changed = True
                 self._cond.notify_all()
-            return
+            return None
         if not data:  # too big to keep: we cannot tell what changed
             with self._cond:
                 self._pending_full = True
                 self._changed = True
                 self._cond.notify_all()
-            return
+            return None
         event = decode_event(data)
         if event is None:
-            log.warning("marathon: malformed %s event ignored: %s", clip(event_type), clip(data[:200]))
-            return
+            return f"not a JSON object: {data[:200]!r}"
+        problem = event_problem(event_type, event)
+        if problem:
+            return problem
         with self._cond:
+            applied = self._apply(event_type, event)  # raising: dropped, and not replayed either
             if self._recording is not None:
                 self._recording.append((event_type, event))
-            if self._apply(event_type, event):
+            if applied:
                 self._changed = True
                 self.stats["events_applied"] += 1
                 self._cond.notify_all()
+        return None
 
     def _find_task(self, app_id: Any, task_id: Any = None, instance_id: Any = None) -> dict | None:
         tasks = self._tasks.get(app_id) if isinstance(app_id, str) else None

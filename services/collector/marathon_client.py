@@ -26,6 +26,7 @@ from urllib.parse import quote, unquote, urlencode, urlsplit
 import requests
 
 from services.collector.source import SourceError
+from services.common.redact import redact
 
 log = logging.getLogger("proxymatic.collector.marathon")
 
@@ -39,6 +40,7 @@ ROUTING_EVENTS = frozenset({
 _EVENT_TYPE_RE = re.compile(rb'"eventType"\s*:\s*"([A-Za-z_]+)"')
 MAX_EVENT_BYTES = 8 * 1024 * 1024  # a data-only event bigger than this is not parsed
 READ_CHUNK = 64 * 1024
+MIN_STREAM_LIFE = 1.0  # a stream that ends sooner counts as a failed attempt (no hot loop)
 
 
 class NotFound(Exception):
@@ -64,11 +66,15 @@ def parse_replicas(text: str) -> list[Replica]:
         if not raw:
             continue
         parts = urlsplit(raw)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not a Marathon URL: {redact(raw)!r}")
+        try:
+            port = parts.port  # raises on a bad port, quoting it: it may hold a password
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+            raise ValueError(f"not a Marathon URL: {shown_url(raw)!r}")
         netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-        if parts.port:
-            netloc += f":{parts.port}"
+        if port:
+            netloc += f":{port}"
         base = f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
         auth = (unquote(parts.username or ""), unquote(parts.password or "")) if parts.username else None
         display = f"{parts.scheme}://{quote(auth[0]) + ':***@' if auth else ''}{netloc}{parts.path.rstrip('/')}"
@@ -78,8 +84,13 @@ def parse_replicas(text: str) -> list[Replica]:
     return replicas
 
 
-def redact(text: str) -> str:
-    return re.sub(r"(://[^/:@\s]*:)[^@/\s]*@", r"\1***@", text)
+def shown_url(raw: str) -> str:
+    """A URL that may be malformed, safe to show: everything before its last `@` is hidden
+    (an unencoded `@`, `/` or `:` in a password defeats any finer redaction)."""
+    if "@" not in raw:
+        return raw
+    scheme, sep, _ = raw.partition("://")
+    return f"{scheme}{sep}***@{raw.rsplit('@', 1)[1]}" if sep else "***@" + raw.rsplit("@", 1)[1]
 
 
 class MarathonClient:
@@ -210,15 +221,32 @@ class SSEParser:
         self.on_event(event_type, data)
 
 
+@dataclass(frozen=True)
+class StreamHealth:
+    """The event stream as its source reports it: up, or down since when and why."""
+
+    up: bool
+    down_since: float | None = None  # wall-clock time it went down (or first failed to open)
+    error: str = ""  # the last reason (credentials redacted)
+    failed_attempts: int = 0  # attempts that did not open a stream since it went down
+
+
 class EventStream:
-    """Background thread consuming `/v2/events` from whichever replica accepts it."""
+    """Background thread consuming `/v2/events` from whichever replica accepts it. A stream
+    that ends is reopened at once; only attempts that fail (or streams that end within
+    MIN_STREAM_LIFE) back off, exponentially up to `backoff_max`. Any exception reconnects:
+    the thread ends only with `close()`."""
 
     def __init__(self, replicas: list[Replica], on_event: Callable[[str, bytes], None],
                  on_connect: Callable[[Replica], None], watchdog: float = 60.0, connect_timeout: float = 3.0,
-                 backoff_initial: float = 0.5, backoff_max: float = 30.0, server_filter: bool = True):
+                 backoff_initial: float = 0.5, backoff_max: float = 30.0, server_filter: bool = True,
+                 on_status: Callable[[], None] = lambda: None):
         self.replicas = replicas
         self.on_event = on_event
         self.on_connect = on_connect
+        self.on_status = on_status  # the stream went up or down, or another attempt failed
+        self._health = StreamHealth(up=False)
+        self._health_lock = threading.Lock()
         self.watchdog = watchdog
         self.connect_timeout = connect_timeout
         self.backoff_initial = backoff_initial
@@ -257,38 +285,71 @@ class EventStream:
             params += [("event_type", t) for t in sorted(ROUTING_EVENTS)]
         return "/v2/events?" + urlencode(params)
 
+    def health(self) -> StreamHealth:
+        with self._health_lock:
+            return self._health
+
+    def _set_health(self, health: StreamHealth) -> None:
+        with self._health_lock:
+            changed, self._health = health != self._health, health
+        if changed:
+            self.on_status()
+
     def _run(self) -> None:
-        backoff = self.backoff_initial
+        failures = 0  # consecutive attempts that gave no lasting stream: they alone back off
         index = 0
         while not self._closing.is_set():
             replica = self.replicas[index % len(self.replicas)]
-            delivered = False
+            connects, started = self.connects, time.monotonic()
+            reason = ""
             try:
-                delivered = self._consume(replica)
-            except (OSError, http.client.HTTPException, ValueError) as error:
+                self._consume(replica)
+            except Exception as error:  # anything, even a bug: reconnect, never end the thread
                 if self._closing.is_set():
                     break
-                if isinstance(error, (socket.timeout, TimeoutError)) and self.connected.is_set():
-                    self.reconnects_by_watchdog += 1
-                    log.warning("marathon: event stream from %s silent for %.0fs; reconnecting",
-                                replica.display, self.watchdog)
-                else:
-                    log.warning("marathon: event stream from %s failed: %s", replica.display,
-                                redact(str(error)) or type(error).__name__)
+                reason = self._describe(error, replica)
             finally:
                 self.connected.clear()
                 with self._conn_lock:
                     conn, self._conn, self._sock = self._conn, None, None
                 if conn is not None:
-                    conn.close()
+                    try:
+                        conn.close()
+                    except Exception:  # noqa: BLE001 - closing a broken connection
+                        pass
             if self._closing.is_set():
                 break
-            if delivered:
-                backoff = self.backoff_initial
+            reason = reason or "event stream closed"
+            connected = self.connects > connects
+            if connected and time.monotonic() - started >= MIN_STREAM_LIFE:
+                failures = 0  # a stream that lasted ended (Marathon restarted it, a proxy...): reopen at once
             else:
+                failures += 1
+            if not connected:
                 index += 1  # try the next replica
-            self._closing.wait(backoff)
-            backoff = min(backoff * 2, self.backoff_max)
+            self._stream_down(reason, attempt_failed=not connected)
+            if failures:
+                self._closing.wait(min(self.backoff_initial * 2 ** (failures - 1), self.backoff_max))
+
+    def _describe(self, error: Exception, replica: Replica) -> str:
+        if isinstance(error, (socket.timeout, TimeoutError)) and self.connected.is_set():
+            self.reconnects_by_watchdog += 1
+            log.warning("marathon: event stream from %s silent for %.0fs; reconnecting", replica.display,
+                        self.watchdog)
+            return f"silent for {self.watchdog:.0f}s"
+        text = redact(str(error)) or type(error).__name__
+        if not isinstance(error, (OSError, http.client.HTTPException, ValueError)):
+            log.error("marathon: event stream from %s: unexpected %s: %s; reconnecting", replica.display,
+                      type(error).__name__, text)
+        else:
+            log.warning("marathon: event stream from %s failed: %s", replica.display, text)
+        return f"{replica.display}: {text}"
+
+    def _stream_down(self, reason: str, attempt_failed: bool) -> None:
+        health = self.health()
+        self._set_health(StreamHealth(
+            up=False, down_since=health.down_since if not health.up and health.down_since else time.time(),
+            error=reason, failed_attempts=health.failed_attempts + (1 if attempt_failed else 0)))
 
     def _consume(self, replica: Replica) -> bool:
         """Read one stream until it ends. Returns whether it delivered anything."""
@@ -316,6 +377,7 @@ class EventStream:
         self.connected.set()
         log.info("marathon: subscribed to the event stream of %s", replica.display)
         self.on_connect(replica)
+        self._set_health(StreamHealth(up=True))
         parser = SSEParser(self.on_event)
         delivered = False
         partial = b""

@@ -21,10 +21,13 @@ class SourceError(Exception):
 
 @dataclass(frozen=True)
 class Discovery:
-    """What a source found: services, plus entries it skipped and why (never fatal)."""
+    """What a source found: services, plus entries it skipped and why (never fatal).
+    `degraded` says why the answer may be late although it is current (e.g. an event stream
+    that is down, so changes only arrive with the next poll); "" when all is well."""
 
     services: tuple[Service, ...]
     warnings: tuple[str, ...] = ()
+    degraded: str = ""
 
 
 class Source(ABC):
