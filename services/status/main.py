@@ -1,9 +1,10 @@
 """The status stage: `GET /status` for upstream load balancers, `/status/details` (JSON) for
 operators, and every other path proxied to HAProxy's statistics page, all on STATUS_ENDPOINT.
 
-It listens to the whole bus (plan, applied results, heartbeats, which carry the sources' states). TERMINATING comes
-from the marker file the launcher writes on SIGTERM (`<run_dir>/terminating`), so it survives a
-restart of this stage.
+It listens to the whole bus (plan, applied results, heartbeats, which carry the sources' states
+and each stage's pid) and probes this node's proxies about once a second (health.py, probes.py).
+TERMINATING comes from the marker file the launcher writes on SIGTERM (`<run_dir>/terminating`),
+so it survives a restart of this stage. `/status/details` is redacted: no URL password leaves.
 """
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ import zmq
 from services.common.bus import Subscriber
 from services.common.config import Settings
 from services.common.model import ApplyResult
+from services.common.redact import redact
 from services.common.unix_socket import exchange
-from services.status.state import OK, PipelineState
+from services.status.health import ProbeStatus, Prober
+from services.status.probes import ProbeTargets
+from services.status.state import OK, PipelineState, StageLiveness
 
 log = logging.getLogger("proxymatic.status")
 
@@ -38,6 +42,8 @@ def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) 
     # full snapshots, which would cost a large decode here on every change.
     subscriber = Subscriber(ctx, [settings.bus("collector"), settings.bus("planner"), settings.bus("applier")],
                             ["plan", "applied."])
+    pids: dict[str, int | None] = {}
+    own_name = f"status@{settings.node}"
     try:
         while not stop.is_set():
             messages = subscriber.poll(0.2)
@@ -46,6 +52,7 @@ def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) 
                 for message in messages:
                     payload = message.payload
                     if message.is_heartbeat:
+                        pids[message.sender] = payload.get("pid") if isinstance(payload.get("pid"), int) else None
                         if payload.get("stage") == "collector" and isinstance(payload.get("sources"), dict):
                             state.sources.update(payload["sources"])
                     elif message.topic == "plan":
@@ -54,8 +61,27 @@ def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) 
                         state.plan_notes = tuple(payload.get("notes", []))
                     elif message.topic.startswith("applied."):
                         state.applied[message.topic[len("applied."):]] = ApplyResult.from_dict(payload)
+                state.stages = {sender: StageLiveness(subscriber.alive(sender), age, pids.get(sender))
+                                for sender, age in state.heartbeats.items()}
+                state.stages[own_name] = StageLiveness(True, 0.0, os.getpid())
     finally:
         subscriber.close()
+
+
+def start_prober(settings: Settings, state: PipelineState, stop: threading.Event) -> threading.Thread:
+    def applied() -> ApplyResult | None:
+        with state.lock:
+            return state.applied.get(settings.node)
+
+    def publish(statuses: dict[str, ProbeStatus]) -> None:
+        with state.lock:
+            state.proxies = dict(statuses)
+
+    targets = ProbeTargets(settings)
+    prober = Prober(targets.probes, applied, publish, timeout=targets.timeout)
+    thread = threading.Thread(target=prober.run, args=(stop,), name="status-prober", daemon=True)
+    thread.start()
+    return thread
 
 
 def proxy_to_unix_http(path: str, request_line: bytes, headers: list[tuple[str, str]]) -> bytes:
@@ -71,33 +97,42 @@ def make_handler(settings: Settings, state: PipelineState):
         server_version = "proxymatic"
 
         def do_GET(self) -> None:
+            self._answer(with_body=True)
+
+        def do_HEAD(self) -> None:
+            self._answer(with_body=False)
+
+        def _answer(self, with_body: bool) -> None:
             terminating = os.path.exists(terminating_marker(settings))
             if self.path == "/status":
                 verdict = state.verdict(settings.node, terminating)
-                self._reply(200 if verdict == OK else 503, (verdict + "\n").encode(), "text/plain")
+                self._reply(200 if verdict == OK else 503, (verdict + "\n").encode(), "text/plain", with_body)
             elif self.path in ("/status/details", "/status.json"):
                 details = state.details(settings.node, terminating)
-                body = json.dumps(details, indent=2, sort_keys=True).encode() + b"\n"
-                self._reply(200 if details["status"] == OK else 503, body, "application/json")
+                # Errors and source states may quote a URL: no password leaves this endpoint.
+                body = redact(json.dumps(details, indent=2, sort_keys=True)).encode() + b"\n"
+                self._reply(200 if details["status"] == OK else 503, body, "application/json", with_body)
             else:
-                self._proxy_stats()
+                self._proxy_stats(self.command)
 
-        def _proxy_stats(self) -> None:
-            request_line = f"GET {self.path} HTTP/1.0\r\n".encode("latin-1")
+        def _proxy_stats(self, method: str) -> None:
+            request_line = f"{method} {self.path} HTTP/1.0\r\n".encode("latin-1")
             try:
                 raw = proxy_to_unix_http(haproxy_stats_socket(settings), request_line, list(self.headers.items()))
             except OSError as error:
-                self._reply(502, f"HAProxy statistics unavailable: {error}\n".encode(), "text/plain")
+                self._reply(502, f"HAProxy statistics unavailable: {error}\n".encode(), "text/plain",
+                            method != "HEAD")
                 return
             self.wfile.write(raw)
 
-        def _reply(self, code: int, body: bytes, content_type: str) -> None:
+        def _reply(self, code: int, body: bytes, content_type: str, with_body: bool = True) -> None:
             self.send_response(code)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
-            self.wfile.write(body)
+            if with_body:
+                self.wfile.write(body)
 
         def log_message(self, fmt: str, *args) -> None:
             log.debug("status: %s " + fmt, self.client_address[0], *args)
@@ -109,6 +144,7 @@ def run(settings: Settings, stop: threading.Event) -> None:
     state = PipelineState(configured_sources=settings.sources)
     bus_thread = threading.Thread(target=follow_bus, args=(settings, state, stop), name="status-bus", daemon=True)
     bus_thread.start()
+    start_prober(settings, state, stop)
     if not settings.status_endpoint:
         log.info("status: STATUS_ENDPOINT is empty; HTTP endpoint disabled")
         stop.wait()

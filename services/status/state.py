@@ -1,4 +1,10 @@
-"""What the status stage knows, and the /status verdict derived from it (pure, testable)."""
+"""What the status stage knows, and the /status verdict derived from it (pure, testable).
+
+/status is the data plane's health: OK once the pipeline has delivered and applied a plan
+(latched: a plan being applied or rejected later never flaps it) and while every proxy of this
+node answers its probe. Control-plane faults (a stage hung or dead) and services the applier set
+aside never fail it: the proxies keep serving the last good state. They show in the details.
+"""
 from __future__ import annotations
 
 import threading
@@ -6,13 +12,27 @@ import time
 from dataclasses import dataclass, field
 
 from services.common.model import ApplyResult
+from services.status.health import CONFIRM_AFTER, STALE_AFTER, ProbeStatus
 
-OK, INITIALIZING, TERMINATING = "OK", "INITIALIZING", "TERMINATING"
+OK, INITIALIZING, TERMINATING, UNAVAILABLE = "OK", "INITIALIZING", "TERMINATING", "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class StageLiveness:
+    """One stage as its heartbeats tell it."""
+
+    alive: bool
+    seconds_since_heard: float
+    pid: int | None
+
+    def to_dict(self) -> dict:
+        return {"alive": self.alive, "seconds_since_heard": round(self.seconds_since_heard, 3), "pid": self.pid}
 
 
 @dataclass
 class PipelineState:
-    """Latest facts heard on the bus. Updated by the bus thread, read by HTTP handlers."""
+    """Latest facts heard on the bus and from the probes. Updated by the bus and prober threads,
+    read by HTTP handlers."""
 
     configured_sources: tuple[str, ...]
     sources: dict[str, dict] = field(default_factory=dict)  # name -> {state, error, services, hash}
@@ -21,6 +41,8 @@ class PipelineState:
     plan_notes: tuple[str, ...] = ()
     applied: dict[str, ApplyResult] = field(default_factory=dict)  # node -> last result
     heartbeats: dict[str, float] = field(default_factory=dict)  # sender -> seconds since heard
+    stages: dict[str, StageLiveness] = field(default_factory=dict)  # sender -> liveness
+    proxies: dict[str, ProbeStatus] = field(default_factory=dict)  # "haproxy", "pen <key>", "nginx"
     # Latched: once the pipeline has converged, a later plan being applied (milliseconds) or a
     # rejected plan (old config still serving) must not flap /status and drain this node.
     initialized_at: float | None = None
@@ -34,18 +56,34 @@ class PipelineState:
             and result is not None and result.ok and result.plan_hash == self.plan_hash
         )
 
-    def verdict(self, node: str, terminating: bool) -> str:
+    def proxy_problems(self, now: float | None = None) -> list[str]:
+        """`<proxy> not answering: <why>` for every proxy down now (call with the lock held)."""
+        now = time.monotonic() if now is None else now
+        problems = []
+        for name, status in sorted(self.proxies.items()):
+            why = status.problem(now, CONFIRM_AFTER, STALE_AFTER)
+            if why is not None:
+                problems.append(f"{name} not answering: {why}")
+        return problems
+
+    def verdict(self, node: str, terminating: bool, now: float | None = None) -> str:
         if terminating:
             return TERMINATING
         with self.lock:
             if self.initialized_at is None and self.converged(node):
                 self.initialized_at = time.time()
-            return OK if self.initialized_at is not None else INITIALIZING
+            if self.initialized_at is None:
+                return INITIALIZING
+            problems = self.proxy_problems(now)
+            return f"{UNAVAILABLE}: {'; '.join(problems)}" if problems else OK
 
-    def details(self, node: str, terminating: bool) -> dict:
-        verdict = self.verdict(node, terminating)
+    def details(self, node: str, terminating: bool, now: float | None = None) -> dict:
+        verdict = self.verdict(node, terminating, now)
+        now = time.monotonic() if now is None else now
         with self.lock:
             result = self.applied.get(node)
+            set_aside = {driver: dict(d.get("set_aside") or {})
+                         for driver, d in (result.details if result else {}).items() if d.get("set_aside")}
             return {
                 "status": verdict,
                 "node": node,
@@ -54,5 +92,8 @@ class PipelineState:
                          "notes": list(self.plan_notes)},
                 "applied": result.to_dict() if result else None,
                 "converged": self.converged(node),
+                "set_aside": set_aside,
+                "proxies": {name: status.to_dict(now) for name, status in sorted(self.proxies.items())},
+                "stages": {sender: liveness.to_dict() for sender, liveness in sorted(self.stages.items())},
                 "heartbeats": {sender: round(age, 3) for sender, age in sorted(self.heartbeats.items())},
             }
