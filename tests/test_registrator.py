@@ -227,7 +227,7 @@ def test_collector_keeps_backends_while_etcd_is_down(make_source):
 
         def snapshot(state: str):
             while not updates.empty():
-                seen.append(updates.get())
+                seen.append(updates.get().snapshot)
             return next((s for s in reversed(seen) if s.state == state), None)
 
         try:

@@ -56,6 +56,14 @@ class _Resync(Exception):
     """The watch cannot continue from its index: read everything again."""
 
 
+class BadEvent(ValueError):
+    """A watch event whose fields have the wrong shape: dropped alone, with a warning."""
+
+
+# A watch broken this many times in a row (while full reads work) means the source only polls.
+WATCH_FAILURES_DEGRADED = 2
+
+
 class RegistratorSource(Source):
     name = "registrator"
 
@@ -114,8 +122,12 @@ class RegistratorSource(Source):
         self._cache: tuple[int, Discovery] | None = None
         self._wait_index = 0
         self._last_full_read = 0.0
+        self._watch_failures = 0  # long polls broken in a row (garbage, resets...)
+        self._watch_down_since = 0.0  # wall-clock time of the first of them
+        self._degraded = ""  # why changes only arrive with the next full read ("" when watching)
+        self._dropped_note = ""  # the warning about malformed watch events dropped
         self.stats = {"full_reads": 0, "events": 0, "index_cleared": 0, "failovers": 0,
-                      "failures": 0, "empty_polls": 0, "poll_timeouts": 0}
+                      "failures": 0, "empty_polls": 0, "poll_timeouts": 0, "events_dropped": 0}
 
     # -- Source interface -------------------------------------------------------------------
     def current(self) -> Discovery:
@@ -192,8 +204,10 @@ class RegistratorSource(Source):
                 return self._cache[1]
             entries = dict(self._entries)
             warnings = dict(self._warnings)
+            degraded, dropped = self._degraded, self._dropped_note
         services, all_warnings = discovery_parts(entries, warnings)
-        discovery = Discovery(services=services, warnings=all_warnings)
+        discovery = Discovery(services=services, warnings=all_warnings + ((dropped,) if dropped else ()),
+                              degraded=degraded)
         with self._cond:
             if self._version == version:
                 self._cache = (version, discovery)
@@ -227,17 +241,32 @@ class RegistratorSource(Source):
 
     def apply_event(self, event: dict) -> None:
         """Apply one etcd v2 watch event (`{"action": ..., "node": {...}}`) to the in-memory
-        state. Used by the watcher; public so that recorded events can be replayed in tests."""
-        action = str(event.get("action", ""))
-        node = event.get("node") or {}
-        key = str(node.get("key", ""))
+        state. Used by the watcher; public so that recorded events can be replayed in tests.
+        Raises BadEvent (nothing applied) when its fields have the wrong shape; a value that is
+        not a string makes that key a skipped entry, like any malformed value."""
+        if not isinstance(event, dict):
+            raise BadEvent("not a JSON object")
+        action, node = event.get("action"), event.get("node")
+        if not isinstance(action, str):
+            raise BadEvent("action is not a string")
+        if not isinstance(node, dict):
+            raise BadEvent(f"{action}: node is not an object")
+        key = node.get("key")
+        if not isinstance(key, str):
+            raise BadEvent(f"{action}: node key is not a string")
+        modified = node.get("modifiedIndex")
+        if modified is not None and (isinstance(modified, bool) or not isinstance(modified, int) or modified < 0):
+            raise BadEvent(f"{action} {key!r}: modifiedIndex is not an index")
         if action in SET_ACTIONS:
             if node.get("dir"):
                 return  # a new (empty) service directory
             if relative_key(self.prefix, key) is None:
                 return
+            value = node.get("value")
             try:
-                parsed: Entry | str = parse_entry(self.prefix, key, node.get("value"), self._resolve)
+                if not isinstance(value, str):
+                    raise EntryError(f"registrator key {key!r}: value is not a string ({type(value).__name__})")
+                parsed: Entry | str = parse_entry(self.prefix, key, value, self._resolve)
             except EntryError as error:
                 parsed = str(error)
                 log.debug("source registrator: %s", parsed)
@@ -345,6 +374,7 @@ class RegistratorSource(Source):
                 if start_index >= wait_index:
                     self._wait_index = start_index + 1
                 response.close()
+                self._watch_ok()
                 return True
         finally:
             self._inflight = None
@@ -362,13 +392,52 @@ class RegistratorSource(Source):
         if not body.strip():
             self.stats["empty_polls"] += 1  # etcd closed the long poll without an event: retry
             return False
-        event = _decode(body)
-        node = event.get("node") or {}
         self.stats["events"] += 1
-        self.apply_event(event)
-        modified = int(node.get("modifiedIndex") or 0)
+        try:
+            event = _decode(body)
+            self.apply_event(event)
+        except Exception as error:  # noqa: BLE001 - garbage, or a bug applying it: drop it alone
+            self._drop_event(error)
+            self._watch_broken(f"etcd {self.endpoint_text}: watch event dropped: {_describe(error)}")
+            # Where to go on from is unknown (or the copy half-changed): read everything again.
+            raise _Resync("after a dropped watch event") from None
+        self._watch_ok()
+        modified = event["node"].get("modifiedIndex") or 0
         self._wait_index = max(self._wait_index, modified + 1)
         return True
+
+    def _drop_event(self, error: Exception) -> None:
+        reason = _describe(error)
+        log.warning("source registrator: watch event dropped: %s", reason)
+        with self._cond:
+            self.stats["events_dropped"] += 1
+            self._dropped_note = (f"etcd watch: {self.stats['events_dropped']} malformed events dropped "
+                                  f"(last: {reason})")
+            self._changed()
+
+    def _watch_ok(self) -> None:
+        """A long poll made progress: the watch works (again)."""
+        self._watch_failures = 0
+        if self._degraded:
+            with self._cond:
+                self._degraded = ""
+                self._changed()
+            log.info("source registrator: watching etcd %s again", self.endpoint_text)
+
+    def _watch_broken(self, reason: str) -> None:
+        """A long poll broke. Twice in a row and the source only polls: say so."""
+        if self._watch_failures == 0:
+            self._watch_down_since = time.time()
+        self._watch_failures += 1
+        if self._watch_failures < WATCH_FAILURES_DEGRADED:
+            return
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self._watch_down_since))
+        note = (f"etcd watch down since {since}: {reason}; "
+                f"reading everything every {self.backoff_max:g}s at most")
+        with self._cond:
+            if note != self._degraded:
+                self._degraded = note
+                self._changed()
 
     def _run(self) -> None:
         need_full_read = True
@@ -399,6 +468,7 @@ class RegistratorSource(Source):
             except _Resync as reason:
                 log.info("source registrator: full read of %s: %s", self.prefix or "/", reason)
                 need_full_read = True
+                idle_polls += 1  # a server answering garbage over and over is paced too
             except _Unavailable as error:
                 self.stats["failures"] += 1
                 self._set_error(f"cannot read etcd prefix {self.prefix or '/'}: {error}")
@@ -408,14 +478,16 @@ class RegistratorSource(Source):
                 delay = min(delay * 2, self.backoff_max)
             except (etcd.EtcdException, ValueError, *_NETWORK_ERRORS) as error:
                 # The long poll broke (etcd stopped, connection reset, garbage): read everything
-                # again, failing over if needed; only that read decides whether we are degraded.
+                # again, failing over if needed; only that read decides whether we are down.
                 if not self._stop.is_set():
                     log.info("source registrator: watch on etcd %s broke: %s", self.endpoint_text,
                              _describe(error))
+                    self._watch_broken(f"etcd {self.endpoint_text}: {_describe(error)}")
                 need_full_read = True
                 idle_polls += 1
-            except Exception:  # noqa: BLE001 - a bug must not stop discovery for good
+            except Exception as error:  # noqa: BLE001 - a bug must not stop discovery for good
                 log.exception("source registrator: unexpected error")
+                self._watch_broken(f"internal error: {_describe(error)}")
                 need_full_read = True
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.backoff_max)

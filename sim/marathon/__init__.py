@@ -66,6 +66,14 @@ class MarathonSim:
         for replica in self.replicas:
             replica.stall = stalled
 
+    def refuse_streams(self, status: int | None = 503) -> None:
+        """Every replica answers /v2/events with `status` (None: streams again); open streams
+        are dropped, so the client has to ask again."""
+        for replica in self.replicas:
+            replica.refuse_events = status
+        if status:
+            self.drop_streams()
+
     def stream_count(self) -> int:
         return sum(r.stream_count() for r in self.replicas)
 

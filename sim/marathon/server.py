@@ -18,7 +18,8 @@ from sim.marathon.cluster import Cluster, SimError
 class Replica:
     """An HTTP server for a Cluster. `fault`: None | "500" | "503" | "hang" (partition: accept
     and never answer) | "malformed" (200 with broken JSON). `stall`: event streams stay open
-    but send nothing."""
+    but send nothing. `refuse_events`: an HTTP status /v2/events answers instead of a stream
+    (e.g. 503: Marathon up, its event bus not), while the REST API keeps working."""
 
     def __init__(self, cluster: Cluster, port: int = 0, host: str = "127.0.0.1",
                  auth: tuple[str, str] | None = None):
@@ -26,6 +27,7 @@ class Replica:
         self.auth = auth
         self.fault: str | None = None
         self.stall = False
+        self.refuse_events: int | None = None
         self.requests: list[str] = []
         self._requests_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -218,6 +220,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _events(self, query) -> None:
         replica, cluster = self.replica, self.replica.cluster
+        if replica.refuse_events:
+            self._json(replica.refuse_events, {"message": "event stream refused (simulated)"})
+            return
         if "text/event-stream" not in self.headers.get("Accept", ""):
             self._json(406, {"message": "Accept: text/event-stream required"})
             return
