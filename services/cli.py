@@ -17,6 +17,7 @@ import sys
 import threading
 
 from services.common.config import STAGES, ConfigError, Settings, add_options, settings_from
+from services.common.pdeathsig import die_with
 
 PROXIES = ("haproxy", "nginx", "pen")
 COMMANDS = ("run", *STAGES, *PROXIES, "tap")
@@ -32,6 +33,8 @@ ENTRY_POINTS = {
     "pen": "services.applier.pen_runner:main",
 }
 NEEDS_SOURCE = ("run", "collector")
+# Settings that may carry credentials (user:password@ in a URL).
+SECRET_ENV = ("MARATHON_URL", "REGISTRATOR_URL")
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -78,6 +81,18 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+def die_with_supervisord(settings: Settings) -> None:
+    """Under supervisord: SIGTERM from the kernel when supervisord dies (even by kill -9), so no
+    program outlives it; exec keeps it, so HAProxy's and nginx's masters get it too. supervisord
+    writes its pid file before it starts any program: a different parent means it already died."""
+    try:
+        with open(settings.path("supervisord.pid"), encoding="ascii") as source:
+            supervisord_pid = int(source.read().strip())
+    except (OSError, ValueError):
+        supervisord_pid = os.getppid()  # not ours to check: still die with whoever started us
+    die_with(supervisord_pid, signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     command, rest = split_command(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser(command)
@@ -98,16 +113,22 @@ def main(argv: list[str] | None = None) -> int:
         return tap(settings, args)
     if command == "run":
         from services.launcher import launch
-        return launch(settings, rest)
+        return launch(settings)
     if command in STAGES:
         # Full-state messages allocate tens of thousands of short-lived, acyclic objects that
         # reference counting frees; the default thresholds ran a collection every few hundred
         # net allocations and put 5-10 ms generation-2 pauses on the path from event to traffic.
         gc.set_threshold(50_000, 20, 100)
+    if os.environ.get("SUPERVISOR_ENABLED"):
+        die_with_supervisord(settings)
     module_name, _, function = ENTRY_POINTS[command].partition(":")
     entry = getattr(importlib.import_module(module_name), function)
-    os.makedirs(settings.run_dir, exist_ok=True)
+    os.makedirs(settings.run_dir, mode=0o700, exist_ok=True)
     if command in PROXIES:
+        # HAProxy, nginx and Pen never need discovery credentials: keep them out of their
+        # environment (what this program execs or spawns inherits os.environ).
+        for name in SECRET_ENV:
+            os.environ.pop(name, None)
         return entry(settings) or 0
     entry(settings, stop_on_signals())
     return 0

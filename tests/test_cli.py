@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from services.common.config import ConfigError, add_options, settings_from
+from services.common.config import ConfigError, add_options, settings_environ, settings_from
 from services.launcher import render_supervisord_conf
 
 
@@ -59,13 +59,25 @@ def test_cli_exit_codes():
     assert bad.returncode == 1 and "VERBOSE" in bad.stderr
 
 
-def test_supervisord_config_quotes_arguments(tmp_path):
-    s = settings(["--run-dir", str(tmp_path), "--services-file", "/a dir/100%.json"])
-    text = render_supervisord_conf(s, ["--services-file", "/a dir/100%.json"])
-    assert "'/a dir/100%%.json'" in text
+def test_supervisord_config_carries_no_settings(tmp_path):
+    s = settings(["--run-dir", str(tmp_path / "100%"), "--services-file", "/a dir/x.json",
+                  "-m", "http://user:s3cret@m1:8080"])
+    text = render_supervisord_conf(s)
+    # Settings travel by environment: neither the file nor a password is in any command.
+    assert "/a dir/x.json" not in text and "s3cret" not in text and "m1:8080" not in text
+    assert f"logfile={tmp_path}/100%%/logs/supervisord.log" in text  # supervisord expands %(...)s
     for program in ("haproxy", "applier", "planner", "collector", "status", "pen"):
         assert f"[program:{program}]" in text
+        assert f"-m services.cli {program}\n" in text
     assert "[program:nginx]" not in text
+
+
+def test_settings_survive_the_trip_through_the_environment():
+    s = settings(["-m", "http://u:p@m1:8080/", "--status-endpoint", "", "--no-haproxy", "--vhost-domain",
+                  "Example.com", "-i", "5", "--run-dir", "/tmp/x"])
+    again = settings([], settings_environ(s))
+    assert again == s
+    assert settings_environ(s)["MARATHON_URL"] == "http://u:p@m1:8080/"
 
 
 def test_registrator_url_with_several_hosts():

@@ -227,6 +227,17 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str], command:
     return settings
 
 
+def settings_environ(settings: Settings) -> dict[str, str]:
+    """Every option as its environment variable, so that `settings_from(<no flags>, this)` gives
+    `settings` back. The launcher hands settings to its programs this way, never on a command
+    line: a Marathon password in argv would show in `ps` and in supervisord.conf."""
+    environ = {}
+    for option in OPTIONS:
+        value = getattr(settings, option.dest)
+        environ[option.env] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return environ
+
+
 def check(settings: Settings) -> None:
     if settings.vhost_domain and settings.status_endpoint and \
             settings.status_endpoint.endswith(f":{settings.vhost_port}"):

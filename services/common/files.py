@@ -5,10 +5,12 @@ import os
 import tempfile
 
 
-def write_atomic(path: str, text: str, skip_if_same: bool = True) -> bool:
+def write_atomic(path: str, text: str, skip_if_same: bool = True, mode: int = 0o600) -> bool:
     """Write `text` to `path` through a temp file + fsync + rename (+ fsync of the directory, so
     the rename survives a crash). Returns False when the file already said so (not checked with
-    `skip_if_same=False`, for callers that know it differs and want to spare the read)."""
+    `skip_if_same=False`, for callers that know it differs and want to spare the read).
+    Files are private (0600) by default: configs and state may name internal addresses, and
+    only the processes of this instance (one user) read them."""
     if skip_if_same:
         try:
             with open(path, encoding="utf-8") as current:
@@ -23,7 +25,7 @@ def write_atomic(path: str, text: str, skip_if_same: bool = True) -> bool:
             out.write(text)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(temp, 0o644)
+        os.chmod(temp, mode)
         os.replace(temp, path)
     except BaseException:
         try:
