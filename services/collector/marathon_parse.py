@@ -23,7 +23,8 @@ TERMINAL_STATES = frozenset({
     "TASK_FINISHED", "TASK_FAILED", "TASK_KILLED", "TASK_LOST", "TASK_ERROR", "TASK_DROPPED",
     "TASK_GONE", "TASK_GONE_BY_OPERATOR", "TASK_UNKNOWN",
 })
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{0,255}$")
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_.:-]{0,255}\Z")  # \Z: `$` would let a final newline through
+_DIGITS_RE = re.compile(r"[0-9]{1,12}\Z")
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]+")
 MAX_WARNINGS = 200
 # Marathon health check protocols HAProxy can reproduce from outside the task (plain HTTP or a
@@ -95,7 +96,8 @@ def network_mode(app: Mapping) -> str:
     and the 1.5+ (`networks`) shapes."""
     networks = app.get("networks")
     if isinstance(networks, list) and networks:
-        modes = {n.get("mode") for n in networks if isinstance(n, dict)}
+        # only string modes: a hostile `"mode": []` is unhashable
+        modes = {n.get("mode") for n in networks if isinstance(n, dict) and isinstance(n.get("mode"), str)}
         if "container/bridge" in modes:
             return "bridge"
         if "container" in modes:
@@ -155,7 +157,7 @@ def _label_int(labels: Mapping, key: str, low: int, high: int, app_id: str, warn
         number = value
     elif isinstance(value, float) and value.is_integer():
         number = int(value)
-    elif isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 12:
+    elif isinstance(value, str) and _DIGITS_RE.match(value.strip()):  # not isdigit(): "²" is a digit
         number = int(value.strip())
     if number is None or not low <= number <= high:
         warnings.append(f"app {clip(app_id)}: label {key}={clip(value)} ignored "
