@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -9,13 +10,13 @@ import subprocess
 import tempfile
 import threading
 import urllib.request
+from dataclasses import replace
 
 import pytest
 
-from services.applier import haproxy_driver, haproxy_launch
+from services.applier import haproxy_driver, haproxy_launch, haproxy_render
 from services.applier import haproxy_runtime as runtime
 from services.applier.haproxy_driver import HaproxyDriver
-from services.applier.haproxy_render import Rendering
 from services.applier.haproxy_runtime import MasterCli, WorkerApi
 from services.common.config import Settings
 from services.common.model import Plan, ProxySettings, Service
@@ -34,8 +35,11 @@ class HaproxyProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "HaproxyProcess":
-        self.process = subprocess.Popen(haproxy_launch.command(self.paths), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        # HAProxy's output goes where supervisord puts it: the driver reads why a reload failed there.
+        os.makedirs(os.path.join(self.settings.run_dir, "logs"), exist_ok=True)
+        with open(os.path.join(self.settings.run_dir, "logs", "haproxy.log"), "ab") as output:
+            self.process = subprocess.Popen(haproxy_launch.command(self.paths), stdout=output,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(lambda: self.master.show_proc().worker, message="HAProxy worker up")
         return self
 
@@ -203,14 +207,16 @@ def test_new_service_reloads_and_established_connections_survive(haproxy, backen
 def test_config_failing_validation_is_rejected_and_old_config_keeps_serving(haproxy, backends, monkeypatch):
     driver, port, good, worker = serving_b0(haproxy, backends)
 
-    # A service-level change HAProxy refuses (changes to slot contents alone are typed values
-    # and skip `haproxy -c`; see test_render_refusal_is_rejected for those).
+    # A change HAProxy refuses even without any service (a bad global section; changes to slot
+    # contents alone are typed values and skip `haproxy -c`, see test_render_refusal_is_rejected).
     real_renderer = driver._renderer
 
     class Bogus:
-        def update(self, plan, previous):
-            real = real_renderer.update(plan, previous)
-            return Rendering(real.slots, real.text + "    bogus_keyword 1\n", "bogus skeleton")
+        def update(self, plan, previous, set_aside=()):
+            real = real_renderer.update(plan, previous, set_aside)
+            bogus = "    master-worker\n    bogus_keyword 1\n"
+            return replace(real, text=real.text.replace("    master-worker\n", bogus), skeleton_hash="bogus",
+                           header=real.header.replace("    master-worker\n", bogus))
 
     monkeypatch.setattr(driver, "_renderer", Bogus())
     result = driver.apply(make_plan(tcp_service(port, backends[1:2])))
@@ -259,15 +265,91 @@ def test_a_removed_server_is_drained_not_cut(haproxy, backends):
         echo.close()
 
 
-def test_reload_failure_restores_the_previous_config(haproxy, backends):
-    """`haproxy -c` cannot know a port is taken: the reload fails, the old worker serves on."""
+def squatter() -> socket.socket:
+    """Another program's listener on a free port."""
+    sock = socket.socket()
+    sock.bind(("0.0.0.0", 0))
+    sock.listen()
+    return sock
+
+
+def listens_on(haproxy, port: int) -> bool:
+    return f"bind 0.0.0.0:{port}\n" in config_text(haproxy)
+
+
+def test_a_taken_port_is_set_aside_and_every_other_change_applied(haproxy, backends, caplog):
+    driver, port, _, worker = serving_b0(haproxy, backends)
+    squat, fresh = squatter(), free_port()
+    taken = squat.getsockname()[1]
+    try:
+        plan = make_plan(tcp_service(port, backends[1:2]), tcp_service(taken, backends[2:3]),
+                         tcp_service(fresh, backends[3:4]))
+        result = driver.apply(plan)
+        assert result.ok and result.action == "reload" and result.errors == (), result
+        assert result.set_aside == {f"{taken}/tcp": f"service svc-{taken} ({taken}/tcp): port {taken} cannot be "
+                                                    "be bound: [Errno 98] Address already in use".replace("be be", "be")}
+        assert serving(port, 3) == {"b1"} and tcp_ask(fresh) == "b3"
+        assert not listens_on(haproxy, taken) and haproxy.proc().failed_reloads == 0
+
+        # The applier's retry while the port is still taken: nothing reloaded, nothing logged again.
+        caplog.clear()
+        before = haproxy.proc()
+        again = driver.apply(plan)
+        assert again.ok and again.action == "none" and again.set_aside == result.set_aside, again
+        assert haproxy.proc().reloads == before.reloads
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+        # Membership of the others still changes at runtime.
+        moved = make_plan(tcp_service(port, backends[:2]), tcp_service(taken, backends[2:3]),
+                          tcp_service(fresh, backends[3:4]))
+        changed = driver.apply(moved)
+        assert changed.ok and changed.action == "runtime" and changed.set_aside == result.set_aside, changed
+        assert_serving(port, {"b0", "b1"})
+    finally:
+        squat.close()
+    freed = driver.apply(moved)  # the next retry: the port is free, the service is served
+    assert freed.ok and freed.action == "reload" and freed.set_aside == {}, freed
+    assert tcp_ask(taken) == "b2" and listens_on(haproxy, taken)
+    assert haproxy.proc().master_pid == before.master_pid  # a reload, not a restart
+    assert worker not in haproxy.proc().workers
+
+
+def test_a_reload_failing_on_a_listener_sets_it_aside_and_reloads_without_it(haproxy, backends, monkeypatch):
+    """The port is taken after the probe (here: the probe sees nothing): HAProxy's startup
+    messages name the listener, the service is set aside and the rest reloaded."""
+    driver, port, _, worker = serving_b0(haproxy, backends)
+    reloads = haproxy.proc().reloads
+    monkeypatch.setattr(haproxy_driver, "bind_error", lambda *args: None)
+    squat, fresh = squatter(), free_port()
+    taken = squat.getsockname()[1]
+    try:
+        result = driver.apply(make_plan(tcp_service(port, backends[1:2]), tcp_service(taken, backends[2:3]),
+                                        tcp_service(fresh, backends[3:4])))
+        assert result.ok and result.action == "reload", result
+        assert list(result.set_aside) == [f"{taken}/tcp"]
+        assert "[Errno 98] Address already in use" in result.set_aside[f"{taken}/tcp"]
+        assert f"svc-{taken}" in result.set_aside[f"{taken}/tcp"]
+        proc = haproxy.proc()
+        assert proc.reloads == reloads + 2 and worker not in proc.workers  # one refused, one done
+        assert serving(port, 3) == {"b1"} and tcp_ask(fresh) == "b3"
+        assert not listens_on(haproxy, taken)
+    finally:
+        squat.close()
+
+
+def test_reload_failure_nothing_explains_restores_the_previous_config(haproxy, backends, monkeypatch):
+    """Neither a probe nor HAProxy's messages name a listener: the reload is rejected and the
+    old worker serves on the previous config."""
     driver, port, good, worker = serving_b0(haproxy, backends)
-    with socket.socket() as squatter:
-        squatter.bind(("0.0.0.0", 0))
-        squatter.listen()
-        taken = squatter.getsockname()[1]
-        result = driver.apply(make_plan(tcp_service(port, backends[:1]), tcp_service(taken, backends[1:2])))
+    monkeypatch.setattr(haproxy_driver, "bind_error", lambda *args: None)
+    os.unlink(driver._program_log.path)
+    squat = squatter()
+    try:
+        result = driver.apply(make_plan(tcp_service(port, backends[:1]), tcp_service(squat.getsockname()[1],
+                                                                                     backends[1:2])))
         assert not result.ok and result.action == "rejected" and "reload failed" in result.errors[0]
+    finally:
+        squat.close()
     assert haproxy.proc().worker == worker
     assert tcp_ask(port) == "b0"
     assert config_text(haproxy) == good
@@ -275,6 +357,57 @@ def test_reload_failure_restores_the_previous_config(haproxy, backends):
     again = driver.apply(make_plan(tcp_service(port, backends[:2])))
     assert again.ok and again.action == "runtime", again
     assert_serving(port, {"b0", "b1"})
+
+
+def bad_section_for(monkeypatch, port: int, line: str) -> None:
+    """Make the renderer add `line` to the section of the service on `port`."""
+    real = haproxy_render._render_section
+
+    def rendering(service, slots, max_connections):
+        text = real(service, slots, max_connections)
+        return text + f"\n    {line}" if service.port == port else text
+    monkeypatch.setattr(haproxy_render, "_render_section", rendering)
+
+
+@pytest.mark.parametrize("by_lines", [True, False], ids=["alert-lines", "bisect"])
+def test_a_section_haproxy_rejects_is_set_aside_and_the_rest_applied(haproxy, backends, monkeypatch, by_lines):
+    driver, port, _, worker = serving_b0(haproxy, backends)
+    others = [free_port() for _ in range(5)]
+    bad = others[2]
+    bad_section_for(monkeypatch, bad, "bogus_keyword 1")
+    if not by_lines:  # HAProxy's alerts pointing nowhere: found by validating subsets
+        monkeypatch.setattr(haproxy_driver, "blame_alerts", lambda *args: {})
+    plan = make_plan(tcp_service(port, backends[1:2]), *(tcp_service(p, backends[2:3]) for p in others))
+    result = driver.apply(plan)
+    assert result.ok and result.action == "reload", result
+    assert list(result.set_aside) == [f"{bad}/tcp"]
+    assert "HAProxy rejected its section" in result.set_aside[f"{bad}/tcp"]
+    assert "bogus_keyword" in result.set_aside[f"{bad}/tcp"] and f"svc-{bad}" in result.set_aside[f"{bad}/tcp"]
+    assert serving(port, 3) == {"b1"}
+    assert {tcp_ask(p) for p in others if p != bad} == {"b2"}
+    assert not listens_on(haproxy, bad) and "bogus_keyword" not in config_text(haproxy)
+    assert not os.path.exists(haproxy.paths.subset_candidate)
+    # A retry of the same plan does not validate the rejected section again.
+    calls = []
+    monkeypatch.setattr(haproxy_driver, "check_config_alerts", lambda *a: calls.append(a) or (True, []))
+    again = driver.apply(plan)
+    assert again.ok and again.action == "none" and again.set_aside == result.set_aside and calls == []
+
+
+def test_workers_drop_root(haproxy):
+    """As root, the workers run as the haproxy account (nobody without it); the master keeps
+    root. The master CLI, the statistics socket and reloads work as before."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    expected = haproxy_launch.run_as()
+    worker = haproxy.proc().worker
+
+    def uid(pid: int) -> int:
+        with open(f"/proc/{pid}/status") as handle:
+            return int(next(line for line in handle if line.startswith("Uid:")).split()[1])
+    assert uid(worker) == pwd.getpwnam(expected.user).pw_uid != 0
+    assert uid(haproxy.proc().master_pid) == 0
+    assert f"    user {expected.user}\n    group {expected.group}\n" in config_text(haproxy)
 
 
 def test_haproxy_restarted_from_the_file_serves_the_same_backends(haproxy, backends):

@@ -23,22 +23,33 @@ import ipaddress
 import json
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 from services.applier import haproxy_runtime as runtime
+from services.applier.bindable import bind_error
 from services.applier.driver import DriverResult, ProxyDriver
-from services.applier.haproxy_launch import check_config, fd_limit
-from services.applier.haproxy_render import ConfigRenderer, HaproxyPaths, RenderError, Slots, slot_name
+from services.applier.haproxy_isolation import (
+    ProgramLog, SetAside, bind_failures, bisect_rejected, blame_alerts, rejected_reason, section_lines,
+    unbindable_reason,
+)
+from services.applier.haproxy_launch import check_config_alerts, fd_limit, run_as, summary
+from services.applier.haproxy_render import (
+    ConfigRenderer, HaproxyPaths, RenderError, Rendering, Slots, backend_id, haproxy_services, slot_name,
+)
 from services.applier.haproxy_runtime import (
     Command, CommandFailed, HaproxyUnavailable, MasterCli, ProcInfo, WorkerApi,
 )
 from services.common.config import Settings
 from services.common.files import fsync_directory, write_atomic
-from services.common.model import ModelError, Plan, Server, content_hash
+from services.common.model import ModelError, Plan, Server, Service, content_hash
 
 log = logging.getLogger("proxymatic.applier.haproxy")
 
 STATE_VERSION = 1
+LISTEN_HOST = "0.0.0.0"  # every service listener binds here (templates/haproxy.cfg.j2)
+# How long a failed reload's messages may take to reach HAProxy's log (through supervisord).
+RELOAD_LOG_WAIT = 2.0
 
 
 @dataclass(frozen=True)
@@ -100,7 +111,11 @@ class HaproxyDriver(ProxyDriver):
         self._slots: dict[str, tuple[Server | None, ...]] = {}
         self._config_text: str | None = None
         self._skeleton_hash: str | None = None
-        self._renderer = ConfigRenderer(self.paths, self.fd_limit)
+        self._renderer = ConfigRenderer(self.paths, self.fd_limit, run_as())
+        # Services left out of the config (listener cannot be bound, section rejected), by key;
+        # see _apply. Kept to log changes once and to re-probe only those on a retry.
+        self._set_aside: dict[str, SetAside] = {}
+        self._program_log = ProgramLog(os.path.join(settings.run_dir, "logs", "haproxy.log"))
         self._state_lines: dict[str, tuple[tuple, str]] = {}  # see _write_state
         self._active: dict[str, tuple[tuple, int]] = {}  # servers per backend, see _details
         self._unwritten: tuple[str, Slots, str] | None = None  # see _commit_runtime
@@ -129,6 +144,28 @@ class HaproxyDriver(ProxyDriver):
     # -- the algorithm ------------------------------------------------------------------------
 
     def _apply(self, plan: Plan) -> DriverResult:
+        """Converge with every service HAProxy can take. A round that finds services it cannot
+        (a listener that cannot be bound, a section `haproxy -c` rejects, a reload that fails on
+        a listener) sets them aside and the next round applies the rest; each round sets aside
+        at least one more service, so there are at most as many rounds as services."""
+        services = {s.key: s for s in haproxy_services(plan)}
+        aside = self._still_set_aside(services)
+        for _ in range(len(services) + 1):
+            outcome = self._converge(plan, services, aside)
+            if isinstance(outcome, DriverResult):
+                break
+            aside.update(outcome)
+        else:
+            outcome = DriverResult(self.name, False, "rejected", errors=("HAProxy refused every service",),
+                                   details=self._details(0))
+        if outcome.action == "rejected":
+            return outcome  # nothing changed; the next plan (not a retry) tries again
+        self._note_set_aside(aside)
+        return replace(outcome, set_aside={key: entry.reason for key, entry in sorted(aside.items())})
+
+    def _converge(self, plan: Plan, services: dict[str, Service],
+                  aside: dict[str, SetAside]) -> DriverResult | dict[str, SetAside]:
+        """One round of _apply: the result, or the services newly found to be set aside."""
         proc: ProcInfo | None = None  # `show proc` as seen during this apply
         fixes = 0
         if not self._trusted or self._worker is None:
@@ -137,7 +174,7 @@ class HaproxyDriver(ProxyDriver):
         reload_reason = ""
         for _ in range(3):
             try:
-                rendering = self._renderer.update(plan, self._slots)
+                rendering = self._renderer.update(plan, self._slots, aside.keys())
             except RenderError as error:
                 log.error("haproxy: plan %s rejected: %s", _PlanHash(plan), error)
                 return DriverResult(self.name, False, "rejected", errors=(f"cannot render HAProxy config: {error}",),
@@ -176,13 +213,23 @@ class HaproxyDriver(ProxyDriver):
         else:
             raise HaproxyUnavailable("HAProxy changed workers during every attempt to apply the plan")
 
-        valid, message = self._validate(text)
+        # A reload ahead. Listeners HAProxy does not hold yet must be bindable, or their services
+        # are set aside: one port taken by another program must not fail the whole reload.
+        new_listeners = self._new_listeners(rendering, services, proc)
+        unbindable = self._unbindable(new_listeners)
+        if unbindable:
+            return unbindable
+        valid, alerts = self._validate(text)
         if not valid:
+            rejected = self._rejected_services(rendering, services, alerts)
+            if rejected:
+                return rejected
+            message = summary(alerts)
             log.error("haproxy: plan %s rejected, haproxy -c: %s", _PlanHash(plan), message)
             error = f"HAProxy rejected the new config: {message}" if reload_reason else \
                 f"HAProxy rejected the new config, the previous one keeps serving: {message}"
             return DriverResult(self.name, False, "rejected", errors=(error,), details=self._details(fixes))
-        return self._reload(plan, text, slots, rendering.skeleton_hash, proc)
+        return self._reload(plan, text, slots, rendering.skeleton_hash, proc, new_listeners)
 
     def _sync_worker(self, proc: ProcInfo) -> int:
         """After `show proc`: adopt its worker when it is not the one we synced with. Returns
@@ -193,13 +240,105 @@ class HaproxyDriver(ProxyDriver):
             return 0
         return self._adopt(proc.worker)
 
-    def _validate(self, text: str) -> tuple[bool, str]:
+    def _validate(self, text: str) -> tuple[bool, list[str]]:
         write_atomic(self.paths.candidate, text)
-        valid, message = check_config(self.paths.candidate, self.binary)
+        valid, alerts = check_config_alerts(self.paths.candidate, self.binary)
         if not valid:
             # Kept for operators; never read back.
             os.replace(self.paths.candidate, self.paths.config + ".rejected")
-        return valid, message
+        return valid, alerts
+
+    # -- services set aside (see haproxy_isolation.py) ----------------------------------------
+
+    def _still_set_aside(self, services: dict[str, Service]) -> dict[str, SetAside]:
+        """The services set aside before that still cannot be served: a listener still not
+        bindable (probed again: a freed port is served now), a rejected section unchanged."""
+        out = {}
+        for key, entry in self._set_aside.items():
+            service = services.get(key)
+            if service is None or backend_id(service) in self._slots:
+                continue
+            if entry.kind == "config":
+                if service == entry.service:
+                    out[key] = entry
+                continue
+            error = bind_error(LISTEN_HOST, service.port, service.protocol)
+            if error is not None:
+                out[key] = SetAside(service, unbindable_reason(service, error), "bind")
+        return out
+
+    def _new_listeners(self, rendering: Rendering, services: dict[str, Service],
+                       proc: ProcInfo | None) -> dict[str, Service]:
+        """The services of `rendering` whose listener the running HAProxy does not hold (its own
+        listeners cannot be probed: they are bound)."""
+        if self._trusted:
+            held = {int(bid.split("_")[1]) for bid in self._slots}
+        elif proc is not None and proc.worker is not None:
+            held = WorkerApi(self.master, proc.worker).listener_ports()
+        else:
+            held = set()
+        return {key: services[key] for key, _ in rendering.sections
+                if key in services and services[key].port not in held}
+
+    @staticmethod
+    def _unbindable(listeners: dict[str, Service]) -> dict[str, SetAside]:
+        out = {}
+        for key, service in listeners.items():
+            error = bind_error(LISTEN_HOST, service.port, service.protocol)
+            if error is not None:
+                out[key] = SetAside(service, unbindable_reason(service, error), "bind")
+        return out
+
+    def _rejected_services(self, rendering: Rendering, services: dict[str, Service],
+                           alerts: list[str]) -> dict[str, SetAside]:
+        """The services whose sections made `haproxy -c` fail: those its alerts point at, else
+        found by validating subsets. Empty when the config fails without any service too."""
+        keys = [key for key, _ in rendering.sections if key in services]
+        if not keys:
+            return {}
+        blamed = blame_alerts(alerts, section_lines(rendering.header, rendering.sections), self.paths.candidate)
+        if not blamed:
+            def check(subset) -> tuple[bool, str]:
+                write_atomic(self.paths.subset_candidate, rendering.subset_text(set(subset)))
+                valid, found = check_config_alerts(self.paths.subset_candidate, self.binary)
+                return valid, summary(found)
+            try:
+                if check([])[0]:
+                    blamed = bisect_rejected(keys, check)
+            finally:
+                self._remove(self.paths.subset_candidate)
+        return {key: SetAside(services[key], rejected_reason(services[key], message), "config")
+                for key, message in blamed.items() if key in services}
+
+    def _reload_culprits(self, listeners: dict[str, Service], log_offset: int) -> dict[str, SetAside]:
+        """After a failed reload: the new listeners HAProxy could not bind, as its startup
+        messages name them, or as a probe finds them now (taken since the first probe)."""
+        if not listeners:
+            return {}
+        found: dict[str, str] = {}
+        deadline = time.monotonic() + RELOAD_LOG_WAIT
+        while os.path.exists(self._program_log.path):
+            text = self._program_log.since(log_offset)
+            found = bind_failures(text)
+            if found or "Loading failure" in text or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        out = {key: SetAside(listeners[key], unbindable_reason(listeners[key], error), "bind")
+               for key, error in found.items() if key in listeners}
+        for key, entry in self._unbindable(listeners).items():
+            out.setdefault(key, entry)
+        return out
+
+    def _note_set_aside(self, aside: dict[str, SetAside]) -> None:
+        """Log what changed since the last apply, once: a retry that finds the same ports taken
+        logs nothing."""
+        for key, entry in sorted(aside.items()):
+            previous = self._set_aside.get(key)
+            if previous is None or previous.reason != entry.reason:
+                log.warning("haproxy: set aside %s; every other service is served", entry.reason)
+        for key in sorted(self._set_aside.keys() - aside.keys()):
+            log.info("haproxy: service %s (%s) is no longer set aside", self._set_aside[key].service.name, key)
+        self._set_aside = aside
 
     def _commit_runtime(self, text: str, slots: Slots, skeleton_hash: str) -> None:
         """After runtime changes: haproxy.cfg (no validation needed, see _apply) and slots.json
@@ -229,7 +368,10 @@ class HaproxyDriver(ProxyDriver):
         self._config_text = text
         self._skeleton_hash = skeleton_hash
 
-    def _reload(self, plan: Plan, text: str, slots: Slots, skeleton_hash: str, before: ProcInfo) -> DriverResult:
+    def _reload(self, plan: Plan, text: str, slots: Slots, skeleton_hash: str, before: ProcInfo,
+                listeners: dict[str, Service]) -> DriverResult | dict[str, SetAside]:
+        """Reload with the committed config; when HAProxy refuses it, the previous config goes back
+        on disk and the new `listeners` it could not bind are returned, to be set aside."""
         self.flush()  # the files must describe what runs before they are replaced or restored
         previous = (self._read(self.paths.config), dict(self._slots), self._skeleton_hash, self._trusted)
         # Not confirmed until the new worker runs: an applier restarted in between reloads again.
@@ -237,6 +379,7 @@ class HaproxyDriver(ProxyDriver):
         self._trusted = False
         self._worker = None
         log.info("haproxy: reloading for plan %s (worker %s)", _PlanHash(plan), before.worker)
+        log_offset = self._program_log.offset()
         self.master.reload()
         try:
             after = self.master.wait_for_reload(before, self.reload_timeout)
@@ -245,6 +388,9 @@ class HaproxyDriver(ProxyDriver):
             # the previous config; put that config (and its layout) back on disk.
             log.error("haproxy: reload for plan %s failed: %s; restoring the previous config", _PlanHash(plan), error)
             self._restore(previous)
+            culprits = self._reload_culprits(listeners, log_offset)
+            if culprits:
+                return culprits
             return DriverResult(self.name, False, "rejected", errors=(f"reload failed: {error}",),
                                 details=self._details(0))
         self._write_state(text, slots, skeleton_hash, confirmed=True)

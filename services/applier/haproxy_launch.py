@@ -7,14 +7,16 @@ state the applier last converged to, so a restarted HAProxy serves the same back
 """
 from __future__ import annotations
 
+import grp
 import logging
 import os
+import pwd
 import re
 import resource
 import shutil
 import subprocess
 
-from services.applier.haproxy_render import HaproxyPaths, render
+from services.applier.haproxy_render import HaproxyPaths, RunAs, render
 from services.common.config import Settings
 from services.common.files import write_atomic
 from services.common.model import Plan
@@ -35,6 +37,21 @@ def fd_limit() -> int | None:
     return None if hard == resource.RLIM_INFINITY else hard
 
 
+def run_as() -> RunAs | None:
+    """Who HAProxy's workers run as: when started as root, the Debian package's `haproxy`
+    account if it exists, else nobody/nogroup; otherwise HAProxy cannot switch users (None)."""
+    if os.geteuid() != 0:
+        return None
+    for user, group in (("haproxy", "haproxy"), ("nobody", "nogroup")):
+        try:
+            pwd.getpwnam(user)
+            grp.getgrnam(group)
+        except KeyError:
+            continue
+        return RunAs(user, group)
+    return None
+
+
 def command(paths: HaproxyPaths, binary: str | None = None) -> list[str]:
     """Master-worker (-W), foreground (-db), master CLI (-S) on a mode-600 unix socket."""
     return [binary or haproxy_binary(), "-W", "-db", "-S", f"{paths.master_socket},mode,600",
@@ -43,22 +60,33 @@ def command(paths: HaproxyPaths, binary: str | None = None) -> list[str]:
 
 def bootstrap_config(settings: Settings, paths: HaproxyPaths) -> str:
     """The rendering of an empty plan: only the statistics listener."""
-    return render(Plan(services=(), settings=settings.proxy_settings()), paths, {}, fd_limit())
+    return render(Plan(services=(), settings=settings.proxy_settings()), paths, {}, fd_limit(), run_as=run_as())
 
 
-def check_config(path: str, binary: str | None = None, timeout: float = 30.0) -> tuple[bool, str]:
-    """`haproxy -c -f <path>`: (valid, HAProxy's ALERT lines or output)."""
+def check_config_alerts(path: str, binary: str | None = None, timeout: float = 30.0) -> tuple[bool, list[str]]:
+    """`haproxy -c -f <path>`: (valid, every ALERT line without its prefix; when it failed
+    without any, what it printed)."""
     try:
         proc = subprocess.run([binary or haproxy_binary(), "-c", "-f", path], capture_output=True,
                               text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as error:
-        return False, f"could not run haproxy -c: {error}"
+        return False, [f"could not run haproxy -c: {error}"]
     output = (proc.stdout + proc.stderr).strip()
     if proc.returncode == 0:
-        return True, output
+        return True, [output] if output else []
     alerts = [_ALERT_PREFIX.sub("", line).strip() for line in output.splitlines() if line.startswith("[ALERT]")]
-    # The last alerts only say "errors found"; the first ones say where and why.
-    return False, "; ".join(alerts[:3]) or output[:500] or f"haproxy -c exited with {proc.returncode}"
+    return False, alerts or [output[:500] or f"haproxy -c exited with {proc.returncode}"]
+
+
+def summary(alerts: list[str]) -> str:
+    """The first alerts: they say where and why (the last ones only say "errors found")."""
+    return "; ".join(alerts[:3])
+
+
+def check_config(path: str, binary: str | None = None, timeout: float = 30.0) -> tuple[bool, str]:
+    """`haproxy -c -f <path>`: (valid, HAProxy's first ALERT lines or output)."""
+    valid, alerts = check_config_alerts(path, binary, timeout)
+    return valid, summary(alerts)
 
 
 def prepare(settings: Settings) -> HaproxyPaths:

@@ -18,7 +18,7 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Collection, Iterable, Mapping
 
 import jinja2
 
@@ -39,6 +39,7 @@ FD_RESERVE = 1024
 Slots = Mapping[str, tuple["Server | None", ...]]
 
 _PATH_RE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,1023}$")
+_ACCOUNT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 
 
 class RenderError(ValueError):
@@ -65,6 +66,11 @@ class HaproxyPaths:
         return os.path.join(self.dir, "haproxy.cfg.new")
 
     @property
+    def subset_candidate(self) -> str:
+        """Where configs with part of the services are validated, to find a rejected one."""
+        return os.path.join(self.dir, "haproxy.cfg.subset")
+
+    @property
     def state(self) -> str:
         """The driver's slot layout for the config on disk (see haproxy_driver.py)."""
         return os.path.join(self.dir, "slots.json")
@@ -87,6 +93,20 @@ class HaproxyPaths:
         return os.path.join(self.dir, "haproxy.pid")
 
 
+@dataclass(frozen=True)
+class RunAs:
+    """The account HAProxy's workers drop to (`user` / `group` in the global section); the
+    master keeps root, so it can still bind any port at a reload."""
+
+    user: str
+    group: str
+
+    def __post_init__(self) -> None:
+        for what, name in (("user", self.user), ("group", self.group)):
+            if not isinstance(name, str) or not _ACCOUNT_RE.match(name):
+                raise RenderError(f"HAProxy {what} {name!r} is not a valid account name")
+
+
 def backend_id(service: Service) -> str:
     return f"svc_{int(service.port)}_{'udp' if service.protocol == 'udp' else 'tcp'}"
 
@@ -103,11 +123,13 @@ def slot_capacity(servers: int) -> int:
     return capacity
 
 
-def haproxy_services(plan: Plan) -> list[Service]:
-    """The part of a plan HAProxy serves: TCP services, unless HAProxy is switched off."""
+def haproxy_services(plan: Plan, set_aside: Collection[str] = ()) -> list[Service]:
+    """The part of a plan HAProxy serves: TCP services, unless HAProxy is switched off, minus
+    the services `set_aside` (service keys, "port/protocol") the driver leaves out."""
     if not plan.settings.haproxy:
         return []
-    return sorted((s for s in plan.services if s.protocol == "tcp"), key=lambda s: s.port)
+    return sorted((s for s in plan.services if s.protocol == "tcp" and s.key not in set_aside),
+                  key=lambda s: s.port)
 
 
 def unique_servers(service: Service) -> list[Server]:
@@ -250,15 +272,17 @@ _ENV = jinja2.Environment(
 
 
 def render(plan: Plan, paths: HaproxyPaths, slots: Slots, fd_limit: int | None = None,
-           reserved_fds: int | None = None) -> str:
-    """The complete haproxy.cfg for `plan` with servers placed as in `slots`.
+           reserved_fds: int | None = None, run_as: RunAs | None = None, set_aside: Collection[str] = ()) -> str:
+    """The complete haproxy.cfg for `plan` with servers placed as in `slots`, without the
+    services `set_aside` (service keys), HAProxy's workers running as `run_as` when given.
 
     `slots` must hold an entry for every HAProxy service of the plan (see assign_slots).
     Deterministic: the same arguments always give the same text.
     """
     max_connections = _checked_int(plan.settings.max_connections, 1, 1_000_000, "max_connections")
+    served = haproxy_services(plan, set_aside)
     services = []
-    for service in haproxy_services(plan):
+    for service in served:
         bid = backend_id(service)
         if bid not in slots:
             raise RenderError(f"service {service.key}: no slot layout for {bid}")
@@ -268,8 +292,9 @@ def render(plan: Plan, paths: HaproxyPaths, slots: Slots, fd_limit: int | None =
             raise RenderError(f"run directory path {path!r} contains characters HAProxy cannot take")
     text = _ENV.get_template("haproxy.cfg.j2").render(
         paths=paths,
+        run_as=run_as,
         services=services,
-        global_maxconn=global_maxconn(max_connections, fd_limit, extra_fds(haproxy_services(plan), slots)
+        global_maxconn=global_maxconn(max_connections, fd_limit, extra_fds(served, slots)
                                       if reserved_fds is None else reserved_fds),
         timeout_connect=TIMEOUT_CONNECT,
         default_timeout_client=DEFAULT_TIMEOUT_CLIENT,
@@ -279,10 +304,11 @@ def render(plan: Plan, paths: HaproxyPaths, slots: Slots, fd_limit: int | None =
     return text if text.endswith("\n") else text + "\n"
 
 
-def render_skeleton(plan: Plan, paths: HaproxyPaths, slots: Slots, fd_limit: int | None = None) -> str:
+def render_skeleton(plan: Plan, paths: HaproxyPaths, slots: Slots, fd_limit: int | None = None,
+                    run_as: RunAs | None = None, set_aside: Collection[str] = ()) -> str:
     """The config with every slot empty: what only a reload can change. Two renderings with the
     same skeleton differ in slot contents only, which the runtime API changes live."""
-    return render(plan, paths, empty_slots(slots), fd_limit)
+    return render(plan, paths, empty_slots(slots), fd_limit, run_as=run_as, set_aside=set_aside)
 
 
 def skeleton_hash(skeleton_text: str) -> str:
@@ -301,11 +327,20 @@ def skeleton_key(service: Service, capacity: int) -> tuple:
 @dataclass(frozen=True)
 class Rendering:
     """A plan rendered by ConfigRenderer: the slot layout, the full config text (== `render`) and
-    the hash of its skeleton (== skeleton_hash(render_skeleton(...)))."""
+    the hash of its skeleton (== skeleton_hash(render_skeleton(...))). `text` is `header`, then
+    each service's section in `sections` (service key, text starting with its newline), then a
+    newline: what lets the driver tell which service a line of the file belongs to, and validate
+    the config with a subset of the services (haproxy_isolation.py)."""
 
     slots: dict[str, tuple[Server | None, ...]]
     text: str
     skeleton_hash: str
+    header: str = ""
+    sections: tuple[tuple[str, str], ...] = ()
+
+    def subset_text(self, keys: Collection[str]) -> str:
+        """The config with only the services `keys` (the header's numbers unchanged)."""
+        return self.header + "".join([text for key, text in self.sections if key in keys]) + "\n"
 
 
 class _Block:
@@ -330,17 +365,19 @@ class ConfigRenderer:
     (tests/test_haproxy_render.py checks it over random plan sequences).
     """
 
-    def __init__(self, paths: HaproxyPaths, fd_limit: int | None = None):
+    def __init__(self, paths: HaproxyPaths, fd_limit: int | None = None, run_as: RunAs | None = None):
         self.paths = paths
         self.fd_limit = fd_limit
+        self.run_as = run_as
         self._blocks: dict[str, _Block] = {}
         self._header: tuple[int, str] | None = None  # (max_connections, text without the last newline)
         self._skeleton: tuple[tuple, str] | None = None  # (skeleton key of the whole plan, its hash)
 
-    def update(self, plan: Plan, previous: Slots) -> Rendering:
-        """Render `plan` with slots assigned from `previous` (see assign_slots). Raises RenderError."""
+    def update(self, plan: Plan, previous: Slots, set_aside: Collection[str] = ()) -> Rendering:
+        """Render `plan` without the services `set_aside` (service keys), slots assigned from
+        `previous` (see assign_slots). Raises RenderError."""
         max_connections = _checked_int(plan.settings.max_connections, 1, 1_000_000, "max_connections")
-        services = haproxy_services(plan)
+        services = haproxy_services(plan, set_aside)
         cached = self._blocks
         blocks: dict[str, _Block] = {}
         for service in services:
@@ -361,12 +398,13 @@ class ConfigRenderer:
         if self._skeleton is None or self._skeleton[0] != key:
             skeleton = header + "".join([self._skeleton_text(b) for b in blocks.values()]) + "\n"
             self._skeleton = (key, skeleton_hash(skeleton))
-        return Rendering({bid: b.slots for bid, b in blocks.items()}, text, self._skeleton[1])
+        return Rendering({bid: b.slots for bid, b in blocks.items()}, text, self._skeleton[1], header,
+                         tuple([(b.service.key, b.text) for b in blocks.values()]))
 
     def _header_text(self, max_connections: int, reserved_fds: int) -> str:
         if self._header is None or self._header[0] != (max_connections, reserved_fds):
             text = render(Plan((), ProxySettings(max_connections=max_connections)), self.paths, {}, self.fd_limit,
-                          reserved_fds)
+                          reserved_fds, self.run_as)
             self._header = ((max_connections, reserved_fds), text[:-1])
         return self._header[1]
 

@@ -14,6 +14,7 @@ HAProxy 2.6 syntax used here (checked against `help` on a running 2.6.12):
     reload
     show servers state [<backend>]
     show stat -1 4 -1                        (servers only, CSV)
+    show stat -1 1 -1                        (frontends only, CSV)
     set server <b>/<s> addr <ip> port <port>
     set server <b>/<s> state ready|maint
     set weight <b>/<s> <0..256>
@@ -39,6 +40,7 @@ ADMIN_MAINT_MASK = 0x01 | 0x02 | 0x20
 # What `prompt` makes the master CLI print after each command (2.6: `master> `).
 _PROMPT_RE = re.compile(r"^master[^\n>]*> ", re.M)
 MAX_BATCH_LINE = 8192
+_SERVICE_PROXY_RE = re.compile(r"svc_(\d+)_tcp")
 GONE_MARKER = "Can't find the target PID"
 
 
@@ -149,6 +151,21 @@ def parse_server_maxconn(text: str) -> dict[tuple[str, str], int]:
         slim = row.get("slim") or "0"
         out[(row["pxname"], row["svname"])] = int(slim) if slim.isdigit() else 0
     return out
+
+
+def parse_listener_ports(text: str) -> set[int]:
+    """From `show stat -1 1 -1` CSV (frontends only): the ports of the service listeners
+    (`svc_<port>_tcp`) the worker holds."""
+    lines = text.strip().splitlines()
+    if not lines or not lines[0].startswith("# "):
+        raise CommandFailed(f"unexpected `show stat` answer: {text[:200]!r}")
+    ports = set()
+    for line in lines[1:]:
+        name, _, rest = line.partition(",")
+        match = _SERVICE_PROXY_RE.fullmatch(name)
+        if match and rest.startswith("FRONTEND,"):
+            ports.add(int(match.group(1)))
+    return ports
 
 
 def _check_single(command: str) -> None:
@@ -335,3 +352,7 @@ class WorkerApi:
 
     def servers_maxconn(self) -> dict[tuple[str, str], int]:
         return parse_server_maxconn(self.master.worker_command(self.pid, "show stat -1 4 -1"))
+
+    def listener_ports(self) -> set[int]:
+        """The service ports this worker listens on (a probe of them would fail: they are its own)."""
+        return parse_listener_ports(self.master.worker_command(self.pid, "show stat -1 1 -1"))
