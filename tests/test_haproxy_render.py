@@ -10,11 +10,11 @@ from dataclasses import replace
 
 import pytest
 
-from services.applier import haproxy_render
+from services.applier import haproxy_launch, haproxy_render
 from services.applier.haproxy_launch import check_config
 from services.applier.haproxy_render import (
-    ConfigRenderer, HaproxyPaths, RenderError, assign_slots, extra_fds, global_maxconn, haproxy_services, quote_path,
-    render, render_skeleton, slot_capacity,
+    ConfigRenderer, HaproxyPaths, RenderError, RunAs, assign_slots, extra_fds, global_maxconn, haproxy_services,
+    quote_path, render, render_skeleton, skeleton_hash, slot_capacity,
 )
 from services.common.model import HealthCheck, Plan, ProxySettings, Server, Service, content_hash
 
@@ -314,3 +314,52 @@ def test_global_maxconn_leaves_file_descriptors_for_listeners():
     checked = Service.from_dict({"name": "a", "port": 1, "health_check": {"protocol": "tcp"}})
     unchecked = Service.from_dict({"name": "b", "port": 2})
     assert extra_fds([checked, unchecked], {"svc_1_tcp": (None,) * 16, "svc_2_tcp": (None,) * 16}) == 2 + 16
+
+
+def test_services_set_aside_are_left_out_and_the_rest_rendered_as_without_them():
+    web, db, cache = service(8080), service(5432), service(6379)
+    plan = Plan((web, db, cache), ProxySettings(max_connections=100))
+    without_db = Plan((web, cache), ProxySettings(max_connections=100))
+    text = render(plan, PATHS, assign_slots(haproxy_services(plan), {}), set_aside={"5432/tcp"})
+    assert re.findall(r"^listen (\S+)", text, re.M) == ["stats", "svc_6379_tcp", "svc_8080_tcp"]
+    assert text == render(without_db, PATHS, assign_slots(haproxy_services(without_db), {}))
+    assert [s.key for s in haproxy_services(plan, {"5432/tcp", "6379/tcp"})] == ["8080/tcp"]
+
+    # Incrementally: set aside, then served again; always what a full render gives.
+    renderer = ConfigRenderer(PATHS)
+    previous: dict = {}
+    for aside in ({"5432/tcp"}, set(), {"8080/tcp", "6379/tcp"}, {"5432/tcp"}):
+        got = renderer.update(plan, previous, aside)
+        assert got.text == render(plan, PATHS, got.slots, set_aside=aside), aside
+        assert got.skeleton_hash == skeleton_hash(render_skeleton(plan, PATHS, got.slots, set_aside=aside))
+        assert [key for key, _ in got.sections] == [s.key for s in haproxy_services(plan, aside)]
+        assert got.header + "".join(text for _, text in got.sections) + "\n" == got.text
+        previous = got.slots
+
+
+def test_workers_run_as_the_account_given():
+    text = render(Plan((), ProxySettings()), PATHS, {}, run_as=RunAs("haproxy", "haproxy"))
+    assert "\nglobal\n    master-worker\n" in text
+    assert "\n    user haproxy\n    group haproxy\n" in text
+    assert "\n    user " not in render(Plan((), ProxySettings()), PATHS, {})
+    renderer = ConfigRenderer(PATHS, run_as=RunAs("nobody", "nogroup"))
+    assert "\n    user nobody\n    group nogroup\n" in renderer.update(Plan((service(8080),), ProxySettings()), {}).text
+    for bad in ("root\n    bind :22", "", "a b"):
+        with pytest.raises(RenderError):
+            RunAs(bad, "haproxy")
+
+
+@needs_haproxy
+def test_haproxy_accepts_the_account_it_drops_to():
+    account = haproxy_launch.run_as() or RunAs("nobody", "nogroup")
+    run_dir = tempfile.mkdtemp(prefix="pm")
+    try:
+        paths = HaproxyPaths.for_run_dir(run_dir)
+        os.makedirs(paths.dir)
+        with open(paths.config, "w") as handle:
+            handle.write(render(Plan((service(8080),), ProxySettings()), paths,
+                                {"svc_8080_tcp": (None,) * 16}, run_as=account))
+        valid, message = check_config(paths.config)
+        assert valid, message
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)

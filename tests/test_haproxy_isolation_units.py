@@ -1,0 +1,123 @@
+"""Finding the services HAProxy cannot take (haproxy_isolation.py): pure, no HAProxy."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+from services.applier.haproxy_isolation import (
+    ProgramLog, Section, bind_failures, bisect_rejected, blame_alerts, key_of_proxy, os_error_text,
+    section_lines, unbindable_reason,
+)
+from services.applier.haproxy_render import ConfigRenderer, HaproxyPaths
+from services.common.model import Plan, ProxySettings, Service
+
+PATHS = HaproxyPaths.for_run_dir("/run/pm")
+
+
+def service(port: int) -> Service:
+    return Service.from_dict({"name": f"app{port}", "port": port,
+                              "servers": [{"ip": "10.0.0.1", "port": 80, "weight": 1}]})
+
+
+class FakeChecker:
+    """Rejects any subset holding one of `bad` services, or all of one of `conflicts` (sections
+    that fail only together); counts its calls."""
+
+    def __init__(self, bad=(), conflicts=()):
+        self.bad, self.conflicts, self.calls = set(bad), [set(c) for c in conflicts], 0
+
+    def __call__(self, keys):
+        self.calls += 1
+        keys = set(keys)
+        culprits = sorted(keys & self.bad) + [" + ".join(sorted(c)) for c in self.conflicts if c <= keys]
+        return (not culprits, f"rejected: {', '.join(culprits)}")
+
+
+@pytest.mark.parametrize("bad", [(), ("k0",), ("k63",), ("k17", "k40"), ("k1", "k2", "k3")])
+def test_bisect_finds_exactly_the_rejected_services(bad):
+    keys = [f"k{i}" for i in range(64)]
+    checker = FakeChecker(bad)
+    found = bisect_rejected(keys, checker)
+    assert set(found) == set(bad)
+    for key in bad:
+        assert key in found[key]  # the message is the checker's for a config holding that service
+    # log2(64) + 2 checks per culprit at most, not one per service
+    assert checker.calls <= 1 + len(bad) * 8
+
+
+def test_bisect_finds_services_that_fail_only_together():
+    keys = [f"k{i}" for i in range(20)]
+    found = bisect_rejected(keys, FakeChecker(conflicts=[("k3", "k11")]))
+    assert list(found) == ["k11"]  # the later one of the pair: k3 alone is fine
+    assert FakeChecker(conflicts=[("k3", "k11")])([k for k in keys if k not in found])[0]
+
+
+def test_rendered_sections_map_lines_to_services():
+    renderer = ConfigRenderer(PATHS)
+    plan = Plan((service(8080), service(8081), service(9000)), ProxySettings())
+    rendering = renderer.update(plan, {})
+    sections = section_lines(rendering.header, rendering.sections)
+    lines = rendering.text.split("\n")
+    assert [s.key for s in sections] == ["8080/tcp", "8081/tcp", "9000/tcp"]
+    for section in sections:
+        port = section.key.split("/")[0]
+        assert lines[section.first - 1] == f"listen svc_{port}_tcp"
+        assert all(line.startswith("    ") for line in lines[section.first:section.last])
+    assert sections[-1].last == len(lines) - 1  # then the file's last newline
+    # without a file descriptor limit the header does not depend on the services
+    assert rendering.subset_text({"8081/tcp"}) == ConfigRenderer(PATHS).update(
+        Plan((service(8081),), ProxySettings()), {}).text
+
+
+def test_alerts_blame_the_section_of_their_line_or_their_proxy_id():
+    sections = [Section("8080/tcp", 40, 60), Section("8081/tcp", 61, 81)]
+    alerts = [
+        "config : parsing [/run/pm/haproxy/haproxy.cfg.new:65] : unknown keyword 'bogus' in 'listen' section",
+        "config : parsing [/run/pm/haproxy/haproxy.cfg.new:12] : global section problem",  # header: nobody
+        "config : parsing [/elsewhere/other.cfg:45] : another file",  # not the file checked
+        "config : Fatal errors found in configuration.",
+    ]
+    assert blame_alerts(alerts, sections, "/run/pm/haproxy/haproxy.cfg.new") == {"8081/tcp": alerts[0]}
+    by_id = ["config : Proxy 'svc_8080_tcp': unable to find the server"]
+    assert blame_alerts(by_id, sections, "haproxy.cfg.new") == {"8080/tcp": by_id[0]}
+    assert blame_alerts(["Proxy 'svc_9999_tcp': not rendered"], sections, "haproxy.cfg.new") == {}
+
+
+@pytest.mark.parametrize("line", [
+    # HAProxy 2.6
+    "[ALERT]    (6053) : Binding [/run/pm/haproxy/haproxy.cfg:16] for proxy svc_10081_tcp: cannot bind socket "
+    "(Address already in use) for [0.0.0.0:10081]",
+    # older releases
+    "[ALERT] 123/456 (7) : Starting frontend svc_10081_tcp: cannot bind socket (Address already in use) "
+    "[0.0.0.0:10081]",
+])
+def test_bind_failures_from_haproxy_startup_messages(line):
+    text = "[NOTICE] (1) : Reloading HAProxy\n" + line + "\n[WARNING] (1) : Loading failure!\n"
+    assert bind_failures(text) == {"10081/tcp": "[Errno 98] Address already in use"}
+    denied = "Binding [x:3] for proxy svc_80_tcp: cannot bind socket (Permission denied) for [0.0.0.0:80]"
+    assert bind_failures(denied) == {"80/tcp": "[Errno 13] Permission denied"}
+    assert bind_failures("for proxy stats: cannot bind socket (Address already in use) for [x:1]") == {}
+
+
+def test_reasons_name_service_key_port_and_error():
+    assert unbindable_reason(service(10081), os_error_text("Address already in use")) == \
+        "service app10081 (10081/tcp): port 10081 cannot be bound: [Errno 98] Address already in use"
+    assert os_error_text("Something odd") == "Something odd"
+    assert key_of_proxy("svc_53_udp") == "53/udp" and key_of_proxy("stats") is None
+
+
+def test_program_log_reads_what_came_after_an_offset_even_after_rotation():
+    with tempfile.TemporaryDirectory() as directory:
+        log = ProgramLog(os.path.join(directory, "haproxy.log"))
+        assert log.offset() == 0 and log.since(0) == ""
+        with open(log.path, "w") as handle:
+            handle.write("old line\n")
+        offset = log.offset()
+        with open(log.path, "a") as handle:
+            handle.write("new line\n")
+        assert log.since(offset) == "new line\n"
+        with open(log.path, "w") as handle:  # rotated: shorter than the offset
+            handle.write("x\n")
+        assert log.since(offset + 100) == "x\n"
