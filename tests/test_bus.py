@@ -1,6 +1,11 @@
+import random
+import socket
+
+import orjson
 import zmq
 
-from services.common.bus import Endpoint, Publisher, Subscriber
+from services.common.bus import (BUS_VERSION, FULL_STATE_HWM, HEARTBEAT_INTERVAL, Endpoint, Heartbeats, Publisher,
+                                 Subscriber, heartbeat_interval)
 from tests.helpers import wait_until
 
 
@@ -71,3 +76,144 @@ def test_stale_updates_dropped(tmp_path):
     assert subscriber._accept(message)
     assert not subscriber._accept(message)
     subscriber.close(); publisher.close(); ctx.term()
+
+
+def test_tcp_endpoint_binds_its_host_only():
+    # 127.0.0.2 is loopback too on Linux: reachable when bound on all interfaces, not otherwise.
+    def reachable(host: str, port: int) -> bool:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def publisher_on(host: str) -> tuple[Publisher, int]:
+        # The snapshot socket takes port+1: below the ephemeral range, where connect() does not
+        # take ports (it would hold free_port()+1 often), try until a pair is free.
+        for _ in range(50):
+            port = random.randrange(20000, 30000)
+            try:
+                return Publisher(ctx, "pub", Endpoint.parse(f"tcp://{host}:{port}")), port
+            except zmq.ZMQError:
+                continue
+        raise AssertionError("no free pair of ports")
+
+    ctx = zmq.Context()
+    one, port = publisher_on("127.0.0.1")
+    assert reachable("127.0.0.1", port) and reachable("127.0.0.1", port + 1)
+    assert not reachable("127.0.0.2", port) and not reachable("127.0.0.2", port + 1)
+    one.close()
+    for everywhere in ("0.0.0.0", "*"):
+        publisher, port = publisher_on(everywhere)
+        assert reachable("127.0.0.2", port) and reachable("127.0.0.2", port + 1)
+        publisher.close()
+    assert Endpoint.parse("tcp://central:7100").bind_form("tcp://central:7100") == "tcp://central:7100"
+    ctx.term()
+
+
+def raw_body(**overrides) -> bytes:
+    body = {"v": BUS_VERSION, "seq": 1, "ts": 1.0, "sender": "evil", "epoch": "e1", "payload": {}}
+    body.update(overrides)
+    return orjson.dumps({k: v for k, v in body.items() if v is not MISSING})
+
+
+MISSING = object()
+HOSTILE_FRAMES = [
+    [b"t.a"],                                               # one frame
+    [b"t.a", raw_body(), b"extra"],                          # three frames
+    [b"t.a", b"\x00\xff garbage"],                           # not JSON
+    [b"t.a", b'{"seq": 1, "ts": '],                          # truncated JSON
+    [b"t.\xff\xfe", raw_body()],                             # topic not UTF-8
+    [b"t.a", b"[1, 2, 3]"],                                  # not an object
+    [b"t.a", raw_body(v=2)],                                 # unknown bus version
+    [b"t.a", raw_body(v=MISSING)],                           # no version
+    [b"t.a", raw_body(seq="1")],                             # wrong types
+    [b"t.a", raw_body(seq=-5)],
+    [b"t.a", raw_body(ts=True)],
+    [b"t.a", raw_body(sender=7)],
+    [b"t.a", raw_body(epoch=MISSING)],
+    [b"t.a", raw_body(payload=[1])],                         # payload not an object
+    [b"t.a", raw_body(payload="x")],
+]
+
+
+def test_malformed_messages_are_counted_and_dropped(tmp_path, caplog):
+    ctx = zmq.Context()
+    endpoint = Endpoint.parse(f"ipc://{tmp_path}/p.pub")
+    publisher = Publisher(ctx, "pub", endpoint)
+    subscriber = Subscriber(ctx, [endpoint], ["t."])
+    try:
+        wait_until(lambda: (publisher.serve_snapshots(), subscriber.poll(0.02), subscriber.snapshot_complete())[2],
+                   message="subscriber connected")
+        got = []
+        for number, frames in enumerate(HOSTILE_FRAMES, 1):
+            # one at a time: small messages in a burst could meet the high-water mark
+            publisher.pub.send_multipart(frames)
+            wait_until(lambda: collect(subscriber, got) is not None and subscriber.dropped == number, timeout=30,
+                       message=f"hostile message {number} dropped (count {subscriber.dropped})")
+        publisher.publish("t.a", {"v": 1})
+        wait_until(lambda: collect(subscriber, got), message="the good message after them")
+        assert got == [("t.a", 1, {"v": 1})]
+        assert "unknown bus version 2" in caplog.text and "expected 2 frames, got 3" in caplog.text
+        assert "from evil" in caplog.text
+    finally:
+        subscriber.close(); publisher.close(); ctx.term()
+
+
+def test_a_hostile_heartbeat_interval_is_clamped():
+    assert heartbeat_interval({"interval": "x"}) == HEARTBEAT_INTERVAL
+    assert heartbeat_interval({"interval": float("inf")}) == HEARTBEAT_INTERVAL
+    assert heartbeat_interval({"interval": 1e9}) == 60.0
+    assert heartbeat_interval({"interval": -1}) == 0.01
+    assert heartbeat_interval({}) == HEARTBEAT_INTERVAL
+
+
+def test_snapshot_complete_only_after_the_end_marker(tmp_path):
+    ctx = zmq.Context()
+    endpoint = Endpoint.parse(f"ipc://{tmp_path}/p.pub")
+    publisher = Publisher(ctx, "pub", endpoint, heartbeat_interval=0.05)
+    publisher.publish("t.old", {"v": 1})
+    subscriber = Subscriber(ctx, [endpoint], ["t."])
+    got = []
+    try:
+        # Live updates flow, but until the snapshot is answered the subscriber is not complete.
+        wait_until(lambda: (publisher.publish("t.live", {"v": 2}), collect(subscriber, got))[1],
+                   message="a live update")
+        assert not subscriber.snapshot_complete() and not subscriber.snapshot_complete(endpoint)
+        wait_until(lambda: (publisher.serve_snapshots(), collect(subscriber, got),
+                            subscriber.snapshot_complete())[2], message="snapshot complete")
+        assert ("t.old", 1, {"v": 1}) in got
+    finally:
+        subscriber.close(); publisher.close(); ctx.term()
+
+
+def test_heartbeats_thread_beats_while_the_owner_is_busy(tmp_path):
+    ctx = zmq.Context()
+    endpoint = Endpoint.parse(f"ipc://{tmp_path}/p.pub")
+    publisher = Publisher(ctx, "pub", endpoint, heartbeat_interval=0.05)
+    subscriber = Subscriber(ctx, [endpoint], ["t."])
+    beats = Heartbeats(publisher, lambda: {"stage": "test"}).start()
+    seen = []
+    try:
+        # The owner thread (this one) never calls heartbeat(); publishing alongside is safe.
+        def step():
+            publisher.publish("t.a", {"n": len(seen)})
+            seen.extend(m for m in subscriber.poll(0.02) if m.is_heartbeat)
+            return len(seen) >= 5
+        wait_until(step, message="heartbeats from the thread")
+        assert seen[-1].payload["stage"] == "test" and subscriber.alive("pub")
+    finally:
+        beats.stop()
+        subscriber.close(); publisher.close(); ctx.term()
+
+
+def test_send_and_receive_high_water_marks_are_sized_for_full_state(tmp_path):
+    ctx = zmq.Context()
+    endpoint = Endpoint.parse(f"ipc://{tmp_path}/p.pub")
+    publisher = Publisher(ctx, "pub", endpoint)
+    subscriber = Subscriber(ctx, [endpoint], ["t."])
+    try:
+        assert publisher.pub.getsockopt(zmq.SNDHWM) == FULL_STATE_HWM <= 16
+        assert all(s.getsockopt(zmq.RCVHWM) == FULL_STATE_HWM for s in subscriber.sockets()[::2])
+    finally:
+        subscriber.close(); publisher.close(); ctx.term()

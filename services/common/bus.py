@@ -8,29 +8,68 @@ A subscriber subscribes first, then requests a snapshot, and drops any message i
 a newer sequence number for. Heartbeats carry the publisher's current sequence number and
 epoch (a per-process id): a subscriber that sees a number it never received, or a new epoch
 (a restarted publisher), asks for a snapshot again. So a message lost while a socket was
-reconnecting costs at most one heartbeat interval. Protocol: docs/bus.md.
+reconnecting, or dropped at a high-water mark for a slow subscriber, costs at most one
+heartbeat interval. Anything that is not a well-formed message of this bus version is logged,
+counted (`Subscriber.dropped`) and dropped, never raised. Protocol: docs/bus.md.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import orjson
 import zmq
 
 log = logging.getLogger(__name__)
 
+# The envelope's version ("v"): a message of any other version is dropped, never guessed at.
+BUS_VERSION = 1
 HEARTBEAT_TOPIC = "heartbeat."
 HEARTBEAT_INTERVAL = 1.0
+# A heartbeat's own interval is believed only within these bounds (a hostile or broken
+# publisher must not make itself immortal or make the subscriber ask for snapshots nonstop).
+HEARTBEAT_INTERVAL_RANGE = (0.01, 60.0)
 # A publisher is considered dead after this many missed heartbeats.
 HEARTBEAT_LIVENESS = 3
 SNAPSHOT_REQUEST = b"SNAPSHOT"
 SNAPSHOT_END = b"END"
 SNAPSHOT_TIMEOUT = 2.0
+# Messages queued per subscriber (ZeroMQ counts messages, not bytes). A full-state message is
+# up to ~0.5 MB (1,000 services), so a stalled subscriber costs its publisher at most a few MB;
+# beyond that ZeroMQ drops that subscriber's messages, and the heartbeat's seq makes it ask
+# for a snapshot once it reads again. Every topic is full state, so only the latest matters.
+FULL_STATE_HWM = 8
+# A snapshot answer is one message per topic plus END; an answer that does not fit is not
+# sent at all (the subscriber asks again after SNAPSHOT_TIMEOUT), so END never follows a
+# partial answer.
+SNAPSHOT_HWM = 32
+
+
+class BusError(ValueError):
+    """Frames that are not a message of this bus; `sender` when the body named one."""
+
+    def __init__(self, reason: str, topic: str = "?", sender: str = "?"):
+        super().__init__(reason)
+        self.topic, self.sender = topic, sender
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string, got {type(value).__name__}")
+    return value
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r:.40}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -43,22 +82,74 @@ class Message:
     payload: dict
 
     def encode(self) -> list[bytes]:
-        body = {"seq": self.seq, "ts": self.ts, "sender": self.sender, "epoch": self.epoch,
-                "payload": self.payload}
+        body = {"v": BUS_VERSION, "seq": self.seq, "ts": self.ts, "sender": self.sender,
+                "epoch": self.epoch, "payload": self.payload}
         # orjson: a full snapshot of 1,000 services is ~0.5 MB; the stdlib takes 10 ms a hop for it.
         return [self.topic.encode(), orjson.dumps(body, option=orjson.OPT_SORT_KEYS)]
 
     @classmethod
     def decode(cls, frames: list[bytes]) -> "Message":
+        """The message in `frames`; BusError (saying why) for anything else."""
         if len(frames) != 2:
-            raise ValueError(f"expected 2 frames, got {len(frames)}")
-        body = orjson.loads(frames[1])
-        return cls(topic=frames[0].decode(), seq=int(body["seq"]), ts=float(body["ts"]),
-                   sender=str(body["sender"]), epoch=str(body["epoch"]), payload=body["payload"])
+            raise BusError(f"expected 2 frames, got {len(frames)}",
+                           frames[0][:80].decode(errors="replace") if frames else "?")
+        try:
+            topic = frames[0].decode()
+        except UnicodeDecodeError:
+            raise BusError("topic is not UTF-8", topic=repr(frames[0][:40])) from None
+        try:
+            body = orjson.loads(frames[1])
+        except orjson.JSONDecodeError as error:
+            raise BusError(f"body is not JSON: {error}", topic) from None
+        if not isinstance(body, dict):
+            raise BusError(f"body must be an object, got {type(body).__name__}", topic)
+        sender = body.get("sender") if isinstance(body.get("sender"), str) else "?"
+        if body.get("v") != BUS_VERSION:
+            raise BusError(f"unknown bus version {body.get('v')!r:.20} (this is {BUS_VERSION})", topic, sender)
+        try:
+            ts = body.get("ts")
+            if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+                raise ValueError(f"ts must be a number, got {ts!r:.40}")
+            payload = body.get("payload")
+            if not isinstance(payload, dict):
+                raise ValueError(f"payload must be an object, got {type(payload).__name__}")
+            return cls(topic=topic, seq=_count(body.get("seq"), "seq"), ts=float(ts),
+                       sender=_text(body.get("sender"), "sender"), epoch=_text(body.get("epoch"), "epoch"),
+                       payload=payload)
+        except ValueError as error:
+            raise BusError(str(error), topic, sender) from None
 
     @property
     def is_heartbeat(self) -> bool:
         return self.topic.startswith(HEARTBEAT_TOPIC)
+
+
+@dataclass(frozen=True)
+class SnapshotEnd:
+    """The END marker closing a snapshot answer: the publisher's seq and epoch at that time."""
+
+    sender: str
+    epoch: str
+    seq: int
+
+    def encode(self) -> list[bytes]:
+        return [SNAPSHOT_END, json.dumps({"v": BUS_VERSION, "seq": self.seq, "epoch": self.epoch,
+                                          "sender": self.sender}).encode()]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> "SnapshotEnd":
+        if len(frames) != 2:
+            raise BusError(f"END: expected 2 frames, got {len(frames)}", "END")
+        try:
+            body = orjson.loads(frames[1])
+            if not isinstance(body, dict):
+                raise ValueError("END body must be an object")
+            if body.get("v") != BUS_VERSION:
+                raise ValueError(f"END: unknown bus version {body.get('v')!r:.20}")
+            return cls(_text(body.get("sender"), "sender"), _text(body.get("epoch"), "epoch"),
+                       _count(body.get("seq"), "seq"))
+        except ValueError as error:  # orjson.JSONDecodeError is a ValueError
+            raise BusError(str(error), "END") from None
 
 
 @dataclass(frozen=True)
@@ -82,10 +173,11 @@ class Endpoint:
         raise ValueError(f"bus endpoint {pub!r}: expected tcp://host:port or ipc://path")
 
     def bind_form(self, address: str) -> str:
-        # A tcp endpoint named by host is bound on all interfaces of that host; ipc paths are files.
+        """What the owner binds: `tcp://host:port` listens on that host's address only
+        (`tcp://0.0.0.0:port` or `tcp://*:port` on every interface); ipc paths are files."""
         if address.startswith("tcp://"):
-            _, _, port = address.rpartition(":")
-            return f"tcp://*:{port}"
+            host, _, port = address[len("tcp://"):].rpartition(":")
+            return f"tcp://{'*' if host in ('*', '0.0.0.0') else host}:{port}"
         return address
 
 
@@ -94,43 +186,63 @@ def _ensure_ipc_dir(address: str) -> None:
         os.makedirs(os.path.dirname(address[len("ipc://"):]) or ".", exist_ok=True)
 
 
+def _socket(ctx: zmq.Context, kind: int, address: str) -> zmq.Socket:
+    socket = ctx.socket(kind)
+    socket.setsockopt(zmq.LINGER, 0)
+    if address.startswith("tcp://["):
+        socket.setsockopt(zmq.IPV6, 1)
+    return socket
+
+
 class Publisher:
-    """Publishes full-state messages and answers snapshot requests for them."""
+    """Publishes full-state messages and answers snapshot requests for them.
+
+    Thread-safe: every use of its sockets and of seq holds one lock, so a heartbeat thread
+    (see Heartbeats) may send while the owner publishes."""
 
     def __init__(self, ctx: zmq.Context, sender: str, endpoint: Endpoint,
-                 heartbeat_interval: float = HEARTBEAT_INTERVAL):
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL, send_hwm: int = FULL_STATE_HWM):
         self.sender = sender
         self.epoch = uuid.uuid4().hex[:12]
         self.seq = 0
         self.heartbeat_interval = heartbeat_interval
         self._last: dict[str, Message] = {}
         self._next_heartbeat = 0.0
+        self._lock = threading.Lock()
         for address in (endpoint.pub, endpoint.snapshot):
             _ensure_ipc_dir(address)
-        self.pub = ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.setsockopt(zmq.SNDHWM, 10000)
-        self.pub.bind(endpoint.bind_form(endpoint.pub))
-        self.snapshot = ctx.socket(zmq.ROUTER)
-        self.snapshot.setsockopt(zmq.LINGER, 0)
-        self.snapshot.bind(endpoint.bind_form(endpoint.snapshot))
+        self.pub = _socket(ctx, zmq.PUB, endpoint.pub)
+        self.pub.setsockopt(zmq.SNDHWM, send_hwm)
+        self.snapshot = _socket(ctx, zmq.ROUTER, endpoint.snapshot)
+        self.snapshot.setsockopt(zmq.SNDHWM, SNAPSHOT_HWM)
+        # An answer that does not fit raises instead of vanishing part-way (see SNAPSHOT_HWM).
+        self.snapshot.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        try:
+            self.pub.bind(endpoint.bind_form(endpoint.pub))
+            self.snapshot.bind(endpoint.bind_form(endpoint.snapshot))
+        except zmq.ZMQError:
+            self.pub.close()
+            self.snapshot.close()
+            raise
 
     def publish(self, topic: str, payload: dict) -> Message:
-        self.seq += 1
-        message = Message(topic, self.seq, time.time(), self.sender, self.epoch, payload)
-        self._last[topic] = message
-        self.pub.send_multipart(message.encode())
+        with self._lock:
+            self.seq += 1
+            message = Message(topic, self.seq, time.time(), self.sender, self.epoch, payload)
+            self._last[topic] = message
+            self.pub.send_multipart(message.encode())
         return message
 
     def heartbeat(self, payload: dict | None = None, now: float | None = None) -> bool:
         """Send a heartbeat if one is due. Heartbeats carry the current seq without taking one."""
         now = time.monotonic() if now is None else now
-        if now < self._next_heartbeat:
-            return False
-        self._next_heartbeat = now + self.heartbeat_interval
-        body = {"interval": self.heartbeat_interval, "pid": os.getpid(), **(payload or {})}
-        beat = Message(HEARTBEAT_TOPIC + self.sender, self.seq, time.time(), self.sender, self.epoch, body)
-        self.pub.send_multipart(beat.encode())
+        with self._lock:
+            if now < self._next_heartbeat:
+                return False
+            self._next_heartbeat = now + self.heartbeat_interval
+            body = {"interval": self.heartbeat_interval, "pid": os.getpid(), **(payload or {})}
+            beat = Message(HEARTBEAT_TOPIC + self.sender, self.seq, time.time(), self.sender, self.epoch, body)
+            self.pub.send_multipart(beat.encode())
         return True
 
     def seconds_to_heartbeat(self) -> float:
@@ -139,25 +251,61 @@ class Publisher:
     def serve_snapshots(self) -> int:
         """Answer every pending snapshot request without blocking; returns how many."""
         served = 0
-        while True:
-            try:
-                frames = self.snapshot.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return served
-            if len(frames) != 3 or frames[1] != SNAPSHOT_REQUEST:
-                log.warning("bus %s: ignoring malformed snapshot request", self.sender)
-                continue
-            identity, prefix = frames[0], frames[2].decode(errors="replace")
-            for topic in sorted(self._last):
-                if topic.startswith(prefix):
-                    self.snapshot.send_multipart([identity, *self._last[topic].encode()])
-            end = {"seq": self.seq, "epoch": self.epoch, "sender": self.sender}
-            self.snapshot.send_multipart([identity, SNAPSHOT_END, json.dumps(end).encode()])
-            served += 1
+        with self._lock:
+            while True:
+                try:
+                    frames = self.snapshot.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    return served
+                if len(frames) != 3 or frames[1] != SNAPSHOT_REQUEST:
+                    log.warning("bus %s: ignoring malformed snapshot request (%d frames)", self.sender, len(frames))
+                    continue
+                identity, prefix = frames[0], frames[2].decode(errors="replace")
+                answer = [self._last[topic].encode() for topic in sorted(self._last) if topic.startswith(prefix)]
+                answer.append(SnapshotEnd(self.sender, self.epoch, self.seq).encode())
+                try:
+                    for frames_out in answer:
+                        self.snapshot.send_multipart([identity, *frames_out], zmq.NOBLOCK)
+                except zmq.ZMQError as error:
+                    # Gone (EHOSTUNREACH) or not reading (EAGAIN): no END, so it asks again.
+                    log.warning("bus %s: snapshot answer not sent: %s", self.sender, error)
+                    continue
+                served += 1
 
     def close(self) -> None:
-        self.pub.close()
-        self.snapshot.close()
+        with self._lock:
+            self.pub.close()
+            self.snapshot.close()
+
+
+class Heartbeats:
+    """Sends a publisher's heartbeats from a thread of their own, so a stage blocked in a long
+    call (a proxy reload) still says it is alive. `payload` is called on that thread: it must
+    only read plain values."""
+
+    def __init__(self, publisher: Publisher, payload: Callable[[], dict]):
+        self.publisher, self.payload = publisher, payload
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{publisher.sender}", daemon=True)
+
+    def start(self) -> "Heartbeats":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.publisher.heartbeat(self.payload())
+            except Exception:  # a closed socket at shutdown, or a payload bug: never silent
+                if self._stop.is_set():
+                    return
+                log.exception("bus %s: heartbeat failed", self.publisher.sender)
+            self._stop.wait(max(0.01, self.publisher.seconds_to_heartbeat()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
 
 @dataclass
@@ -166,6 +314,8 @@ class _Upstream:
     sub: zmq.Socket
     dealer: zmq.Socket
     snapshot_pending_since: float | None = None
+    # A whole snapshot (up to its END) arrived since this subscriber started.
+    synced: bool = False
 
 
 @dataclass
@@ -176,6 +326,15 @@ class _SenderState:
     interval: float = HEARTBEAT_INTERVAL
 
 
+def heartbeat_interval(payload: dict) -> float:
+    """The interval a heartbeat announces, if it is a sane number of seconds."""
+    value = payload.get("interval")
+    low, high = HEARTBEAT_INTERVAL_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return HEARTBEAT_INTERVAL
+    return min(max(float(value), low), high)
+
+
 @dataclass
 class Subscriber:
     """Subscribes to several publishers and keeps itself current (Clone pattern)."""
@@ -183,15 +342,17 @@ class Subscriber:
     ctx: zmq.Context
     endpoints: list[Endpoint]
     prefixes: list[str] = field(default_factory=lambda: [""])
+    receive_hwm: int = FULL_STATE_HWM
+    # Messages dropped as malformed, of another bus version, or refused by the stage (drop()).
+    dropped: int = field(default=0, init=False)
     _upstreams: list[_Upstream] = field(default_factory=list, init=False)
     _senders: dict[str, _SenderState] = field(default_factory=dict, init=False)
     _topic_seq: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         for endpoint in self.endpoints:
-            sub = self.ctx.socket(zmq.SUB)
-            sub.setsockopt(zmq.LINGER, 0)
-            sub.setsockopt(zmq.RCVHWM, 10000)
+            sub = _socket(self.ctx, zmq.SUB, endpoint.pub)
+            sub.setsockopt(zmq.RCVHWM, self.receive_hwm)
             for prefix in self.prefixes:
                 sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
             if not any(HEARTBEAT_TOPIC.startswith(p) for p in self.prefixes):
@@ -202,8 +363,7 @@ class Subscriber:
             self._request_snapshot(upstream)
 
     def _new_dealer(self, endpoint: Endpoint) -> zmq.Socket:
-        dealer = self.ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
+        dealer = _socket(self.ctx, zmq.DEALER, endpoint.snapshot)
         dealer.connect(endpoint.snapshot)
         return dealer
 
@@ -222,6 +382,12 @@ class Subscriber:
     def sockets(self) -> list[zmq.Socket]:
         return [s for u in self._upstreams for s in (u.sub, u.dealer)]
 
+    def snapshot_complete(self, endpoint: Endpoint | None = None) -> bool:
+        """Whether a whole snapshot (every topic, up to END) arrived from this upstream (from
+        every upstream when None) since this subscriber started: before that, what it
+        delivered may be only the part of the publisher's state that changed lately."""
+        return all(u.synced for u in self._upstreams if endpoint is None or u.endpoint == endpoint)
+
     def poll(self, timeout: float) -> list[Message]:
         """Wait up to `timeout` seconds; return new messages (heartbeats included), oldest first."""
         poller = zmq.Poller()
@@ -231,7 +397,9 @@ class Subscriber:
         return self.drain(ready)
 
     def drain(self, ready: dict | None = None) -> list[Message]:
-        """Read everything waiting on this subscriber's sockets (for callers with their own poller)."""
+        """Read everything waiting on this subscriber's sockets (for callers with their own poller).
+        A snapshot is read before updates, so once snapshot_complete() is true every message
+        of that snapshot has been returned."""
         out: list[Message] = []
         for upstream in self._upstreams:
             if ready is None or upstream.dealer in ready:
@@ -244,13 +412,22 @@ class Subscriber:
                 self._request_snapshot(upstream)
         return out
 
+    def drop(self, message: Message | None, reason: str, upstream: Endpoint | None = None,
+             topic: str = "?", sender: str = "?") -> None:
+        """Log and count a message that is not used: malformed here, or refused by the stage."""
+        if message is not None:
+            topic, sender = message.topic, message.sender
+        self.dropped += 1
+        log.warning("bus: dropped message on topic %r from %s%s: %s", topic[:80], sender[:80],
+                    f" (via {upstream.pub})" if upstream else "", reason[:300])
+
     def _read_updates(self, upstream: _Upstream, out: list[Message]) -> None:
         while True:
             try:
                 frames = upstream.sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            message = self._decode(frames)
+            message = self._decode(upstream, frames)
             if message is None:
                 continue
             if message.is_heartbeat:
@@ -266,22 +443,32 @@ class Subscriber:
             except zmq.Again:
                 return
             if frames and frames[0] == SNAPSHOT_END:
-                end = json.loads(frames[1])
-                state = self._senders.setdefault(end["sender"], _SenderState())
-                if state.epoch != end["epoch"] or state.seq < end["seq"]:
-                    state.epoch, state.seq = end["epoch"], end["seq"]
-                state.last_heard = time.monotonic()
-                upstream.snapshot_pending_since = None
+                self._on_snapshot_end(upstream, frames)
                 continue
-            message = self._decode(frames)
+            message = self._decode(upstream, frames)
             if message is not None and self._accept(message):
                 out.append(message)
 
-    def _decode(self, frames: list[bytes]) -> Message | None:
+    def _on_snapshot_end(self, upstream: _Upstream, frames: list[bytes]) -> None:
+        try:
+            end = SnapshotEnd.decode(frames)
+        except BusError as error:
+            self.drop(None, str(error), upstream.endpoint, topic="END")
+            return
+        state = self._senders.setdefault(end.sender, _SenderState())
+        if state.epoch != end.epoch or state.seq < end.seq:
+            state.epoch, state.seq = end.epoch, end.seq
+        state.last_heard = time.monotonic()
+        upstream.snapshot_pending_since = None
+        if not upstream.synced:
+            log.debug("bus: snapshot from %s complete (seq %d)", end.sender, end.seq)
+        upstream.synced = True
+
+    def _decode(self, upstream: _Upstream, frames: list[bytes]) -> Message | None:
         try:
             return Message.decode(frames)
-        except (ValueError, KeyError, TypeError) as error:
-            log.warning("bus: dropping undecodable message: %s", error)
+        except BusError as error:
+            self.drop(None, str(error), upstream.endpoint, topic=error.topic, sender=error.sender)
             return None
 
     def _accept(self, message: Message) -> bool:
@@ -301,7 +488,7 @@ class Subscriber:
     def _on_heartbeat(self, upstream: _Upstream, beat: Message) -> None:
         state = self._senders.setdefault(beat.sender, _SenderState())
         state.last_heard = time.monotonic()
-        state.interval = float(beat.payload.get("interval", HEARTBEAT_INTERVAL))
+        state.interval = heartbeat_interval(beat.payload)
         if state.epoch != beat.epoch or state.seq < beat.seq:
             # A restarted publisher or a message we never got: catch up from its snapshot.
             self._request_snapshot(upstream)
@@ -322,4 +509,3 @@ class Subscriber:
         for upstream in self._upstreams:
             upstream.sub.close()
             upstream.dealer.close()
-
