@@ -29,6 +29,7 @@ from services.collector.marathon_parse import (TERMINAL_STATES, AppError, AppSpe
 from services.collector.resolve import Resolver
 from services.collector.source import Discovery, Source, SourceError
 from services.common.config import Settings
+from services.common.redact import redact
 
 log = logging.getLogger("proxymatic.collector.marathon")
 
@@ -36,6 +37,12 @@ _DEPLOYMENT_APP_RE = re.compile(rb'"app"\s*:\s*"(/[^"\\]{1,512})"')
 _KEEP_TASK_KEYS = ("id", "appId", "host", "ports", "ipAddresses", "version", "state", "healthCheckResults")
 _GONE_CONDITIONS = frozenset({"Killed", "Finished", "Failed", "Gone", "Dropped", "Error", "Unknown",
                               "UnreachableInactive"})
+
+
+def _one_line(text: str, limit: int) -> str:
+    """Text for a one-line warning: control characters escaped, bounded length."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit * 2])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _slim(task: dict, app_id: str) -> dict:
@@ -411,12 +418,13 @@ class MarathonSource(Source):
             self._drop_event(event_type, problem)
 
     def _drop_event(self, event_type: str, problem: str) -> None:
-        kind = clip(event_type or "untyped", 80)
-        log.warning("marathon: %s event dropped: %s", kind, clip(problem, 200))
+        kind = _one_line(event_type or "untyped", 80)  # a known type (the parser drops the others)
+        reason = _one_line(redact(problem), 200)
+        log.warning("marathon: %s event dropped: %s", kind, reason)
         with self._cond:
             self.stats["events_dropped"] += 1
             self._dropped_note = (f"event stream: {self.stats['events_dropped']} malformed events dropped "
-                                  f"(last: {kind}: {clip(problem, 200)})")
+                                  f"(last: {kind}: {reason})")
             self._changed = True
             self._cond.notify_all()
 

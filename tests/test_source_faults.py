@@ -1,0 +1,360 @@
+"""Discovery sources never die silently: a malformed event is dropped alone (with a warning,
+counted) and the stream goes on; a stream that ends is reopened and resynced; a source whose
+stream is down and that only polls is published `degraded` with the reason, `ok` again after.
+Marathon (simulator) and registrator (scripted fake etcd) alike, unit and through the real
+collector process."""
+from __future__ import annotations
+
+import json
+import logging
+import pytest
+import zmq
+
+from services.collector.marathon import MarathonSource
+from services.collector.marathon_client import EventStream, parse_replicas
+from services.collector.registrator import BadEvent, RegistratorSource
+from services.common.bus import Subscriber
+from services.common.config import Settings
+from sim.marathon import MarathonSim
+from sim.pipeline import Pipeline
+from tests.helpers import wait_until
+from tests.marathon_helpers import FAST, servers, sim  # noqa: F401  (sim: a fixture)
+from tests.test_registrator_protocol import FakeEtcd
+
+APP = "/demo/web"
+NEW_TASK = "demo_web.new-task-1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Marathon: one malformed event of each kind is dropped alone
+
+def status_update(sim: MarathonSim, **changes) -> dict:
+    """A good status_update_event starting a new task of APP on 127.0.0.1:31999."""
+    event = {"eventType": "status_update_event", "appId": APP, "taskId": NEW_TASK, "taskStatus": "TASK_RUNNING",
+             "host": "127.0.0.1", "ports": [31999], "ipAddresses": [{"ipAddress": "127.0.0.1", "protocol": "IPv4"}],
+             "version": sim.cluster.apps[APP].version, "slaveId": "agent-1"}
+    event.update(changes)
+    return event
+
+
+BAD_EVENTS = {  # name -> (event type, the event's data given the sim)
+    "taskStatus a list": ("status_update_event", lambda sim: status_update(sim, taskStatus=["TASK_RUNNING"])),
+    "appId a number": ("status_update_event", lambda sim: status_update(sim, appId=5)),
+    "taskId missing": ("status_update_event", lambda sim: {k: v for k, v in status_update(sim).items()
+                                                            if k != "taskId"}),
+    "ports a string": ("status_update_event", lambda sim: status_update(sim, ports="31999")),
+    "port out of range": ("status_update_event", lambda sim: status_update(sim, ports=[70000])),
+    "port a boolean": ("status_update_event", lambda sim: status_update(sim, ports=[True])),
+    "host an object": ("status_update_event", lambda sim: status_update(sim, host={"name": "x"})),
+    "ipAddresses a string": ("status_update_event", lambda sim: status_update(sim, ipAddresses="127.0.0.1")),
+    "version a number": ("status_update_event", lambda sim: status_update(sim, version=3)),
+    "data a list": ("status_update_event", lambda sim: [status_update(sim)]),
+    "alive a string": ("health_status_changed_event",
+                       lambda sim: {"appId": APP, "instanceId": "demo_web.marathon-x", "alive": "yes"}),
+    "instanceId a list": ("health_status_changed_event",
+                          lambda sim: {"appId": APP, "instanceId": ["x"], "alive": True}),
+    "runSpecId a number": ("instance_health_changed_event",
+                           lambda sim: {"runSpecId": 7, "instanceId": "demo_web.marathon-x", "healthy": False}),
+    "condition an object": ("instance_changed_event",
+                            lambda sim: {"runSpecId": APP, "instanceId": "demo_web.marathon-x",
+                                         "condition": {"Killed": True}}),
+    "instanceId missing": ("instance_changed_event", lambda sim: {"runSpecId": APP, "condition": "Killed"}),
+    "failed check appId a list": ("failed_health_check_event", lambda sim: {"appId": [APP], "taskId": "x"}),
+    "appDefinition a string": ("api_post_event", lambda sim: {"appDefinition": APP}),
+    "appDefinition id a number": ("api_post_event", lambda sim: {"appDefinition": {"id": 12}}),
+    "terminated appId null": ("app_terminated_event", lambda sim: {"appId": None}),
+}
+
+
+@pytest.fixture
+def synced(sim):  # noqa: F811
+    """A Marathon source synced with one task of APP, fed events by hand (no stream thread)."""
+    sim.deploy_app(APP, service_ports=[10000], instances=1)
+    source = MarathonSource(Settings(marathon=sim.url, refresh_interval=3600), events=False, **FAST)
+    assert len(servers(source.current())) == 1
+    yield source
+    source.close()
+
+
+def feed(source: MarathonSource, event_type: str, data) -> None:
+    raw = data if isinstance(data, bytes) else json.dumps(data).encode()
+    source._on_event(event_type, raw)  # what the stream thread calls for every event
+
+
+@pytest.mark.parametrize("case", sorted(BAD_EVENTS))
+def test_a_malformed_event_is_dropped_with_a_warning_and_the_next_is_applied(sim, synced, case, caplog):  # noqa: F811
+    event_type, make = BAD_EVENTS[case]
+    before = servers(synced.current())
+    requests_before = len(sim.api_requests())
+    with caplog.at_level(logging.WARNING, logger="proxymatic.collector.marathon"):
+        feed(synced, event_type, make(sim))
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(dropped) == 1 and event_type in dropped[0], dropped
+    assert synced.stats["events_dropped"] == 1
+    discovery = synced.current()
+    assert servers(discovery) == before  # nothing of it applied
+    assert any(w.startswith("event stream: 1 malformed events dropped") and event_type in w
+               for w in discovery.warnings)
+    feed(synced, "status_update_event", status_update(sim))
+    assert servers(synced.current()) == sorted(before + ["127.0.0.1:31999"])
+    assert len(sim.api_requests()) == requests_before  # the event carried it: no fetch needed
+    assert synced.stats["events_dropped"] == 1
+
+
+@pytest.mark.parametrize("data", [b"{not json", b"\xff\xfe garbage", b"null", b'"a string"'])
+def test_undecodable_data_is_dropped_too(sim, synced, data, caplog):  # noqa: F811
+    with caplog.at_level(logging.WARNING, logger="proxymatic.collector.marathon"):
+        feed(synced, "status_update_event", data)
+    assert synced.stats["events_dropped"] == 1
+    assert any("status_update_event event dropped" in r.getMessage() for r in caplog.records)
+    feed(synced, "status_update_event", status_update(sim))
+    assert "127.0.0.1:31999" in servers(synced.current())
+
+
+def test_a_bug_while_applying_an_event_drops_it_alone(sim, synced, monkeypatch, caplog):  # noqa: F811
+    real_apply = synced._apply
+    calls = []
+
+    def apply_once_broken(event_type, event):
+        calls.append(event_type)
+        if len(calls) == 1:
+            raise RuntimeError("bug")
+        return real_apply(event_type, event)
+
+    monkeypatch.setattr(synced, "_apply", apply_once_broken)
+    with caplog.at_level(logging.WARNING, logger="proxymatic.collector.marathon"):
+        feed(synced, "status_update_event", status_update(sim, taskId="demo_web.other"))
+    assert synced.stats["events_dropped"] == 1
+    assert any("RuntimeError: bug" in r.getMessage() for r in caplog.records)
+    feed(synced, "status_update_event", status_update(sim))
+    assert "127.0.0.1:31999" in servers(synced.current())
+
+
+def test_the_stream_thread_survives_any_exception_and_reconnects(sim):  # noqa: F811
+    """Even a handler that raises something unexpected never ends the thread: the stream
+    is reopened (and the source resyncs on every connect)."""
+    sim.deploy_app(APP, service_ports=[10000], instances=1)
+    connects = []
+
+    def broken_handler(event_type, data):
+        raise RuntimeError("a bug in the handler")
+
+    stream = EventStream(parse_replicas(sim.url), broken_handler, connects.append, watchdog=5,
+                         connect_timeout=0.5, backoff_initial=0.05, backoff_max=0.2)
+    stream.start()
+    try:
+        wait_until(lambda: connects, message="first connect")
+        sim.scale(APP, 2)  # events: the handler raises
+        wait_until(lambda: len(connects) >= 2, message="reconnected after the exception")
+        assert stream._thread.is_alive() and stream.health().up
+    finally:
+        stream.close()
+    assert not stream._thread.is_alive()
+
+
+# ---------------------------------------------------------------------------------------------
+# Marathon through the real collector process
+
+class CollectorWatch:
+    """The collector's published `source.marathon` snapshots, as they arrive."""
+
+    def __init__(self, run_dir: str):
+        self.ctx = zmq.Context()
+        self.subscriber = Subscriber(self.ctx, [Settings(run_dir=run_dir).bus("collector")], ["source.marathon"])
+        self.seen: list[dict] = []
+
+    def latest(self) -> dict | None:
+        self.seen.extend(m.payload for m in self.subscriber.poll(0.02) if m.topic == "source.marathon")
+        return self.seen[-1] if self.seen else None
+
+    def servers(self) -> list[str]:
+        latest = self.latest() or {"services": []}
+        return sorted(f"{s['ip']}:{s['port']}" for service in latest["services"] if service["port"] == 10000
+                      for s in service["servers"])
+
+    def close(self) -> None:
+        self.subscriber.close()
+        self.ctx.term()
+
+
+@pytest.fixture
+def collector():
+    """Start a collector process on a Marathon URL with REFRESH_INTERVAL 3600: only events
+    (and the resync after a stream (re)connect) can bring a change within a test."""
+    started: list[tuple[Pipeline, CollectorWatch]] = []
+
+    def start(url: str) -> tuple[Pipeline, CollectorWatch]:
+        pipeline = Pipeline(["--marathon", url, "--refresh-interval", "3600"], programs=("collector",)).start()
+        watch = CollectorWatch(pipeline.run_dir)
+        started.append((pipeline, watch))
+        return pipeline, watch
+
+    yield start
+    for pipeline, watch in started:
+        watch.close()
+        pipeline.cleanup()
+
+
+def full_syncs(sim: MarathonSim) -> int:  # noqa: F811
+    return sum(1 for path in sim.api_requests() if "embed=apps.tasks" in path)
+
+
+def start_synced(sim: MarathonSim, collector) -> tuple[Pipeline, CollectorWatch]:  # noqa: F811
+    """A collector on `sim` whose stream is open and whose resync after opening it is done.
+    The stream is held back until the first full sync is in, so exactly one resync follows."""
+    sim.refuse_streams(503)
+    pipeline, watch = collector(sim.url)
+    wait_until(lambda: watch.servers(), timeout=30, message="first snapshot")
+    syncs = full_syncs(sim)
+    sim.refuse_streams(None)
+    wait_until(lambda: full_syncs(sim) > syncs and sim.stream_count() == 1 and watch.latest()["state"] == "ok",
+               timeout=30, message="stream open and resynced")
+    watch.seen.clear()
+    return pipeline, watch
+
+
+def test_collector_picks_up_a_new_task_from_events_right_after_a_malformed_event(sim, collector):  # noqa: F811
+    sim.deploy_app(APP, service_ports=[10000], instances=1)
+    pipeline, watch = start_synced(sim, collector)
+    syncs = full_syncs(sim)
+    sim.emit_raw('event: status_update_event\ndata: {"appId": "/demo/web", "taskId": 5, '
+                 '"taskStatus": ["TASK_RUNNING"], "ports": "80"}\n\n')
+    sim.emit_raw('event: instance_changed_event\ndata: {"runSpecId": "/demo/web", "instanceId": "x", '
+                 '"condition": {"a": 1}}\n\n')
+    sim.scale(APP, 2)
+    wait_until(lambda: len(watch.servers()) == 2, timeout=30, message="the new task published")
+    latest = watch.latest()
+    assert latest["state"] == "ok"
+    assert any("2 malformed events dropped" in w for w in latest["warnings"]), latest["warnings"]
+    assert full_syncs(sim) == syncs  # the event stream delivered it, not a poll or a resync
+    log = pipeline.log("collector")
+    assert "status_update_event event dropped" in log and "instance_changed_event event dropped" in log
+
+
+def test_collector_reopens_a_dropped_stream_and_resyncs_the_change_made_in_the_gap(sim, collector):  # noqa: F811
+    sim.deploy_app(APP, service_ports=[10000], instances=1)
+    pipeline, watch = start_synced(sim, collector)
+    syncs = full_syncs(sim)
+    with sim.cluster.lock:  # the stream closes before the change: only a resync can bring it
+        sim.drop_streams()
+        sim.scale(APP, 3)
+    wait_until(lambda: len(watch.servers()) == 3, timeout=30, message="the change made in the gap")
+    assert full_syncs(sim) == syncs + 1  # the resync after reopening brought it
+    wait_until(lambda: sim.stream_count() == 1, message="stream open again")
+    assert [p["state"] for p in watch.seen] == ["ok"] * len(watch.seen)  # reopened at once: never degraded
+
+
+def test_collector_says_degraded_while_the_stream_is_refused_and_ok_after(collector):
+    sim = MarathonSim(auth=("admin", "s3cret")).start()  # noqa: F811
+    try:
+        sim.deploy_app(APP, service_ports=[10000], instances=1)
+        pipeline, watch = collector(sim.url)
+        wait_until(lambda: len(watch.servers()) == 1, timeout=30, message="first snapshot")
+        wait_until(lambda: sim.stream_count() == 1, timeout=30, message="stream open")
+        sim.refuse_streams(503)
+        degraded = wait_until(lambda: (p := watch.latest()) and p["state"] == "degraded" and p, timeout=30,
+                              message="degraded")
+        assert degraded["error"].startswith("event stream down since ")
+        assert "HTTP 503" in degraded["error"] and "polling every 3600s" in degraded["error"]
+        assert len(degraded["services"]) == 1  # still current: polling works
+        sim.scale(APP, 2)  # made while the stream is down
+        sim.refuse_streams(None)
+        wait_until(lambda: (p := watch.latest()) and p["state"] == "ok" and len(watch.servers()) == 2,
+                   timeout=60, message="ok again, with the change resynced")
+        assert watch.latest()["error"] == ""
+        published = json.dumps(watch.seen)
+        assert "s3cret" not in published and "s3cret" not in pipeline.log("collector")
+    finally:
+        sim.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# registrator: bad watch events and garbage answers
+
+REGISTRATOR_BAD_EVENTS = {
+    "not an object": [1, 2],
+    "action a number": {"action": 3, "node": {"key": "/services/web/h:web.1:80", "value": "10.0.0.2:1"}},
+    "node a list": {"action": "set", "node": ["/services/web/h:web.1:80"]},
+    "key a number": {"action": "set", "node": {"key": 12, "value": "10.0.0.2:1"}},
+    "modifiedIndex a string": {"action": "set", "node": {"key": "/services/web/h:web.1:80", "value": "10.0.0.2:1",
+                                                          "modifiedIndex": "57"}},
+}
+
+
+def fake_source(fake: FakeEtcd) -> RegistratorSource:
+    return RegistratorSource(Settings(registrator=f"etcd://127.0.0.1:{fake.port}/services"), watch_timeout=10,
+                             backoff_start=0.05, backoff_max=0.2)
+
+
+def backends(source: RegistratorSource) -> list[str]:
+    return sorted(f"{s.ip}:{s.port}" for service in source.current().services for s in service.servers)
+
+
+@pytest.mark.parametrize("case", sorted(REGISTRATOR_BAD_EVENTS))
+def test_registrator_refuses_a_malformed_event_and_changes_nothing(case):
+    fake = FakeEtcd([])
+    source = fake_source(fake)
+    try:
+        before = backends(source)
+        with pytest.raises(BadEvent):
+            source.apply_event(REGISTRATOR_BAD_EVENTS[case])
+        assert backends(source) == before == ["10.0.0.1:1"]
+    finally:
+        source.close()
+        fake.close()
+
+
+def test_registrator_value_of_the_wrong_shape_skips_that_key_with_a_warning():
+    fake = FakeEtcd([])
+    source = fake_source(fake)
+    try:
+        assert backends(source) == ["10.0.0.1:1"]  # the full read done first
+        source.apply_event({"action": "set", "node": {"key": "/services/web/h:web.1:80", "value": ["10.0.0.2:1"],
+                                                      "modifiedIndex": 57}})
+        discovery = source.current()
+        assert backends(source) == ["10.0.0.1:1"]
+        assert any("h:web.1:80" in w and "not a string" in w for w in discovery.warnings)
+    finally:
+        source.close()
+        fake.close()
+
+
+@pytest.mark.parametrize("garbage", [b"{not json", b'{"action": "set", "node": [1]}', b'[]',
+                                     b'{"action": "set", "node": {"key": 5}}'])
+def test_registrator_drops_a_garbage_watch_answer_and_the_watch_goes_on(garbage, caplog):
+    good = {"action": "set", "node": {"key": "/services/web/h:web.1:80", "value": "10.0.0.2:1",
+                                      "modifiedIndex": 57}}
+    fake = FakeEtcd([(200, garbage), (200, json.dumps(good).encode())])
+    source = fake_source(fake)
+    try:
+        with caplog.at_level(logging.WARNING, logger="proxymatic.collector.registrator"):
+            source.current()
+            wait_until(lambda: backends(source) == ["10.0.0.1:1", "10.0.0.2:1"], message="the good event applied")
+        assert source.stats["events_dropped"] == 1
+        assert any("watch event dropped" in r.getMessage() for r in caplog.records)
+        discovery = source.current()
+        assert any(w.startswith("etcd watch: 1 malformed events dropped") for w in discovery.warnings)
+        assert discovery.degraded == ""  # one bad answer: the watch goes on, not degraded
+        assert source.error == ""
+    finally:
+        source.close()
+        fake.close()
+
+
+def test_registrator_is_degraded_while_its_watch_keeps_breaking_then_ok():
+    # Two garbage answers in a row: the source effectively polls; then a good event.
+    good = {"action": "set", "node": {"key": "/services/web/h:web.1:80", "value": "10.0.0.2:1",
+                                      "modifiedIndex": 57}}
+    fake = FakeEtcd([(200, b"garbage"), (200, b"garbage"), (200, b"more garbage")])
+    source = fake_source(fake)
+    try:
+        source.current()
+        reason = wait_until(lambda: source.current().degraded, message="degraded")
+        assert reason.startswith("etcd watch down since ") and "reading everything every" in reason
+        assert backends(source) == ["10.0.0.1:1"]  # still served, from the full reads
+        fake.watch_answers.append((200, json.dumps(good).encode()))
+        fake.release.set()  # ends the idle long poll that may be open
+        wait_until(lambda: not source.current().degraded and len(backends(source)) == 2, message="ok again")
+    finally:
+        source.close()
+        fake.close()
