@@ -157,6 +157,48 @@ def test_marathon_host_with_trailing_newline_is_no_hostname():
     assert [(s.ip, s.port, s.hostname) for s in service.servers] == [("10.0.0.1", 31000, "")]
 
 
+# ---------------------------------------------------------------------------------------------
+# regressions: registrator
+
+
+def _no_dns(host):
+    raise OSError(f"no DNS in this test ({host})")
+
+
+def test_registrator_malformed_nodes_are_warnings_not_crashes():
+    from services.collector.registrator_parse import parse_response
+    node = {"key": "/services", "dir": True, "nodes": [
+        None, "text", {"key": ["not", "a", "string"]}, {"key": "/services/x", "dir": True, "nodes": {"a": 1}},
+        {"key": "/services/redis", "dir": True, "nodes": [
+            {"key": "/services/redis/hostname:redis.0:6379", "value": "192.168.1.102:10000"}]}]}
+    services, warnings = parse_response("/services", {"node": node}, _no_dns)
+    assert [(s.name, s.key) for s in services] == [("redis", "6379/tcp")]
+    assert len(warnings) == 4 and all("malformed" in w for w in warnings)
+
+
+@pytest.mark.parametrize("payload", [None, [], "x", 5])
+def test_registrator_response_not_an_object_is_a_value_error(payload):
+    from services.collector.registrator_parse import parse_response
+    with pytest.raises(ValueError, match="not an object"):
+        parse_response("/services", payload, _no_dns)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("/services/web/hostname:web.0:80\n", "10.0.0.1:8080"),  # `$` matched before the newline
+    ("/services/web@٨٠/free-text-id", "10.0.0.1:8080"),  # read as port 80
+    ("/services/web@²/free-text-id", "10.0.0.1:8080"),  # bare ValueError from int()
+    ("/services/web/hostname:web.0:80", "10.0.0.1:٨٠٨٠"),
+    ("/services/web/hostname:web.0:80", "10.0.0.1:²"),
+    ("/services/web/hostname:web.0:80", "[fe80::1%eth0]:8080"),  # IPv6 zone: any text, newlines too
+    ("/services/web/hostname:web.0:80", "[fe80::1%x\nbind]:8080"),
+    ("/services/web/hostname:web.0:" + "9" * 5000, "10.0.0.1:8080"),
+])
+def test_registrator_hostile_keys_and_values_refused(key, value):
+    from services.collector.registrator_parse import EntryError, parse_entry
+    with pytest.raises(EntryError, match="registrator key"):
+        parse_entry("/services", key, value, _no_dns)
+
+
 # =============================================================================================
 # properties
 # =============================================================================================
@@ -237,3 +279,134 @@ def test_marathon_payloads_give_valid_services(data):
     assert_valid_services(result.services, "marathon")
     assert_one_line_warnings(result.warnings)
     assert all(isinstance(task_id, str) for task_id in result.served)
+
+
+def _mirror(apps):
+    """A MarathonSource that never connects (no event stream, nothing fetched), its mirror
+    seeded with `apps` the way a full sync would."""
+    from services.collector.marathon import MarathonSource
+    from services.common.config import Settings
+    source = MarathonSource(Settings(marathon="http://127.0.0.1:9"), events=False, resolver=gen.resolve)
+    warnings: list[str] = []
+    for app in apps:
+        taken = source._take_app(app, warnings)
+        if taken:
+            source._apps[taken[0]], source._tasks[taken[0]] = taken[1], taken[2]
+    return source
+
+
+def _draw_events(data, source):
+    ids = sorted(source._apps) + ["/unknown"]
+    task_ids = sorted(t for tasks in source._tasks.values() for t in tasks) + ["nope", "web.marathon-1"]
+    events = data.draw(st.lists(st.one_of(
+        gen.marathon_event(st.one_of(st.sampled_from(ids), gen.app_id_like),
+                           st.one_of(st.sampled_from(task_ids), gen.json_value)),
+        st.sampled_from(gen.FIXTURE_EVENTS).flatmap(gen.mutate).map(
+            lambda e: (e.get("eventType") if isinstance(e, dict) and isinstance(e.get("eventType"), str)
+                       else "status_update_event", e))), max_size=6), "events")
+    return events
+
+
+def _feed(source, events) -> None:
+    for event_type, event in events:
+        source._on_event(event_type, json.dumps(event).encode())
+    assert_valid_services(source._build().services, "marathon")
+
+
+MIRROR_APPS = st.lists(st.one_of(gen.marathon_app(), st.sampled_from(gen.FIXTURE_APPS)), min_size=1, max_size=3)
+
+
+@fast(80)
+@given(MIRROR_APPS, st.data())
+def test_marathon_events_keep_the_mirror_valid(apps, data):
+    source = _mirror(apps)
+    try:
+        _feed(source, _draw_events(data, source))
+    finally:
+        source.close()
+
+
+# An unhashable taskStatus / condition made `in TERMINAL_STATES` raise TypeError in
+# MarathonSource._apply (fixed there, in marathon.py, by its owner while this was written).
+@fast(20)
+@example(apps=[{"id": "/web", "portDefinitions": [{"port": 10012}],
+                "tasks": [{"id": "t1", "host": "agent-1", "ports": [31000], "state": "TASK_RUNNING"}]}],
+         events=[("status_update_event", {"appId": "/web", "taskId": "t1", "taskStatus": []})])
+@given(MIRROR_APPS, st.lists(st.tuples(st.sampled_from(["status_update_event", "instance_changed_event"]),
+                                       st.fixed_dictionaries({"appId": st.just("/web"), "taskId": st.just("t1"),
+                                                              "taskStatus": gen.json_value,
+                                                              "condition": gen.json_value})), max_size=3))
+def test_marathon_events_of_any_type_keep_the_mirror_valid(apps, events):
+    source = _mirror(apps)
+    try:
+        _feed(source, events)
+    finally:
+        source.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# registrator (etcd v2)
+
+
+def _etcd_resolve(host: str) -> str:
+    address = gen.resolve(host if host != "backend.example" else "agent-1")
+    if address is None:
+        raise OSError(f"{host} does not resolve")
+    return address
+
+
+@fast(300)
+@given(st.sampled_from(["/services", "", "/a/b"]), st.data())
+def test_registrator_entry_is_an_entry_or_entry_error(prefix, data):
+    key = data.draw(st.one_of(
+        st.builds(lambda n, i: f"{prefix}/{n}/{i}", gen.etcd_name, gen.etcd_id),
+        st.builds(lambda t: prefix + t, gen.text_hostile), gen.text_hostile), "key")
+    value = data.draw(gen.etcd_value, "value")
+    try:
+        entry = registrator_parse.parse_entry(prefix, key, value, _etcd_resolve)
+    except registrator_parse.EntryError as error:
+        assert_one_line_warnings([str(error)])
+        return
+    assert validate_name(entry.name) == entry.name and 0 < entry.port < 65536 and entry.protocol in ("tcp", "udp")
+    assert Server.from_dict(entry.server.to_dict()) == entry.server
+
+
+@fast(150)
+@given(st.one_of(gen.etcd_node(), st.sampled_from([gen._load(f"{gen.FIXTURES}/registrator/"
+                                                            "etcd-v2-services-recursive.constructed.json")["node"]])
+                 .flatmap(gen.mutate), gen.json_value))
+def test_registrator_tree_gives_valid_services_and_warnings(node):
+    payload = {"action": "get", "node": node}
+    services, warnings = registrator_parse.parse_response("/services", payload, _etcd_resolve)
+    assert_valid_services(services, "registrator")
+    assert_one_line_warnings(warnings)
+
+
+# ---------------------------------------------------------------------------------------------
+# services file
+
+
+@fast(200)
+@given(st.one_of(gen.services_document().map(json.dumps), st.text(max_size=50),
+                 st.sampled_from(['{"services": [', '{"services": NaN}', "null", "[]", '{"services": [1e999]}'])))
+def test_services_file_is_services_or_a_model_error(text):
+    try:
+        services = parse_services_file(text)
+    except ModelError as error:
+        assert str(error)
+        return
+    assert_valid_services(services, "file")
+
+
+@fast(30)
+@given(st.one_of(st.binary(max_size=40), gen.services_document().map(lambda d: json.dumps(d).encode())))
+def test_services_file_source_raises_only_source_error(content):
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "services.json")
+        with open(path, "wb") as out:
+            out.write(content)
+        try:
+            discovery = FileSource(path).current()
+        except SourceError:
+            return
+        assert_valid_services(discovery.services, "file")

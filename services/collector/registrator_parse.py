@@ -27,9 +27,12 @@ SOURCE = "registrator"
 DEFAULT_ETCD_PORT = 2379  # registrator's own default (etcd/etcd.go Factory.New)
 
 # registrator's own service-ID shape (bridge/bridge.go L24), with the port and `udp` captured.
-_ID_RE = re.compile(r"^(?P<host>.+?):(?P<container>[a-zA-Z0-9][a-zA-Z0-9_.-]+):(?P<port>[0-9]+)(?::(?P<udp>udp))?$")
-_HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
-_SERVER_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,255}$")
+# `\Z`, never `$` (which also matches before a final newline); ports are ASCII digits only
+# (str.isdigit() is true for "²", which int() refuses, and for "٨٠", which it reads as 80).
+_ID_RE = re.compile(r"^(?P<host>.+?):(?P<container>[a-zA-Z0-9][a-zA-Z0-9_.-]+):(?P<port>[0-9]{1,10})(?::(?P<udp>udp))?\Z")
+_HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
+_SERVER_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,255}\Z")
+_PORT_RE = re.compile(r"[0-9]{1,5}\Z")
 
 Resolver = Callable[[str], str]
 
@@ -106,7 +109,7 @@ def _parse_host_port(text: str, url: str) -> tuple[str, int]:
         raise ValueError(f"registrator URL {url!r}: bad host {text!r}")
     if not port_text:
         return host, DEFAULT_ETCD_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not _PORT_RE.match(port_text) or not 0 < int(port_text) < 65536:
         raise ValueError(f"registrator URL {url!r}: bad port {port_text!r}")
     return host, int(port_text)
 
@@ -167,7 +170,7 @@ def parse_backend(value: Any, resolve: Resolver = resolve_host) -> tuple[str, in
             raise ValueError(f"value {value!r} is not <ip>:<port>")
         if ":" in host:
             raise ValueError(f"value {value!r}: an IPv6 address must be written [addr]:port")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not _PORT_RE.match(port_text) or not 0 < int(port_text) < 65536:
         raise ValueError(f"value {value!r} has a bad port {port_text!r} (1-65535)")
     try:
         ip = str(ipaddress.ip_address(host))
@@ -179,6 +182,12 @@ def parse_backend(value: Any, resolve: Resolver = resolve_host) -> tuple[str, in
         except (OSError, UnicodeError) as error:
             raise ValueError(f"value {value!r}: cannot resolve {host!r} ({error})") from None
     return ip, int(port_text)
+
+
+def _clip(value: Any, limit: int = 60) -> str:
+    """repr (one line whatever the value), bounded."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # -- keys ----------------------------------------------------------------------------------
@@ -209,7 +218,7 @@ def _parse_entry(prefix: str, key: str, value: Any, resolve: Resolver) -> Entry:
         raise ValueError("expected <prefix>/<service-name>/<host>:<container>:<port>[:udp]")
     service, service_id = parts
     name, at, port_override = service.partition("@")
-    if at and (not port_override.isdigit() or not 0 < int(port_override) < 65536):
+    if at and (not _PORT_RE.match(port_override) or not 0 < int(port_override) < 65536):
         raise ValueError(f"service port override {port_override!r} in {service!r} is not a port (1-65535)")
     try:
         validate_name(name, "service name")
@@ -250,9 +259,19 @@ def parse_tree(prefix: str, node: Mapping[str, Any] | None,
     stack = [node]
     while stack:
         current = stack.pop()
-        key = str(current.get("key", ""))
+        # etcd only sends objects with a string key here, but a hostile or broken answer must
+        # cost one warning, not the whole read (the warning's key sorts it among the others).
+        if not isinstance(current, Mapping) or not isinstance(current.get("key", ""), str):
+            text = f"registrator: malformed etcd node {_clip(current)} skipped"
+            warnings[f"\uffff{text}"] = text
+            continue
+        key = current.get("key", "")
         if current.get("dir"):
-            stack.extend(current.get("nodes") or ())
+            children = current.get("nodes") or []  # etcd omits `nodes` for an empty dir
+            if isinstance(children, list):
+                stack.extend(children)
+            else:
+                warnings[key] = f"registrator directory {key!r}: malformed nodes {_clip(children)} skipped"
             continue
         if normalize_prefix(key) == prefix:
             warnings[key] = f"registrator prefix {key!r} is a key, not a directory"
@@ -297,7 +316,11 @@ def discovery_parts(entries: Mapping[str, Entry], entry_warnings: Mapping[str, s
 
 def parse_response(prefix: str, payload: Mapping[str, Any],
                    resolve: Resolver = resolve_host) -> tuple[tuple[Service, ...], tuple[str, ...]]:
-    """A whole GET ?recursive=true response body (as JSON) → (services, warnings)."""
+    """A whole GET ?recursive=true response body (as JSON) → (services, warnings). Raises
+    ValueError for an etcd error (other than "key not found": no services) or a body that is
+    not an etcd answer."""
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"etcd answered {_clip(payload)}, not an object")
     if "errorCode" in payload:
         if payload.get("errorCode") == 100:
             return (), ()
