@@ -9,22 +9,29 @@ stage publishes it and retries with exponential backoff, and never exits for it.
 (config that fails validation) is not retried: the proxy keeps its last good config until the
 next plan. Every RESYNC_INTERVAL the current plan is applied again, a cheap no-op unless a proxy
 was restarted or changed behind the applier's back.
+
+A plan that lacks a source the served plan had is held, not applied (completeness.py); a
+payload that is not a valid plan is logged, counted (`dropped` in the heartbeat) and dropped.
+Heartbeats come from a thread of their own, so a driver blocked for seconds (a reload, `haproxy
+-c`, a Pen start) never makes a live applier look dead.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 import zmq
 
+from services.applier.completeness import held_result, hold_note, missing_sources
 from services.applier.driver import DriverResult, ProxyDriver
 from services.applier.haproxy_driver import HaproxyDriver
 from services.applier.nginx_driver import NginxDriver
 from services.applier.pen_driver import PenDriver
-from services.common.bus import Publisher, Subscriber
+from services.common.bus import HEARTBEAT_INTERVAL, Heartbeats, Message, Publisher, Subscriber
 from services.common.config import Settings
-from services.common.model import ApplyResult, ModelError, Plan, ServiceDecoder
+from services.common.model import SCHEMA_VERSION, ApplyResult, ModelError, Plan, ServiceDecoder
 
 log = logging.getLogger("proxymatic.applier")
 
@@ -91,12 +98,63 @@ def should_retry(result: ApplyResult) -> bool:
                for d in result.details.values())
 
 
-def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | None = None) -> None:
+def decode_plan(payload: dict, decoder: ServiceDecoder) -> Plan:
+    """The plan in a `plan` payload; ModelError for anything else (unknown schema, a hash that
+    does not match the content, any invalid field)."""
+    schema = payload.get("schema")
+    if schema != SCHEMA_VERSION:
+        raise ModelError(f"unknown schema version {schema!r:.20} (this is {SCHEMA_VERSION})")
+    plan = Plan.from_dict(payload, decoder)
+    if payload.get("hash") != plan.hash:
+        raise ModelError(f"hash {payload.get('hash')!r:.20} does not match the content ({plan.hash})")
+    if not all(isinstance(name, str) for name in plan.sources_ready):
+        raise ModelError("sources_ready must be a list of source names")
+    return plan
+
+
+def newest_plan(messages: list[Message], subscriber: Subscriber, decoder: ServiceDecoder) -> Plan | None:
+    """The newest plan among `messages` that decodes (older queued plans are obsolete: they are
+    decoded only when a newer one is not a valid plan); every invalid one is dropped."""
+    for message in reversed(messages):
+        try:
+            return decode_plan(message.payload, decoder)
+        except Exception as error:  # any payload at all: never the end of the loop
+            subscriber.drop(message, f"{type(error).__name__}: {error}")
+    return None
+
+
+def result_payload(result: ApplyResult) -> dict:
+    """The wire form of a result; a held plan's note also as `notes` (docs/bus.md)."""
+    payload = result.to_dict()
+    held = result.details.get("held") if result.action == "held" else None
+    if held:
+        payload["notes"] = [held["note"]]
+    return payload
+
+
+@dataclass
+class Health:
+    """What the heartbeat thread reports; written by the stage loop, read by that thread."""
+
+    plan: str = ""
+    ok: bool = False
+    held: str = ""
+    subscriber: Subscriber | None = None
+
+    def payload(self) -> dict:
+        return {"stage": "applier", "plan": self.plan, "ok": self.ok, "held": self.held,
+                "dropped": self.subscriber.dropped if self.subscriber else 0}
+
+
+def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | None = None,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL) -> None:
     ctx = zmq.Context.instance()
     drivers = build_drivers(settings) if drivers is None else drivers
     topic = f"applied.{settings.node}"
-    publisher = Publisher(ctx, f"applier@{settings.node}", settings.bus("applier"))
+    publisher = Publisher(ctx, f"applier@{settings.node}", settings.bus("applier"), heartbeat_interval)
     subscriber = Subscriber(ctx, [settings.bus("planner")], ["plan"])
+    health = Health(subscriber=subscriber)
+    heartbeats = Heartbeats(publisher, health.payload).start()
     poller = zmq.Poller()
     for socket in subscriber.sockets():
         poller.register(socket, zmq.POLLIN)
@@ -107,6 +165,7 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
     decoder = ServiceDecoder()
     pending: Plan | None = None  # the newest plan not applied yet
     current: Plan | None = None  # the plan the proxies were last converged to (or tried)
+    held: Plan | None = None  # the newest plan held back for lacking a source of `current`
     last: ApplyResult | None = None
     retry_at: float | None = None
     backoff = RETRY_MIN
@@ -115,22 +174,15 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
     unflushed_since = 0.0
     try:
         while not stop.is_set():
-            publisher.heartbeat({"stage": "applier", "plan": last.plan_hash if last else "",
-                                 "ok": bool(last and last.ok)})
             now = time.monotonic()
-            timeout = min(publisher.seconds_to_heartbeat(), 0.2, max(0.0, next_resync - now),
+            timeout = min(0.2, max(0.0, next_resync - now),
                           max(0.0, retry_at - now) if retry_at is not None else 0.2,
                           max(0.0, flush_at - now) if flush_at is not None else 0.2)
             ready = dict(poller.poll(int(timeout * 1000)))
             if publisher.snapshot in ready:
                 publisher.serve_snapshots()
             plans = [m for m in subscriber.drain(ready) if m.topic == "plan"]
-            if plans:
-                newest = plans[-1]  # older queued plans are obsolete: decode only the newest
-                try:
-                    pending = Plan.from_dict(newest.payload, decoder)
-                except ModelError as error:
-                    log.error("applier: rejected plan from %s: %s", newest.sender, error)
+            pending = newest_plan(plans, subscriber, decoder) or pending
 
             now = time.monotonic()
             if flush_at is not None and now >= flush_at and (pending is None or now - unflushed_since >= FLUSH_MAX):
@@ -139,6 +191,18 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
             reason = ""
             if pending is not None:
                 plan, pending = pending, None
+                missing = missing_sources(current, plan)
+                if missing and current is not None:
+                    # The same services under fewer sources is no change: nothing to hold.
+                    if plan.hash != current.hash:
+                        if held is None or held.hash != plan.hash:
+                            log.warning("applier: %s", hold_note(plan, current, missing))
+                            publisher.publish(topic, result_payload(held_result(plan, current, missing)))
+                        held, health.held = plan, plan.hash
+                    continue
+                if held is not None:
+                    log.info("applier: plan %s has every source again; applying it", plan.hash)
+                held, health.held = None, ""
                 if last is not None and plan.hash == last.plan_hash and not should_retry(last):
                     current = plan  # the same plan again (new notes or sources): nothing to do
                     continue
@@ -162,6 +226,7 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
                     "applier: plan %s (%s): %s%s", plan.hash, reason, summary or "no drivers",
                     "; " + "; ".join(result.errors) if result.errors else "")
             last = result
+            health.plan, health.ok = result.plan_hash, result.ok
             now = time.monotonic()
             if flush_at is None:
                 unflushed_since = now
@@ -174,6 +239,7 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
                 retry_at, backoff = None, RETRY_MIN
             next_resync = time.monotonic() + RESYNC_INTERVAL
     finally:
+        heartbeats.stop()
         flush(drivers)
         for driver in drivers:
             try:

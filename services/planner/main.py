@@ -3,6 +3,11 @@
 Bursts are coalesced: a change after a calm period is planned at once; further changes within
 MAX_DELAY wait for a short quiet period (bounded by MAX_DELAY) and are planned together. A
 plan is published only when it differs from the last one.
+
+No partial plans: after a start the first plan waits for the collector's whole snapshot (the
+Clone pattern's END), so live updates of one source never make a plan without the others. A
+snapshot that does not decode is logged, counted (`dropped` in the heartbeat) and dropped;
+the source's previous snapshot stays.
 """
 from __future__ import annotations
 
@@ -12,9 +17,9 @@ import time
 
 import zmq
 
-from services.common.bus import Publisher, Subscriber
+from services.common.bus import HEARTBEAT_INTERVAL, Message, Publisher, Subscriber
 from services.common.config import Settings
-from services.common.model import ModelError, ServiceDecoder, SourceSnapshot
+from services.common.model import SCHEMA_VERSION, SOURCES, ModelError, ServiceDecoder, SourceSnapshot
 from services.planner.policy import PolicyMemo, absorb, make_plan
 
 log = logging.getLogger("proxymatic.planner")
@@ -23,10 +28,25 @@ QUIET_PERIOD = 0.002
 MAX_DELAY = 0.05
 
 
+def decode_snapshot(message: Message, decoders: dict[str, ServiceDecoder]) -> SourceSnapshot:
+    """The snapshot in a `source.<name>` message; ModelError for anything else. One decoder per
+    known source (never per name a message makes up), so memory stays bounded."""
+    name = message.topic[len("source."):]
+    if name not in SOURCES:
+        raise ModelError(f"unknown source {name!r}")
+    schema = message.payload.get("schema")
+    if schema != SCHEMA_VERSION:
+        raise ModelError(f"unknown schema version {schema!r:.20} (this is {SCHEMA_VERSION})")
+    snapshot = SourceSnapshot.from_dict(message.payload, decoders.setdefault(name, ServiceDecoder()))
+    if snapshot.source != name:
+        raise ModelError(f"snapshot of source {snapshot.source!r} on topic {message.topic!r}")
+    return snapshot
+
+
 def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_PERIOD,
-        max_delay: float = MAX_DELAY) -> None:
+        max_delay: float = MAX_DELAY, heartbeat_interval: float = HEARTBEAT_INTERVAL) -> None:
     ctx = zmq.Context.instance()
-    publisher = Publisher(ctx, f"planner@{settings.node}", settings.bus("planner"))
+    publisher = Publisher(ctx, f"planner@{settings.node}", settings.bus("planner"), heartbeat_interval)
     subscriber = Subscriber(ctx, [settings.bus("collector")], ["source."])
     snapshots: dict[str, SourceSnapshot] = {}
     decoders: dict[str, ServiceDecoder] = {}
@@ -39,12 +59,15 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
     for socket in subscriber.sockets():
         poller.register(socket, zmq.POLLIN)
     poller.register(publisher.snapshot, zmq.POLLIN)
-    log.info("planner: sources from %s, plans on %s", settings.bus("collector").pub, settings.bus("planner").pub)
+    log.info("planner: sources from %s, plans on %s; first plan once the collector's snapshot is complete",
+             settings.bus("collector").pub, settings.bus("planner").pub)
+    synced = False
     try:
         while not stop.is_set():
-            publisher.heartbeat({"stage": "planner", "sources": sorted(snapshots)})
+            publisher.heartbeat({"stage": "planner", "sources": sorted(snapshots), "synced": synced,
+                                 "dropped": subscriber.dropped})
             timeout = publisher.seconds_to_heartbeat()
-            if first_pending is not None:
+            if first_pending is not None and synced:
                 now = time.monotonic()
                 timeout = min(timeout, max(0.0, min(last_change + quiet_period, first_pending + max_delay) - now))
             ready = dict(poller.poll(int(min(timeout, 0.2) * 1000)))
@@ -54,15 +77,17 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
                 if message.is_heartbeat:
                     continue
                 try:
-                    source = str(message.payload.get("source"))
-                    snapshot = SourceSnapshot.from_dict(message.payload, decoders.setdefault(source, ServiceDecoder()))
-                except ModelError as error:
-                    log.error("planner: rejected snapshot on %s from %s: %s", message.topic, message.sender, error)
+                    snapshot = decode_snapshot(message, decoders)
+                except Exception as error:  # any payload at all: never the end of the loop
+                    subscriber.drop(message, f"{type(error).__name__}: {error}")
                     continue
                 snapshots[snapshot.source] = absorb(snapshots.get(snapshot.source), snapshot)
                 last_change = time.monotonic()
                 first_pending = first_pending or last_change
-            if first_pending is None:
+            if not synced and subscriber.snapshot_complete():
+                synced = True
+                log.info("planner: collector snapshot complete (sources %s)", sorted(snapshots))
+            if first_pending is None or not synced:
                 continue
             now = time.monotonic()
             # Leading edge: a change after a calm period is planned at once; changes that follow
@@ -71,7 +96,11 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
             if not calm and now - last_change < quiet_period and now - first_pending < max_delay:
                 continue
             first_pending, last_planned = None, now
-            plan = make_plan(snapshots, settings, memo)
+            try:
+                plan = make_plan(snapshots, settings, memo)
+            except Exception:  # a policy bug must not end the stage: the last plan stays out
+                log.exception("planner: could not make a plan from sources %s", sorted(snapshots))
+                continue
             identity = (plan.hash, plan.sources_ready, plan.notes)
             if identity == last_published:
                 continue
