@@ -1,8 +1,13 @@
-"""`proxymatic tap`: subscribe to the bus and print every message, one line each."""
+"""`proxymatic tap`: subscribe to the bus and print every message, one line each.
+
+A message it cannot show (malformed frames, another bus version, a payload of unexpected
+shape) is logged as a warning on stderr, counted and skipped: the tap never dies on one.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import time
@@ -11,6 +16,8 @@ import zmq
 
 from services.common.bus import Endpoint, Message, Subscriber
 from services.common.config import Settings
+
+log = logging.getLogger("proxymatic.tap")
 
 
 def summarize(message: Message) -> str:
@@ -44,6 +51,14 @@ def format_line(message: Message) -> str:
     return f"{stamp} {message.topic:<24} seq={message.seq:<6} {message.sender:<28} {summarize(message)}"
 
 
+def render(message: Message, as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"topic": message.topic, "seq": message.seq, "ts": message.ts,
+                           "sender": message.sender, "epoch": message.epoch,
+                           "payload": message.payload}, sort_keys=True)
+    return format_line(message)
+
+
 def tap(settings: Settings, args: argparse.Namespace) -> int:
     endpoints = [Endpoint.parse(e) for e in args.bus] or [settings.bus(s) for s in ("collector", "planner", "applier")]
     ctx = zmq.Context.instance()
@@ -57,12 +72,12 @@ def tap(settings: Settings, args: argparse.Namespace) -> int:
                     continue
                 if args.topic and not any(message.topic.startswith(t) for t in args.topic):
                     continue  # heartbeats are always subscribed, for liveness
-                if args.json:
-                    print(json.dumps({"topic": message.topic, "seq": message.seq, "ts": message.ts,
-                                      "sender": message.sender, "epoch": message.epoch,
-                                      "payload": message.payload}, sort_keys=True), flush=True)
-                else:
-                    print(format_line(message), flush=True)
+                try:
+                    line = render(message, args.json)
+                except Exception as error:  # a payload of unexpected shape: skip it, keep tapping
+                    subscriber.drop(message, f"cannot show it: {type(error).__name__}: {error}")
+                    continue
+                print(line, flush=True)
                 printed += 1
                 if args.count and printed >= args.count:
                     return 0

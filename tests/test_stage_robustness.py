@@ -1,0 +1,238 @@
+"""No stage loop dies on one message: the planner, the applier and the tap, each fed hostile
+messages on a real ZeroMQ PUB socket at the endpoint it subscribes to, log, count and drop
+every one, and still plan / apply / print the next good message."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+import zmq
+
+from services.applier import main as applier
+from services.applier.driver import DriverResult, ProxyDriver
+from services.common.bus import Publisher, Subscriber
+from services.common.config import Settings
+from services.common.model import Plan, ProxySettings, Service, SourceSnapshot
+from services.planner import main as planner
+from tests.helpers import wait_until
+from tests.test_bus import HOSTILE_FRAMES, raw_body
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEAT = 0.05
+
+
+def service(port: int, servers: int = 1, source: str = "file") -> Service:
+    return Service.from_dict({"name": "web", "port": port, "source": source, "servers": [
+        {"ip": f"10.0.0.{i + 1}", "port": 80} for i in range(servers)]})
+
+
+def snapshot(servers: int, source: str = "file") -> dict:
+    return SourceSnapshot(source, "ok", (service(1234, servers, source),)).to_dict()
+
+
+def good_plan(port: int) -> dict:
+    return Plan((service(port),), ProxySettings(), sources_ready=("file",)).to_dict()
+
+
+# Payloads with a valid envelope that are not snapshots / plans.
+BAD_SNAPSHOTS = [
+    ("source.file", {**snapshot(1), "schema": 2}),
+    ("source.file", {k: v for k, v in snapshot(1).items() if k != "schema"}),
+    ("source.file", {**snapshot(1), "services": "x"}),
+    ("source.file", {**snapshot(1), "services": [5, None]}),
+    ("source.file", {**snapshot(1), "state": 5}),
+    ("source.file", {**snapshot(1), "warnings": 3}),
+    ("source.file", {**snapshot(1), "source": None}),
+    ("source.file", snapshot(1, source="marathon")),            # topic and source disagree
+    ("source.nope", {**snapshot(1), "source": "nope"}),
+    ("source.file", {"schema": 1}),                             # missing fields
+    ("source.file", {**snapshot(1), "services": [{**snapshot(1)["services"][0], "servers": [{"ip": 7}]}]}),
+    ("source.file", {**snapshot(1), "services": [{"nested": [[[[[]]]]]}]}),
+]
+BAD_PLANS = [
+    {**good_plan(2000), "schema": 99},
+    {**good_plan(2000), "hash": "0000000000000000"},             # does not match the content
+    {**good_plan(2000), "services": "x"},
+    {**good_plan(2000), "services": [1]},
+    {**good_plan(2000), "settings": {"max_connections": "many"}},
+    {**good_plan(2000), "settings": []},
+    {**good_plan(2000), "sources_ready": 5},
+    {**good_plan(2000), "inputs": ["x"]},
+    {**good_plan(2000), "notes": {"a": 1}},
+    {"schema": 1},
+]
+
+
+class Beats:
+    """The latest heartbeat payload of one stage, read from its PUB endpoint."""
+
+    def __init__(self, ctx: zmq.Context, settings: Settings, stage: str, prefix: str):
+        self.subscriber = Subscriber(ctx, [settings.bus(stage)], [prefix])
+        self.latest: dict = {}
+        self.data: list = []
+
+    def poll(self) -> dict:
+        for message in self.subscriber.poll(0.02):
+            if message.is_heartbeat:
+                self.latest = message.payload
+            else:
+                self.data.append(message)
+        return self.latest
+
+
+def on_topic(topic: bytes) -> list[list[bytes]]:
+    """HOSTILE_FRAMES (test_bus) sent on `topic`; the non-UTF-8 topic stays non-UTF-8."""
+    return [[topic if frames[0] == b"t.a" else topic + b"\xff", *frames[1:]] for frames in HOSTILE_FRAMES]
+
+
+def feed(upstream: Publisher, beats: Beats, hostile: list, expected_dropped: int) -> int:
+    """Send each hostile item (raw frames or (topic, payload)) and wait until the stage counted
+    it: one at a time, so a burst never meets the high-water mark."""
+    for item in hostile:
+        if isinstance(item, tuple):
+            upstream.publish(*item)
+        else:
+            upstream.pub.send_multipart(item)
+        expected_dropped += 1
+        wait_until(lambda: (upstream.serve_snapshots(), beats.poll().get("dropped"))[1] == expected_dropped,
+                   timeout=30, message=f"{item!r:.120} dropped (count {expected_dropped})")
+    return expected_dropped
+
+
+def test_planner_survives_any_message_and_plans_the_next_good_one(caplog):
+    settings = Settings(run_dir=tempfile.mkdtemp(prefix="pm"), services_file="/x", node_name="t")
+    ctx = zmq.Context.instance()
+    collector = Publisher(ctx, "collector@t", settings.bus("collector"), heartbeat_interval=BEAT)
+    beats = Beats(ctx, settings, "planner", "plan")
+    stop = threading.Event()
+    thread = threading.Thread(target=planner.run, args=(settings, stop), kwargs={"heartbeat_interval": BEAT},
+                              daemon=True)
+    thread.start()
+
+    def plans():
+        collector.serve_snapshots()
+        collector.heartbeat()
+        beats.poll()
+        return [Plan.from_dict(m.payload) for m in beats.data if m.topic == "plan"]
+
+    try:
+        collector.publish("source.file", snapshot(1))
+        wait_until(plans, message="first plan")
+        hostile = on_topic(b"source.file") + BAD_SNAPSHOTS
+        dropped = feed(collector, beats, hostile, 0)
+        # Hostile heartbeats are not dropped (their bad fields are ignored), and kill nothing.
+        collector.pub.send_multipart([b"heartbeat.evil", raw_body(sender="evil", payload={"interval": "x"})])
+        collector.publish("source.file", snapshot(3))
+        wait_until(lambda: len(plans()[-1].services[0].servers) == 3, message="the good snapshot planned")
+        assert thread.is_alive() and beats.latest["dropped"] == dropped == len(hostile)
+        assert "unknown schema version 2" in caplog.text and "from collector@t" in caplog.text
+        assert "snapshot of source 'marathon' on topic 'source.file'" in caplog.text
+    finally:
+        stop.set()
+        thread.join(10)
+        beats.subscriber.close()
+        collector.close()
+        shutil.rmtree(settings.run_dir, ignore_errors=True)
+    assert not thread.is_alive()
+
+
+class RecordingDriver(ProxyDriver):
+    name = "recording"
+
+    def __init__(self):
+        self.applied: list[str] = []
+
+    def apply(self, plan: Plan) -> DriverResult:
+        self.applied.append(plan.hash)
+        return DriverResult(self.name, True, "runtime")
+
+
+def test_applier_survives_any_message_and_applies_the_next_good_one(caplog):
+    settings = Settings(run_dir=tempfile.mkdtemp(prefix="pm"), node_name="n")
+    ctx = zmq.Context.instance()
+    planner_stand_in = Publisher(ctx, "planner@n", settings.bus("planner"), heartbeat_interval=BEAT)
+    beats = Beats(ctx, settings, "applier", "applied.")
+    driver = RecordingDriver()
+    stop = threading.Event()
+    thread = threading.Thread(target=applier.run, args=(settings, stop),
+                              kwargs={"drivers": [driver], "heartbeat_interval": BEAT}, daemon=True)
+    thread.start()
+
+    def applied():
+        planner_stand_in.serve_snapshots()
+        planner_stand_in.heartbeat()
+        beats.poll()
+        return driver.applied
+
+    try:
+        first = good_plan(2000)
+        planner_stand_in.publish("plan", first)
+        wait_until(lambda: first["hash"] in applied(), message="first plan applied")
+        hostile = on_topic(b"plan") + [("plan", p) for p in BAD_PLANS]
+        dropped = feed(planner_stand_in, beats, hostile, 0)
+        assert driver.applied == [first["hash"]]
+        second = good_plan(2001)
+        planner_stand_in.publish("plan", second)
+        wait_until(lambda: second["hash"] in applied(), message="the good plan applied")
+        assert thread.is_alive() and beats.latest["dropped"] == dropped == len(hostile)
+        assert "unknown schema version 99" in caplog.text and "does not match the content" in caplog.text
+    finally:
+        stop.set()
+        thread.join(10)
+        beats.subscriber.close()
+        planner_stand_in.close()
+        shutil.rmtree(settings.run_dir, ignore_errors=True)
+    assert not thread.is_alive()
+
+
+@pytest.fixture
+def tap_process(tmp_path):
+    """`proxymatic tap` on a stand-in publisher's endpoint, printing into a file."""
+    endpoint = f"ipc://{tmp_path}/x.pub"
+    output = open(tmp_path / "tap.out", "wb")
+    errors = open(tmp_path / "tap.err", "wb")
+    process = subprocess.Popen([sys.executable, "-m", "services.cli", "tap", "--run-dir", str(tmp_path),
+                                "--bus", endpoint, "--no-heartbeats"],
+                               cwd=REPO, stdout=output, stderr=errors, start_new_session=True)
+    yield process, endpoint, tmp_path / "tap.out", tmp_path / "tap.err"
+    process.kill()
+    process.wait(10)
+    output.close()
+    errors.close()
+
+
+def test_tap_survives_any_message_and_prints_the_next_good_one(tap_process):
+    process, endpoint, out, err = tap_process
+    from services.common.bus import Endpoint
+    ctx = zmq.Context.instance()
+    publisher = Publisher(ctx, "planner@x", Endpoint.parse(endpoint), heartbeat_interval=BEAT)
+    try:
+        def printed(text: str) -> bool:
+            publisher.serve_snapshots()
+            publisher.heartbeat()
+            return text in out.read_text()
+
+        publisher.publish("plan", good_plan(3000))
+        wait_until(lambda: printed("3000/tcp:1"), timeout=30, message="tap running")
+        hostile = on_topic(b"plan")
+        # A valid envelope whose payload the summary cannot read.
+        hostile_payloads = [("plan", {"services": 5}), ("plan", {"services": [{"port": 1}]}),
+                            ("source.file", {"services": 7}), ("heartbeat.x", {"sources": {"a": 5}})]
+        for number, frames in enumerate(hostile, 1):
+            publisher.pub.send_multipart(frames)
+            wait_until(lambda: printed("") and err.read_text().count("dropped message") == number, timeout=30,
+                       message=f"hostile message {number} logged")
+        for topic, payload in hostile_payloads:
+            publisher.publish(topic, payload)
+        publisher.publish("plan", good_plan(3001))
+        wait_until(lambda: printed("3001/tcp:1"), timeout=30, message="the good message after them")
+        assert process.poll() is None
+        assert err.read_text().count("dropped message") == len(hostile) + 3  # the heartbeat is hidden
+        assert "cannot show it" in err.read_text()
+    finally:
+        publisher.close()
