@@ -112,7 +112,8 @@ def mutate(draw, document: Any, max_mutations: int = 4) -> Any:
     """`document` with a few values replaced by hostile ones, or deleted."""
     for _ in range(draw(st.integers(1, max_mutations))):
         paths = _paths(document)
-        path = draw(st.sampled_from(paths[1:] or paths))
+        candidates = paths[1:] or paths
+        path = candidates[draw(st.integers(0, len(candidates) - 1))]
         document = _replace(document, path, draw(json_value), delete=bool(path) and draw(st.booleans()))
     return document
 
@@ -170,17 +171,20 @@ protocol_like = anything_or(st.sampled_from(["tcp", "udp", "udp,tcp", "TCP", "sc
 mode_like = anything_or(st.sampled_from(["tcp", "http", "HTTP ", " tcp", "https", "http\n", "http;"]))
 
 
+_label_index = st.sampled_from([0, 0, 1, 2, 9, -1])
+_label_field = st.sampled_from(LABEL_FIELDS)
+_label_number = anything_or(st.one_of(st.integers(-5, 70000), _ascii_digits(), st.sampled_from(NASTY_TEXT)))
+_label_extra = st.dictionaries(text_hostile, json_value, max_size=2)
+
+
 @st.composite
 def labels(draw) -> dict:
     result = {}
     for _ in range(draw(st.integers(0, 5))):
-        index = draw(st.sampled_from([0, 0, 1, 2, 9, -1]))
-        field = draw(st.sampled_from(LABEL_FIELDS))
-        value = draw(mode_like if field == "mode" else
-                     anything_or(st.one_of(st.integers(-5, 70000), _ascii_digits(), st.sampled_from(NASTY_TEXT))))
-        result[f"{LABEL}{index}.{field}"] = value
+        field = draw(_label_field)
+        result[f"{LABEL}{draw(_label_index)}.{field}"] = draw(mode_like if field == "mode" else _label_number)
     if draw(st.booleans()):
-        result.update(draw(st.dictionaries(text_hostile, json_value, max_size=2)))
+        result.update(draw(_label_extra))
     return result
 
 
@@ -202,59 +206,72 @@ port_mapping = anything_or(st.fixed_dictionaries({}, optional={
 port_definition = anything_or(st.fixed_dictionaries({}, optional={
     "port": port_like, "protocol": protocol_like, "name": text_hostile, "labels": json_value}))
 
-
-@st.composite
-def marathon_app(draw) -> dict:
-    app: dict = {"id": draw(app_id_like)}
-    shape = draw(st.sampled_from(["host", "bridge14", "user14", "bridge15", "user15", "ipaddress"]))
-    network = draw(anything_or(st.sampled_from(["BRIDGE", "USER", "HOST", "bridge", "NONE"])))
-    mappings = draw(anything_or(st.lists(port_mapping, max_size=3)))
-    if shape == "host":
-        app["portDefinitions"] = draw(anything_or(st.lists(port_definition, max_size=3)))
-        if draw(st.booleans()):
-            app["ports"] = draw(anything_or(st.lists(port_like, max_size=3)))
-    elif shape in ("bridge14", "user14"):
-        app["container"] = {"type": "DOCKER", "docker": {"network": network, "portMappings": mappings}}
-    elif shape in ("bridge15", "user15"):
-        mode = "container/bridge" if shape == "bridge15" else "container"
-        app["networks"] = draw(anything_or(st.lists(
-            st.fixed_dictionaries({"mode": anything_or(st.sampled_from([mode, "host", "container"]))},
-                                  optional={"name": text_hostile}), max_size=2)))
-        app["container"] = {"type": "DOCKER", "portMappings": mappings}
-    else:
-        app["ipAddress"] = draw(anything_or(st.fixed_dictionaries({"discovery": anything_or(
-            st.fixed_dictionaries({"ports": anything_or(st.lists(anything_or(st.fixed_dictionaries(
-                {"number": port_like, "protocol": protocol_like, "name": text_hostile})), max_size=3))}))})))
-    app["labels"] = draw(anything_or(labels()))
-    if draw(st.booleans()):
-        app["healthChecks"] = draw(anything_or(st.lists(health_check_like, max_size=3)))
-    app["version"] = draw(anything_or(st.sampled_from(["2016-10-04T12:48:17.435Z", "2016-10-04T12:58:17.435Z"])))
-    if draw(st.booleans()):
-        app["versionInfo"] = draw(anything_or(st.fixed_dictionaries(
-            {"lastConfigChangeAt": anything_or(st.sampled_from(["2016-10-04T12:48:17.435Z", ""]))})))
-    if draw(st.booleans()):
-        app["tasks"] = draw(anything_or(st.lists(marathon_task(), max_size=3)))
-    return app
+VERSIONS = ["2016-10-04T12:48:17.435Z", "2016-10-04T12:58:17.435Z"]
+_shape = st.sampled_from(["host", "bridge14", "user14", "bridge15", "user15", "ipaddress"])
+_docker_network = anything_or(st.sampled_from(["BRIDGE", "USER", "HOST", "bridge", "NONE"]))
+_mappings = anything_or(st.lists(port_mapping, max_size=3))
+_definitions = anything_or(st.lists(port_definition, max_size=3))
+_legacy_ports = anything_or(st.lists(port_like, max_size=3))
+_networks = {mode: anything_or(st.lists(
+    st.fixed_dictionaries({"mode": anything_or(st.sampled_from([mode, "host", "container"]))},
+                          optional={"name": text_hostile}), max_size=2)) for mode in ("container/bridge", "container")}
+_ip_address = anything_or(st.fixed_dictionaries({"discovery": anything_or(
+    st.fixed_dictionaries({"ports": anything_or(st.lists(anything_or(st.fixed_dictionaries(
+        {"number": port_like, "protocol": protocol_like, "name": text_hostile})), max_size=3))}))}))
+_health_checks = anything_or(st.lists(health_check_like, max_size=3))
+_version = anything_or(st.sampled_from(VERSIONS))
+_version_info = anything_or(st.fixed_dictionaries(
+    {"lastConfigChangeAt": anything_or(st.sampled_from([VERSIONS[0], ""]))}))
+_task_id = anything_or(st.sampled_from(["t1", "t2", "demo_web.1", "web.marathon-1"]))
+_task_ports = anything_or(st.lists(port_like, max_size=3))
+_task_state = anything_or(st.sampled_from(["TASK_RUNNING", "TASK_RUNNING", "TASK_KILLING", "TASK_STAGING"]))
+_ip_addresses = anything_or(st.lists(anything_or(st.fixed_dictionaries(
+    {"ipAddress": ip_like, "protocol": anything_or(st.sampled_from(["IPv4", "IPv6"]))})), max_size=2))
+_health_results = anything_or(st.lists(anything_or(st.fixed_dictionaries(
+    {"alive": anything_or(st.booleans())}, optional={"instanceId": text_hostile})), max_size=2))
 
 
 @st.composite
 def marathon_task(draw, app_ids: st.SearchStrategy | None = None) -> dict:
-    task = {
-        "id": draw(anything_or(st.sampled_from(["t1", "t2", "demo_web.1", "web.marathon-1"]))),
-        "host": draw(host_like),
-        "ports": draw(anything_or(st.lists(port_like, max_size=3))),
-        "state": draw(anything_or(st.sampled_from(["TASK_RUNNING", "TASK_RUNNING", "TASK_KILLING", "TASK_STAGING"]))),
-        "version": draw(anything_or(st.sampled_from(["2016-10-04T12:48:17.435Z", "2016-10-04T12:58:17.435Z"]))),
-    }
+    task = {"id": draw(_task_id), "host": draw(host_like), "ports": draw(_task_ports), "state": draw(_task_state),
+            "version": draw(_version)}
     if app_ids is not None:
         task["appId"] = draw(app_ids)
     if draw(st.booleans()):
-        task["ipAddresses"] = draw(anything_or(st.lists(anything_or(st.fixed_dictionaries(
-            {"ipAddress": ip_like, "protocol": anything_or(st.sampled_from(["IPv4", "IPv6"]))})), max_size=2)))
+        task["ipAddresses"] = draw(_ip_addresses)
     if draw(st.booleans()):
-        task["healthCheckResults"] = draw(anything_or(st.lists(anything_or(st.fixed_dictionaries(
-            {"alive": anything_or(st.booleans())}, optional={"instanceId": text_hostile})), max_size=2)))
+        task["healthCheckResults"] = draw(_health_results)
     return task
+
+
+_embedded_tasks = anything_or(st.lists(marathon_task(), max_size=3))
+
+
+@st.composite
+def marathon_app(draw) -> dict:
+    app: dict = {"id": draw(app_id_like)}
+    shape = draw(_shape)
+    if shape == "host":
+        app["portDefinitions"] = draw(_definitions)
+        if draw(st.booleans()):
+            app["ports"] = draw(_legacy_ports)
+    elif shape in ("bridge14", "user14"):
+        app["container"] = {"type": "DOCKER", "docker": {"network": draw(_docker_network),
+                                                         "portMappings": draw(_mappings)}}
+    elif shape in ("bridge15", "user15"):
+        app["networks"] = draw(_networks["container/bridge" if shape == "bridge15" else "container"])
+        app["container"] = {"type": "DOCKER", "portMappings": draw(_mappings)}
+    else:
+        app["ipAddress"] = draw(_ip_address)
+    app["labels"] = draw(anything_or(labels()))
+    if draw(st.booleans()):
+        app["healthChecks"] = draw(_health_checks)
+    app["version"] = draw(_version)
+    if draw(st.booleans()):
+        app["versionInfo"] = draw(_version_info)
+    if draw(st.booleans()):
+        app["tasks"] = draw(_embedded_tasks)
+    return app
 
 
 def any_app() -> st.SearchStrategy:
@@ -329,23 +346,25 @@ def etcd_node(draw, prefix: str = "/services") -> dict:
 # ---------------------------------------------------------------------------------------------
 # services file
 
+_file_server = st.fixed_dictionaries({}, optional={
+    "host": ip_like, "ip": ip_like, "port": port_like, "hostname": anything_or(st.sampled_from(["n1", "n\n"])),
+    "weight": anything_or(st.integers(-1, 1001)), "maxconn": anything_or(st.integers(0, 10**6 + 1)),
+})
+_file_service = st.fixed_dictionaries({"name": anything_or(st.sampled_from(["web", "a.b", "web\n", "a b", "x" * 300])),
+                                       "port": port_like}, optional={
+    "protocol": protocol_like, "mode": mode_like, "servers": anything_or(st.lists(_file_server, max_size=3)),
+    "healthCheck": health_check_like, "health_check": anything_or(st.fixed_dictionaries({}, optional={
+        "protocol": anything_or(st.sampled_from(["tcp", "http"])),
+        "path": anything_or(st.sampled_from(["/", "/h\n", "/a b", "/ok;x='1'"]))})),
+    "timeoutClient": anything_or(st.integers(-1, 86401)), "timeout_server": anything_or(st.integers(-1, 86401)),
+    "host_network": anything_or(st.booleans()),
+})
+_file_services = anything_or(st.lists(_file_service, max_size=3))
+
+
 @st.composite
 def services_document(draw) -> Any:
-    def server():
-        return st.fixed_dictionaries({}, optional={
-            "host": ip_like, "ip": ip_like, "port": port_like, "hostname": anything_or(st.sampled_from(["n1", "n\n"])),
-            "weight": anything_or(st.integers(-1, 1001)), "maxconn": anything_or(st.integers(0, 10**6 + 1)),
-        })
-    service = st.fixed_dictionaries({"name": anything_or(st.sampled_from(["web", "a.b", "web\n", "a b", "x" * 300])),
-                                     "port": port_like}, optional={
-        "protocol": protocol_like, "mode": mode_like, "servers": anything_or(st.lists(server(), max_size=3)),
-        "healthCheck": health_check_like, "health_check": anything_or(st.fixed_dictionaries({}, optional={
-            "protocol": anything_or(st.sampled_from(["tcp", "http"])),
-            "path": anything_or(st.sampled_from(["/", "/h\n", "/a b", "/ok;x='1'"]))})),
-        "timeoutClient": anything_or(st.integers(-1, 86401)), "timeout_server": anything_or(st.integers(-1, 86401)),
-        "host_network": anything_or(st.booleans()),
-    })
-    document = {"services": draw(anything_or(st.lists(service, max_size=3)))}
+    document = {"services": draw(_file_services)}
     if draw(st.integers(0, 9)) == 0:
         document["extra"] = draw(json_value)
     return draw(anything_or(st.just(document)))
@@ -364,31 +383,41 @@ valid_path = st.one_of(st.sampled_from(["/", "/health", "/h?x=1;y='2'", "/$HOME"
                        st.text("abc/._~!$&'()*+,;=:@%?-", max_size=30).map(lambda t: "/" + t))
 
 
+_valid_server = st.fixed_dictionaries({
+    "ip": st.one_of(st.ip_addresses(v=4).map(str), st.ip_addresses(v=6).map(str),
+                    st.sampled_from(["10.0.0.1", "::1", "::ffff:10.0.0.1"])),
+    "port": st.integers(1, 65535),
+    "hostname": st.sampled_from(["", "node-1", "a:b", "x" * 255, "_._"]),
+    "maxconn": st.one_of(st.none(), st.integers(1, 1_000_000)),
+})
+_valid_health = st.one_of(st.none(), st.fixed_dictionaries({
+    "protocol": st.sampled_from(["tcp", "http", "HTTP"]), "path": valid_path,
+    "interval_seconds": st.integers(1, 3600), "timeout_seconds": st.integers(1, 3600), "fall": st.integers(1, 100),
+}))
+_valid_fields = st.fixed_dictionaries({
+    "name": valid_name, "mode": st.sampled_from(["tcp", "http", "HTTP"]),
+    "source": st.sampled_from(["marathon", "file"]), "health_check": _valid_health,
+    "timeout_client": st.one_of(st.none(), st.integers(1, 86400)),
+    "timeout_server": st.one_of(st.none(), st.integers(1, 86400)),
+})
+_protocols = st.sampled_from(["tcp", "udp"])
+_weights = {256: st.integers(0, 256), 1000: st.integers(0, 1000)}
+
+
 @st.composite
 def valid_service(draw, port: int, protocol: str | None = None, max_weight: int = 256) -> Service:
-    servers = draw(st.lists(st.fixed_dictionaries({
-        "ip": st.one_of(st.ip_addresses(v=4).map(str), st.ip_addresses(v=6).map(str),
-                        st.sampled_from(["10.0.0.1", "::1", "::ffff:10.0.0.1"])),
-        "port": st.integers(1, 65535),
-        "hostname": st.sampled_from(["", "node-1", "a:b", "x" * 255, "_._"]),
-        "weight": st.integers(0, max_weight),
-        "maxconn": st.one_of(st.none(), st.integers(1, 1_000_000)),
-    }), max_size=4))
-    health = draw(st.one_of(st.none(), st.fixed_dictionaries({
-        "protocol": st.sampled_from(["tcp", "http", "HTTP"]), "path": valid_path,
-        "interval_seconds": st.integers(1, 3600), "timeout_seconds": st.integers(1, 3600), "fall": st.integers(1, 100),
-    })))
-    return Service.from_dict({
-        "name": draw(valid_name), "port": port, "protocol": protocol or draw(st.sampled_from(["tcp", "udp"])),
-        "mode": draw(st.sampled_from(["tcp", "http", "HTTP"])), "source": draw(st.sampled_from(["marathon", "file"])),
-        "servers": servers, "health_check": health,
-        "timeout_client": draw(st.one_of(st.none(), st.integers(1, 86400))),
-        "timeout_server": draw(st.one_of(st.none(), st.integers(1, 86400))),
-    })
+    """Built through Service.from_dict (so valid by construction), with hostile-but-valid values."""
+    weights = _weights[max_weight] if max_weight in _weights else st.integers(0, max_weight)
+    servers = [{**server, "weight": draw(weights)} for server in draw(st.lists(_valid_server, max_size=4))]
+    return Service.from_dict({**draw(_valid_fields), "port": port, "protocol": protocol or draw(_protocols),
+                              "servers": servers})
+
+
+_ports = st.integers(1, 65535)
 
 
 @st.composite
 def valid_services(draw, max_size: int = 4, protocol: str | None = None, max_weight: int = 256,
                    ports: st.SearchStrategy | None = None) -> tuple[Service, ...]:
-    numbers = draw(st.lists(ports or st.integers(1, 65535), unique=True, max_size=max_size))
+    numbers = draw(st.lists(ports if ports is not None else _ports, unique=True, max_size=max_size))
     return tuple(draw(valid_service(port, protocol, max_weight)) for port in numbers)

@@ -246,7 +246,7 @@ def assert_one_line_warnings(warnings) -> None:
 # Marathon
 
 
-@fast(300)
+@fast(150)
 @given(gen.any_app())
 def test_parse_app_raises_only_app_error(app):
     try:
@@ -263,7 +263,7 @@ def test_parse_app_raises_only_app_error(app):
             assert HealthCheck.from_dict(route.health_check.to_dict()) == route.health_check
 
 
-@fast(200)
+@fast(100)
 @given(st.data())
 def test_marathon_payloads_give_valid_services(data):
     apps = data.draw(st.lists(gen.any_app(), max_size=4), "apps")
@@ -386,7 +386,7 @@ def test_registrator_tree_gives_valid_services_and_warnings(node):
 # services file
 
 
-@fast(200)
+@fast(120)
 @given(st.one_of(gen.services_document().map(json.dumps), st.text(max_size=50),
                  st.sampled_from(['{"services": [', '{"services": NaN}', "null", "[]", '{"services": [1e999]}'])))
 def test_services_file_is_services_or_a_model_error(text):
@@ -410,3 +410,149 @@ def test_services_file_source_raises_only_source_error(content):
         except SourceError:
             return
         assert_valid_services(discovery.services, "file")
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering: no value leaves its slot
+
+
+def shape(text: str) -> list[tuple[str, int]]:
+    """Per line: the directive (first word) and how many words. A value that broke out of its
+    slot (a newline, a space, a `;`, a `#` or a brace) changes the lines or their word counts."""
+    return [((line.split() or [""])[0], len(line.split())) for line in text.split("\n")]
+
+
+def _plain(service: Service, name: str = "plain") -> Service:
+    """The same shape with every free-text value plain: servers (deduplicated as the renderers
+    do, same order, same maxconn presence), health check path, name."""
+    from services.applier.haproxy_render import unique_servers
+    servers = tuple(dataclasses.replace(s, ip="10.0.0.1", port=i + 1, hostname="")
+                    for i, s in enumerate(unique_servers(service)))
+    check = service.health_check and dataclasses.replace(service.health_check, path="/")
+    return dataclasses.replace(service, name=name, servers=servers, health_check=check)
+
+
+def _haproxy_text(services, directory: str, max_connections: int) -> str:
+    from services.applier.haproxy_launch import fd_limit
+    from services.applier.haproxy_render import HaproxyPaths, assign_slots, haproxy_services, render
+    plan = Plan(tuple(services), ProxySettings(max_connections=max_connections))
+    slots = assign_slots(haproxy_services(plan), {})
+    return render(plan, HaproxyPaths(directory), slots, fd_limit())
+
+
+haproxy_plans = st.tuples(gen.valid_services(max_size=4, protocol="tcp"), st.integers(1, 1_000_000))
+
+
+@fast(60)
+@given(haproxy_plans)
+def test_haproxy_values_stay_in_their_slots(plan_input):
+    from services.applier.haproxy_render import quote_path
+    services, max_connections = plan_input
+    text = _haproxy_text(services, "/run/pm/haproxy", max_connections)
+    plain = _haproxy_text([_plain(s) for s in services], "/run/pm/haproxy", max_connections)
+    assert shape(text) == shape(plain)
+    lines = text.split("\n")
+    for service in services:
+        if service.health_check and service.health_check.protocol == "http":
+            assert f"    option httpchk GET {quote_path(service.health_check.path)}" in lines
+        assert f"    bind 0.0.0.0:{service.port}" in lines
+
+
+@fast(5)
+@given(haproxy_plans)
+def test_haproxy_accepts_rendered_configs(plan_input):
+    from services.applier.haproxy_launch import check_config
+    services, max_connections = plan_input
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "haproxy.cfg")
+        with open(path, "w", encoding="utf-8") as out:
+            out.write(_haproxy_text(services, directory, max_connections))
+        valid, message = check_config(path)  # -c: parses and checks, binds nothing
+        assert valid, message
+
+
+def test_haproxy_accepts_the_nastiest_health_check_paths():
+    from services.applier.haproxy_launch import check_config
+    paths = ["/h?x=1;y='2'", "/'", "/$HOME", "/%0a", "/;", "/@:+,=!*()~&", "/" + "a" * 1023, "/''''"]
+    services = [Service.from_dict({"name": "web", "port": 20000 + i, "mode": "http",
+                                   "servers": [{"ip": "10.0.0.1", "port": 80, "weight": 256}],
+                                   "health_check": {"protocol": "http", "path": path}})
+                for i, path in enumerate(paths)]
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "haproxy.cfg")
+        with open(path, "w", encoding="utf-8") as out:
+            out.write(_haproxy_text(services, directory, 100))
+        valid, message = check_config(path)
+        assert valid, message
+
+
+nginx_plans = st.tuples(
+    gen.valid_services(max_size=5, ports=st.integers(1, 65535)),
+    st.sampled_from(["apps.example.com", "x", "A-B.c0", "example.com", "a" * 63 + "." + "b" * 63]),
+    st.sampled_from([80, 8080, 65535]), st.booleans(), st.integers(1, 1_000_000))
+
+
+def _nginx(plan_input, prefix: str):
+    from services.applier import nginx_render
+    services, domain, port, proxy_protocol, max_connections = plan_input
+    settings = ProxySettings(vhost_domain=domain, vhost_port=port, proxy_protocol=proxy_protocol,
+                             max_connections=max_connections)
+    return nginx_render.render(Plan(tuple(services), settings), prefix), settings
+
+
+@fast(60)
+@given(nginx_plans)
+def test_nginx_values_stay_in_their_slots(plan_input):
+    from services.applier import nginx_render
+    rendered, settings = _nginx(plan_input, "/run/pm/nginx")
+    kept = {vhost.key: vhost for vhost in rendered.vhosts}
+    services = sorted((s for s in plan_input[0] if s.key in kept), key=lambda s: s.port)
+    plain = nginx_render.render(Plan(tuple(_plain(s, f"n{i}") for i, s in enumerate(services)), settings),
+                                "/run/pm/nginx")
+    assert shape(rendered.text) == shape(plain.text)
+    names = [line.split()[1] for line in rendered.text.split("\n") if line.split()[:1] == ["server_name"]]
+    assert names == ["_;"] + [f"{v.server_name};" for v in rendered.vhosts]
+    for vhost in rendered.vhosts:
+        assert re.fullmatch(r"[a-z0-9.-]+", vhost.server_name)
+    assert_one_line_warnings(rendered.warnings)
+
+
+@fast(5)
+@given(nginx_plans)
+def test_nginx_accepts_rendered_configs(plan_input):
+    from services.applier.nginx_driver import prepare_prefix
+    with tempfile.TemporaryDirectory() as prefix:
+        prepare_prefix(prefix)
+        rendered, _ = _nginx(plan_input, prefix)
+        path = os.path.join(prefix, "nginx.conf")
+        with open(path, "w", encoding="utf-8") as out:
+            out.write(rendered.text)
+        # -t parses and checks, binds nothing; run() waits, so no process outlives the test
+        proc = subprocess.run(["/usr/sbin/nginx", "-t", "-q", "-p", prefix + "/", "-c", path],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+
+
+@fast(60)
+@given(gen.valid_services(max_size=3, max_weight=1000), st.integers(1, 70), st.integers(1, 1_000_000))
+def test_pen_values_stay_in_their_slots(services, pen_servers, max_connections):
+    import ipaddress
+
+    from services.applier.pen_driver import assign_slots, choose_servers, render_table
+    from services.applier.pen_runner import PenFiles, PenInstance, pen_argv
+    for service in services:
+        chosen, warnings = choose_servers(service, pen_servers)
+        assert_one_line_warnings(warnings)
+        table = render_table(assign_slots({}, chosen, pen_servers))
+        lines = table.split("\n")
+        assert lines[-1] == "" and len(lines) == pen_servers + 1
+        for index, line in enumerate(lines[:-1]):
+            match = re.fullmatch(r"server (\d+) address (\S+) port (\d+) max (\d+) weight (\d+)", line)
+            assert match and int(match[1]) == index, line
+            ipaddress.ip_address(match[2])
+        addresses = {line.split()[3] for line in lines[:-1]} - {"0.0.0.0"}
+        assert addresses <= {s.ip for s in service.servers}
+        instance = PenInstance(port=service.port, protocol=service.protocol, slots=pen_servers, clients=8192,
+                               max_connections=max_connections)
+        argv = pen_argv(instance, PenFiles("/run/pm/pen"))
+        assert all(re.fullmatch(r"\S+", arg) for arg in argv) and argv[-1] == str(service.port)
