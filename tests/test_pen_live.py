@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -32,6 +33,7 @@ def plan(port, servers, protocol="udp", haproxy=True, pen_servers=4):
 def run_dir():
     # unix socket paths are limited to 107 bytes: keep it short
     path = tempfile.mkdtemp(prefix="pm", dir="/tmp")
+    os.chmod(path, 0o755)  # reachable by the user Pen drops to when the tests run as root
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -42,7 +44,7 @@ def start_runner(run_dir) -> subprocess.Popen:
             "sys.exit(pen_runner.main(Settings(run_dir=sys.argv[1])))")
     proc = subprocess.Popen([sys.executable, "-c", code, run_dir], cwd=ROOT)
     pid_file = os.path.join(run_dir, "pen", "runner.pid")
-    wait_until(lambda: open(pid_file).read().strip() == str(proc.pid), message="runner up")
+    wait_until(lambda: open(pid_file).read().split()[0] == str(proc.pid), message="runner up")
     return proc
 
 
@@ -56,6 +58,12 @@ def runner(run_dir):
 
 def pen_pid(run_dir, key):
     return PenControl(os.path.join(run_dir, "pen", f"{key}.ctl")).pid()
+
+
+def process_user(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as status:
+        uid = next(int(line.split()[1]) for line in status if line.startswith("Uid:"))
+    return pwd.getpwuid(uid).pw_name
 
 
 def test_udp_backends_move_without_restarting_pen(run_dir, runner):
@@ -108,6 +116,8 @@ def test_tcp_through_pen_without_haproxy_and_slot_limit(run_dir, runner):
         result = driver.apply(plan(port, [one.port], protocol="tcp", haproxy=False))
         assert result.ok and result.action == "reload", result
         assert tcp_ask(port) == "one"
+        if os.geteuid() == 0:  # a TCP pen drops root once its port and control socket are bound
+            assert process_user(pen_pid(run_dir, f"{port}-tcp")) == "nobody"
 
         moved = driver.apply(plan(port, [two.port], protocol="tcp", haproxy=False))
         assert moved.action == "runtime"

@@ -12,18 +12,26 @@ Per instance `<port>-<protocol>` the run dir holds:
   <key>.pid   Pen's pid file, used to adopt a pen that outlived a runner restart
   <key>.html  Pen's status page (-w), needed for the `status` command that lists connections
 A pen that dies is restarted after 1 s, doubling up to 30 s while it keeps dying quickly.
+
+Run as root, a TCP pen drops to PEN_USER (`-u nobody`) right after binding its port and control
+socket; it writes its pid file and status page afterwards, so the runner creates those two files
+owned by that user first (the directory stays root's). UDP pens keep root (see `pen_argv`). A pid read back from a pid file is only
+ever signalled when /proc shows it is that very pen (same command line and executable).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import pwd
 import select
 import signal
+import stat
 import subprocess
 import time
 from dataclasses import asdict, dataclass
 
+from services.applier import proc_identity
 from services.common.files import write_atomic
 
 log = logging.getLogger("proxymatic.pen")
@@ -33,6 +41,8 @@ RUNNER_PID_FILE = "runner.pid"
 MIN_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
 STABLE_AFTER = 10.0  # a pen that ran this long resets the restart backoff
+# Who Pen runs as when started by root (Debian has no user of its own for Pen).
+PEN_USER = "nobody"
 
 
 @dataclass(frozen=True)
@@ -104,7 +114,8 @@ def read_instances(path: str) -> dict[str, PenInstance]:
     return instances
 
 
-def pen_argv(instance: PenInstance, files: PenFiles, binary: str = "pen") -> list[str]:
+def pen_argv(instance: PenInstance, files: PenFiles, binary: str = "pen", user: str | None = None) -> list[str]:
+    """Pen's command line; `user` (see `pen_user`) is the one Pen switches to after binding."""
     key = instance.key
     argv = [binary, "-f",  # foreground: the runner is the supervisor
             "-W",  # weighted server selection (weight 0 = no new clients)
@@ -114,30 +125,80 @@ def pen_argv(instance: PenInstance, files: PenFiles, binary: str = "pen") -> lis
             "-c", str(instance.clients), "-x", str(instance.max_connections)]
     if instance.protocol == "udp":
         argv.append("-U")
-    if os.geteuid() == 0:
-        # Pen refuses a control socket when it runs as root unless told so explicitly; it cannot
-        # drop to another user either, since it writes its pid file and status page afterwards.
-        argv += ["-u", "root"]
+    if user:
+        # Pen refuses a control socket when it runs as root unless `-u` names a user. A UDP pen
+        # keeps root: Pen 0.34 binds each flow's upstream socket to the listening port with
+        # SO_REUSEPORT after switching users, and Linux lets only sockets of one uid share a
+        # port, so a UDP pen that dropped root would forward nothing (EADDRINUSE per datagram).
+        argv += ["-u", user if instance.protocol == "tcp" else "root"]
     argv.append(str(instance.port))
     return argv
 
 
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as source:
-            return [part.decode(errors="replace") for part in source.read().split(b"\0") if part]
-    except OSError:
-        return []
+def reachable_by(directory: str, uid: int, gid: int) -> bool:
+    """Whether user uid/gid can open files in `directory` (search permission on every level),
+    judged from the mode bits as the kernel would for that user (root checking for another)."""
+    path = os.path.abspath(directory)
+    while True:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return False
+        if info.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif info.st_gid == gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not info.st_mode & bit:
+            return False
+        parent = os.path.dirname(path)
+        if parent == path:
+            return True
+        path = parent
 
 
-def _alive(pid: int) -> bool:
+def pen_user(directory: str, wanted: str = PEN_USER) -> str | None:
+    """The user Pen runs as: None when we are not root (Pen keeps our user); `wanted` when it
+    exists and can reach `directory` (Pen writes its pid file and status page there after
+    switching); otherwise root, with a warning (a RUN_DIR of mode 0700 is not reachable)."""
+    if os.geteuid() != 0:
+        return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        entry = pwd.getpwnam(wanted)
+    except KeyError:
+        log.warning("pen: no user %r, pens run as root", wanted)
+        return "root"
+    if not reachable_by(directory, entry.pw_uid, entry.pw_gid):
+        log.warning("pen: user %r cannot reach %s (a parent directory is not searchable, e.g. RUN_DIR "
+                    "mode 0700): pens run as root", wanted, directory)
+        return "root"
+    return wanted
+
+
+def prepare_owned(path: str, user: str | None) -> None:
+    """An empty file at `path` that `user` may write (Pen writes it after dropping root); it
+    replaces whatever was there, so nothing left by an earlier process survives."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        if user and user != "root":
+            entry = pwd.getpwnam(user)
+            os.fchown(fd, entry.pw_uid, entry.pw_gid)
+    finally:
+        os.close(fd)
+
+
+def own_pen(pid: int, instance: PenInstance, files: PenFiles, binary: str) -> bool:
+    """Whether `pid` is a pen of this instance: Pen's executable, listening on the instance's
+    port with its control socket. Settings may differ (a pen left by an older runner)."""
+    line = proc_identity.cmdline(pid)
+    control = files.control(instance.key)
+    has_control = any(a == "-C" and b == control for a, b in zip(line, line[1:]))
+    return has_control and line[-1] == str(instance.port) and proc_identity.executes(pid, binary)
 
 
 class _Pen:
@@ -145,7 +206,7 @@ class _Pen:
 
     def __init__(self, instance: PenInstance, argv: list[str]):
         self.instance = instance
-        self.argv = argv
+        self.argv = argv  # for an adopted pen: its command line as found
         self.process: subprocess.Popen | None = None
         self.adopted_pid: int | None = None
         self.started = 0.0
@@ -162,8 +223,14 @@ class _Pen:
         if self.process is not None:
             return self.process.poll() is None
         if self.adopted_pid is not None:
-            return _alive(self.adopted_pid) and _cmdline(self.adopted_pid) == self.argv
+            return self.is_it(self.adopted_pid)
         return False
+
+    def is_it(self, pid: int) -> bool:
+        """`pid` is this pen: its command line and Pen's executable (checked before a signal)."""
+        if self.process is not None:
+            return pid == self.process.pid and self.process.poll() is None
+        return proc_identity.cmdline(pid) == self.argv and proc_identity.executes(pid, self.argv[0])
 
 
 class PenRunner:
@@ -171,6 +238,8 @@ class PenRunner:
         self.files = files
         self.binary = binary
         self.poll_interval = poll_interval
+        os.makedirs(files.directory, exist_ok=True)
+        self.user = pen_user(files.directory)
         self.pens: dict[str, _Pen] = {}
         self.desired: dict[str, PenInstance] = {}
         self._stopping = False
@@ -190,7 +259,7 @@ class PenRunner:
             self._stop(self.pens.pop(key))
             self._remove_files(key)
         for key, instance in sorted(self.desired.items()):
-            argv = pen_argv(instance, self.files, self.binary)
+            argv = pen_argv(instance, self.files, self.binary, self.user)
             pen = self.pens.get(key)
             if pen is not None and (pen.argv != argv or pen.instance != instance):
                 log.info("pen %s: settings changed (%s), restarting", key, instance)
@@ -216,25 +285,44 @@ class PenRunner:
                 self._start(pen)
 
     def _adopt(self, pen: _Pen) -> bool:
+        """Take over a pen a previous runner left running (its pid file). The file is written by
+        Pen after it dropped root, so the pid is trusted only as far as /proc confirms it."""
+        key = pen.instance.key
         try:
-            with open(self.files.file(pen.instance.key, "pid"), encoding="utf-8") as source:
+            with open(self.files.file(key, "pid"), encoding="utf-8") as source:
                 pid = int(source.read().strip())
         except (OSError, ValueError):
             return False
-        if _alive(pid) and _cmdline(pid) == pen.argv:
+        if pid <= 0 or not own_pen(pid, pen.instance, self.files, self.binary):
+            return False
+        if proc_identity.cmdline(pid) == pen.argv:
             pen.adopted_pid = pid
             pen.started = time.monotonic()
-            log.info("pen %s: adopted running pen pid %d", pen.instance.key, pid)
+            log.info("pen %s: adopted running pen pid %d", key, pid)
             return True
+        # Ours but started with other settings (e.g. before an upgrade): it holds the port, so
+        # it has to go before this instance can start.
+        log.info("pen %s: pen pid %d runs with other settings, stopping it", key, pid)
+        old = _Pen(pen.instance, proc_identity.cmdline(pid))
+        old.adopted_pid = pid
+        self._stop(old)
         return False
 
     def _start(self, pen: _Pen) -> None:
         key = pen.instance.key
-        for suffix in ("ctl", "pid"):
-            try:
-                os.unlink(self.files.file(key, suffix))
-            except FileNotFoundError:
-                pass
+        try:
+            os.unlink(self.files.control(key))
+        except FileNotFoundError:
+            pass
+        try:
+            # Pen writes these after switching to its user: they must exist and be its own.
+            for suffix in ("pid", "html"):
+                prepare_owned(self.files.file(key, suffix), self.user)
+        except (OSError, KeyError) as error:
+            log.error("pen %s: cannot prepare its files: %s", key, error)
+            pen.restart_at = time.monotonic() + pen.backoff
+            pen.backoff = min(MAX_BACKOFF, pen.backoff * 2)
+            return
         cfg = self.files.file(key, "cfg")
         if not os.path.exists(cfg):
             write_atomic(cfg, "")  # the driver has not written a membership yet: all slots empty
@@ -252,21 +340,30 @@ class PenRunner:
         pid = pen.pid
         if pid is None or not pen.running():
             return
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
+        if not self._send(pen, signal.SIGTERM):
             return
         deadline = time.monotonic() + grace
         while pen.running() and time.monotonic() < deadline:
             time.sleep(0.02)
         if pen.running():
             log.warning("pen %s: pid %d ignored SIGTERM, killing it", pen.instance.key, pid)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self._send(pen, signal.SIGKILL)
         if pen.process is not None:
             pen.process.wait()
+
+    @staticmethod
+    def _send(pen: _Pen, signum: int) -> bool:
+        """Signal a pen: our child directly (its pid stays ours until waited for), an adopted one
+        only while /proc still shows that very pen."""
+        if pen.process is not None:
+            if pen.process.poll() is not None:
+                return False
+            pen.process.send_signal(signum)
+            return True
+        sent = proc_identity.signal_verified(pen.adopted_pid or 0, signum, pen.is_it)
+        if not sent:
+            log.warning("pen %s: pid %s is no longer that pen, not signalled", pen.instance.key, pen.adopted_pid)
+        return sent
 
     def _remove_files(self, key: str) -> None:
         for suffix in ("ctl", "pid", "html"):
@@ -298,7 +395,8 @@ class PenRunner:
         signal.set_wakeup_fd(self._wake_w)
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, self._signal)
-        write_atomic(self.files.runner_pid, f"{os.getpid()}\n")
+        # pid and start time: a driver never signals another process that got the pid later
+        write_atomic(self.files.runner_pid, proc_identity.identity(os.getpid()) + "\n")
         log.info("pen runner: watching %s", self.files.instances)
         try:
             while not self._stopping:
@@ -326,20 +424,27 @@ def main(settings) -> int:
     return PenRunner(PenFiles.of(settings)).run()
 
 
+def _runner(files: PenFiles) -> int | None:
+    """The runner's pid, when the process recorded in runner.pid is still running."""
+    try:
+        with open(files.runner_pid, encoding="utf-8") as source:
+            recorded = source.read()
+    except OSError:
+        return None
+    return proc_identity.same_process(recorded)
+
+
 def signal_runner(files: PenFiles) -> bool:
     """Wake the runner (the driver calls this after changing the instance file)."""
     try:
         with open(files.runner_pid, encoding="utf-8") as source:
-            pid = int(source.read().strip())
-        os.kill(pid, signal.SIGHUP)
-        return True
-    except (OSError, ValueError):
+            recorded = source.read()
+    except OSError:
         return False
+    pid = proc_identity.same_process(recorded)  # a stale file never gets another process signalled
+    return pid is not None and proc_identity.signal_verified(
+        pid, signal.SIGHUP, lambda p: proc_identity.same_process(recorded) == p)
 
 
 def runner_alive(files: PenFiles) -> bool:
-    try:
-        with open(files.runner_pid, encoding="utf-8") as source:
-            return _alive(int(source.read().strip()))
-    except (OSError, ValueError):
-        return False
+    return _runner(files) is not None
