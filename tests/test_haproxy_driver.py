@@ -337,22 +337,34 @@ def test_a_reload_failing_on_a_listener_sets_it_aside_and_reloads_without_it(hap
         squat.close()
 
 
-def test_reload_failure_nothing_explains_restores_the_previous_config(haproxy, backends, monkeypatch):
-    """Neither a probe nor HAProxy's messages name a listener: the reload is rejected and the
-    old worker serves on the previous config."""
-    driver, port, good, worker = serving_b0(haproxy, backends)
+def test_membership_goes_out_before_a_reload_and_stays_when_nothing_explains_its_failure(
+        haproxy, backends, monkeypatch):
+    """A plan with a membership change and a new listener: the servers change through the
+    runtime API before the reload. When the reload fails and neither a probe nor HAProxy's
+    messages name a listener, it is rejected; the old worker serves on, with the new servers,
+    and the file says so."""
+    driver, port, _, worker = serving_b0(haproxy, backends)
     monkeypatch.setattr(haproxy_driver, "bind_error", lambda *args: None)
     os.unlink(driver._program_log.path)
+    lines = []
+    real_send = MasterCli._send_line
+    monkeypatch.setattr(MasterCli, "_send_line", lambda self, line: lines.append(line) or real_send(self, line))
     squat = squatter()
+    taken = squat.getsockname()[1]
     try:
-        result = driver.apply(make_plan(tcp_service(port, backends[:1]), tcp_service(squat.getsockname()[1],
-                                                                                     backends[1:2])))
+        result = driver.apply(make_plan(tcp_service(port, backends[1:2]), tcp_service(taken, backends[2:3])))
         assert not result.ok and result.action == "rejected" and "reload failed" in result.errors[0]
+        assert result.set_aside == {}
     finally:
         squat.close()
+    changed = next(i for i, line in enumerate(lines) if f"set server svc_{port}_tcp/s1 addr" in line)
+    assert changed < lines.index("reload")
     assert haproxy.proc().worker == worker
-    assert tcp_ask(port) == "b0"
-    assert config_text(haproxy) == good
+    assert serving(port, 3) == {"b1"}
+    config = config_text(haproxy)
+    assert f"    server s1 127.0.0.1:{backends[1].port} weight 10\n" in config
+    assert f"127.0.0.1:{backends[0].port}" not in config
+    assert not listens_on(haproxy, taken)
     # The driver re-adopts the running worker: a membership change is runtime again.
     again = driver.apply(make_plan(tcp_service(port, backends[:2])))
     assert again.ok and again.action == "runtime", again

@@ -35,7 +35,8 @@ from services.applier.haproxy_isolation import (
 )
 from services.applier.haproxy_launch import check_config_alerts, fd_limit, run_as, summary
 from services.applier.haproxy_render import (
-    ConfigRenderer, HaproxyPaths, RenderError, Rendering, Slots, backend_id, haproxy_services, slot_name,
+    ConfigRenderer, HaproxyPaths, RenderError, Rendering, Slots, backend_id, haproxy_services, section_skeleton,
+    slot_name, split_sections,
 )
 from services.applier.haproxy_runtime import (
     Command, CommandFailed, HaproxyUnavailable, MasterCli, ProcInfo, WorkerApi,
@@ -229,7 +230,30 @@ class HaproxyDriver(ProxyDriver):
             error = f"HAProxy rejected the new config: {message}" if reload_reason else \
                 f"HAProxy rejected the new config, the previous one keeps serving: {message}"
             return DriverResult(self.name, False, "rejected", errors=(error,), details=self._details(fixes))
+        self._membership_first(rendering, services)
         return self._reload(plan, text, slots, rendering.skeleton_hash, proc, new_listeners)
+
+    def _membership_first(self, rendering: Rendering, services: dict[str, Service]) -> None:
+        """Before a reload: the servers of services whose sections keep their skeleton change
+        through the runtime API now, and the config on disk says so. Traffic follows them without
+        waiting for the reload, and a reload HAProxy refuses leaves them applied."""
+        if not self._trusted or self._config_text is None or self._worker is None:
+            return
+        header, running = split_sections(self._config_text)
+        new = {backend_id(services[key]): text for key, text in rendering.sections if key in services}
+        moved = {bid: rendering.slots[bid] for bid, text in new.items()
+                 if bid in running and text != running[bid]
+                 and len(rendering.slots[bid]) == len(self._slots.get(bid, ()))
+                 and section_skeleton(text) == section_skeleton(running[bid])}
+        if not moved:
+            return
+        _, changes, errors = self._runtime_update(moved, show_proc=False)
+        if errors:  # the reload applies them; a failed one is followed by a re-adoption
+            log.info("haproxy: runtime changes before the reload failed (%s)", "; ".join(errors[:3]))
+            return
+        text = header + "".join([new[bid] if bid in moved else section for bid, section in running.items()]) + "\n"
+        self._commit_runtime(text, {**self._slots, **moved}, self._skeleton_hash)
+        log.info("haproxy: %d servers changed at runtime ahead of the reload", changes)
 
     def _sync_worker(self, proc: ProcInfo) -> int:
         """After `show proc`: adopt its worker when it is not the one we synced with. Returns

@@ -311,6 +311,27 @@ def render_skeleton(plan: Plan, paths: HaproxyPaths, slots: Slots, fd_limit: int
     return render(plan, paths, empty_slots(slots), fd_limit, run_as=run_as, set_aside=set_aside)
 
 
+_SECTION_START = re.compile(r"\nlisten (svc_\d+_tcp)\n")
+_SERVER_LINE = re.compile(r"^(    server s\d+) \S+ weight \d+(?: maxconn \d+)?(.*?)(?: disabled)?$", re.M)
+
+
+def split_sections(text: str) -> tuple[str, dict[str, str]]:
+    """A config as `render` writes it -> (its header, backend id -> that service's section,
+    starting with its newline): header + sections + newline is the text again."""
+    body = text[:-1] if text.endswith("\n") else text
+    starts = [(match.start(), match.group(1)) for match in _SECTION_START.finditer(body)]
+    sections = {}
+    for index, (start, bid) in enumerate(starts):
+        end = starts[index + 1][0] if index + 1 < len(starts) else len(body)
+        sections[bid] = body[start:end]
+    return (body[:starts[0][0]] if starts else body), sections
+
+
+def section_skeleton(section: str) -> str:
+    """A section without what slot contents change (addresses, weights, maxconn, disabled)."""
+    return _SERVER_LINE.sub(r"\1\2", section)
+
+
 def skeleton_hash(skeleton_text: str) -> str:
     """The skeleton's identity, as slots.json records it."""
     return content_hash(skeleton_text)
