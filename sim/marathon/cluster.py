@@ -209,9 +209,18 @@ class Cluster:
             }]
         return body
 
-    def render_app_with_tasks(self, app: SimApp, embed: bool) -> dict:
+    def tasks_by_app(self) -> dict[str, list[SimTask]]:
+        """Every task grouped by app id, in one pass (rendering every app's tasks stays
+        O(tasks), not O(apps x tasks): /v2/apps at 1,000 apps took seconds otherwise)."""
+        grouped: dict[str, list[SimTask]] = {}
+        for task in self.tasks.values():
+            grouped.setdefault(task.app_id, []).append(task)
+        return grouped
+
+    def render_app_with_tasks(self, app: SimApp, embed: bool, tasks: list[SimTask] | None = None) -> dict:
+        """`tasks`: the app's tasks when the caller grouped them already (tasks_by_app)."""
         body = self._render_definition(app)
-        running = [t for t in self.tasks.values() if t.app_id == app.id]
+        running = tasks if tasks is not None else [t for t in self.tasks.values() if t.app_id == app.id]
         body.update({
             "tasksStaged": 0, "tasksRunning": sum(t.state == "TASK_RUNNING" for t in running),
             "tasksHealthy": sum(t.alive is True for t in running),

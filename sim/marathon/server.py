@@ -9,6 +9,7 @@ import json
 import queue
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -28,6 +29,7 @@ class Replica:
         self.fault: str | None = None
         self.stall = False
         self.refuse_events: int | None = None
+        self.stream_opens: list[float] = []  # wall-clock times event streams were answered 200
         self.requests: list[str] = []
         self._requests_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -190,7 +192,8 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/v2/apps":
                 embed = "apps.tasks" in query.get("embed", [])
                 with cluster.lock:
-                    apps = [cluster.render_app_with_tasks(a, embed) for a in cluster.apps.values()]
+                    by_app = cluster.tasks_by_app()
+                    apps = [cluster.render_app_with_tasks(a, embed, by_app.get(a.id, [])) for a in cluster.apps.values()]
                 self._json(200, {"apps": apps})
             elif path.startswith("/v2/apps/"):
                 self._app(path[len("/v2/apps"):], query)
@@ -238,6 +241,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.end_headers()
             self.close_connection = True
+            replica.stream_opens.append(time.time())
             attached = {"remoteAddress": self.client_address[0], "eventType": "event_stream_attached",
                         "timestamp": cluster.timestamp()}
             if types is None or "event_stream_attached" in types:
