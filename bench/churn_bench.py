@@ -155,6 +155,39 @@ def nginx_answers(port: int) -> bool:
     return conn.getresponse().status == 200
 
 
+def children(pid: int) -> list[str]:
+    """Command lines of the processes whose parent is `pid`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    out.append(handle.read().replace(b"\0", b" ").decode(errors="replace").strip())
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def nginx_settled(run_dir: str, port: int, streak: int = 20) -> bool:
+    """The vhost answers `streak` times in a row and no old nginx worker (one that still had the
+    config without the vhost) is shutting down: after a reload, nginx's old workers keep
+    accepting connections for a moment and answer them with the old config (the default
+    server's 503)."""
+    try:
+        with open(os.path.join(run_dir, "nginx", "nginx.pid")) as handle:
+            master = int(handle.read().strip())
+    except (OSError, ValueError):
+        return False
+    workers = children(master)
+    if not workers or any("shutting down" in w for w in workers):
+        return False
+    return all(nginx_answers(port) for _ in range(streak))
+
+
 def write_services(path: str, port: int, servers: dict[str, tuple[HttpBackend, int]]) -> None:
     document = {"services": [{
         "name": "web", "port": port, "mode": "http",
@@ -252,10 +285,12 @@ def main() -> None:
     pipeline.start()
     try:
         wait_until(converged, timeout=60, message="first plan applied")
-        wait_until(lambda: nginx_answers(vhost_port), timeout=30, message="the vhost to answer")
+        wait_until(lambda: nginx_settled(pipeline.run_dir, vhost_port), timeout=30, interval=0.1,
+                   message="the vhost to answer, nginx's old workers gone")
         wait_until(lambda: len(view.up()) >= 3, timeout=30, message="HAProxy to have the 3 servers UP")
         reloads_before = view.reloads()
         monitor.start()
+        phase["now"] = "before-first-change"
         haproxy_load = Load(service_port, None, args.threads, phase).start()
         nginx_load = Load(vhost_port, f"web.{DOMAIN}", args.threads, phase).start()
         counting = True
