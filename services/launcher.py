@@ -62,10 +62,12 @@ def programs(settings: Settings) -> list[Program]:
     result.append(Program("pen", command("pen"), 10))
     if settings.vhost_domain:
         result.append(Program("nginx", command("nginx"), 10, "QUIT", 35))
+    # Publishers start before their subscribers (collector, planner, applier): a subscriber's
+    # first snapshot request then finds its publisher bound.
     result += [
-        Program("applier", command("applier"), 20),
+        Program("collector", command("collector"), 20),
         Program("planner", command("planner"), 30),
-        Program("collector", command("collector"), 40),
+        Program("applier", command("applier"), 40),
         Program("status", command("status"), 50),
     ]
     return result

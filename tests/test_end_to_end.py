@@ -13,7 +13,9 @@ import urllib.request
 
 import pytest
 
+from tests import launcher_helpers
 from tests.helpers import Load, TcpBackend, free_port, tcp_ask, wait_until
+from tests.launcher_helpers import Run
 
 BIN = os.path.dirname(sys.executable)
 
@@ -144,3 +146,43 @@ def test_pipeline_serves_follows_survives_and_drains(stack):
     assert stack.serving() == {"a", "b", "c"}
     stack.process.send_signal(signal.SIGTERM)
     assert stack.process.wait(timeout=40) == 0
+
+
+def test_status_follows_the_proxies_not_the_control_plane():
+    """/status fails within seconds of HAProxy not answering and recovers with it; a dead stage
+    only shows in the details; HEAD /status answers the same status without a body."""
+    run = Run()
+    backend = TcpBackend("a")
+    try:
+        port = free_port()
+        run.write([{"name": "web", "port": port, "servers": [{"host": "127.0.0.1", "port": backend.port}]}])
+        run.start()
+        run.wait_ok(timeout=90)
+        head = urllib.request.urlopen(urllib.request.Request(run.url("/status"), method="HEAD"), timeout=3)
+        assert head.status == 200 and head.read() == b"" and head.headers["Content-Length"] == "3"
+        details = run.details()
+        assert details["proxies"]["haproxy"]["ok"] is True
+        assert {"collector", "planner", "applier", "status"} <= {s.split("@")[0] for s in details["stages"]}
+        assert all(stage["alive"] and stage["pid"] for stage in details["stages"].values())
+
+        # The data plane: HAProxy stopped -> 503 naming it; started again -> OK.
+        assert "stopped" in run.supervisorctl("stop", "haproxy")
+        code, body = wait_until(lambda: (s := run.status())[0] == 503 and s, timeout=10, message="503")
+        assert body.startswith("UNAVAILABLE: haproxy not answering:"), body
+        assert launcher_helpers.http_get(run.url("/status"), "HEAD") == (503, "")
+        assert "started" in run.supervisorctl("start", "haproxy")
+        run.wait_ok(timeout=30)
+        wait_until(lambda: tcp_ask(port) == "a", timeout=30, message="traffic again")
+
+        # The control plane: a stopped applier fails nothing, and shows.
+        applier_pid = run.pid("applier")
+        assert "stopped" in run.supervisorctl("stop", "applier")
+        stage = wait_until(lambda: next((v for k, v in run.details()["stages"].items()
+                                         if k.startswith("applier@") and not v["alive"]), None),
+                           timeout=15, message="applier reported dead")
+        assert stage["pid"] == applier_pid and stage["seconds_since_heard"] >= 2
+        assert run.status() == (200, "OK\n")
+        assert tcp_ask(port) == "a"
+    finally:
+        run.close()
+        backend.close()
