@@ -103,6 +103,15 @@ def test_snapshot_warnings_validated():
         SourceSnapshot.from_dict(data)
 
 
+@pytest.mark.parametrize("port", [[], {}, [80]])
+def test_decoding_services_with_an_unhashable_port_is_a_model_error(port):
+    # the decoder's cache key (port, protocol, source) raised TypeError before validation
+    with pytest.raises(ModelError, match="port"):
+        Plan.from_dict({"services": [{"name": "web", "port": port}]})
+    with pytest.raises(ModelError, match="port"):
+        SourceSnapshot.from_dict({"source": "file", "state": "ok", "services": [{"name": "web", "port": port}]})
+
+
 # ---------------------------------------------------------------------------------------------
 # regressions: the services file
 
@@ -556,3 +565,33 @@ def test_pen_values_stay_in_their_slots(services, pen_servers, max_connections):
                                max_connections=max_connections)
         argv = pen_argv(instance, PenFiles("/run/pm/pen"))
         assert all(re.fullmatch(r"\S+", arg) for arg in argv) and argv[-1] == str(service.port)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model itself: whatever arrives from the bus
+
+
+_valid_service_dicts = st.builds(lambda s: dict(s.to_dict()),
+                                 st.integers(1, 65535).flatmap(lambda port: gen.valid_service(port)))
+_service_dicts = st.one_of(_valid_service_dicts, _valid_service_dicts.flatmap(gen.mutate), gen.json_value)
+
+
+@fast(150)
+@given(st.one_of(
+    st.tuples(st.just("service"), _service_dicts),
+    st.tuples(st.just("plan"), st.lists(_service_dicts, max_size=3).map(
+        lambda services: Plan((), ProxySettings()).to_dict() | {"services": services}).flatmap(
+        lambda d: st.one_of(st.just(d), gen.mutate(d, 2)))),
+    st.tuples(st.just("snapshot"), st.lists(_service_dicts, max_size=3).map(
+        lambda services: SourceSnapshot("file", "ok").to_dict() | {"services": services}).flatmap(
+        lambda d: st.one_of(st.just(d), gen.mutate(d, 2)))),
+))
+def test_model_decoding_raises_only_model_error(kind_and_data):
+    kind, data = kind_and_data
+    decode = {"service": Service.from_dict, "plan": Plan.from_dict, "snapshot": SourceSnapshot.from_dict}[kind]
+    try:
+        decoded = decode(data)
+    except ModelError:
+        return
+    again = decode(decoded.to_dict())
+    assert again.to_dict() == decoded.to_dict()

@@ -286,7 +286,10 @@ class ServiceDecoder:
         decoded = []
         for index, item in enumerate(data):
             key = (item.get("port"), item.get("protocol"), item.get("source")) if isinstance(item, dict) else None
-            hit = self._known.get(key)
+            try:
+                hit = self._known.get(key)
+            except TypeError:  # a list or an object where a port belongs: from_dict names it
+                key, hit = None, None
             service = hit[1] if hit is not None and hit[0] == item else Service.from_dict(item, f"{what}[{index}]")
             known[key] = (item, service)
             decoded.append(service)
