@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import urllib.request
 
 import pytest
 import zmq
@@ -64,9 +65,9 @@ def test_a_squatted_port_sets_one_service_aside_and_never_stops_the_others():
     squatter.bind(("0.0.0.0", 0))
     squatter.listen()
     squatted = squatter.getsockname()[1]
-    good, later = free_port(), free_port()
-    pipeline = Pipeline(["--status-endpoint", "", "--node-name", NODE], services_file=True,
-                        programs=("haproxy", "pen", "applier", "planner", "collector"))
+    good, later, status = free_port(), free_port(), free_port()
+    pipeline = Pipeline(["--status-endpoint", f"127.0.0.1:{status}", "--node-name", NODE], services_file=True,
+                        programs=("haproxy", "pen", "applier", "planner", "collector", "status"))
     write_services(pipeline.services_file, [entry("good", good, backends[0]), entry("squatted", squatted, backends[2])])
     results = AppliedResults(pipeline.run_dir)
     load = Load(good)
@@ -116,6 +117,9 @@ def test_a_squatted_port_sets_one_service_aside_and_never_stops_the_others():
         assert {name: process.pid for name, process in pipeline.processes.items()} == pids
         assert all(process.poll() is None for process in pipeline.processes.values())
         assert answers(good) == {"b0", "b1"} and tcp_ask(later) == "b3"
+        # HAProxy's workers run without root; the status stage still gets their statistics page.
+        page = urllib.request.urlopen(f"http://127.0.0.1:{status}/", timeout=5).read().decode()
+        assert f"svc_{good}_tcp" in page and f"svc_{squatted}_tcp" in page
     finally:
         load.stop()
         squatter.close()

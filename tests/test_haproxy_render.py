@@ -363,3 +363,26 @@ def test_haproxy_accepts_the_account_it_drops_to():
         assert valid, message
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_split_sections_and_their_skeletons():
+    plan = Plan((service(8080, health_check={"protocol": "tcp"}), service(9000)), ProxySettings())
+    rendering = ConfigRenderer(PATHS).update(plan, {})
+    header, sections = haproxy_render.split_sections(rendering.text)
+    assert header == rendering.header and list(sections.items()) == [
+        (f"svc_{key.split('/')[0]}_tcp", text) for key, text in rendering.sections]
+    assert header + "".join(sections.values()) + "\n" == rendering.text
+    assert haproxy_render.split_sections(render(Plan((), ProxySettings()), PATHS, {}))[1] == {}
+
+    def skeleton(*services):
+        text = ConfigRenderer(PATHS).update(Plan(services, ProxySettings()), {}).text
+        return haproxy_render.section_skeleton(haproxy_render.split_sections(text)[1]["svc_8080_tcp"])
+    checked = {"protocol": "tcp"}
+    base = skeleton(service(8080, [("10.0.0.1", 80, 1, None)], health_check=checked))
+    # servers moved, re-weighted, limited: the same skeleton (runtime API changes)
+    assert base == skeleton(service(8080, [("::1", 81, 256, 7), ("10.0.0.2", 80, 0, None)], health_check=checked))
+    # what only a reload changes: a different skeleton
+    assert base != skeleton(service(8080, [("10.0.0.1", 80, 1, None)], health_check={**checked, "interval_seconds": 2}))
+    assert base != skeleton(service(8080, [("10.0.0.1", 80, 1, None)], health_check=checked, mode="http"))
+    assert base != skeleton(service(8080, [("10.0.0.1", 80, 1, None)] * 1 + [(f"10.0.1.{i}", 80, 1, None)
+                                                                           for i in range(20)], health_check=checked))
