@@ -595,3 +595,84 @@ def test_model_decoding_raises_only_model_error(kind_and_data):
         return
     again = decode(decoded.to_dict())
     assert again.to_dict() == decoded.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# the renderers' own checks (defence in depth: values that bypassed the model, e.g. a Service
+# built with its constructor instead of from_dict). Each renderer documents that it re-checks
+# what it writes; these properties hold it to that. Known failures are strict xfails.
+
+_ip_texts = st.one_of(st.sampled_from(["fe80::1%eth0", "fe80::1%x\nbind :80", "::1%;#{", "10.0.0.1"]),
+                      st.text(max_size=20).map(lambda t: "fe80::1%" + t), st.text(max_size=20))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "services/applier/haproxy_render.py _address(): ipaddress.ip_address() accepts an IPv6 zone "
+    "of any text, so Server(ip='fe80::1%\\nx') renders 'server s0 ipv6@fe80::1%' + newline + 'x:80'"))
+@fast(30)
+@example(ip="fe80::1%\nx")
+@given(_ip_texts)
+def test_haproxy_render_rechecks_addresses(ip):
+    from services.applier.haproxy_render import RenderError
+    service = Service(name="web", port=8000, servers=(Server(ip=ip, port=80, weight=1),))
+    try:
+        text = _haproxy_text([service], "/run/pm/haproxy", 100)
+    except RenderError:
+        return
+    assert shape(text) == shape(_haproxy_text([_plain(service)], "/run/pm/haproxy", 100))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "services/applier/haproxy_render.py _PATH_RE ends in `$`, which also matches before a final "
+    "newline: quote_path('/\\n') returns \"'/\\n'\" instead of raising RenderError"))
+@fast(30)
+@example(path="/\n")
+@given(st.one_of(gen.text_hostile, gen.valid_path, st.text(max_size=20).map(lambda t: "/" + t)))
+def test_haproxy_quote_path_refuses_what_the_model_refuses(path):
+    from services.applier.haproxy_render import RenderError, quote_path
+    try:
+        HealthCheck.from_dict({"protocol": "http", "path": path})
+        model_ok = True
+    except ModelError:
+        model_ok = False
+    try:
+        quote_path(path)
+        render_ok = True
+    except RenderError:
+        render_ok = False
+    assert render_ok == model_ok, path
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "services/applier/pen_control.py Slot.of(): ipaddress.ip_address() keeps an IPv6 zone of any "
+    "text, so Server(ip='fe80::1%\\nx') writes two lines into the pen -F table (and a newline into "
+    "a control command)"))
+@fast(30)
+@example(ip="fe80::1%\nx")
+@given(_ip_texts)
+def test_pen_table_rechecks_addresses(ip):
+    from services.applier.pen_control import Slot
+    from services.applier.pen_driver import render_table
+    try:
+        slot = Slot.of(Server(ip=ip, port=80, weight=1))
+    except ValueError:
+        return
+    table = render_table([slot, None])
+    assert len(table.split("\n")) == 3 and all(len(line.split()) == 10 for line in table.split("\n")[:1]), table
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "services/applier/nginx_render.py _SAFE_NAME ends in `$`: a VHOST_DOMAIN with a final newline "
+    "(ProxySettings built directly) gives 'server_name web.example.com' + newline + ';'"))
+@fast(30)
+@example(domain="example.com\n")
+@given(st.one_of(gen.text_hostile, st.sampled_from(["example.com", "a.b"])))
+def test_nginx_server_names_are_rechecked(domain):
+    from services.applier import nginx_render
+    try:
+        rendered = nginx_render.render(Plan((Service(name="web", port=8000),), ProxySettings(vhost_domain=domain)),
+                                       "/run/pm/nginx")
+    except ValueError:
+        return
+    for vhost in rendered.vhosts:
+        assert re.fullmatch(r"[a-z0-9.-]+", vhost.server_name), vhost.server_name
