@@ -1,6 +1,7 @@
 """Real Pen processes under the real runner: UDP and TCP traffic while backends move."""
 from __future__ import annotations
 
+import logging
 import os
 import pwd
 import shutil
@@ -161,3 +162,57 @@ def test_a_restarted_runner_adopts_running_pens(run_dir):
 def _zombie(pid: int) -> bool:
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def service(name, port, protocol, backend_ports):
+    return Service.from_dict({"name": name, "port": port, "protocol": protocol,
+                              "servers": [{"ip": "127.0.0.1", "port": p, "weight": 10} for p in backend_ports]})
+
+
+def test_ports_held_by_other_programs_set_aside_only_their_services(run_dir, runner, caplog):
+    dns, echo, db = UdpEcho("dns"), UdpEcho("echo"), TcpBackend("db")
+    udp_squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp_squatter.bind(("127.0.0.1", 0))
+    tcp_squatter = socket.socket()
+    tcp_squatter.bind(("127.0.0.1", 0))
+    tcp_squatter.listen(1)
+    held_udp, held_tcp = udp_squatter.getsockname()[1], tcp_squatter.getsockname()[1]
+    free = free_port(socket.SOCK_DGRAM)
+    services = Plan((service("dns", held_udp, "udp", [dns.port]), service("echo", free, "udp", [echo.port]),
+                     service("db", held_tcp, "tcp", [db.port])),
+                    ProxySettings(haproxy=False, pen_servers=4, pen_clients=64, max_connections=64))
+    driver = PenDriver(Settings(run_dir=run_dir))
+    caplog.set_level(logging.INFO, logger="proxymatic.applier.pen")
+    try:
+        first = driver.apply(services)
+        assert first.ok and first.details["instances"] == [f"{free}-udp"], first
+        assert sorted(first.set_aside) == sorted([f"{held_udp}/udp", f"{held_tcp}/tcp"])
+        reason = first.set_aside[f"{held_udp}/udp"]
+        assert reason == f"service dns ({held_udp}/udp): port {held_udp} cannot be bound: " \
+                         "[Errno 98] Address already in use", reason
+        assert "service db" in first.set_aside[f"{held_tcp}/tcp"]
+        assert udp_ask(free) == "echo"
+        served = pen_pid(run_dir, f"{free}-udp")
+
+        # the applier's retries while the ports stay taken: nothing happens, no new warning
+        for _ in range(3):
+            again = driver.apply(services)
+            assert again.ok and again.action == "none" and again.set_aside == first.set_aside, again
+        warned = [r for r in caplog.records if "set aside" in r.getMessage()]
+        assert len(warned) == 2, [r.getMessage() for r in warned]  # one per service, at the first apply
+
+        # a port freed: that service starts on the next retry, nothing else restarts
+        udp_squatter.close()
+        freed = driver.apply(services)
+        assert freed.ok and freed.action == "reload" and freed.details["started"] == [f"{held_udp}-udp"], freed
+        assert list(freed.set_aside) == [f"{held_tcp}/tcp"]
+        assert udp_ask(held_udp) == "dns" and udp_ask(free) == "echo"
+        tcp_squatter.close()
+        assert driver.apply(services).set_aside == {}
+        assert tcp_ask(held_tcp) == "db"
+        assert pen_pid(run_dir, f"{free}-udp") == served
+    finally:
+        udp_squatter.close()
+        tcp_squatter.close()
+        for backend in (dns, echo, db):
+            backend.close()

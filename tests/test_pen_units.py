@@ -1,7 +1,15 @@
-"""Pen driver logic without processes: service selection, slot tables, control-socket parsing."""
+"""Pen driver logic without processes: service selection, slot tables, control-socket parsing,
+set-aside reasons, privileges and pid checks (those start one `sleep`)."""
+import os
+import signal
+import subprocess
+
+from services.applier import proc_identity
 from services.applier.pen_control import Slot, parse_connections, parse_servers
-from services.applier.pen_driver import assign_slots, choose_servers, pen_services, render_table, table_matches
-from services.applier.pen_runner import PenFiles, PenInstance, pen_argv, read_instances, render_instances
+from services.applier.pen_driver import (
+    assign_slots, choose_servers, pen_services, render_table, set_aside_reason, table_matches)
+from services.applier.pen_runner import (
+    PenFiles, PenInstance, pen_argv, reachable_by, read_instances, render_instances)
 from services.common.model import Plan, ProxySettings, Service
 
 
@@ -83,3 +91,53 @@ def test_pen_driver_refuses_an_address_that_is_not_one(tmp_path):
     result = PenDriver(Settings(run_dir=str(tmp_path))).apply(Plan((bad,)))
     assert not result.ok and result.action == "rejected"
     assert not (tmp_path / "pen" / "instances.json").exists()
+
+
+def test_only_tcp_pens_drop_root():
+    files = PenFiles("/run/pm/pen")
+    udp, tcp = PenInstance(53, "udp", 4, 100, 200), PenInstance(80, "tcp", 4, 100, 200)
+    # UDP pens keep root: Pen binds every flow's socket to the listening port (SO_REUSEPORT,
+    # which Linux only allows within one uid) after switching users
+    assert pen_argv(udp, files, user="nobody")[-3:] == ["-u", "root", "53"]
+    assert pen_argv(tcp, files, user="nobody")[-3:] == ["-u", "nobody", "80"]
+    assert "-u" not in pen_argv(tcp, files)  # not root: Pen keeps our user
+
+
+def test_set_aside_reason_names_service_port_and_error():
+    svc = service(10053, name="dns")
+    assert set_aside_reason(svc, "[Errno 98] Address already in use") == \
+        "service dns (10053/udp): port 10053 cannot be bound: [Errno 98] Address already in use"
+
+
+def test_reachable_by_follows_every_parent(tmp_path):
+    inner = tmp_path / "run" / "pen"
+    inner.mkdir(parents=True)
+    uid, gid = os.getuid(), os.getgid()
+    assert reachable_by(str(inner), uid, gid)
+    os.chmod(tmp_path / "run", 0o600)  # the owner lost search permission on a parent
+    try:
+        assert not reachable_by(str(inner), uid, gid)
+    finally:
+        os.chmod(tmp_path / "run", 0o755)
+    assert not reachable_by(str(tmp_path / "missing"), uid, gid)
+
+
+def test_a_pid_is_signalled_only_while_it_is_the_recorded_process():
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        recorded = proc_identity.identity(sleeper.pid)
+        assert proc_identity.same_process(recorded) == sleeper.pid
+        assert proc_identity.same_process(f"{sleeper.pid} 1") is None  # same pid, another start time
+        assert proc_identity.same_process("not a pid") is None
+        assert proc_identity.cmdline(sleeper.pid) == ["sleep", "60"]
+        assert proc_identity.executes(sleeper.pid, "sleep") and not proc_identity.executes(sleeper.pid, "pen")
+        # a check that fails sends nothing
+        assert not proc_identity.signal_verified(sleeper.pid, signal.SIGTERM, lambda pid: False)
+        assert sleeper.poll() is None
+        assert proc_identity.signal_verified(sleeper.pid, signal.SIGTERM,
+                                             lambda pid: proc_identity.executes(pid, "sleep"))
+        assert sleeper.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()

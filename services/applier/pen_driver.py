@@ -12,6 +12,14 @@ A service with more servers than PEN_SERVERS gets the first PEN_SERVERS of them 
 order (ip, port) and a warning. Pen keeps a UDP flow on the backend it first chose, so the flows
 of a slot whose backend changed are closed and the client's next datagram is balanced afresh;
 TCP connections are left to finish.
+
+A port Pen cannot bind (another program holds it) sets aside that service only: the port is
+probed before its pen is requested, and a pen that does not come up is probed too. A set-aside
+service is left out of instances.json (the runner does not crash-loop on it) and reported in
+`DriverResult.set_aside`; every other pen is applied. The applier re-applies the plan every few
+seconds while anything is set aside: each retry probes only the set-aside ports, and one found
+free is started then, without touching the other pens. The warning is logged when a reason
+appears or changes, not on every retry.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import logging
 import os
 import time
 
+from services.applier.bindable import bind_error
 from services.applier.driver import DriverResult, ProxyDriver
 from services.applier.pen_control import PenControl, PenControlError, Slot, empty_command, parse_servers
 from services.applier.pen_runner import (
@@ -30,6 +39,8 @@ from services.common.model import Plan, Service, content_hash
 log = logging.getLogger("proxymatic.applier.pen")
 
 Table = list  # list[Slot | None], one entry per server slot
+# Pen listens on every address of the host.
+LISTEN_HOST = "0.0.0.0"
 
 
 def pen_services(plan: Plan) -> list[Service]:
@@ -73,6 +84,10 @@ def render_table(table: Table) -> str:
                    for i, slot in enumerate(table))
 
 
+def set_aside_reason(service: Service, error: str) -> str:
+    return f"service {service.name} ({service.key}): port {service.port} cannot be bound: {error}"
+
+
 def table_matches(live: dict[int, Slot | None], table: Table) -> bool:
     if any(live.get(i) != slot for i, slot in enumerate(table)):
         return False
@@ -86,6 +101,8 @@ class PenDriver(ProxyDriver):
         self.files = PenFiles.of(settings)
         self.start_timeout = start_timeout
         self._applied = ""  # fingerprint of the last state converged to successfully
+        self._written: set[str] | None = None  # instance keys of instances.json as last written/read
+        self._set_aside: dict[str, str] = {}  # service key -> reason, as last reported
         os.makedirs(self.files.directory, exist_ok=True)
 
     def control(self, key: str) -> PenControl:
@@ -106,19 +123,19 @@ class PenDriver(ProxyDriver):
             except ValueError as error:  # something the model should have refused: never sent to pen
                 return DriverResult(self.name, False, "rejected", errors=(f"service {service.key}: {error}",))
             warnings += more
-        fingerprint = content_hash({"instances": render_instances(list(instances.values())),
-                                    "servers": {k: [repr(s) for s in v] for k, v in chosen.items()}})
+        by_key = {f"{s.port}-{s.protocol}": s for s in services}
+        idle_taken = self._probe_idle(instances, by_key)
+        for key in idle_taken:
+            del instances[key], chosen[key]
+        set_aside = {by_key[key].key: reason for key, reason in idle_taken.items()}  # service key -> reason
+        fingerprint = _fingerprint(instances, chosen)
         details: dict = {"instances": sorted(instances), "warnings": warnings}
         if fingerprint == self._applied:
-            return DriverResult(self.name, True, "none", details=details)
+            return self._result(True, "none", (), details, set_aside)
         for warning in warnings:
             log.warning("pen: %s", warning)
 
-        try:
-            previous = read_instances(self.files.instances)
-        except ValueError as error:
-            log.warning("pen: %s; rewriting it", error)
-            previous = {}
+        previous = self._read_written()
         errors: list[str] = []
         runtime: list[str] = []
         restart: dict[str, int | None] = {}  # key -> pid of the pen being replaced (None: new)
@@ -138,9 +155,10 @@ class PenDriver(ProxyDriver):
             # The .cfg goes first: a pen (re)started from here on comes up with this membership.
             write_atomic(self.files.file(key, "cfg"), render_table(tables[key]))
 
-        instances_changed = write_atomic(self.files.instances, render_instances(list(instances.values())))
+        instances_changed = self._write_instances(instances)
         for key in set(previous) - set(instances):
-            log.info("pen %s: service gone, the runner stops it", key)
+            if key not in by_key:
+                log.info("pen %s: service gone, the runner stops it", key)
             try:
                 os.unlink(self.files.file(key, "cfg"))
             except FileNotFoundError:
@@ -160,15 +178,25 @@ class PenDriver(ProxyDriver):
                 else:
                     errors.append(f"pen {key}: {error}")
         if restart:
-            errors += self._await_started(restart, tables)
+            late = self._await_started(restart, tables)
+            # A pen that did not come up because its port is taken (grabbed between the probe and
+            # the start, or while it was down): set it aside like one probed before.
+            taken = self._taken([key for key in late if self._pid(key) is None], by_key)
+            for key, reason in taken.items():
+                set_aside[by_key[key].key] = reason
+                del instances[key], chosen[key], late[key], restart[key]
+            if taken and self._write_instances(instances):
+                signal_runner(self.files)
+            errors += [late[key] for key in sorted(late)]
+            fingerprint = _fingerprint(instances, chosen)
 
-        stopped = sorted(set(previous) - set(instances))
-        details.update(started=sorted(restart), stopped=stopped, changed=sorted(runtime))
+        stopped = sorted(key for key in set(previous) - set(instances) if key not in by_key)
+        details.update(instances=sorted(instances), started=sorted(restart), stopped=stopped,
+                       changed=sorted(runtime))
         if errors:
             for error in errors:
                 log.error("pen: %s", error)
-            return DriverResult(self.name, False, "reload" if restart or stopped else "runtime",
-                                errors=tuple(errors), details=details)
+            return self._result(False, "reload" if restart or stopped else "runtime", errors, details, set_aside)
         self._applied = fingerprint
         if restart or stopped:
             action = "reload"
@@ -179,7 +207,48 @@ class PenDriver(ProxyDriver):
         if action != "none":
             log.info("pen: %s (started %s, stopped %s, membership changed %s)", action,
                      sorted(restart) or "-", stopped or "-", runtime or "-")
-        return DriverResult(self.name, True, action, details=details)
+        return self._result(True, action, (), details, set_aside)
+
+    def _probe_idle(self, instances: dict[str, PenInstance], by_key: dict[str, Service]) -> dict[str, str]:
+        """Probe the ports of the wanted pens that are not running (not in instances.json): a
+        port another program holds sets its service aside. Running pens hold their own ports."""
+        running = self._written if self._written is not None else set(self._read_written())
+        return self._taken(set(instances) - running, by_key)
+
+    def _taken(self, keys, by_key: dict[str, Service]) -> dict[str, str]:
+        """Of the pens that did not come up, those whose port another program holds."""
+        taken = {}
+        for key in sorted(keys):
+            service = by_key[key]
+            error = bind_error(LISTEN_HOST, service.port, service.protocol)
+            if error:
+                taken[key] = set_aside_reason(service, error)
+        return taken
+
+    def _read_written(self) -> dict[str, PenInstance]:
+        try:
+            written = read_instances(self.files.instances)
+        except ValueError as error:
+            log.warning("pen: %s; rewriting it", error)
+            written = {}
+        self._written = set(written)
+        return written
+
+    def _write_instances(self, instances: dict[str, PenInstance]) -> bool:
+        changed = write_atomic(self.files.instances, render_instances(list(instances.values())))
+        self._written = set(instances)
+        return changed
+
+    def _result(self, ok: bool, action: str, errors, details: dict, set_aside: dict[str, str]) -> DriverResult:
+        """The result, logging set-aside services when their reason appears or changes (the
+        applier retries every few seconds while one is set aside: not a warning every time)."""
+        for key, reason in sorted(set_aside.items()):
+            if self._set_aside.get(key) != reason:
+                log.warning("pen: set aside %s", reason)
+        for key in sorted(set(self._set_aside) - set(set_aside)):
+            log.info("pen: service %s no longer set aside", key)
+        self._set_aside = dict(set_aside)
+        return DriverResult(self.name, ok, action, errors=tuple(errors), details=details, set_aside=dict(set_aside))
 
     def _converge(self, key: str, instance: PenInstance, table: Table) -> bool:
         """Bring a running pen's slots to `table`; True when anything had to change."""
@@ -208,11 +277,12 @@ class PenDriver(ProxyDriver):
             raise PenControlError(f"pen did not take the new membership; it reports {live}")
         return True
 
-    def _await_started(self, restart: dict[str, int | None], tables: dict[str, Table]) -> list[str]:
-        """Wait (bounded) until the runner has (re)started the pens and they serve `tables`."""
+    def _await_started(self, restart: dict[str, int | None], tables: dict[str, Table]) -> dict[str, str]:
+        """Wait (bounded) until the runner has (re)started the pens and they serve `tables`; the
+        pens that did not, with the error to report."""
         if not runner_alive(self.files):
-            return [f"pen {key}: waiting for `proxymatic pen` to start it (runner not running)"
-                    for key in sorted(restart)]
+            return {key: f"pen {key}: waiting for `proxymatic pen` to start it (runner not running)"
+                    for key in restart}
         pending = dict(restart)
         deadline = time.monotonic() + self.start_timeout
         while pending and time.monotonic() < deadline:
@@ -225,7 +295,7 @@ class PenDriver(ProxyDriver):
                     pass
             if pending:
                 time.sleep(0.05)
-        return [f"pen {key}: not running {self.start_timeout:.0f}s after it was requested" for key in sorted(pending)]
+        return {key: f"pen {key}: not running {self.start_timeout:.0f}s after it was requested" for key in pending}
 
     def _cfg_table(self, key: str) -> dict[int, Slot | None]:
         try:
@@ -247,6 +317,11 @@ class PenDriver(ProxyDriver):
             return self.control(key).pid()
         except (PenControlError, ValueError):
             return None
+
+
+def _fingerprint(instances: dict[str, PenInstance], chosen: dict[str, list[Slot]]) -> str:
+    return content_hash({"instances": render_instances(list(instances.values())),
+                         "servers": {k: [repr(s) for s in v] for k, v in chosen.items()}})
 
 
 def _show(slot: Slot | None) -> str:
