@@ -16,8 +16,10 @@ import shutil
 import signal
 import subprocess
 
+from services.applier import nginx_isolate, proc_identity
+from services.applier.bindable import bind_error
 from services.applier.driver import DriverResult, ProxyDriver
-from services.applier.nginx_render import render
+from services.applier.nginx_render import Rendered, render
 from services.common.files import write_atomic
 from services.common.model import Plan, content_hash
 
@@ -28,6 +30,9 @@ PID_FILE = "nginx.pid"
 # "<master pid> <config hash>": what the running master serves, so that a restarted applier
 # does not reload nginx for nothing. Written by nginx_launch before exec and after each reload.
 LOADED_FILE = "loaded"
+LISTEN_HOST = "0.0.0.0"  # the vhost port listens on every address
+# Bounds the search for rejected vhosts (each `nginx -t` takes tens of milliseconds).
+MAX_ISOLATION_TESTS = 40
 
 
 def nginx_user() -> str | None:
@@ -73,7 +78,11 @@ class NginxDriver(ProxyDriver):
         self.binary = binary or shutil.which("nginx") or "/usr/sbin/nginx"
         self.user = nginx_user()
         self.reloads = 0
-        self._rejected = ""  # hash of the last text that failed `nginx -t`
+        self._rejected = ""  # hash of the last text that failed `nginx -t` as a whole
+        # hash of the last full rendering that failed, -> (the rendering without the vhosts
+        # set aside, vhost key -> nginx's message): the same plan is not bisected again
+        self._isolated: tuple[str, Rendered, dict[str, str]] | None = None
+        self._set_aside: dict[str, str] = {}  # as last reported (warnings once per change)
         self._loaded: tuple[int, str] | None = None  # (master pid, hash of the text it was told to load)
 
     def apply(self, plan: Plan) -> DriverResult:
@@ -84,48 +93,121 @@ class NginxDriver(ProxyDriver):
         except ValueError as error:  # something the model should have refused: never rendered
             log.error("nginx: cannot render the plan: %s", error)
             return DriverResult(self.name, False, "rejected", errors=(f"cannot render: {error}",))
+        on_disk = self._read(self.config)
+        servable = self._servable(plan, rendered, on_disk)
+        if isinstance(servable, str):
+            details = {"vhosts": [v.server_name for v in rendered.vhosts], "warnings": list(rendered.warnings),
+                       "config": self.config}
+            return self._result(False, "rejected", details, {}, errors=(servable,))
+        rendered, set_aside = servable
         text = rendered.text
         digest = content_hash(text)
         details = {"vhosts": [v.server_name for v in rendered.vhosts], "warnings": list(rendered.warnings),
                    "config": self.config}
-        on_disk = self._read(self.config)
         master = self.master_pid()
         if text == on_disk and master is not None and self._loaded == (master, digest):
-            return DriverResult(self.name, True, "none", details=details)
+            return self._result(True, "none", details, set_aside)
         if text != on_disk:
-            if digest == self._rejected:
-                return DriverResult(self.name, False, "rejected", errors=("config still fails nginx -t",),
-                                    details=details)
             prepare_prefix(self.prefix)
-            problem = self.test(text)
-            if problem:
-                self._rejected = digest
-                log.error("nginx: rendered config rejected, keeping the last good one: %s", problem)
-                return DriverResult(self.name, False, "rejected", errors=(problem,), details=details)
             write_atomic(self.config, text)
             log.info("nginx: config written (%d vhosts)", len(rendered.vhosts))
-        self._rejected = ""
         if master is None:
-            # `proxymatic nginx` reads this file when it starts: nothing more to do now.
+            # `proxymatic nginx` reads this file when it starts: nothing more to do now. It waits
+            # while the vhost port is taken; then no vhost can be served, each is set aside.
             details["running"] = False
             self._loaded = None
             if text != on_disk:
                 log.info("nginx: not running, %s is used when it starts", self.config)
-            return DriverResult(self.name, True, "reload" if text != on_disk else "none", details=details)
+            unbound = bind_error(LISTEN_HOST, plan.settings.vhost_port, "tcp")
+            if unbound:
+                details["listen_error"] = f"port {plan.settings.vhost_port} cannot be bound: {unbound}"
+                set_aside = {**set_aside, **{v.key: f"service {v.service} (vhost {v.server_name}): "
+                                                    f"{details['listen_error']}" for v in rendered.vhosts}}
+            return self._result(True, "reload" if text != on_disk else "none", details, set_aside)
         if text == on_disk and read_loaded(self.prefix) == (master, digest):
             # An applier restart, or nginx restarted: this master already serves this text.
             self._loaded = (master, digest)
-            return DriverResult(self.name, True, "none", details=details)
-        try:
-            os.kill(master, signal.SIGHUP)
-        except ProcessLookupError:
+            return self._result(True, "none", details, set_aside)
+        if not self._signal_master(master, signal.SIGHUP):
             self._loaded = None
-            return DriverResult(self.name, True, "reload", details={**details, "running": False})
+            return self._result(True, "reload", {**details, "running": False}, set_aside)
         self.reloads += 1
         self._loaded = (master, digest)
         write_loaded(self.prefix, master, text)
         log.info("nginx: reloaded master pid %d (%d vhosts)", master, len(rendered.vhosts))
-        return DriverResult(self.name, True, "reload", details=details)
+        return self._result(True, "reload", details, set_aside)
+
+    def _servable(self, plan: Plan, rendered: Rendered, on_disk: str) -> tuple[Rendered, dict[str, str]] | str:
+        """The rendering nginx accepts: `rendered` itself, or without the vhosts `nginx -t` rejects
+        (with nginx's message per vhost key); a string (the error) when that cannot be found."""
+        if rendered.text == on_disk:
+            return rendered, {}  # the installed config passed nginx -t
+        digest = content_hash(rendered.text)
+        if self._isolated is not None and self._isolated[0] == digest:
+            return self._isolated[1], self._isolated[2]
+        if digest == self._rejected:
+            return "config still fails nginx -t"
+        prepare_prefix(self.prefix)
+        problem = self.test(rendered.text)
+        if not problem:
+            return rendered, {}
+        isolated = self._isolate(plan, rendered, problem)
+        if isolated is None:
+            self._rejected = digest
+            log.error("nginx: rendered config rejected, keeping the last good one: %s", problem)
+            return problem
+        self._isolated = (digest, *isolated)
+        return isolated
+
+    def _isolate(self, plan: Plan, rendered: Rendered, problem: str) -> tuple[Rendered, dict[str, str]] | None:
+        """Find the vhosts that make `nginx -t` fail: the block nginx names by line, else bisect.
+        None when the failure is not any vhost's alone (then the whole config is rejected)."""
+        keys = [v.key for v in rendered.vhosts]
+        names = {v.key: v for v in rendered.vhosts}
+
+        def test_only(subset: list[str]) -> str:
+            return self.test(self._render(plan, frozenset(keys) - set(subset)).text)
+
+        test = nginx_isolate.counted(test_only, MAX_ISOLATION_TESTS)
+        failing: dict[str, str] = {}
+        current, message = rendered, problem
+        try:
+            while message:
+                named = [k for k in nginx_isolate.blocks_at(nginx_isolate.error_lines(message), current.blocks)
+                         if k not in failing]
+                if named:
+                    failing.update({k: message for k in named})
+                else:
+                    remaining = [v.key for v in current.vhosts]
+                    if not remaining or test([]):  # no vhost left to blame, or the bare config fails
+                        return None
+                    found = nginx_isolate.bisect_failing(remaining, test, message)
+                    if not found:  # vhosts that only fail together
+                        return None
+                    failing.update(found)
+                current = self._render(plan, frozenset(failing))
+                message = test([v.key for v in current.vhosts])
+        except nginx_isolate.TooManyTests as error:
+            log.error("nginx: could not isolate the failing vhosts: %s", error)
+            return None
+        set_aside = {k: f"service {names[k].service} (vhost {names[k].server_name}): {failing[k]}"
+                     for k in sorted(failing, key=keys.index)}
+        return current, set_aside
+
+    def _render(self, plan: Plan, exclude: frozenset[str]) -> Rendered:
+        return render(plan, self.prefix, user=self.user, exclude=exclude)
+
+    def _result(self, ok: bool, action: str, details: dict, set_aside: dict[str, str],
+                errors: tuple[str, ...] = ()) -> DriverResult:
+        """The result; set-aside vhosts are logged when their reason appears or changes, not on
+        each of the applier's retries."""
+        for key, reason in set_aside.items():
+            if self._set_aside.get(key) != reason:
+                log.warning("nginx: set aside %s", reason)
+        for key in sorted(set(self._set_aside) - set(set_aside)):
+            log.info("nginx: vhost %s no longer set aside", key)
+        self._set_aside = dict(set_aside)
+        return DriverResult(self.name, ok, action, errors=errors, details=details, set_aside=dict(set_aside))
 
     def test(self, text: str) -> str:
         """Run `nginx -t` on `text`; the error message, or "" when it is valid."""
@@ -143,17 +225,24 @@ class NginxDriver(ProxyDriver):
         if proc.returncode == 0:
             return ""
         lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
-        return "nginx -t failed: " + " | ".join(lines[-5:]).replace(candidate, "<rendered nginx.conf>")
+        return "nginx -t failed: " + " | ".join(lines[-5:]).replace(candidate, nginx_isolate.CONFIG_NAME)
 
     def master_pid(self) -> int | None:
         """The running master's pid, from the pid file, checked against /proc (no stale pids)."""
         try:
             pid = int(self._read(self.pid_file).strip())
-            with open(f"/proc/{pid}/cmdline", "rb") as source:
-                cmdline = source.read()
-        except (OSError, ValueError):
+        except ValueError:
             return None
-        return pid if b"nginx" in cmdline else None
+        return pid if self._is_master(pid) else None
+
+    def _is_master(self, pid: int) -> bool:
+        """nginx's executable, with this prefix on its command line ("nginx: master process
+        /usr/sbin/nginx -p <prefix>/ ...")."""
+        line = " ".join(proc_identity.cmdline(pid))
+        return pid > 0 and f"-p {self.prefix}/" in line and proc_identity.executes(pid, self.binary)
+
+    def _signal_master(self, pid: int, signum: int) -> bool:
+        return proc_identity.signal_verified(pid, signum, self._is_master)
 
     @staticmethod
     def _read(path: str) -> str:

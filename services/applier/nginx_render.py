@@ -37,6 +37,19 @@ class VirtualHost:
     upstream: str  # service_<port>
     listener: str  # 127.0.0.1:<service port>
     timeout_server: int | None
+    service: str = ""  # the service's name, for messages
+
+
+# The first line of each vhost's block in the template; the block runs to the next one (or to the
+# end of `http`). How an nginx error "in nginx.conf:LINE" is traced back to a vhost.
+BLOCK_MARK = re.compile(r"^    # vhost (\d+/tcp) ")
+
+
+@dataclass(frozen=True)
+class Block:
+    key: str  # the vhost's service key
+    first: int  # line numbers, 1-based, inclusive
+    last: int
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,16 @@ class Rendered:
     text: str
     vhosts: tuple[VirtualHost, ...]
     warnings: tuple[str, ...]
+    blocks: tuple[Block, ...] = ()
+
+
+def vhost_blocks(text: str) -> tuple[Block, ...]:
+    """Where each vhost's upstream and server block are in `text`."""
+    lines = text.splitlines()
+    starts = [(number, match[1]) for number, line in enumerate(lines, 1) if (match := BLOCK_MARK.match(line))]
+    end = max((n for n, line in enumerate(lines, 1) if line == "}"), default=len(lines))  # closes `http`
+    return tuple(Block(key, first, (starts[i + 1][0] if i + 1 < len(starts) else end) - 1)
+                 for i, (first, key) in enumerate(starts))
 
 
 def _int(value, low: int, high: int, what: str) -> int:
@@ -76,7 +99,7 @@ def virtual_hosts(plan: Plan) -> tuple[list[VirtualHost], list[str]]:
         by_name.setdefault(name, service)  # lowest port wins
     vhosts = [VirtualHost(key=f"{service.port}/tcp", server_name=name, upstream=f"service_{service.port}",
                           listener=f"{LISTENER_HOST}:{service.port}",
-                          timeout_server=service.timeout_server or None)
+                          timeout_server=service.timeout_server or None, service=service.name)
               for name, service in sorted(by_name.items(), key=lambda item: item[1].port)]
     return vhosts, warnings
 
@@ -89,11 +112,14 @@ def _bucket_size(vhosts: list[VirtualHost]) -> int:
     return size
 
 
-def render(plan: Plan, prefix: str, user: str | None = None) -> Rendered:
-    """The whole nginx.conf for `plan` (also the bootstrap config: a plan without services)."""
+def render(plan: Plan, prefix: str, user: str | None = None, exclude: frozenset[str] = frozenset()) -> Rendered:
+    """The whole nginx.conf for `plan` (also the bootstrap config: a plan without services).
+    `exclude`: vhost keys set aside (left out after names were assigned, so a name whose vhost
+    is set aside does not move to another port)."""
     if user is not None and not re.match(r"^[a-z_][a-z0-9_-]*$", user):
         raise ValueError(f"bad user name {user!r}")
     vhosts, warnings = virtual_hosts(plan)
+    vhosts = [vhost for vhost in vhosts if vhost.key not in exclude]
     text = _ENV.get_template("nginx.conf.j2").render(
         prefix=prefix.replace("\n", " "),
         user=user,
@@ -106,4 +132,4 @@ def render(plan: Plan, prefix: str, user: str | None = None) -> Rendered:
         names_max_size=max(512, 2 * len(vhosts)),
         vhosts=vhosts,
     )
-    return Rendered(text=text, vhosts=tuple(vhosts), warnings=tuple(warnings))
+    return Rendered(text=text, vhosts=tuple(vhosts), warnings=tuple(warnings), blocks=vhost_blocks(text))
