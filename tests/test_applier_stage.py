@@ -21,7 +21,7 @@ from tests.test_haproxy_driver import HaproxyProcess, pytestmark  # noqa: F401  
 class Stage:
     """main.run in a thread, a fake planner publishing plans, a subscriber collecting results."""
 
-    def __init__(self, settings: Settings, drivers=None):
+    def __init__(self, settings: Settings, drivers=None, heartbeat_interval: float = 1.0):
         self.settings = settings
         self.ctx = zmq.Context.instance()
         self.planner = Publisher(self.ctx, "planner@test", settings.bus("planner"), heartbeat_interval=0.2)
@@ -29,7 +29,8 @@ class Stage:
         self.received: list[tuple[str, ApplyResult]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=applier.run, args=(settings, self.stop),
-                                       kwargs={"drivers": drivers}, daemon=True)
+                                       kwargs={"drivers": drivers, "heartbeat_interval": heartbeat_interval},
+                                       daemon=True)
         self.thread.start()
 
     def publish(self, plan: Plan) -> None:
@@ -171,3 +172,81 @@ def test_build_drivers_follows_the_settings():
     assert names() == ["haproxy", "pen"]
     assert names(haproxy=False) == ["pen"]
     assert names(vhost_domain="apps.test") == ["haproxy", "pen", "nginx"]
+
+
+def test_heartbeats_go_on_while_a_driver_blocks():
+    settings = Settings(run_dir=tempfile.mkdtemp(prefix="pm"), node_name="n3")
+    slow = SlowDriver()
+    stage = Stage(settings, drivers=[slow], heartbeat_interval=0.05)
+    try:
+        plan = make_plan(1000)
+        stage.publish(plan)
+        wait_until(lambda: (stage.planner.serve_snapshots(), slow.entered.is_set())[1], message="plan being applied")
+        beats = []
+
+        def heartbeats() -> bool:
+            beats.extend(m for m in stage.results.poll(0.05) if m.is_heartbeat)
+            return len(beats) >= 10
+
+        # Many heartbeat intervals pass inside one apply; the status stage sees a live applier.
+        wait_until(heartbeats, message="heartbeats during the apply")
+        assert not slow.release.is_set() and stage.results.alive("applier@n3")
+        assert beats[-1].payload["stage"] == "applier" and beats[-1].payload["dropped"] == 0
+        slow.release.set()
+        assert stage.result_for(plan).ok
+    finally:
+        slow.release.set()
+        stage.close()
+        shutil.rmtree(settings.run_dir, ignore_errors=True)
+
+
+class RecordingDriver(ProxyDriver):
+    name = "recording"
+
+    def __init__(self):
+        self.applied: list[str] = []
+
+    def apply(self, plan: Plan) -> DriverResult:
+        self.applied.append(plan.hash)
+        return DriverResult(self.name, True, "runtime")
+
+
+def sourced_plan(ready: tuple[str, ...], **ports: int) -> Plan:
+    services = tuple(Service.from_dict({"name": source, "port": port, "source": source,
+                                        "servers": [{"ip": "10.0.0.1", "port": 80}]})
+                     for source, port in sorted(ports.items(), key=lambda item: item[1]))
+    return Plan(services, ProxySettings(), sources_ready=ready)
+
+
+def test_a_plan_lacking_a_source_is_held_until_that_source_reports():
+    settings = Settings(run_dir=tempfile.mkdtemp(prefix="pm"), node_name="n4")
+    driver = RecordingDriver()
+    stage = Stage(settings, drivers=[driver])
+    try:
+        full = sourced_plan(("file", "marathon"), file=3001, marathon=3000)
+        stage.publish(full)
+        stage.result_for(full)
+        partial = sourced_plan(("file",), file=3002)
+        stage.publish(partial)
+        held = stage.result_for(partial, ok=False)
+        assert held.action == "held" and held.details["held"]["missing_sources"] == ["marathon"]
+        assert held.details["held"]["serving"] == full.hash and "lacks source(s) marathon" in held.details["held"]["note"]
+        assert driver.applied == [full.hash]
+        # Marathon reports again, with its services gone: really gone, applied.
+        gone = sourced_plan(("file", "marathon"), file=3002)
+        stage.publish(gone)
+        assert stage.result_for(gone).action == "runtime"
+        assert driver.applied == [full.hash, gone.hash]
+    finally:
+        stage.close()
+        shutil.rmtree(settings.run_dir, ignore_errors=True)
+
+
+def test_missing_sources_compares_with_the_served_plan():
+    from services.applier.completeness import missing_sources
+    full = sourced_plan(("file", "marathon", "registrator"), file=1)
+    assert missing_sources(None, sourced_plan(())) == ()
+    assert missing_sources(full, sourced_plan(("file",))) == ("marathon", "registrator")
+    assert missing_sources(full, sourced_plan(("file", "marathon", "registrator"))) == ()
+    assert missing_sources(sourced_plan(("file",)), full) == ()
+    assert applier.result_payload(applier.held_result(sourced_plan(("file",)), full, ("marathon",)))["notes"]
