@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -235,4 +236,46 @@ def test_tap_survives_any_message_and_prints_the_next_good_one(tap_process):
         assert err.read_text().count("dropped message") == len(hostile) + 3  # the heartbeat is hidden
         assert "cannot show it" in err.read_text()
     finally:
+        publisher.close()
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
+
+
+def test_a_stopped_subscriber_costs_little_and_catches_up_after_sigcont(tap_process):
+    process, endpoint, out, _err = tap_process
+    from services.common.bus import Endpoint
+    ctx = zmq.Context.instance()
+    publisher = Publisher(ctx, "planner@x", Endpoint.parse(endpoint), heartbeat_interval=0.1)
+    healthy = Subscriber(ctx, [Endpoint.parse(endpoint)], ["t."])  # the rest of the pipeline
+    blob = "x" * 256 * 1024  # full-state sized messages
+    seen: list[int] = []
+
+    def pump() -> list[int]:
+        publisher.serve_snapshots()
+        publisher.heartbeat()
+        seen.extend(m.payload["a_n"] for m in healthy.poll(0.01) if m.topic == "t.big")
+        return seen
+
+    try:
+        publisher.publish("t.big", {"a_n": -1, "blob": blob})
+        wait_until(lambda: pump() and '"a_n": -1' in out.read_text(), timeout=30, message="tap and subscriber running")
+        os.kill(process.pid, signal.SIGSTOP)
+        before = rss_bytes()
+        for n in range(300):  # 75 MB for a subscriber that reads nothing
+            publisher.publish("t.big", {"a_n": n, "blob": blob})
+            pump()
+        wait_until(lambda: pump()[-1] == 299, timeout=30, message="the pipeline goes on while the tap is stopped")
+        grown = rss_bytes() - before
+        os.kill(process.pid, signal.SIGCONT)
+        # Everything past the high-water mark was dropped for the tap: the heartbeat's seq makes
+        # it ask for a snapshot, which has the last state.
+        wait_until(lambda: pump() and '"a_n": 299' in out.read_text(), timeout=30, message="tap caught up")
+        assert grown < 40 * 1024 * 1024, grown
+        assert process.poll() is None
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+        healthy.close()
         publisher.close()
