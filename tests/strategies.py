@@ -13,6 +13,8 @@ import glob
 import ipaddress
 import json
 import os
+import re
+import zlib
 from typing import Any
 
 from hypothesis import strategies as st
@@ -64,14 +66,18 @@ host_like = anything_or(st.sampled_from(["agent-1", "agent-2", "localhost", "10.
 def resolve(host: str) -> str | None:
     """A deterministic stand-in for DNS that also answers hostile text (like a getaddrinfo that
     accepts IPv6 zones would): names of the test cluster, IP literals as they are, else None."""
-    known = {"agent-1": "10.0.0.1", "agent-2": "10.0.0.2", "localhost": "127.0.0.1"}
+    known = {"agent-1": "10.0.0.1", "agent-2": "10.0.0.2", "localhost": "127.0.0.1", "unresolvable": None}
     if host in known:
         return known[host]
     try:
         ipaddress.ip_address(host)
         return host
     except ValueError:
-        return None
+        pass
+    if re.fullmatch(r"[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})*", host):  # the fixtures' agents
+        digest = zlib.crc32(host.encode())
+        return f"10.{digest >> 16 & 255}.{digest >> 8 & 255}.{digest & 255}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

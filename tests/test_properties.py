@@ -325,7 +325,7 @@ def _feed(source, events) -> None:
 MIRROR_APPS = st.lists(st.one_of(gen.marathon_app(), st.sampled_from(gen.FIXTURE_APPS)), min_size=1, max_size=3)
 
 
-@fast(80)
+@fast(50)
 @given(MIRROR_APPS, st.data())
 def test_marathon_events_keep_the_mirror_valid(apps, data):
     source = _mirror(apps)
@@ -676,3 +676,39 @@ def test_nginx_server_names_are_rechecked(domain):
         return
     for vhost in rendered.vhosts:
         assert re.fullmatch(r"[a-z0-9.-]+", vhost.server_name), vhost.server_name
+
+
+# ---------------------------------------------------------------------------------------------
+# Marathon: incremental builds of hostile apps equal a build from scratch
+
+
+@fast(50)
+@given(st.data())
+def test_incremental_builds_equal_a_build_from_scratch(data):
+    from services.collector.marathon_parse import ServiceBuilder, build_services
+    builder = ServiceBuilder()
+    state: dict[str, list] = {}
+    apps = st.one_of(gen.marathon_app(), st.sampled_from(gen.FIXTURE_APPS),
+                     st.sampled_from(gen.FIXTURE_APPS).flatmap(lambda app: gen.mutate(app, 2)))
+    tasks = st.lists(st.one_of(gen.marathon_task(), st.sampled_from(gen.FIXTURE_TASKS)), max_size=3)
+    for _ in range(data.draw(st.integers(1, 6), "steps")):
+        if state and data.draw(st.integers(0, 4), "remove?") == 0:
+            app_id = data.draw(st.sampled_from(sorted(state)), "removed")
+            builder.remove(app_id)
+            del state[app_id]
+        else:
+            try:
+                spec = parse_app(data.draw(apps, "app"))
+            except AppError:
+                continue
+            pairs = [(task, spec) for task in data.draw(tasks, "tasks") if isinstance(task, dict)]
+            builder.update(spec.app_id, pairs, gen.resolve, previously_served=frozenset())
+            if pairs:
+                state[spec.app_id] = pairs
+            else:
+                state.pop(spec.app_id, None)
+        services, warnings = builder.result()
+        scratch = build_services([pair for pairs in state.values() for pair in pairs], gen.resolve)
+        assert services == scratch.services
+        assert_valid_services(services, "marathon")
+        assert_one_line_warnings(warnings)
