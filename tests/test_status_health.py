@@ -157,3 +157,17 @@ def test_prober_reports_a_pen_that_stops_answering_and_recovers():
         stop.set()
         thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+def test_bus_messages_feed_the_state_and_odd_ones_raise_for_the_caller_to_skip():
+    import pytest
+    from services.common.bus import Message
+    from services.status.main import absorb
+
+    state, pids = PipelineState(configured_sources=("file",)), {}
+    absorb(state, pids, Message("heartbeat.applier@n1", 3, 0.0, "applier@n1", "e", {"pid": 77, "stage": "applier"}))
+    absorb(state, pids, Message("applied.n1", 4, 0.0, "applier@n1", "e", {"plan_hash": "p1", "ok": True}))
+    assert pids == {"applier@n1": 77} and state.applied["n1"].plan_hash == "p1"
+    with pytest.raises(ValueError):
+        absorb(state, pids, Message("applied.n1", 5, 0.0, "applier@n1", "e", ["not", "a", "dict"]))
+    assert state.applied["n1"].plan_hash == "p1"

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import zmq
 
-from services.common.bus import Subscriber
+from services.common.bus import Message, Subscriber
 from services.common.config import Settings
 from services.common.model import ApplyResult
 from services.common.redact import redact
@@ -36,6 +36,21 @@ def haproxy_stats_socket(settings: Settings) -> str:
     return settings.path("haproxy", "stats.sock")
 
 
+def absorb(state: PipelineState, pids: dict[str, int | None], message: Message) -> None:
+    """Take what /status needs from one bus message (call with the state's lock held)."""
+    payload = message.payload
+    if message.is_heartbeat:
+        pids[message.sender] = payload.get("pid") if isinstance(payload.get("pid"), int) else None
+        if payload.get("stage") == "collector" and isinstance(payload.get("sources"), dict):
+            state.sources.update(payload["sources"])
+    elif message.topic == "plan":
+        state.plan_hash = payload.get("hash", "")
+        state.plan_sources_ready = tuple(payload.get("sources_ready", []))
+        state.plan_notes = tuple(payload.get("notes", []))
+    elif message.topic.startswith("applied."):
+        state.applied[message.topic[len("applied."):]] = ApplyResult.from_dict(payload)
+
+
 def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) -> None:
     ctx = zmq.Context.instance()
     # Sources are followed through the collector's heartbeats (a summary per source), not its
@@ -50,17 +65,11 @@ def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) 
             with state.lock:
                 state.heartbeats = subscriber.senders()
                 for message in messages:
-                    payload = message.payload
-                    if message.is_heartbeat:
-                        pids[message.sender] = payload.get("pid") if isinstance(payload.get("pid"), int) else None
-                        if payload.get("stage") == "collector" and isinstance(payload.get("sources"), dict):
-                            state.sources.update(payload["sources"])
-                    elif message.topic == "plan":
-                        state.plan_hash = payload.get("hash", "")
-                        state.plan_sources_ready = tuple(payload.get("sources_ready", []))
-                        state.plan_notes = tuple(payload.get("notes", []))
-                    elif message.topic.startswith("applied."):
-                        state.applied[message.topic[len("applied."):]] = ApplyResult.from_dict(payload)
+                    try:
+                        absorb(state, pids, message)
+                    except Exception as error:  # one odd message must not stop following the bus
+                        log.warning("status: ignoring %s from %s: %s: %s", message.topic, message.sender,
+                                    type(error).__name__, error)
                 state.stages = {sender: StageLiveness(subscriber.alive(sender), age, pids.get(sender))
                                 for sender, age in state.heartbeats.items()}
                 state.stages[own_name] = StageLiveness(True, 0.0, os.getpid())
