@@ -135,6 +135,17 @@ def test_services_file_unicode_digit_port_is_a_clear_error():
         parse_services_file(json.dumps({"services": [{"name": "a", "port": "²"}]}))
 
 
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "a", "port": 1, "servers": [{"host": "10.0.0.1", "ip": "10.0.0.2", "port": 80}]}, "both host and ip"),
+    ({"name": "a", "port": 1, "timeoutClient": 5, "timeout_client": 50}, "both timeoutClient and timeout_client"),
+    ({"name": "a", "port": 1, "healthCheck": {"protocol": "tcp"}, "health_check": None}, "both healthCheck"),
+])
+def test_services_file_two_spellings_of_one_field_is_an_error(entry, message):
+    # one of them was silently ignored (the file's rule: nothing is silently ignored)
+    with pytest.raises(ModelError, match=message):
+        parse_services_file(json.dumps({"services": [entry]}))
+
+
 # ---------------------------------------------------------------------------------------------
 # regressions: Marathon
 

@@ -28,7 +28,9 @@ def _server_dict(raw: object, what: str) -> dict:
     # The documented form names the address `host`; it must be an IP address here (no DNS
     # in a static file: a name that stops resolving would silently drop a backend).
     if "host" in data:
-        data.setdefault("ip", data.pop("host"))
+        if "ip" in data:
+            raise ModelError(f"{what} has both host and ip: give one")
+        data["ip"] = data.pop("host")
     return data
 
 
@@ -59,6 +61,8 @@ def parse_services_file(text: str) -> tuple[Service, ...]:
         for camel, snake in (("healthCheck", "health_check"), ("timeoutClient", "timeout_client"),
                              ("timeoutServer", "timeout_server")):
             if camel in raw:
+                if snake in raw:  # one of them would be ignored silently
+                    raise ModelError(f"{what} has both {camel} and {snake}: give one")
                 data[snake] = raw[camel]
         servers = raw.get("servers", [])
         if not isinstance(servers, list):
