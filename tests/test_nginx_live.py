@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import pytest
 
 from services.applier import nginx_driver
 from services.applier.nginx_driver import NginxDriver
+from services.applier.nginx_render import Rendered, vhost_blocks
 from services.common.config import Settings
 from services.common.model import Plan, Service
 from tests.helpers import HttpBackend, free_port, wait_until
@@ -130,10 +132,10 @@ def children(pid: int) -> set[int]:
 class Nginx:
     """`proxymatic nginx` in a temp run dir, on a free port."""
 
-    def __init__(self, proxy_protocol: bool = False):
+    def __init__(self, proxy_protocol: bool = False, port: int | None = None, wait: bool = True):
         self.run_dir = tempfile.mkdtemp(prefix="pm", dir="/tmp")
         os.chmod(self.run_dir, 0o755)  # nginx workers may run as another user
-        self.port = free_port()
+        self.port = port or free_port()
         self.settings = Settings(run_dir=self.run_dir, vhost_domain=DOMAIN, vhost_port=self.port,
                                  proxy_protocol=proxy_protocol, status_endpoint="")
         self.proxy = self.settings.proxy_settings()
@@ -144,7 +146,8 @@ class Nginx:
                            "proxy_protocol": proxy_protocol, "status_endpoint": ""})
         self.process = subprocess.Popen([sys.executable, "-c", code, args], cwd=ROOT)
         self.driver = NginxDriver(self.settings)
-        wait_until(lambda: self.driver.master_pid() == self.process.pid, message="nginx master up")
+        if wait:
+            wait_until(lambda: self.driver.master_pid() == self.process.pid, message="nginx master up")
 
     def plan(self, *services) -> Plan:
         return Plan(tuple(services), self.proxy)
@@ -327,4 +330,87 @@ def test_proxy_protocol_client_address_reaches_the_backend():
         assert ask("other.test.local", "/_status").startswith(b"HTTP/1.1 200")
     finally:
         headers.close()
+        nginx.close()
+
+
+def process_user(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as status:
+        uid = next(int(line.split()[1]) for line in status if line.startswith("Uid:"))
+    return pwd.getpwuid(uid).pw_name
+
+
+def test_vhosts_nginx_rejects_are_set_aside_and_the_others_served(nginx, monkeypatch):
+    web, api, admin = HttpBackend("web"), HttpBackend("api"), HttpBackend("admin")
+    plan = nginx.plan(service("web", web.port), service("api", api.port), service("admin", admin.port))
+    real_render = nginx_driver.render
+    long_name = "x" * 200 + ".admin.test.local"
+
+    def two_bad_blocks(*args, **kwargs):
+        # api's block gets a directive nginx does not know (nginx names its line); admin's a name
+        # too long for the names hash (nginx names no line: found by bisection)
+        text = real_render(*args, **kwargs)
+        bad = (text.text.replace("server_name api.test.local;", "server_name api.test.local; bogus_directive on;")
+               .replace("server_name admin.test.local;", f"server_name {long_name};"))
+        return Rendered(bad, text.vhosts, text.warnings, vhost_blocks(bad))
+
+    tests = []
+    real_test = nginx.driver.test
+    monkeypatch.setattr(nginx.driver, "test", lambda text: tests.append(text) or real_test(text))
+    monkeypatch.setattr(nginx_driver, "render", two_bad_blocks)
+    try:
+        result = nginx.driver.apply(plan)
+        assert result.ok and result.action == "reload", result
+        assert sorted(result.set_aside) == sorted([f"{api.port}/tcp", f"{admin.port}/tcp"])
+        assert result.set_aside[f"{api.port}/tcp"].startswith("service api (vhost api.test.local): nginx -t failed: "
+                                                              '[emerg] unknown directive "bogus_directive"')
+        assert "server_names_hash" in result.set_aside[f"{admin.port}/tcp"]
+        assert result.details["vhosts"] == ["web.test.local"]
+        wait_until(lambda: get(nginx.port, "web.test.local") == (200, "web\n"), message="web vhost")
+        assert get(nginx.port, "api.test.local")[0] == 503 and get(nginx.port, long_name)[0] == 503
+
+        # the applier's retries: the same plan is not tested again
+        runs = len(tests)
+        again = nginx.driver.apply(plan)
+        assert again.ok and again.action == "none" and again.set_aside == result.set_aside, again
+        assert len(tests) == runs and nginx.driver.reloads == 1
+
+        # fixed: everything is served, nothing set aside
+        monkeypatch.setattr(nginx_driver, "render", real_render)
+        fixed = nginx.driver.apply(plan)
+        assert fixed.ok and fixed.action == "reload" and fixed.set_aside == {}, fixed
+        wait_until(lambda: get(nginx.port, "api.test.local") == (200, "api\n"), message="api vhost")
+        assert get(nginx.port, "admin.test.local") == (200, "admin\n")
+    finally:
+        for backend in (web, api, admin):
+            backend.close()
+
+
+def test_a_held_vhost_port_sets_every_vhost_aside_until_it_is_free():
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen(1)
+    port = squatter.getsockname()[1]
+    web = HttpBackend("web")
+    nginx = Nginx(port=port, wait=False)
+    try:
+        plan = nginx.plan(service("web", web.port))
+        held = nginx.driver.apply(plan)
+        assert held.ok and held.set_aside == {
+            f"{web.port}/tcp": f"service web (vhost web.test.local): port {port} cannot be bound: "
+                               "[Errno 98] Address already in use"}, held
+        again = nginx.driver.apply(plan)  # a retry while it is still held: nothing new
+        assert again.action == "none" and again.set_aside == held.set_aside
+        assert nginx.process.poll() is None and nginx.driver.master_pid() is None  # the launcher waits
+
+        squatter.close()
+        master = wait_until(nginx.driver.master_pid, message="nginx started once the port is free")
+        assert master == nginx.process.pid  # the launcher exec'd nginx: nothing restarted
+        served = nginx.driver.apply(plan)
+        assert served.ok and served.action == "none" and served.set_aside == {}, served  # it started with this config
+        assert wait_until(lambda: get_ok(port, "web.test.local"), message="web vhost") == "web\n"
+        if os.geteuid() == 0:  # workers never run as root
+            assert {process_user(pid) for pid in children(master)} == {"www-data"}
+    finally:
+        squatter.close()
+        web.close()
         nginx.close()

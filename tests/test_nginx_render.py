@@ -3,6 +3,9 @@ membership never changes the text), and that nothing from a plan can inject conf
 import shutil
 import subprocess
 
+import pytest
+
+from services.applier import nginx_isolate
 from services.applier.nginx_render import render, virtual_hosts
 from services.common.model import HealthCheck, Plan, ProxySettings, Server, Service
 
@@ -144,3 +147,55 @@ def test_driver_refuses_a_plan_it_cannot_render_safely(tmp_path):
     bad_port = Service(name="ok", port="83; evil")
     result = NginxDriver(Settings(run_dir=str(tmp_path))).apply(Plan((bad_port,), settings()))
     assert not result.ok and result.action == "rejected" and not (tmp_path / "nginx" / "nginx.conf").exists()
+
+
+def test_vhost_blocks_cover_each_upstream_and_server_block():
+    rendered = render(Plan((svc("web", 8001), svc("api", 8002)), settings()), "/p")
+    lines = rendered.text.splitlines()
+    web, api = rendered.blocks
+    assert (web.key, api.key) == ("8001/tcp", "8002/tcp")
+    assert web.last + 1 == api.first and lines[api.last] == "}"  # api's block ends where `http` closes
+    web_text = "\n".join(lines[web.first - 1:web.last])
+    assert "upstream service_8001" in web_text and "server_name web.apps.example.com;" in web_text
+    assert "8002" not in web_text
+    assert "apps.example.com" not in "\n".join(lines[:web.first - 1])  # before the blocks: no vhost
+
+
+def test_excluded_vhosts_are_left_out_without_moving_their_name():
+    plan = Plan((svc("web", 8001), svc("web", 9001), svc("api", 8002)), settings())
+    rendered = render(plan, "/p", exclude=frozenset({"8001/tcp"}))
+    assert [v.key for v in rendered.vhosts] == ["8002/tcp"]  # 9001 does not take over web's name
+    assert "web.apps.example.com" not in rendered.text
+    assert [b.key for b in rendered.blocks] == ["8002/tcp"]
+
+
+def test_nginx_error_lines_map_to_vhost_blocks():
+    rendered = render(Plan((svc("web", 8001), svc("api", 8002)), settings()), "/p")
+    web, api = rendered.blocks
+    message = (f'nginx -t failed: [emerg] unknown directive "x" in {nginx_isolate.CONFIG_NAME}:{api.first + 3}')
+    assert nginx_isolate.error_lines(message) == [api.first + 3]
+    assert nginx_isolate.blocks_at(nginx_isolate.error_lines(message), rendered.blocks) == ["8002/tcp"]
+    assert nginx_isolate.blocks_at([1, web.first - 1], rendered.blocks) == []  # outside every vhost
+    assert nginx_isolate.error_lines("[emerg] could not build server_names_hash") == []
+
+
+def test_bisection_finds_each_vhost_that_fails_alone():
+    keys = [f"{port}/tcp" for port in range(8000, 8064)]
+    bad = {"8003/tcp", "8041/tcp"}
+    runs = []
+
+    def test(subset):
+        runs.append(subset)
+        return "; ".join(f"{k} is bad" for k in subset if k in bad)
+
+    found = nginx_isolate.bisect_failing(keys, test, test(keys))
+    assert found == {"8003/tcp": "8003/tcp is bad", "8041/tcp": "8041/tcp is bad"}
+    assert len(runs) < len(keys)  # fewer nginx -t runs than testing each vhost alone
+    # two vhosts that only fail together are not blamed on either
+    assert nginx_isolate.bisect_failing(["a", "b"], lambda s: "clash" if len(s) == 2 else "", "clash") == {}
+
+
+def test_the_number_of_nginx_runs_is_bounded():
+    test = nginx_isolate.counted(lambda subset: "bad", 3)
+    with pytest.raises(nginx_isolate.TooManyTests):
+        nginx_isolate.bisect_failing([str(i) for i in range(64)], test, "bad")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,6 +32,7 @@ PID_FILE = "nginx.pid"
 # does not reload nginx for nothing. Written by nginx_launch before exec and after each reload.
 LOADED_FILE = "loaded"
 LISTEN_HOST = "0.0.0.0"  # the vhost port listens on every address
+_LOG_PREFIX = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\[\w+\]) \d+#\d+: ")
 # Bounds the search for rejected vhosts (each `nginx -t` takes tens of milliseconds).
 MAX_ISOLATION_TESTS = 40
 
@@ -216,7 +218,7 @@ class NginxDriver(ProxyDriver):
             with open(candidate, "w", encoding="utf-8") as out:
                 out.write(text)
             proc = subprocess.run([self.binary, "-t", "-q", "-p", self.prefix + "/", "-c", candidate],
-                                  capture_output=True, text=True, timeout=30)
+                                  capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired) as error:
             return f"nginx -t could not run: {error}"
         finally:
@@ -224,7 +226,10 @@ class NginxDriver(ProxyDriver):
                 os.unlink(candidate)
         if proc.returncode == 0:
             return ""
-        lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+        # "2026/11/30 10:33:21 [emerg] 28046#28046: unknown directive ..." -> "[emerg] unknown directive ...":
+        # the same problem reads the same every time; nginx's closing "test failed" line adds nothing
+        lines = [_LOG_PREFIX.sub(r"\1 ", line) for line in (proc.stderr + proc.stdout).splitlines()
+                 if line.strip() and not line.endswith(" test failed")]
         return "nginx -t failed: " + " | ".join(lines[-5:]).replace(candidate, nginx_isolate.CONFIG_NAME)
 
     def master_pid(self) -> int | None:

@@ -4,18 +4,27 @@ Everything lives in `<run_dir>/nginx/` (the -p prefix): nginx.conf (written by t
 a bootstrap config with only the default server when there is none yet), nginx.pid,
 logs/error.log and tmp/. The process execs nginx, so supervisord signals it directly
 (SIGTERM: fast stop, SIGQUIT: graceful stop, SIGHUP: reload).
+
+While another program holds VHOST_PORT, nginx could not start (it would exit, and be restarted
+over and over): the launcher waits until the port can be bound, then execs nginx with the config
+the driver installed meanwhile (the driver reports every vhost set aside until then).
 """
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import time
 
-from services.applier.nginx_driver import CONFIG_FILE, nginx_user, prepare_prefix, write_atomic, write_loaded
+from services.applier.bindable import bind_error
+from services.applier.nginx_driver import (
+    CONFIG_FILE, LISTEN_HOST, nginx_user, prepare_prefix, write_atomic, write_loaded)
 from services.applier.nginx_render import render
 from services.common.model import Plan
 
 log = logging.getLogger("proxymatic.nginx")
+
+PORT_POLL = 0.2  # seconds between two bind probes while the vhost port is taken
 
 
 def nginx_argv(prefix: str, binary: str = "nginx") -> list[str]:
@@ -34,9 +43,22 @@ def bootstrap(settings) -> str:
     return prefix
 
 
+def wait_for_port(port: int, poll: float = PORT_POLL) -> None:
+    """Return once `port` can be bound; log when it cannot, and again when the error changes."""
+    reported = None
+    while (error := bind_error(LISTEN_HOST, port, "tcp")) is not None:
+        if error != reported:
+            log.warning("nginx: port %d cannot be bound: %s; starting once it is free", port, error)
+            reported = error
+        time.sleep(poll)
+    if reported is not None:
+        log.info("nginx: port %d is free, starting", port)
+
+
 def main(settings) -> int:
     """Entry point of `proxymatic nginx` (supervisord program); does not return on success."""
     prefix = bootstrap(settings)
+    wait_for_port(int(settings.vhost_port))
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     argv = nginx_argv(prefix, binary)
     log.info("nginx: exec %s", " ".join(argv))
