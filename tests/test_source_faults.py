@@ -358,3 +358,17 @@ def test_registrator_is_degraded_while_its_watch_keeps_breaking_then_ok():
     finally:
         source.close()
         fake.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# credentials in Marathon URLs
+
+@pytest.mark.parametrize("url", ["http://admin:s3cret@m1:8080", "http://admin:s3c@ret@m1:8080",
+                                 "http://admin:s3cret/x@m1:8080", "http://admin:s3cret:x@m1:8080",
+                                 "ftp://admin:s3cret@m1:8080", "http://admin:s3cret@:8080"])
+def test_no_password_in_a_replica_display_or_a_url_error(url):
+    try:
+        shown = [replica.display for replica in parse_replicas(url)]
+    except ValueError as error:
+        shown = [str(error)]
+    assert shown and not any("s3c" in text or "ret" in text.replace("***", "") for text in shown), shown

@@ -70,7 +70,8 @@ def parse_replicas(text: str) -> list[Replica]:
             port = parts.port  # raises on a bad port, quoting it: it may hold a password
         except ValueError:
             port = -1
-        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+        # An `@` left in the path: a password with an unencoded `/` (it must not become a path).
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or "@" in parts.path:
             raise ValueError(f"not a Marathon URL: {shown_url(raw)!r}")
         netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
         if port:
@@ -293,7 +294,10 @@ class EventStream:
         with self._health_lock:
             changed, self._health = health != self._health, health
         if changed:
-            self.on_status()
+            try:
+                self.on_status()
+            except Exception:  # noqa: BLE001 - a bug in the listener must not end the stream thread
+                log.exception("marathon: event stream status listener failed")
 
     def _run(self) -> None:
         failures = 0  # consecutive attempts that gave no lasting stream: they alone back off
