@@ -723,3 +723,23 @@ def test_incremental_builds_equal_a_build_from_scratch(data):
         assert services == scratch.services
         assert_valid_services(services, "marathon")
         assert_one_line_warnings(warnings)
+
+
+def test_nginx_accepts_the_longest_and_oddest_names():
+    from services.applier import nginx_render
+    from services.applier.nginx_driver import prepare_prefix
+    domain = "d" * 63 + ".example"
+    names = ["a" * 63 + "." + "b" * 63 + "." + "c" * 40, "A--Z", "0", "x-y.z-0", "Web", "web", "a" * 255]
+    services = tuple(Service.from_dict({"name": name, "port": 20000 + i, "timeout_server": 86400})
+                     for i, name in enumerate(names))
+    with tempfile.TemporaryDirectory() as prefix:
+        prepare_prefix(prefix)
+        rendered = nginx_render.render(Plan(services, ProxySettings(vhost_domain=domain, vhost_port=8080)), prefix)
+        # "Web"/"web" are one host name (the lower port wins); 255 characters is too long for one
+        assert [v.key for v in rendered.vhosts] == ["20000/tcp", "20001/tcp", "20002/tcp", "20003/tcp", "20004/tcp"]
+        path = os.path.join(prefix, "nginx.conf")
+        with open(path, "w", encoding="utf-8") as out:
+            out.write(rendered.text)
+        proc = subprocess.run(["/usr/sbin/nginx", "-t", "-q", "-p", prefix + "/", "-c", path],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
