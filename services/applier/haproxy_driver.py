@@ -95,6 +95,23 @@ class _PlanHash:
         return self.plan.hash
 
 
+class _Services:
+    """A plan's HAProxy services by key, computed only when needed (a runtime change never
+    needs them)."""
+
+    __slots__ = ("plan", "_by_key")
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self._by_key: dict[str, Service] | None = None
+
+    @property
+    def by_key(self) -> dict[str, Service]:
+        if self._by_key is None:
+            self._by_key = {s.key: s for s in haproxy_services(self.plan)}
+        return self._by_key
+
+
 class HaproxyDriver(ProxyDriver):
     name = "haproxy"
 
@@ -149,11 +166,15 @@ class HaproxyDriver(ProxyDriver):
         (a listener that cannot be bound, a section `haproxy -c` rejects, a reload that fails on
         a listener) sets them aside and the next round applies the rest; each round sets aside
         at least one more service, so there are at most as many rounds as services."""
-        services = {s.key: s for s in haproxy_services(plan)}
-        aside = self._still_set_aside(services)
-        for _ in range(len(services) + 1):
+        services = _Services(plan)
+        aside = self._still_set_aside(services.by_key) if self._set_aside else {}
+        for _ in range(len(plan.services) + 1):
             outcome = self._converge(plan, services, aside)
             if isinstance(outcome, DriverResult):
+                break
+            if not outcome.keys() - aside.keys():  # no progress: never expected, never looped on
+                outcome = DriverResult(self.name, False, "rejected", details=self._details(0), errors=(
+                    "HAProxy keeps refusing the config: " + "; ".join(e.reason for e in outcome.values()),))
                 break
             aside.update(outcome)
         else:
@@ -164,7 +185,7 @@ class HaproxyDriver(ProxyDriver):
         self._note_set_aside(aside)
         return replace(outcome, set_aside={key: entry.reason for key, entry in sorted(aside.items())})
 
-    def _converge(self, plan: Plan, services: dict[str, Service],
+    def _converge(self, plan: Plan, services: _Services,
                   aside: dict[str, SetAside]) -> DriverResult | dict[str, SetAside]:
         """One round of _apply: the result, or the services newly found to be set aside."""
         proc: ProcInfo | None = None  # `show proc` as seen during this apply
@@ -216,13 +237,13 @@ class HaproxyDriver(ProxyDriver):
 
         # A reload ahead. Listeners HAProxy does not hold yet must be bindable, or their services
         # are set aside: one port taken by another program must not fail the whole reload.
-        new_listeners = self._new_listeners(rendering, services, proc)
+        new_listeners = self._new_listeners(rendering, services.by_key, proc)
         unbindable = self._unbindable(new_listeners)
         if unbindable:
             return unbindable
         valid, alerts = self._validate(text)
         if not valid:
-            rejected = self._rejected_services(rendering, services, alerts)
+            rejected = self._rejected_services(rendering, services.by_key, alerts)
             if rejected:
                 return rejected
             message = summary(alerts)
@@ -230,7 +251,7 @@ class HaproxyDriver(ProxyDriver):
             error = f"HAProxy rejected the new config: {message}" if reload_reason else \
                 f"HAProxy rejected the new config, the previous one keeps serving: {message}"
             return DriverResult(self.name, False, "rejected", errors=(error,), details=self._details(fixes))
-        self._membership_first(rendering, services)
+        self._membership_first(rendering, services.by_key)
         return self._reload(plan, text, slots, rendering.skeleton_hash, proc, new_listeners)
 
     def _membership_first(self, rendering: Rendering, services: dict[str, Service]) -> None:

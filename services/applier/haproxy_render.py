@@ -128,8 +128,10 @@ def haproxy_services(plan: Plan, set_aside: Collection[str] = ()) -> list[Servic
     the services `set_aside` (service keys, "port/protocol") the driver leaves out."""
     if not plan.settings.haproxy:
         return []
-    return sorted((s for s in plan.services if s.protocol == "tcp" and s.key not in set_aside),
-                  key=lambda s: s.port)
+    if set_aside:
+        return sorted((s for s in plan.services if s.protocol == "tcp" and s.key not in set_aside),
+                      key=lambda s: s.port)
+    return sorted((s for s in plan.services if s.protocol == "tcp"), key=lambda s: s.port)
 
 
 def unique_servers(service: Service) -> list[Server]:
@@ -368,12 +370,13 @@ class _Block:
     """One service's section: the slots it was given from which previous slots, its text, and
     its skeleton section (rendered on demand)."""
 
-    __slots__ = ("service", "before", "slots", "max_connections", "text", "key", "skeleton")
+    __slots__ = ("service", "before", "slots", "max_connections", "text", "key", "skeleton", "section")
 
     def __init__(self, service: Service, before: tuple, slots: tuple, max_connections: int, text: str,
                  key: tuple, skeleton: str | None):
         self.service, self.before, self.slots = service, before, slots
         self.max_connections, self.text, self.key, self.skeleton = max_connections, text, key, skeleton
+        self.section = (service.key, text)  # what Rendering.sections holds
 
 
 class ConfigRenderer:
@@ -420,7 +423,7 @@ class ConfigRenderer:
             skeleton = header + "".join([self._skeleton_text(b) for b in blocks.values()]) + "\n"
             self._skeleton = (key, skeleton_hash(skeleton))
         return Rendering({bid: b.slots for bid, b in blocks.items()}, text, self._skeleton[1], header,
-                         tuple([(b.service.key, b.text) for b in blocks.values()]))
+                         tuple([b.section for b in blocks.values()]))
 
     def _header_text(self, max_connections: int, reserved_fds: int) -> str:
         if self._header is None or self._header[0] != (max_connections, reserved_fds):
