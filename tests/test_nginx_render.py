@@ -196,6 +196,11 @@ def test_bisection_finds_each_vhost_that_fails_alone():
 
 
 def test_the_number_of_nginx_runs_is_bounded():
-    test = nginx_isolate.counted(lambda subset: "bad", 3)
+    test = nginx_isolate.counted(lambda subset: "bad", 3, seconds=60)
     with pytest.raises(nginx_isolate.TooManyTests):
         nginx_isolate.bisect_failing([str(i) for i in range(64)], test, "bad")
+    now = [0.0]  # and in time: a clock that moves 1 s per run
+    slow = nginx_isolate.counted(lambda subset: now.__setitem__(0, now[0] + 1) or "bad", 100, seconds=5,
+                                 clock=lambda: now[0])
+    with pytest.raises(nginx_isolate.TooManyTests):
+        nginx_isolate.bisect_failing([str(i) for i in range(64)], slow, "bad")

@@ -35,6 +35,7 @@ LISTEN_HOST = "0.0.0.0"  # the vhost port listens on every address
 _LOG_PREFIX = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\[\w+\]) \d+#\d+: ")
 # Bounds the search for rejected vhosts (each `nginx -t` takes tens of milliseconds).
 MAX_ISOLATION_TESTS = 40
+MAX_ISOLATION_SECONDS = 10.0
 
 
 def nginx_user() -> str | None:
@@ -170,7 +171,7 @@ class NginxDriver(ProxyDriver):
         def test_only(subset: list[str]) -> str:
             return self.test(self._render(plan, frozenset(keys) - set(subset)).text)
 
-        test = nginx_isolate.counted(test_only, MAX_ISOLATION_TESTS)
+        test = nginx_isolate.counted(test_only, MAX_ISOLATION_TESTS, MAX_ISOLATION_SECONDS)
         failing: dict[str, str] = {}
         current, message = rendered, problem
         try:

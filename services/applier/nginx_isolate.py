@@ -11,6 +11,7 @@ that only fail together), is not isolated: the caller rejects the whole config.
 from __future__ import annotations
 
 import re
+import time
 from typing import Callable, Iterable
 
 from services.applier.nginx_render import Block
@@ -57,15 +58,19 @@ def bisect_failing(keys: list[str], test: Tester, error: str) -> dict[str, str]:
     return found
 
 
-def counted(test: Tester, limit: int) -> Tester:
-    """`test`, raising TooManyTests on its call number `limit + 1`: bounds a search."""
+def counted(test: Tester, limit: int, seconds: float, clock: Callable[[], float] = time.monotonic) -> Tester:
+    """`test`, raising TooManyTests on call number `limit + 1` or once `seconds` have passed
+    since the first call: bounds a search (the applier applies nothing else meanwhile)."""
     calls = 0
+    deadline: float | None = None
 
     def limited(keys: list[str]) -> str:
-        nonlocal calls
+        nonlocal calls, deadline
         calls += 1
-        if calls > limit:
-            raise TooManyTests(f"more than {limit} nginx -t runs")
+        now = clock()
+        deadline = now + seconds if deadline is None else deadline
+        if calls > limit or now > deadline:
+            raise TooManyTests(f"more than {limit} nginx -t runs or {seconds:.0f}s")
         return test(keys)
 
     return limited
