@@ -300,7 +300,8 @@ class EventStream:
                 log.exception("marathon: event stream status listener failed")
 
     def _run(self) -> None:
-        failures = 0  # consecutive attempts that gave no lasting stream: they alone back off
+        failures = 0  # consecutive failed attempts: they alone back off
+        short_streams = 0  # consecutive streams that ended within MIN_STREAM_LIFE
         index = 0
         while not self._closing.is_set():
             replica = self.replicas[index % len(self.replicas)]
@@ -325,13 +326,16 @@ class EventStream:
                 break
             reason = reason or "event stream closed"
             connected = self.connects > connects
-            if connected and time.monotonic() - started >= MIN_STREAM_LIFE:
-                failures = 0  # a stream that lasted ended (Marathon restarted it, a proxy...): reopen at once
-            else:
-                failures += 1
             if not connected:
+                failures, short_streams = failures + 1, 0
                 index += 1  # try the next replica
-            self._stream_down(reason, attempt_failed=not connected)
+            elif time.monotonic() - started >= MIN_STREAM_LIFE:
+                failures, short_streams = 0, 0  # a stream that lasted ended: reopen at once
+            else:  # ended at once: the first is reopened at once, the next ones back off
+                short_streams += 1
+                failures = short_streams - 1
+            # Streams that keep ending at once (a proxy closing them) count as failing too.
+            self._stream_down(reason, attempt_failed=not connected or short_streams >= 2)
             if failures:
                 self._closing.wait(min(self.backoff_initial * 2 ** (failures - 1), self.backoff_max))
 
