@@ -371,6 +371,33 @@ def test_membership_goes_out_before_a_reload_and_stays_when_nothing_explains_its
     assert_serving(port, {"b0", "b1"})
 
 
+def test_haproxy_restarted_while_a_port_is_taken_starts_without_that_listener(haproxy, backends):
+    """HAProxy restarted (by supervisord) from the file while another program took one of its
+    ports would not start at all: `prepare` leaves that listener out, the driver sets it aside."""
+    driver = HaproxyDriver(haproxy.settings)
+    first, second = free_port(), free_port()
+    plan = make_plan(tcp_service(first, backends[:1]), tcp_service(second, backends[1:2]))
+    assert driver.apply(plan).ok
+    haproxy.kill()
+    squat = socket.socket()
+    squat.bind(("0.0.0.0", first))
+    squat.listen()
+    try:
+        assert haproxy_launch.drop_unbindable(haproxy.paths) == [f"port {first}: [Errno 98] Address already in use"]
+        haproxy_launch.prepare(haproxy.settings)  # as `proxymatic haproxy` does: nothing more to drop
+        assert not listens_on(haproxy, first) and listens_on(haproxy, second)
+        haproxy.start()
+        assert tcp_ask(second) == "b1"
+        result = driver.apply(plan)
+        assert result.ok and list(result.set_aside) == [f"{first}/tcp"], result
+        assert tcp_ask(second) == "b1"
+    finally:
+        squat.close()
+    freed = driver.apply(plan)
+    assert freed.ok and freed.action == "reload" and freed.set_aside == {}, freed
+    assert tcp_ask(first) == "b0" and tcp_ask(second) == "b1"
+
+
 def bad_section_for(monkeypatch, port: int, line: str) -> None:
     """Make the renderer add `line` to the section of the service on `port`."""
     real = haproxy_render._render_section

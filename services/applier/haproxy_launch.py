@@ -16,7 +16,8 @@ import resource
 import shutil
 import subprocess
 
-from services.applier.haproxy_render import HaproxyPaths, RunAs, render
+from services.applier.bindable import bind_error
+from services.applier.haproxy_render import HaproxyPaths, RunAs, render, split_sections
 from services.common.config import Settings
 from services.common.files import write_atomic
 from services.common.model import Plan
@@ -96,6 +97,7 @@ def prepare(settings: Settings) -> HaproxyPaths:
     if os.path.exists(paths.config):
         valid, message = check_config(paths.config)
         if valid:
+            drop_unbindable(paths)
             return paths
         # Should not happen (every config is validated before it is written): keep it for
         # inspection and start from the bootstrap config; the applier reloads the plan.
@@ -104,6 +106,28 @@ def prepare(settings: Settings) -> HaproxyPaths:
     log.info("haproxy: writing bootstrap config %s", paths.config)
     write_atomic(paths.config, bootstrap_config(settings, paths))
     return paths
+
+
+def drop_unbindable(paths: HaproxyPaths) -> list[str]:
+    """Before HAProxy starts from the config on disk: leave out the services whose port another
+    program took meanwhile, or HAProxy would not start at all and serve nothing. The config then
+    differs from slots.json, so the applier reloads it and reports those services set aside.
+    Returns what was left out."""
+    with open(paths.config) as handle:
+        text = handle.read()
+    header, sections = split_sections(text)
+    kept, dropped = [], []
+    for bid, section in sections.items():
+        port = int(bid.split("_")[1])
+        error = bind_error("0.0.0.0", port)
+        if error is None:
+            kept.append(section)
+        else:
+            dropped.append(f"port {port}: {error}")
+    if dropped:
+        log.warning("haproxy: starting without the listeners that cannot be bound (%s)", "; ".join(dropped))
+        write_atomic(paths.config, header + "".join(kept) + "\n")
+    return dropped
 
 
 def main(settings: Settings) -> None:
