@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import pytest
 import zmq
 
@@ -372,3 +373,23 @@ def test_no_password_in_a_replica_display_or_a_url_error(url):
     except ValueError as error:
         shown = [str(error)]
     assert shown and not any("s3c" in text or "ret" in text.replace("***", "") for text in shown), shown
+
+
+def test_streams_that_keep_ending_at_once_back_off_and_say_degraded(sim):  # noqa: F811
+    sim.deploy_app(APP, service_ports=[10000], instances=1)
+    source = MarathonSource(Settings(marathon=sim.url, refresh_interval=3600), **FAST)
+    stop = threading.Event()
+    try:
+        source.current()
+        wait_until(lambda: source.stream.connected.is_set(), message="stream open")
+        sim.replicas[0].close_streams = True  # answered 200, then closed at once, every time
+        sim.drop_streams()
+        degraded = wait_until(lambda: source.current().degraded, message="degraded")
+        assert degraded.startswith("event stream down since ") and "event stream closed" in degraded
+        sim.replicas[0].close_streams = False
+        sim.scale(APP, 2)  # made while no stream stays open: the resync after reopening brings it
+        wait_until(lambda: (source.wait_for_change(0.2, stop), source.current())[1].degraded == ""
+                   and len(servers(source.current())) == 2, message="ok again with the change")
+    finally:
+        stop.set()
+        source.close()

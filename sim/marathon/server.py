@@ -30,6 +30,7 @@ class Replica:
         self.fault: str | None = None
         self.stall = False
         self.refuse_events: int | None = None
+        self.close_streams = False  # answer /v2/events 200, then close at once (a misbehaving proxy)
         self.stream_opens: list[float] = []  # wall-clock times event streams were answered 200
         self.requests: list[str] = []
         self._requests_lock = threading.Lock()
@@ -249,7 +250,7 @@ class _Handler(BaseHTTPRequestHandler):
             if types is None or "event_stream_attached" in types:
                 self.wfile.write(cluster.frame("event_stream_attached", attached))
             self.wfile.flush()
-            while not replica._stopping.is_set():
+            while not replica._stopping.is_set() and not replica.close_streams:
                 try:
                     item = q.get(timeout=0.1)
                 except queue.Empty:
