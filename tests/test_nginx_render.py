@@ -204,3 +204,8 @@ def test_the_number_of_nginx_runs_is_bounded():
                                  clock=lambda: now[0])
     with pytest.raises(nginx_isolate.TooManyTests):
         nginx_isolate.bisect_failing([str(i) for i in range(64)], slow, "bad")
+
+
+def test_a_domain_with_a_final_newline_gets_no_vhost():
+    vhosts, warnings = virtual_hosts(Plan((svc("web", 8001),), settings(vhost_domain="example.com\n")))
+    assert vhosts == [] and len(warnings) == 1

@@ -4,6 +4,8 @@ import os
 import signal
 import subprocess
 
+import pytest
+
 from services.applier import proc_identity
 from services.applier.pen_control import Slot, parse_connections, parse_servers
 from services.applier.pen_driver import (
@@ -141,3 +143,11 @@ def test_a_pid_is_signalled_only_while_it_is_the_recorded_process():
         if sleeper.poll() is None:
             sleeper.kill()
             sleeper.wait()
+
+
+def test_an_ipv6_zone_never_reaches_pen():
+    from services.common.model import Server
+    for ip in ("fe80::1%eth0", "fe80::1%\nserver 1 address 10.6.6.6"):
+        with pytest.raises(ValueError):
+            Slot.of(Server(ip=ip, port=80, weight=1))
+    assert Slot.of(Server(ip="fe80::1", port=80, weight=1)).ip == "fe80::1"

@@ -88,7 +88,7 @@ def virtual_hosts(plan: Plan) -> tuple[list[VirtualHost], list[str]]:
     by_name: dict[str, Service] = {}
     for service in sorted(tcp, key=lambda s: s.port):
         name = f"{service.name.lower()}.{domain}"
-        if not _SAFE_NAME.match(name) or ".." in name or len(name) > 253:
+        if not _SAFE_NAME.fullmatch(name) or ".." in name or len(name) > 253:  # `$` alone would allow a final newline
             warnings.append(f"service {service.name!r} ({service.key}): {name!r} is not a valid host name, "
                             "no virtual host")
             continue

@@ -39,8 +39,12 @@ class Slot:
 
     @classmethod
     def of(cls, server: Server) -> "Slot":
-        # Re-parsed so that nothing but an address and numbers ever reaches a pen command.
-        return cls(ip=str(ipaddress.ip_address(server.ip)), port=int(server.port), weight=int(server.weight),
+        # Re-parsed so that nothing but an address and numbers ever reaches a pen command. An IPv6
+        # zone ("fe80::1%eth0") is refused: ipaddress keeps any text after the %, newlines included.
+        address = ipaddress.ip_address(server.ip)
+        if getattr(address, "scope_id", None) is not None:
+            raise ValueError(f"an address with a zone is not supported: {server.ip!r}")
+        return cls(ip=str(address), port=int(server.port), weight=int(server.weight),
                    maxconn=int(server.maxconn or 0))
 
     def command(self, index: int, moved: bool) -> str:
