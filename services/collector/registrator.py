@@ -471,6 +471,10 @@ class RegistratorSource(Source):
                 idle_polls += 1  # a server answering garbage over and over is paced too
             except _Unavailable as error:
                 self.stats["failures"] += 1
+                # etcd itself is down: that is the error now; the watch's count starts afresh after
+                self._watch_failures = 0
+                with self._cond:
+                    self._degraded = ""
                 self._set_error(f"cannot read etcd prefix {self.prefix or '/'}: {error}")
                 need_full_read = True
                 idle_polls, idle_delay = 0, self.backoff_start  # paced by `delay` instead
