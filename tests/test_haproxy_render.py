@@ -114,13 +114,14 @@ def test_names_and_hostnames_never_reach_the_config():
     Server("10.0.0.1", 0, weight=1),
     Server("10.0.0.1", 80, weight=257),
     Server("10.0.0.1", 80, weight=1, maxconn=-1),
+    Server("fe80::1%x\n    bind :22", 80, weight=1),  # an IPv6 zone is free text
 ])
 def test_unsafe_or_out_of_range_server_values_are_refused(server):
     with pytest.raises(RenderError, match="8080/tcp"):
         rendered(Service(name="web", port=8080, servers=(server,)))
 
 
-@pytest.mark.parametrize("path", ["/x\n    bind :22", "/a b", "/#", "relative", '/"', "/\\x41"])
+@pytest.mark.parametrize("path", ["/x\n    bind :22", "/a b", "/#", "relative", '/"', "/\\x41", "/\n"])
 def test_unsafe_health_check_paths_are_refused(path):
     svc = Service(name="web", port=8080, mode="http", servers=(Server("10.0.0.1", 80, weight=1),),
                   health_check=HealthCheck(protocol="http", path=path))

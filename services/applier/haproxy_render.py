@@ -38,7 +38,7 @@ FD_RESERVE = 1024
 # What a slot layout is: backend id -> one entry per slot, a Server or None (empty).
 Slots = Mapping[str, tuple["Server | None", ...]]
 
-_PATH_RE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,1023}$")
+_PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,1023}\Z")  # \Z: `$` would let a final newline in
 _ACCOUNT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 
 
@@ -201,6 +201,8 @@ def _address(server: Server, what: str) -> str:
         ip = ipaddress.ip_address(server.ip)
     except ValueError:
         raise RenderError(f"{what}: server ip {server.ip!r} is not an IP address") from None
+    if getattr(ip, "scope_id", None) is not None:  # an IPv6 zone is free text: it could hold a newline
+        raise RenderError(f"{what}: server ip {server.ip!r} has an IPv6 zone, which HAProxy is not given")
     port = _checked_int(server.port, 1, 65535, f"{what}: server port")
     return f"ipv6@{ip}:{port}" if ip.version == 6 else f"{ip}:{port}"
 
