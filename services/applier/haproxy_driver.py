@@ -6,9 +6,13 @@ listeners handed over to the new worker) happens only when the config *skeleton*
 services, listeners, modes, timeouts, health checks, settings, or a backend outgrowing its slots.
 
 Invariants:
+- One service HAProxy cannot take never keeps the others from being served: a listener that
+  cannot be bound (probed before a reload, or named by a reload HAProxy refused) or a section
+  `haproxy -c` rejects sets that service aside (`DriverResult.set_aside`, culprits found by
+  haproxy_isolation.py) and the rest is applied. A set-aside port is probed again on every apply.
 - Every config with a new skeleton is validated with `haproxy -c` before it replaces haproxy.cfg;
-  a config that fails is reported (`rejected`) and the last good config keeps serving. Changes of
-  slot contents only are typed values in an accepted skeleton and skip it.
+  a config that fails even without any service is reported (`rejected`) and the last good config
+  keeps serving. Changes of slot contents only are typed values in an accepted skeleton and skip it.
 - haproxy.cfg always equals the state the runtime converged to, so HAProxy restarted from the
   file serves the same backends. It is rewritten (atomically) after runtime changes too: right
   after the commands, which go first, as one master CLI line with `show proc` in front.
