@@ -205,7 +205,8 @@ def classify(status: int, body: bytes, headers) -> str:
         return f"HTTP {status} (backend {headers.get('X-Backend')})"
     if b"nginx" in body:
         return f"HTTP {status} (nginx page)"
-    return f"HTTP {status}"
+    text = body[:40].decode(errors="replace").strip().replace("\n", " ")
+    return f"HTTP {status} {text}" if text else f"HTTP {status}"
 
 
 class Path(threading.Thread):
@@ -288,6 +289,7 @@ class Soak:
         self.ports["dns"] = free_port(socket.SOCK_DGRAM)
         self.events: list[dict] = []  # kills
         self.churn: collections.Counter = collections.Counter()
+        self.churn_log: list[tuple[float, str]] = []  # (time, what) of every churn step
         self.actions: collections.Counter = collections.Counter()
         self.seen_applied: set[tuple[str, str, int]] = set()
         self.haproxy_reloads: dict[int, int] = {}  # master pid -> highest reload count seen
@@ -341,6 +343,7 @@ class Soak:
                                          start_new_session=True)
         self.roles = Roles(self.launcher.pid, self.pm_dir, self.etcd.process.pid if self.etcd.process else None)
         self.master = MasterCli(HaproxyPaths.for_run_dir(self.pm_dir).master_socket, timeout=3)
+        self.udp_probe = udp_ask(self.ports["dns"])
         self.bus = Subscriber(zmq.Context.instance(), [Endpoint.parse(f"ipc://{self.pm_dir}/bus/applier.pub")],
                               ["applied."])
         self.wait_ready()
@@ -446,7 +449,12 @@ class Soak:
                 self.sim.set_health(task.id, False)
                 self.churn["marathon-health fail"] += 1
             else:
-                self.churn["marathon-health skipped"] += 1
+                sick = [t for t in tasks if not t.alive]
+                if sick:  # nothing can fail now: recover one instead
+                    self.sim.set_health(rng.choice(sick).id, True)
+                    self.churn["marathon-health recover"] += 1
+                else:
+                    self.churn["marathon-health skipped"] += 1
         elif kind == "etcd":
             if rng.random() < 0.5 and len(self.reg_keys) < 5:
                 free = [i for i in range(5) if f"{self.reg_prefix}/h{i}:reg{i}:80" not in self.reg_keys]
@@ -473,7 +481,12 @@ class Soak:
                     target.healthy = False
                     self.churn["file-web health fail"] += 1
                 else:
-                    self.churn["file-web health skipped"] += 1
+                    sick = [b for b, _ in self.web_active.values() if not b.healthy]
+                    if sick:  # nothing can fail now: recover one instead
+                        rng.choice(sick).healthy = True
+                        self.churn["file-web health recover"] += 1
+                    else:
+                        self.churn["file-web health skipped"] += 1
                 return
             idle = [b for b in self.web_backends if b.name not in self.web_active]
             if action == "add" and idle:
@@ -543,7 +556,7 @@ class Soak:
                 return False
         if target == "pen":
             pids = roles.get("pen instance", [])
-            return bool(pids) and killed not in pids and udp_ask(self.ports["dns"])() == ""
+            return bool(pids) and killed not in pids and self.udp_probe() == ""
         masters = roles.get("nginx master", [])
         return bool(masters) and killed not in masters and bool(roles.get("nginx worker")) and \
             http_ask(self.ports["vhost"], None, b"OK", "/_status")() == ""
@@ -669,10 +682,12 @@ class Soak:
         while now() < end:
             self.pump_bus()
             if now() >= next_churn:
+                before = collections.Counter(self.churn)
                 try:
                     self.churn_once()
                 except Exception as exc:  # noqa: BLE001 - an etcd/Marathon hiccup: count it
                     self.churn[f"churn error {type(exc).__name__}"] += 1
+                self.churn_log += [(now(), k) for k in (self.churn - before)]
                 next_churn += self.churn_rng.uniform(0.5, 1.5)
             if now() >= next_sample:
                 self.sample()
@@ -737,7 +752,7 @@ def summary(soak: Soak, timing: dict, forced: list[str], command: str) -> str:
              f"{timing['seconds'] / 60:.1f} minutes, seed {soak.args.seed}; "
              f"{sum(soak.churn.values())} churn steps, {len(soak.events)} kills.", ""]
     # traffic
-    lines += ["| path | requests | failed | in flight on a killed proxy | other | errors |",
+    lines += ["| path | requests | failed | in flight on a killed proxy (kill → 1 s after it serves again) | other | errors |",
               "| --- | --- | --- | --- | --- | --- |"]
     other_failures: list[tuple[float, str, str]] = []
     for path in soak.paths:
@@ -811,6 +826,7 @@ def summary(soak: Soak, timing: dict, forced: list[str], command: str) -> str:
         for at, label, error in sorted(other_failures)[:30]:
             near = [f"{e['target']} killed at {e['at'] - timing['started']:.1f}s" for e in soak.events
                     if abs(e["at"] - at) < 10]
+            near += [f"{what} at {t - timing['started']:.1f}s" for t, what in soak.churn_log if 0 <= at - t < 2.5]
             lines.append(f"- {at - timing['started']:.2f}s {label}: {error}" + (f" ({'; '.join(near)})" if near else ""))
     if soak.interventions:
         lines += ["", "Soak interventions:", ""] + [f"- {text}" for text in soak.interventions]
