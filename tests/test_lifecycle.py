@@ -111,3 +111,18 @@ def test_a_start_after_an_unclean_stop_cleans_up_and_serves(run, backend):
     wait_until(lambda: tcp_ask(run.tcp_port) == "a", timeout=30, message="traffic after the restart")
     assert run.pid("haproxy") > 0 and again.poll() is None
     assert int(open(os.path.join(run.run_dir, "supervisord.pid")).read()) != supervisord
+
+
+def test_one_sigterm_with_a_shutdown_grace_stops_everything_after_it(backend):
+    run = Run(shutdown_grace="3")
+    try:
+        run.write([tcp_service(run, backend)])
+        launcher = run.start()
+        run.wait_ok()
+        launcher.send_signal(signal.SIGTERM)
+        wait_until(lambda: run.status() == (503, "TERMINATING\n"), timeout=15, message="TERMINATING")
+        assert tcp_ask(run.tcp_port) == "a"  # forwarding during the grace
+        assert launcher.wait(timeout=60) == 0
+        assert not run.processes() and stale_files(run.run_dir) == []
+    finally:
+        run.close()
