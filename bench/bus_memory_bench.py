@@ -6,8 +6,10 @@ second; snapshots answered) feeds a healthy subscriber (the applier's part, in t
 and a `proxymatic tap`. The tap is stopped with SIGSTOP for --stop seconds while the changes
 flow, then continued. Reported: the publisher's RSS before, during (highest) and after the
 stop; how many plans the healthy subscriber got meanwhile; and how long after SIGCONT the tap
-printed the plan that was newest at SIGCONT (it was dropped for the tap at the high-water
-mark: the heartbeat's seq makes the tap ask for a snapshot).
+printed the plan that was newest at SIGCONT. Changes pause (SIGUSR1 to the publisher) for the
+last 2 s of the stop and resume once the tap has caught up, so that plan can only reach the tap
+through the Clone pattern: it was dropped for the tap at the high-water mark, the heartbeat's
+seq makes the tap ask for a snapshot.
 
     .venv/bin/python -m bench.bus_memory_bench [--services 1000] [--stop 60] [--rate 10] [--hwm N] [--json out.json]
 
@@ -46,8 +48,9 @@ def plan_of(services: list[Service]) -> Plan:
 
 def publish_forever(endpoint: str, count: int, rate: float, hwm: int) -> None:
     """The publisher process: a changing planner-sized plan, heartbeats, snapshots."""
-    stop = []
+    stop, paused = [], []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGUSR1, lambda *_: paused.pop() if paused else paused.append(1))
     publisher = Publisher(zmq.Context.instance(), "planner@bench", Endpoint.parse(endpoint), send_hwm=hwm)
     services = [Service(f"app-{i}", 10000 + i, source="marathon",
                         servers=tuple(Server(f"10.{i // 250}.{i % 250}.{k + 1}", 31000 + k) for k in range(3)))
@@ -55,7 +58,9 @@ def publish_forever(endpoint: str, count: int, rate: float, hwm: int) -> None:
     change, next_change = 0, time.monotonic()
     while not stop:
         now = time.monotonic()
-        if now >= next_change:
+        if paused:
+            next_change = now
+        elif now >= next_change:
             index = change % count
             service = services[index]
             servers = list(service.servers)
@@ -115,7 +120,9 @@ def run(args: argparse.Namespace) -> dict:
             samples["before"].append(rss_mb(publisher.pid))
         os.kill(tap.pid, signal.SIGSTOP)
         plans_before_stop = healthy.plans
-        for _ in range(int(args.stop)):
+        for second in range(int(args.stop)):
+            if second == int(args.stop) - 2:
+                os.kill(publisher.pid, signal.SIGUSR1)  # pause the changes
             healthy.pump(1.0)
             samples["during"].append(rss_mb(publisher.pid))
         plans_during_stop = healthy.plans - plans_before_stop
@@ -127,6 +134,7 @@ def run(args: argparse.Namespace) -> dict:
             healthy.pump(0.1)
             if catch_up is None and tap_seq(tap_out) >= newest_at_sigcont:
                 catch_up = time.monotonic() - continued
+                os.kill(publisher.pid, signal.SIGUSR1)  # resume the changes
             if catch_up is not None and time.monotonic() - continued >= args.settle:
                 break
         for _ in range(int(args.settle)):
@@ -138,6 +146,7 @@ def run(args: argparse.Namespace) -> dict:
                 "before": round(max(samples["before"]), 1), "during_max": round(max(samples["during"]), 1),
                 "during_end": round(samples["during"][-1], 1), "after": round(samples["after"][-1], 1)},
             "plans_to_healthy_subscriber_while_stopped": plans_during_stop,
+            "newest_seq_at_sigcont": newest_at_sigcont,
             "tap_caught_up_s": None if catch_up is None else round(catch_up, 2),
             "tap_alive": tap.poll() is None,
         }
