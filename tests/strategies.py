@@ -32,7 +32,8 @@ NASTY_TEXT = [
     "/a#b", "/%0a", "²", "٨٠", "８０", "0x50", "80.0", "1e400", "-1", "+80", " 80 ", "80\n", "00080",
     "1" * 30, "é", "☃", "\u2028", "\ufeff", "TCP", "udp", "UDP,TCP", "tcp,udp,sctp", "http", " HTTP ",
     "HTTPS", "MESOS_HTTP", "COMMAND", "TASK_RUNNING", "TASK_KILLING", "BRIDGE", "USER", "HOST",
-    "container/bridge", "container", "host", "fe80::1%eth0", "fe80::1%x\nbind", "::1", "10.0.0.1",
+    "container/bridge", "container", "host", "fe80::1%eth0", "fe80::1%x\nbind", "::1", "10.0.0.1", "x" * 3000,
+    "9" * 5000, "/" + "a" * 2000, "\n" * 500,
     "10.0.0.1\n", "256.0.0.1", "localhost", "agent-1", "/", "//", "/a//b", "/.", "/-", "/a/b/c",
 ]
 NASTY_INTS = [0, -1, -80, 1, 80, 65535, 65536, 2**31, 2**63, 10**30, -(10**30), 86400, 86401, 1000, 1001]

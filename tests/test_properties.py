@@ -177,6 +177,28 @@ def test_marathon_host_with_trailing_newline_is_no_hostname():
     assert [(s.ip, s.port, s.hostname) for s in service.servers] == [("10.0.0.1", 31000, "")]
 
 
+def test_marathon_canary_warnings_clip_app_ids():
+    # "apps disagree on mode" joined the raw app ids: a newline in an id split the log line and
+    # a long id (or hundreds of apps on one port) made a warning of kilobytes
+    from services.collector.marathon_parse import services_from_payloads
+    label = "com.meltwater.proxymatic.port.0."
+
+    def app(i):
+        return {"id": "/" + chr(97 + i) * 3000 + "\n", "portDefinitions": [{"port": 10012}],
+                "labels": {label + "mode": ["http", "tcp"][i % 2], label + "timeout.client": 5 + i},
+                "healthChecks": [{"protocol": "HTTP", "path": "/" + "h" * 1000 + str(i)}] if i < 7 else [],
+                "tasks": [{"id": f"t{i}", "host": f"10.0.0.{i + 1}", "ports": [31000], "state": "TASK_RUNNING",
+                           "healthCheckResults": [{"alive": True}]}]}
+
+    result = services_from_payloads([app(i) for i in range(9)], resolve=lambda host: host)
+    assert len(result.services) == 1 and len(result.services[0].servers) == 9
+    assert any("disagree on mode" in w for w in result.warnings)
+    assert any("disagree on timeout.client" in w and "and 4 more" in w for w in result.warnings)
+    assert any("no proxy health check" in w for w in result.warnings)
+    assert_one_line_warnings(result.warnings)
+    assert all(len(w) < 600 for w in result.warnings)
+
+
 # ---------------------------------------------------------------------------------------------
 # regressions: registrator
 
@@ -260,6 +282,7 @@ def assert_one_line_warnings(warnings) -> None:
     for warning in warnings:
         assert isinstance(warning, str)
         assert "\n" not in warning and "\r" not in warning, warning
+        assert len(warning) <= 1000, warning[:200]  # a hostile megabyte stays out of logs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -644,7 +644,8 @@ def _service(port: int, protocol: str, entries: list[tuple[AppSpec, Backend]], w
         if len(values) > 1:
             chosen = next(iter(values))
             warnings.append(f"service {port}/{protocol}: apps disagree on {label} "
-                            f"({', '.join(f'{a}={v}' for v, a in values.items())}); using {chosen} from {values[chosen]}")
+                            f"({_listing(f'{clip(a)}={v}' for v, a in values.items())}); "
+                            f"using {chosen} from {clip(values[chosen])}")
         return next(iter(values), None)
 
     servers: dict[tuple[str, int], Server] = {}
@@ -677,13 +678,13 @@ def _health_check(port: int, protocol: str, entries: list[tuple[AppSpec, Backend
         if any(checks.values()):
             missing = sorted({app_id for (app_id, _), check in checks.items() if check is None})
             warnings.append(f"service {port}/{protocol}: no proxy health check: "
-                            f"{', '.join(clip(a) for a in missing)} define(s) none for this port")
+                            f"{_listing(clip(a) for a in missing)} define(s) none for this port")
         return None
     lowest = min(app_id for app_id, _ in checks)
     chosen = checks[(lowest, max(version for app_id, version in checks if app_id == lowest))]
     if len(set(checks.values())) > 1:
         described = {f"{clip(app_id)}={_describe(check)}" for (app_id, _), check in sorted(checks.items())}
-        warnings.append(f"service {port}/{protocol}: apps disagree on health check ({', '.join(sorted(described))}); "
+        warnings.append(f"service {port}/{protocol}: apps disagree on health check ({_listing(sorted(described))}); "
                         f"using {_describe(chosen)} from {clip(lowest)}")
     return chosen
 
@@ -691,7 +692,15 @@ def _health_check(port: int, protocol: str, entries: list[tuple[AppSpec, Backend
 def _describe(check: HealthCheck | None) -> str:
     if check is None:
         return "none"
-    return f"{check.protocol} {check.path}" if check.protocol == "http" else check.protocol
+    return f"{check.protocol} {clip(check.path, 40)}" if check.protocol == "http" else check.protocol
+
+
+def _listing(items: Iterable[str], limit: int = 5) -> str:
+    """At most `limit` items of a warning's list (a port shared by hundreds of apps must not
+    make a warning of kilobytes), then how many more."""
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -206,7 +206,10 @@ def parse_entry(prefix: str, key: str, value: Any, resolve: Resolver = resolve_h
     try:
         return _parse_entry(prefix, key, value, resolve)
     except (ValueError, ModelError) as error:
-        raise EntryError(f"registrator key {key!r}: {error}") from None
+        # repr'd and bounded: a hostile key or value of megabytes must not flood the logs
+        detail = str(error)
+        detail = detail if len(detail) <= 400 else detail[:397] + "..."
+        raise EntryError(f"registrator key {_clip(key, 200)}: {detail}") from None
 
 
 def _parse_entry(prefix: str, key: str, value: Any, resolve: Resolver) -> Entry:
@@ -271,10 +274,10 @@ def parse_tree(prefix: str, node: Mapping[str, Any] | None,
             if isinstance(children, list):
                 stack.extend(children)
             else:
-                warnings[key] = f"registrator directory {key!r}: malformed nodes {_clip(children)} skipped"
+                warnings[key] = f"registrator directory {_clip(key, 200)}: malformed nodes {_clip(children)} skipped"
             continue
         if normalize_prefix(key) == prefix:
-            warnings[key] = f"registrator prefix {key!r} is a key, not a directory"
+            warnings[key] = f"registrator prefix {_clip(key, 200)} is a key, not a directory"
             continue
         try:
             entries[key] = parse_entry(prefix, key, current.get("value"), resolve)
@@ -297,7 +300,7 @@ def build_services(entries: Iterable[Entry]) -> tuple[tuple[Service, ...], tuple
         for loser in sorted(names):
             if loser != winner:
                 for entry in sorted(names[loser], key=lambda e: e.key):
-                    warnings.append(f"registrator key {entry.key!r}: service port {port}/{protocol} is "
+                    warnings.append(f"registrator key {_clip(entry.key, 200)}: service port {port}/{protocol} is "
                                     f"already used by service {winner!r}; entry of {loser!r} skipped")
         servers: dict[tuple[str, int], Server] = {}
         for entry in sorted(names[winner], key=lambda e: e.key):
