@@ -126,3 +126,43 @@ def test_one_sigterm_with_a_shutdown_grace_stops_everything_after_it(backend):
         assert not run.processes() and stale_files(run.run_dir) == []
     finally:
         run.close()
+
+
+def test_run_dir_modes_lock_and_stale_files(tmp_path):
+    import stat as stat_module
+
+    from services.run_dir import RunDirInUse, RunDirLock, prepare_run_dir, remove_stale_files
+
+    def mode(path) -> int:
+        return stat_module.S_IMODE(os.stat(path).st_mode)
+
+    fresh, existing, shared = tmp_path / "fresh", tmp_path / "existing", tmp_path / "shared"
+    prepare_run_dir(str(fresh), 0o700)
+    existing.mkdir()
+    existing.chmod(0o755)
+    prepare_run_dir(str(existing), 0o700)
+    assert mode(fresh) == mode(existing) == 0o700
+    prepare_run_dir(str(existing), 0o711)  # nginx's workers must traverse it now
+    assert mode(existing) == 0o711
+    shared.mkdir()
+    shared.chmod(0o1777)
+    prepare_run_dir(str(shared), 0o700)  # a /tmp-like directory is never locked down
+    assert mode(shared) == 0o1777
+
+    first, second = RunDirLock(str(fresh)), RunDirLock(str(fresh))
+    first.acquire()
+    with pytest.raises(RunDirInUse, match=f"pid {os.getpid()}"):
+        second.acquire()
+    first.release()
+    second.acquire()  # free again once released
+    second.release()
+
+    (fresh / "bus").mkdir()
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(fresh / "bus" / "x.pub"))
+    listener.close()  # a socket file left behind, as after kill -9
+    (fresh / "supervisord.pid").write_text("1\n")
+    (fresh / "haproxy.cfg").write_text("keep me\n")
+    removed = remove_stale_files(str(fresh))
+    assert sorted(removed) == sorted([str(fresh / "bus" / "x.pub"), str(fresh / "supervisord.pid")])
+    assert (fresh / "haproxy.cfg").exists()
