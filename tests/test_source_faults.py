@@ -393,3 +393,26 @@ def test_streams_that_keep_ending_at_once_back_off_and_say_degraded(sim):  # noq
     finally:
         stop.set()
         source.close()
+
+
+def test_registrator_a_bug_while_applying_a_watch_event_drops_it_and_the_watch_goes_on(monkeypatch):
+    events = [{"action": "set", "node": {"key": f"/services/web/h:web.{n}:80", "value": f"10.0.0.{n + 1}:1",
+                                         "modifiedIndex": 50 + n}} for n in (1, 2)]
+    fake = FakeEtcd([(200, json.dumps(event).encode()) for event in events])
+    source = fake_source(fake)
+    real_apply, calls = source.apply_event, []
+
+    def apply_once_broken(event):
+        calls.append(event)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        real_apply(event)
+
+    monkeypatch.setattr(source, "apply_event", apply_once_broken)
+    try:
+        wait_until(lambda: backends(source) == ["10.0.0.1:1", "10.0.0.3:1"], message="the next event applied")
+        assert source.stats["events_dropped"] == 1 and source.stats["full_reads"] == 2  # resynced after it
+        assert source._thread.is_alive()
+    finally:
+        source.close()
+        fake.close()
