@@ -40,6 +40,7 @@ def test_environment_and_flag_precedence():
     (["--status-endpoint", "nope"], {}, "ip:port"),
     (["-r", "http://etcd:4001/services"], {}, "etcd://"),
     (["--vhost-domain", "a b.com"], {}, "domain"),
+    (["-m", "ftp://u:hunter2@m1:8080"], {}, r"got 'ftp://u:\*\*\*@m1:8080'"),
 ])
 def test_bad_values_are_clear_errors(argv, env, message):
     with pytest.raises(ConfigError, match=message):

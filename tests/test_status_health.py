@@ -171,3 +171,70 @@ def test_bus_messages_feed_the_state_and_odd_ones_raise_for_the_caller_to_skip()
     with pytest.raises(ValueError):
         absorb(state, pids, Message("applied.n1", 5, 0.0, "applier@n1", "e", ["not", "a", "dict"]))
     assert state.applied["n1"].plan_hash == "p1"
+
+
+class FakeMasterCli:
+    """A unix socket answering every connection with a fixed `show proc` text."""
+
+    def __init__(self, path: str, answer: str):
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(4)
+        self.answer = answer
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(256)
+                conn.sendall(self.answer.encode())
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        self.thread.join(timeout=5)
+
+
+def test_haproxy_probe_wants_a_master_with_a_worker(tmp_path):
+    import pytest
+    from services.applier.haproxy_render import HaproxyPaths
+    from services.status.probes import NotAnswering, haproxy_probe
+
+    paths = HaproxyPaths(str(tmp_path))
+    probe = haproxy_probe(paths, timeout=0.5)
+    with pytest.raises(OSError):
+        probe()  # no socket at all
+    master = FakeMasterCli(paths.master_socket, "#<PID> <type> <reloads>\n10 master 0 0d 2.6\n# workers\n11 worker 0 0d 2.6\n")
+    try:
+        probe()
+    finally:
+        master.close()
+    os.unlink(paths.master_socket)
+    master = FakeMasterCli(paths.master_socket, "#<PID> <type> <reloads>\n10 master 0 0d 2.6\n# workers\n")
+    try:
+        with pytest.raises(NotAnswering, match="no worker"):
+            probe()
+    finally:
+        master.close()
+
+
+def test_tcp_probe_needs_a_listener():
+    import pytest
+    from services.status.probes import tcp_probe
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    tcp_probe(port, 0.5)()
+    listener.close()
+    with pytest.raises(OSError):
+        tcp_probe(port, 0.5)()

@@ -13,6 +13,7 @@ from typing import Callable, Mapping
 
 from services.common.bus import Endpoint
 from services.common.model import ProxySettings
+from services.common.redact import redact
 
 
 class ConfigError(ValueError):
@@ -60,7 +61,7 @@ def parse_urls(scheme: tuple[str, ...]) -> Callable[[str, str], str]:
         for url in re.split(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)", value):
             if not re.match(rf"^({'|'.join(scheme)})://[^/\s]+", url.strip()):
                 raise ConfigError(f"{name}: expected {' or '.join(s + '://host:port' for s in scheme)}..., "
-                                  f"got {url.strip()!r}")
+                                  f"got {redact(url.strip())!r}")  # an error message is logged
         return value
     return parse
 
