@@ -11,7 +11,7 @@ import os
 import threading
 
 from services.collector.source import Discovery, Source, SourceError
-from services.common.model import ModelError, Service
+from services.common.model import ModelError, Service, field_list
 
 FILE_FIELDS = {"name", "port", "protocol", "mode", "servers", "health_check", "healthCheck",
                "timeout_client", "timeout_server", "timeoutClient", "timeoutServer", "host_network"}
@@ -21,9 +21,9 @@ SERVER_FIELDS = {"host", "ip", "port", "hostname", "weight", "maxconn"}
 def _server_dict(raw: object, what: str) -> dict:
     if not isinstance(raw, dict):
         raise ModelError(f"{what} must be an object")
-    unknown = sorted(set(raw) - SERVER_FIELDS)
+    unknown = set(raw) - SERVER_FIELDS
     if unknown:
-        raise ModelError(f"{what} has unknown field(s): {', '.join(unknown)}")
+        raise ModelError(f"{what} has unknown field(s): {field_list(unknown)}")
     data = dict(raw)
     # The documented form names the address `host`; it must be an IP address here (no DNS
     # in a static file: a name that stops resolving would silently drop a backend).
@@ -46,17 +46,17 @@ def parse_services_file(text: str) -> tuple[Service, ...]:
         raise ModelError(f"not valid JSON: {type(error).__name__}: {str(error)[:200]}") from None
     if not isinstance(document, dict) or not isinstance(document.get("services"), list):
         raise ModelError('expected an object {"services": [...]}')
-    unknown_top = sorted(set(document) - {"services"})
+    unknown_top = set(document) - {"services"}
     if unknown_top:
-        raise ModelError(f"unknown top-level field(s): {', '.join(unknown_top)}")
+        raise ModelError(f"unknown top-level field(s): {field_list(unknown_top)}")
     services: dict[str, Service] = {}
     for index, raw in enumerate(document["services"]):
         what = f"services[{index}]"
         if not isinstance(raw, dict):
             raise ModelError(f"{what} must be an object")
-        unknown = sorted(set(raw) - FILE_FIELDS)
+        unknown = set(raw) - FILE_FIELDS
         if unknown:
-            raise ModelError(f"{what} has unknown field(s): {', '.join(unknown)}")
+            raise ModelError(f"{what} has unknown field(s): {field_list(unknown)}")
         data = {k: v for k, v in raw.items() if k not in ("healthCheck", "timeoutClient", "timeoutServer")}
         for camel, snake in (("healthCheck", "health_check"), ("timeoutClient", "timeout_client"),
                              ("timeoutServer", "timeout_server")):

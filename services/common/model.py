@@ -39,6 +39,19 @@ class ModelError(ValueError):
     """A value that does not fit the schema; the message names the field and the value."""
 
 
+def clip(value: Any, limit: int = 80) -> str:
+    """A value for an error message: repr (one line whatever it holds), at most `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def field_list(names: Iterable[Any], limit: int = 5) -> str:
+    """Field names for an error message: repr'd, clipped, at most `limit` of them."""
+    names = sorted(names, key=str)
+    shown = ", ".join(clip(name, 40) for name in names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
 def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
@@ -55,7 +68,7 @@ def _int_in(value: Any, low: int, high: int, what: str) -> int:
         if isinstance(value, str) and _DIGITS_RE.match(value.strip()):
             value = int(value.strip())
         else:
-            raise ModelError(f"{what} must be an integer, got {value!r}")
+            raise ModelError(f"{what} must be an integer, got {clip(value)}")
     if not low <= value <= high:
         raise ModelError(f"{what} must be between {low} and {high}, got {value}")
     return value
@@ -67,14 +80,14 @@ def _optional_int(value: Any, low: int, high: int, what: str) -> int | None:
 
 def _choice(value: Any, choices: tuple[str, ...], what: str) -> str:
     if not isinstance(value, str) or value.lower() not in choices:
-        raise ModelError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+        raise ModelError(f"{what} must be one of {', '.join(choices)}, got {clip(value)}")
     return value.lower()
 
 
 def validate_name(value: Any, what: str = "name") -> str:
     if not isinstance(value, str) or not _NAME_RE.match(value):
         raise ModelError(
-            f"{what} {value!r} is not a valid service name "
+            f"{what} {clip(value)} is not a valid service name "
             "(letters, digits, '.', '_', '-'; at most 255 characters)"
         )
     return value
@@ -85,17 +98,17 @@ def validate_ip(value: Any, what: str = "ip") -> str:
     # ("fe80::1%eth0"): ip_address() accepts any text after the `%`, newlines and spaces too,
     # and str() gives it back, straight into a proxy config line.
     if not isinstance(value, str) or "%" in value:
-        raise ModelError(f"{what} must be an IP address, got {value!r}")
+        raise ModelError(f"{what} must be an IP address, got {clip(value)}")
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
-        raise ModelError(f"{what} must be an IP address, got {value!r}") from None
+        raise ModelError(f"{what} must be an IP address, got {clip(value)}") from None
 
 
 def _reject_unknown(data: dict, allowed: Iterable[str], what: str) -> None:
-    unknown = sorted(set(data) - set(allowed))
+    unknown = set(data) - set(allowed)
     if unknown:
-        raise ModelError(f"{what} has unknown field(s): {', '.join(unknown)}")
+        raise ModelError(f"{what} has unknown field(s): {field_list(unknown)}")
 
 
 def _require_dict(data: Any, what: str) -> dict:
@@ -129,7 +142,7 @@ class Server:
         _reject_unknown(data, ("ip", "port", "hostname", "weight", "maxconn"), what)
         hostname = data.get("hostname", "") or ""
         if not isinstance(hostname, str) or not _HOSTNAME_RE.match(hostname):
-            raise ModelError(f"{what}.hostname {hostname!r} is not a valid host name")
+            raise ModelError(f"{what}.hostname {clip(hostname)} is not a valid host name")
         return cls(
             ip=validate_ip(data.get("ip"), f"{what}.ip"),
             port=_int_in(data.get("port"), 1, 65535, f"{what}.port"),
@@ -159,7 +172,7 @@ class HealthCheck:
         path = data.get("path", "/")
         # The path ends up in an `option httpchk` line: printable, no spaces, no quotes.
         if not isinstance(path, str) or not _PATH_RE.match(path):
-            raise ModelError(f"{what}.path {path!r} is not a valid URL path")
+            raise ModelError(f"{what}.path {clip(path)} is not a valid URL path")
         return cls(
             protocol=_choice(data.get("protocol", "tcp"), ("tcp", "http"), f"{what}.protocol"),
             path=path,
@@ -379,12 +392,12 @@ class ProxySettings:
         for key in ("haproxy", "proxy_protocol"):
             if key in data:
                 if not isinstance(data[key], bool):
-                    raise ModelError(f"settings.{key} must be true or false, got {data[key]!r}")
+                    raise ModelError(f"settings.{key} must be true or false, got {clip(data[key])}")
                 values[key] = data[key]
         if "vhost_domain" in data:
             domain = data["vhost_domain"]
             if not isinstance(domain, str) or (domain and not _DOMAIN_RE.match(domain)):
-                raise ModelError(f"settings.vhost_domain {domain!r} is not a valid domain name")
+                raise ModelError(f"settings.vhost_domain {clip(domain)} is not a valid domain name")
             values["vhost_domain"] = domain
         return cls(**values)
 
