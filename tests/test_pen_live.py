@@ -33,8 +33,7 @@ def plan(port, servers, protocol="udp", haproxy=True, pen_servers=4):
 @pytest.fixture
 def run_dir():
     # unix socket paths are limited to 107 bytes: keep it short
-    path = tempfile.mkdtemp(prefix="pm", dir="/tmp")
-    os.chmod(path, 0o755)  # reachable by the user Pen drops to when the tests run as root
+    path = tempfile.mkdtemp(prefix="pm", dir="/tmp")  # private (0700), like a real run dir
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -78,6 +77,8 @@ def test_udp_backends_move_without_restarting_pen(run_dir, runner):
         assert first.details["started"] == [key]
         assert udp_ask(port) == "A"
         pid = pen_pid(run_dir, key)
+        if os.geteuid() == 0:  # pens never run as root, UDP ones included
+            assert process_user(pid) == "nobody"
         sticky = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # one flow that lives across the move
         assert udp_ask(port, sticky) == "A"
 
@@ -117,7 +118,7 @@ def test_tcp_through_pen_without_haproxy_and_slot_limit(run_dir, runner):
         result = driver.apply(plan(port, [one.port], protocol="tcp", haproxy=False))
         assert result.ok and result.action == "reload", result
         assert tcp_ask(port) == "one"
-        if os.geteuid() == 0:  # a TCP pen drops root once its port and control socket are bound
+        if os.geteuid() == 0:  # pens never run as root
             assert process_user(pen_pid(run_dir, f"{port}-tcp")) == "nobody"
 
         moved = driver.apply(plan(port, [two.port], protocol="tcp", haproxy=False))

@@ -118,6 +118,8 @@ def test_a_held_udp_port_sets_aside_only_its_pen_service():
         reason = applied.wait_for(set_aside("pen", f"{held}/udp"), message="dns set aside on applied.<node>")
         assert reason == f"service dns ({held}/udp): port {held} cannot be bound: [Errno 98] Address already in use"
         echo_pen = pen_pid(pipeline.run_dir, served, "udp")
+        if os.geteuid() == 0:
+            assert process_user(echo_pen) == "nobody"  # pens never run as root
 
         # the applier retries while the port is held; the warning is logged once, not per retry
         log = os.path.join(pipeline.run_dir, "logs", "applier.log")
@@ -151,7 +153,6 @@ def test_a_held_vhost_port_sets_aside_the_vhosts_until_nginx_can_listen():
     pipeline = Pipeline(["--status-endpoint", "", "--no-haproxy", "--vhost-domain", DOMAIN,
                          "--vhost-port", str(vhost_port)],
                         programs=("pen", "nginx", "applier", "planner", "collector"), services_file=True)
-    os.chmod(pipeline.run_dir, 0o755)  # reachable by the users nginx's workers and TCP pens run as
     write_services(pipeline.services_file, [
         {"name": "web", "port": web_port, "mode": "http", "servers": [{"host": "127.0.0.1", "port": web.port}]}])
     direct = Load(web_port, ask=http_get)  # the service itself, through Pen: unaffected
@@ -166,7 +167,7 @@ def test_a_held_vhost_port_sets_aside_the_vhosts_until_nginx_can_listen():
                           "[Errno 98] Address already in use")
         web_pen = pen_pid(pipeline.run_dir, web_port, "tcp")
         if os.geteuid() == 0:
-            assert process_user(web_pen) == "nobody"  # a TCP pen drops root
+            assert process_user(web_pen) == "nobody"  # pens never run as root
 
         squatter.close()
         wait_until(lambda: http_get(vhost_port, f"web.{DOMAIN}") == "web", timeout=20,

@@ -1,6 +1,7 @@
 """Pen driver logic without processes: service selection, slot tables, control-socket parsing,
 set-aside reasons, privileges and pid checks (those start one `sleep`)."""
 import os
+import pwd
 import signal
 import subprocess
 
@@ -11,7 +12,7 @@ from services.applier.pen_control import Slot, parse_connections, parse_servers
 from services.applier.pen_driver import (
     assign_slots, choose_servers, pen_services, render_table, set_aside_reason, table_matches)
 from services.applier.pen_runner import (
-    PenFiles, PenInstance, pen_argv, reachable_by, read_instances, render_instances)
+    PenFiles, PenInstance, launch_argv, pen_argv, read_instances, render_instances)
 from services.common.model import Plan, ProxySettings, Service
 
 
@@ -79,7 +80,7 @@ def test_instances_file_round_trip_and_argv(tmp_path):
     assert read_instances(files.instances) == {"53-udp": instances[0], "80-tcp": instances[1]}
     argv = pen_argv(instances[0], files)
     assert argv[0] == "pen" and argv[-1] == "53" and "-U" in argv and "-f" in argv
-    assert argv[argv.index("-C") + 1] == str(tmp_path / "53-udp.ctl")
+    assert argv[argv.index("-C") + 1] == str(tmp_path / "sock" / "53-udp.ctl")  # files.control: a symlink to it
     assert argv[argv.index("-F") + 1] == str(tmp_path / "53-udp.cfg")
     assert argv[argv.index("-c") + 1] == "100" and argv[argv.index("-x") + 1] == "200"
     assert "-U" not in pen_argv(instances[1], files)
@@ -95,33 +96,30 @@ def test_pen_driver_refuses_an_address_that_is_not_one(tmp_path):
     assert not (tmp_path / "pen" / "instances.json").exists()
 
 
-def test_only_tcp_pens_drop_root():
+def test_pens_start_as_their_user_with_only_the_low_ports_capability():
     files = PenFiles("/run/pm/pen")
     udp, tcp = PenInstance(53, "udp", 4, 100, 200), PenInstance(80, "tcp", 4, 100, 200)
-    # UDP pens keep root: Pen binds every flow's socket to the listening port (SO_REUSEPORT,
-    # which Linux only allows within one uid) after switching users
-    assert pen_argv(udp, files, user="nobody")[-3:] == ["-u", "root", "53"]
-    assert pen_argv(tcp, files, user="nobody")[-3:] == ["-u", "nobody", "80"]
-    assert "-u" not in pen_argv(tcp, files)  # not root: Pen keeps our user
+    argv = pen_argv(udp, files, user="nobody")
+    assert "-u" not in argv  # Pen's own -u switches too late for UDP (see launch_argv)
+    # its files through the pen directory's descriptor it inherits: the run dir is private
+    assert argv[argv.index("-C") + 1] == "/proc/self/fd/200/sock/53-udp.ctl"
+    assert argv[argv.index("-F") + 1] == "/proc/self/fd/200/53-udp.cfg"
+    launch = launch_argv(argv, "nobody")
+    nobody = pwd.getpwnam("nobody")
+    assert launch[:launch.index("pen")] == [
+        "setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups", "--no-new-privs",
+        "--inh-caps=-all,+net_bind_service", "--ambient-caps=+net_bind_service"]
+    assert launch[launch.index("pen"):] == argv
+    # the fallback (the user cannot reach the run dir): root, which needs -u to allow -C
+    assert pen_argv(tcp, files, user="root")[-3:] == ["-u", "root", "80"]
+    assert launch_argv(pen_argv(tcp, files, user="root"), "root")[0] == "pen"
+    assert "-u" not in pen_argv(tcp, files) and launch_argv(pen_argv(tcp, files), None)[0] == "pen"
 
 
 def test_set_aside_reason_names_service_port_and_error():
     svc = service(10053, name="dns")
     assert set_aside_reason(svc, "[Errno 98] Address already in use") == \
         "service dns (10053/udp): port 10053 cannot be bound: [Errno 98] Address already in use"
-
-
-def test_reachable_by_follows_every_parent(tmp_path):
-    inner = tmp_path / "run" / "pen"
-    inner.mkdir(parents=True)
-    uid, gid = os.getuid(), os.getgid()
-    assert reachable_by(str(inner), uid, gid)
-    os.chmod(tmp_path / "run", 0o600)  # the owner lost search permission on a parent
-    try:
-        assert not reachable_by(str(inner), uid, gid)
-    finally:
-        os.chmod(tmp_path / "run", 0o755)
-    assert not reachable_by(str(tmp_path / "missing"), uid, gid)
 
 
 def test_a_pid_is_signalled_only_while_it_is_the_recorded_process():

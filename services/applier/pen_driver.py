@@ -153,7 +153,8 @@ class PenDriver(ProxyDriver):
                 restart[key] = self._pid(key) if key in previous else None
             tables[key] = assign_slots(live or {}, chosen[key], instance.slots)
             # The .cfg goes first: a pen (re)started from here on comes up with this membership.
-            write_atomic(self.files.file(key, "cfg"), render_table(tables[key]))
+            # 0644: a pen started as another user reads it (the run dir keeps it private).
+            write_atomic(self.files.file(key, "cfg"), render_table(tables[key]), mode=0o644)
 
         instances_changed = self._write_instances(instances)
         for key in set(previous) - set(instances):

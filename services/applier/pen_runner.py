@@ -8,15 +8,20 @@ change) and also checks it every second, so a lost signal only delays a change.
 Per instance `<port>-<protocol>` the run dir holds:
   <key>.cfg   penctl commands for every server slot, written by the driver; Pen reads it at start
               (-F), so a pen that is (re)started comes up with the current membership
-  <key>.ctl   Pen's control socket (unix), membership changes go through it without a restart
+  <key>.ctl   Pen's control socket (unix), membership changes go through it without a restart: a
+              symlink to sock/<key>.ctl, which Pen creates (sock/ belongs to the user Pen runs as)
   <key>.pid   Pen's pid file, used to adopt a pen that outlived a runner restart
   <key>.html  Pen's status page (-w), needed for the `status` command that lists connections
 A pen that dies is restarted after 1 s, doubling up to 30 s while it keeps dying quickly.
 
-Run as root, a TCP pen drops to PEN_USER (`-u nobody`) right after binding its port and control
-socket; it writes its pid file and status page afterwards, so the runner creates those two files
-owned by that user first (the directory stays root's). UDP pens keep root (see `pen_argv`). A pid read back from a pid file is only
-ever signalled when /proc shows it is that very pen (same command line and executable).
+Run as root, the runner starts every pen as PEN_USER (nobody) from its first instruction
+(`setpriv`), keeping only the right to bind ports below 1024; see `launch_argv` for why Pen's own
+`-u` does not do. The run dir is private (0700), so a pen reaches its files through a descriptor
+of the pen directory it inherits (fd PEN_DIR_FD, paths /proc/self/fd/<fd>/...), never through
+the run dir's path. The runner creates the pid file and status page empty and owned by that
+user, and sock/ for the control sockets; the pen directory and the .cfg files stay root's. A pid
+read back from a pid file is only ever signalled when /proc shows it is that very pen (same
+command line and executable).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import logging
 import os
 import pwd
 import select
+import shutil
 import signal
 import stat
 import subprocess
@@ -37,6 +43,11 @@ from services.common.files import write_atomic
 log = logging.getLogger("proxymatic.pen")
 
 INSTANCES_FILE = "instances.json"
+SOCKET_DIR = "sock"  # the control sockets, created by the pens (so owned by their user)
+# The descriptor of the pen directory every pen started as PEN_USER inherits: a fixed number, so
+# a pen's command line (compared when a restarted runner adopts it) is the same for every runner.
+PEN_DIR_FD = 200
+PEN_DIR_VIEW = f"/proc/self/fd/{PEN_DIR_FD}"
 RUNNER_PID_FILE = "runner.pid"
 MIN_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
@@ -89,7 +100,16 @@ class PenFiles:
     def file(self, key: str, suffix: str) -> str:
         return os.path.join(self.directory, f"{key}.{suffix}")
 
+    @property
+    def sockets(self) -> str:
+        return os.path.join(self.directory, SOCKET_DIR)
+
+    def socket(self, key: str) -> str:
+        """Where the pen creates its control socket."""
+        return os.path.join(self.sockets, f"{key}.ctl")
+
     def control(self, key: str) -> str:
+        """Where clients connect: `<key>.ctl`, a symlink to `socket(key)` made by the runner."""
         return self.file(key, "ctl")
 
 
@@ -114,54 +134,49 @@ def read_instances(path: str) -> dict[str, PenInstance]:
     return instances
 
 
+def dropped(user: str | None) -> bool:
+    """Whether pens run as another user than ours (see `pen_user`)."""
+    return user not in (None, "root")
+
+
 def pen_argv(instance: PenInstance, files: PenFiles, binary: str = "pen", user: str | None = None) -> list[str]:
-    """Pen's command line; `user` (see `pen_user`) is the one Pen switches to after binding."""
+    """Pen's command line (what /proc shows once it runs); `user` is what `pen_user` chose. A pen
+    of another user names its files through the inherited directory descriptor."""
     key = instance.key
+
+    def at(path: str) -> str:
+        return os.path.join(PEN_DIR_VIEW, os.path.relpath(path, files.directory)) if dropped(user) else path
+
     argv = [binary, "-f",  # foreground: the runner is the supervisor
             "-W",  # weighted server selection (weight 0 = no new clients)
             "-r",  # no client stickiness: every new connection/flow is balanced by weight
-            "-C", files.control(key), "-p", files.file(key, "pid"), "-w", files.file(key, "html"),
-            "-F", files.file(key, "cfg"),
+            "-C", at(files.socket(key)), "-p", at(files.file(key, "pid")), "-w", at(files.file(key, "html")),
+            "-F", at(files.file(key, "cfg")),
             "-c", str(instance.clients), "-x", str(instance.max_connections)]
     if instance.protocol == "udp":
         argv.append("-U")
-    if user:
-        # Pen refuses a control socket when it runs as root unless `-u` names a user. A UDP pen
-        # keeps root: Pen 0.34 binds each flow's upstream socket to the listening port with
-        # SO_REUSEPORT after switching users, and Linux lets only sockets of one uid share a
-        # port, so a UDP pen that dropped root would forward nothing (EADDRINUSE per datagram).
-        argv += ["-u", user if instance.protocol == "tcp" else "root"]
+    if user == "root":
+        argv += ["-u", "root"]  # Pen refuses a control socket when it runs as root without `-u`
     argv.append(str(instance.port))
     return argv
 
 
-def reachable_by(directory: str, uid: int, gid: int) -> bool:
-    """Whether user uid/gid can open files in `directory` (search permission on every level),
-    judged from the mode bits as the kernel would for that user (root checking for another)."""
-    path = os.path.abspath(directory)
-    while True:
-        try:
-            info = os.stat(path)
-        except OSError:
-            return False
-        if info.st_uid == uid:
-            bit = stat.S_IXUSR
-        elif info.st_gid == gid:
-            bit = stat.S_IXGRP
-        else:
-            bit = stat.S_IXOTH
-        if not info.st_mode & bit:
-            return False
-        parent = os.path.dirname(path)
-        if parent == path:
-            return True
-        path = parent
+def launch_argv(argv: list[str], user: str | None) -> list[str]:
+    """How the runner starts a pen: as `user` from the start, with nothing but the capability to
+    bind ports below 1024. Not Pen's `-u`, which switches after binding the listening port: a
+    UDP pen then binds each client flow's socket to that port with SO_REUSEPORT, which Linux only
+    allows among sockets of one uid, so a pen that dropped root forwards no datagram (EADDRINUSE,
+    once per flow)."""
+    if not dropped(user):
+        return argv
+    entry = pwd.getpwnam(user)
+    return ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups", "--no-new-privs",
+            "--inh-caps=-all,+net_bind_service", "--ambient-caps=+net_bind_service", *argv]
 
 
-def pen_user(directory: str, wanted: str = PEN_USER) -> str | None:
-    """The user Pen runs as: None when we are not root (Pen keeps our user); `wanted` when it
-    exists and can reach `directory` (Pen writes its pid file and status page there after
-    switching); otherwise root, with a warning (a RUN_DIR of mode 0700 is not reachable)."""
+def pen_user(wanted: str = PEN_USER) -> str | None:
+    """The user pens run as: None when we are not root (they keep our user); `wanted` when it
+    exists and setpriv can start a process as it; otherwise root, with a warning."""
     if os.geteuid() != 0:
         return None
     try:
@@ -169,16 +184,21 @@ def pen_user(directory: str, wanted: str = PEN_USER) -> str | None:
     except KeyError:
         log.warning("pen: no user %r, pens run as root", wanted)
         return "root"
-    if not reachable_by(directory, entry.pw_uid, entry.pw_gid):
-        log.warning("pen: user %r cannot reach %s (a parent directory is not searchable, e.g. RUN_DIR "
-                    "mode 0700): pens run as root", wanted, directory)
+    if shutil.which("setpriv") is None:
+        log.warning("pen: no setpriv (util-linux) to start pens as %r: they run as root", wanted)
+        return "root"
+    true = shutil.which("true") or "/bin/true"
+    try:  # setpriv needs CAP_SETUID, CAP_SETGID and CAP_NET_BIND_SERVICE: not in every container
+        subprocess.run(launch_argv([true], wanted), check=True, timeout=5, capture_output=True)
+    except (OSError, subprocess.SubprocessError) as error:
+        log.warning("pen: cannot start a process as %r with setpriv (%s): pens run as root", wanted, error)
         return "root"
     return wanted
 
 
 def prepare_owned(path: str, user: str | None) -> None:
-    """An empty file at `path` that `user` may write (Pen writes it after dropping root); it
-    replaces whatever was there, so nothing left by an earlier process survives."""
+    """An empty file at `path` that `user` may write (a pen writes it, in a directory it cannot
+    write); it replaces whatever was there, so nothing left by an earlier process survives."""
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -196,8 +216,10 @@ def own_pen(pid: int, instance: PenInstance, files: PenFiles, binary: str) -> bo
     """Whether `pid` is a pen of this instance: Pen's executable, listening on the instance's
     port with its control socket. Settings may differ (a pen left by an older runner)."""
     line = proc_identity.cmdline(pid)
-    control = files.control(instance.key)
-    has_control = any(a == "-C" and b == control for a, b in zip(line, line[1:]))
+    socket_path = files.socket(instance.key)
+    controls = (socket_path, os.path.join(PEN_DIR_VIEW, os.path.relpath(socket_path, files.directory)),
+                files.control(instance.key))  # as root, as another user, and before sock/ existed
+    has_control = any(a == "-C" and b in controls for a, b in zip(line, line[1:]))
     return has_control and line[-1] == str(instance.port) and proc_identity.executes(pid, binary)
 
 
@@ -239,7 +261,8 @@ class PenRunner:
         self.binary = binary
         self.poll_interval = poll_interval
         os.makedirs(files.directory, exist_ok=True)
-        self.user = pen_user(files.directory)
+        self.user = pen_user()
+        self._prepare_directory()
         self.pens: dict[str, _Pen] = {}
         self.desired: dict[str, PenInstance] = {}
         self._stopping = False
@@ -308,14 +331,29 @@ class PenRunner:
         self._stop(old)
         return False
 
+    def _prepare_directory(self) -> None:
+        """sock/, where pens create their control sockets, writable by their user only; and, for
+        pens of another user, the pen directory's descriptor they inherit (it must let them
+        open the files named there: mode 0711, no listing)."""
+        os.makedirs(self.files.sockets, mode=0o700, exist_ok=True)
+        entry = pwd.getpwnam(self.user) if dropped(self.user) else None
+        os.chown(self.files.sockets, entry.pw_uid if entry else os.geteuid(), entry.pw_gid if entry else os.getegid())
+        os.chmod(self.files.sockets, 0o700)
+        if entry:
+            os.chmod(self.files.directory, 0o711)
+            descriptor = os.open(self.files.directory, os.O_RDONLY | os.O_DIRECTORY)
+            os.dup2(descriptor, PEN_DIR_FD, inheritable=False)
+            os.close(descriptor)
+
     def _start(self, pen: _Pen) -> None:
         key = pen.instance.key
         try:
-            os.unlink(self.files.control(key))
-        except FileNotFoundError:
-            pass
-        try:
-            # Pen writes these after switching to its user: they must exist and be its own.
+            for path in (self.files.socket(key), self.files.control(key)):
+                if os.path.lexists(path):
+                    os.unlink(path)
+            # The name clients use stays in the root-owned directory: a symlink to the socket.
+            os.symlink(os.path.join(SOCKET_DIR, f"{key}.ctl"), self.files.control(key))
+            # The pen writes these and cannot create files here: they must exist and be its own.
             for suffix in ("pid", "html"):
                 prepare_owned(self.files.file(key, suffix), self.user)
         except (OSError, KeyError) as error:
@@ -325,16 +363,17 @@ class PenRunner:
             return
         cfg = self.files.file(key, "cfg")
         if not os.path.exists(cfg):
-            write_atomic(cfg, "")  # the driver has not written a membership yet: all slots empty
+            write_atomic(cfg, "", mode=0o644)  # the driver has not written a membership yet: all slots empty
         try:
-            pen.process = subprocess.Popen(pen.argv, stdin=subprocess.DEVNULL)
+            pen.process = subprocess.Popen(launch_argv(pen.argv, self.user), stdin=subprocess.DEVNULL,
+                                           pass_fds=(PEN_DIR_FD,) if dropped(self.user) else ())
         except OSError as error:
             log.error("pen %s: cannot start %s: %s", key, pen.argv[0], error)
             pen.restart_at = time.monotonic() + pen.backoff
             pen.backoff = min(MAX_BACKOFF, pen.backoff * 2)
             return
         pen.started = time.monotonic()
-        log.info("pen %s: started pid %d: %s", key, pen.process.pid, " ".join(pen.argv))
+        log.info("pen %s: started pid %d: %s", key, pen.process.pid, " ".join(launch_argv(pen.argv, self.user)))
 
     def _stop(self, pen: _Pen, grace: float = 5.0) -> None:
         pid = pen.pid
@@ -366,9 +405,10 @@ class PenRunner:
         return sent
 
     def _remove_files(self, key: str) -> None:
-        for suffix in ("ctl", "pid", "html"):
+        for path in (self.files.control(key), self.files.socket(key), self.files.file(key, "pid"),
+                     self.files.file(key, "html")):
             try:
-                os.unlink(self.files.file(key, suffix))
+                os.unlink(path)
             except FileNotFoundError:
                 pass
 
