@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
 import threading
 
+import pytest
+
+from services.applier.haproxy_render import HaproxyPaths
+from services.applier.pen_runner import PenFiles
+from services.common.bus import Message
 from services.common.config import Settings
 from services.common.model import ApplyResult
 from services.status.health import CONFIRM_AFTER, STALE_AFTER, Prober, ProbeStatus, first_status, merge
-from services.status.probes import ProbeTargets, pen_keys, pen_probe
-from services.applier.pen_runner import PenFiles
+from services.status.main import absorb
+from services.status.probes import NotAnswering, ProbeTargets, haproxy_probe, pen_keys, pen_probe, tcp_probe
 from services.status.state import INITIALIZING, OK, TERMINATING, PipelineState, StageLiveness
 from tests.helpers import wait_until
 
@@ -126,9 +130,8 @@ class FakePenControl:
         self.thread.join(timeout=5)
 
 
-def test_prober_reports_a_pen_that_stops_answering_and_recovers():
-    directory = tempfile.mkdtemp(prefix="pmh")
-    files = PenFiles(directory)
+def test_prober_reports_a_pen_that_stops_answering_and_recovers(tmp_path):
+    files = PenFiles(str(tmp_path))
     pen = FakePenControl(files.control("53-udp"))
     state = converged_state()
     published: list[dict] = []
@@ -160,10 +163,6 @@ def test_prober_reports_a_pen_that_stops_answering_and_recovers():
 
 
 def test_bus_messages_feed_the_state_and_odd_ones_raise_for_the_caller_to_skip():
-    import pytest
-    from services.common.bus import Message
-    from services.status.main import absorb
-
     state, pids = PipelineState(configured_sources=("file",)), {}
     absorb(state, pids, Message("heartbeat.applier@n1", 3, 0.0, "applier@n1", "e", {"pid": 77, "stage": "applier"}))
     absorb(state, pids, Message("applied.n1", 4, 0.0, "applier@n1", "e", {"plan_hash": "p1", "ok": True}))
@@ -204,10 +203,6 @@ class FakeMasterCli:
 
 
 def test_haproxy_probe_wants_a_master_with_a_worker(tmp_path):
-    import pytest
-    from services.applier.haproxy_render import HaproxyPaths
-    from services.status.probes import NotAnswering, haproxy_probe
-
     paths = HaproxyPaths(str(tmp_path))
     probe = haproxy_probe(paths, timeout=0.5)
     with pytest.raises(OSError):
@@ -227,9 +222,6 @@ def test_haproxy_probe_wants_a_master_with_a_worker(tmp_path):
 
 
 def test_tcp_probe_needs_a_listener():
-    import pytest
-    from services.status.probes import tcp_probe
-
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
