@@ -411,7 +411,7 @@ class MarathonSource(Source):
         note = ""
         if not health.up and health.failed_attempts and health.down_since is not None:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(health.down_since))
-            note = (f"event stream down since {since}: {clip(health.error, 200)}; "
+            note = (f"event stream down since {since}: {_one_line(redact(health.error), 200)}; "
                     f"polling every {self.refresh_interval:g}s")
         with self._cond:
             if note != self._stream_note:

@@ -359,15 +359,15 @@ class EventStream:
             up=False, down_since=health.down_since if not health.up and health.down_since else time.time(),
             error=reason, failed_attempts=health.failed_attempts + (1 if attempt_failed else 0)))
 
-    def _consume(self, replica: Replica) -> bool:
-        """Read one stream until it ends. Returns whether it delivered anything."""
+    def _consume(self, replica: Replica) -> None:
+        """Read one stream until it ends (it always ends by raising, or by `close()`)."""
         parts = urlsplit(replica.base)
         cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         conn = cls(parts.hostname, parts.port, timeout=self.connect_timeout)
         with self._conn_lock:
             self._conn = conn
         if self._closing.is_set():
-            return False
+            return
         headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
         if replica.authorization:
             headers["Authorization"] = replica.authorization
@@ -376,7 +376,7 @@ class EventStream:
         with self._conn_lock:
             self._sock = sock
         if self._closing.is_set():
-            return False
+            return
         response = conn.getresponse()
         if response.status != 200:
             raise ValueError(f"HTTP {response.status}")
@@ -387,14 +387,12 @@ class EventStream:
         self.on_connect(replica)
         self._set_health(StreamHealth(up=True))
         parser = SSEParser(self.on_event)
-        delivered = False
         partial = b""
         discarding = False  # inside a long line whose content does not matter
         while not self._closing.is_set():
             chunk = response.readline(READ_CHUNK)
             if not chunk:
                 raise ValueError("event stream closed")
-            delivered = True
             complete = chunk.endswith(b"\n")
             if discarding:
                 discarding = not complete
@@ -409,7 +407,6 @@ class EventStream:
                 continue
             line, partial = partial + chunk, b""
             parser.line(line.rstrip(b"\r\n"))
-        return delivered
 
 
 def decode_event(data: bytes) -> dict | None:
