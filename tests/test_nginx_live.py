@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -133,8 +134,7 @@ class Nginx:
     """`proxymatic nginx` in a temp run dir, on a free port."""
 
     def __init__(self, proxy_protocol: bool = False, port: int | None = None, wait: bool = True):
-        self.run_dir = tempfile.mkdtemp(prefix="pm", dir="/tmp")
-        os.chmod(self.run_dir, 0o755)  # nginx workers may run as another user
+        self.run_dir = tempfile.mkdtemp(prefix="pm", dir="/tmp")  # private (0700), like a real run dir
         self.port = port or free_port()
         self.settings = Settings(run_dir=self.run_dir, vhost_domain=DOMAIN, vhost_port=self.port,
                                  proxy_protocol=proxy_protocol, status_endpoint="")
@@ -414,3 +414,58 @@ def test_a_held_vhost_port_sets_every_vhost_aside_until_it_is_free():
         squatter.close()
         web.close()
         nginx.close()
+
+
+class BigBodies(ThreadingHTTPServer):
+    """GET answers 3 MB; POST answers how many bytes of body it received."""
+
+    def __init__(self):
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._answer(b"x" * 3_000_000)
+
+            def do_POST(self) -> None:
+                self._answer(str(len(self.rfile.read(int(self.headers["Content-Length"])))).encode())
+
+            def _answer(self, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.daemon_threads = True
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def test_large_bodies_pass_although_workers_cannot_reach_the_private_run_dir(nginx):
+    big = BigBodies()
+    try:
+        assert nginx.driver.apply(nginx.plan(service("big", big.port))).ok
+
+        def post() -> str | None:
+            conn = http.client.HTTPConnection("127.0.0.1", nginx.port, timeout=10)
+            try:
+                conn.request("POST", "/", body=b"y" * 500_000, headers={"Host": "big.test.local"})
+                response = conn.getresponse()
+                return response.read().decode() if response.status == 200 else None
+            finally:
+                conn.close()
+
+        # larger than the in-memory buffers: nginx would spill to tmp/, which its workers cannot open
+        assert wait_until(post, message="a 500 kB request body through the vhost") == "500000"
+        status, body = get(nginx.port, "big.test.local")
+        assert status == 200 and len(body) == 3_000_000
+        assert oct(os.stat(nginx.run_dir).st_mode & 0o777) == "0o700"
+    finally:
+        big.close()
