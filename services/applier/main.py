@@ -107,8 +107,6 @@ def decode_plan(payload: dict, decoder: ServiceDecoder) -> Plan:
     plan = Plan.from_dict(payload, decoder)
     if payload.get("hash") != plan.hash:
         raise ModelError(f"hash {payload.get('hash')!r:.20} does not match the content ({plan.hash})")
-    if not all(isinstance(name, str) for name in plan.sources_ready):
-        raise ModelError("sources_ready must be a list of source names")
     return plan
 
 
@@ -155,10 +153,6 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
     subscriber = Subscriber(ctx, [settings.bus("planner")], ["plan"])
     health = Health(subscriber=subscriber)
     heartbeats = Heartbeats(publisher, health.payload).start()
-    poller = zmq.Poller()
-    for socket in subscriber.sockets():
-        poller.register(socket, zmq.POLLIN)
-    poller.register(publisher.snapshot, zmq.POLLIN)
     log.info("applier: plans from %s, results on %s as %s, drivers: %s", settings.bus("planner").pub,
              settings.bus("applier").pub, topic, ", ".join(d.name for d in drivers) or "none")
 
@@ -178,7 +172,7 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
             timeout = min(0.2, max(0.0, next_resync - now),
                           max(0.0, retry_at - now) if retry_at is not None else 0.2,
                           max(0.0, flush_at - now) if flush_at is not None else 0.2)
-            ready = dict(poller.poll(int(timeout * 1000)))
+            ready = dict(subscriber.poller(publisher.snapshot).poll(int(timeout * 1000)))
             if publisher.snapshot in ready:
                 publisher.serve_snapshots()
             plans = [m for m in subscriber.drain(ready) if m.topic == "plan"]

@@ -382,6 +382,15 @@ class Subscriber:
     def sockets(self) -> list[zmq.Socket]:
         return [s for u in self._upstreams for s in (u.sub, u.dealer)]
 
+    def poller(self, *extra: zmq.Socket) -> zmq.Poller:
+        """A poller over this subscriber's sockets and `extra`. Build one for every wait: a
+        snapshot request that timed out replaces the snapshot socket, and a poller holding the
+        closed one would spin and never see the answer."""
+        poller = zmq.Poller()
+        for socket in (*self.sockets(), *extra):
+            poller.register(socket, zmq.POLLIN)
+        return poller
+
     def snapshot_complete(self, endpoint: Endpoint | None = None) -> bool:
         """Whether a whole snapshot (every topic, up to END) arrived from this upstream (from
         every upstream when None) since this subscriber started: before that, what it
@@ -390,10 +399,7 @@ class Subscriber:
 
     def poll(self, timeout: float) -> list[Message]:
         """Wait up to `timeout` seconds; return new messages (heartbeats included), oldest first."""
-        poller = zmq.Poller()
-        for socket in self.sockets():
-            poller.register(socket, zmq.POLLIN)
-        ready = dict(poller.poll(max(0, int(timeout * 1000))))
+        ready = dict(self.poller().poll(max(0, int(timeout * 1000))))
         return self.drain(ready)
 
     def drain(self, ready: dict | None = None) -> list[Message]:

@@ -55,10 +55,6 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
     last_change = 0.0
     last_planned = 0.0
     last_published: tuple | None = None
-    poller = zmq.Poller()
-    for socket in subscriber.sockets():
-        poller.register(socket, zmq.POLLIN)
-    poller.register(publisher.snapshot, zmq.POLLIN)
     log.info("planner: sources from %s, plans on %s; first plan once the collector's snapshot is complete",
              settings.bus("collector").pub, settings.bus("planner").pub)
     synced = False
@@ -70,7 +66,7 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
             if first_pending is not None and synced:
                 now = time.monotonic()
                 timeout = min(timeout, max(0.0, min(last_change + quiet_period, first_pending + max_delay) - now))
-            ready = dict(poller.poll(int(min(timeout, 0.2) * 1000)))
+            ready = dict(subscriber.poller(publisher.snapshot).poll(int(min(timeout, 0.2) * 1000)))
             if publisher.snapshot in ready:
                 publisher.serve_snapshots()
             for message in subscriber.drain(ready):
