@@ -250,13 +250,13 @@ class RegistratorSource(Source):
         if not isinstance(action, str):
             raise BadEvent("action is not a string")
         if not isinstance(node, dict):
-            raise BadEvent(f"{action}: node is not an object")
+            raise BadEvent(f"{action[:40]!r}: node is not an object")
         key = node.get("key")
         if not isinstance(key, str):
-            raise BadEvent(f"{action}: node key is not a string")
+            raise BadEvent(f"{action[:40]!r}: node key is not a string")
         modified = node.get("modifiedIndex")
         if modified is not None and (isinstance(modified, bool) or not isinstance(modified, int) or modified < 0):
-            raise BadEvent(f"{action} {key!r}: modifiedIndex is not an index")
+            raise BadEvent(f"{action[:40]!r} {key[:200]!r}: modifiedIndex is not an index")
         if action in SET_ACTIONS:
             if node.get("dir"):
                 return  # a new (empty) service directory
