@@ -370,7 +370,8 @@ class MarathonSource(Source):
         with self._cond:
             notes = (self._stream_note, self._dropped_note)
             if self._noted is None or self._noted[0] is not base or self._noted[1] != notes:
-                warnings = base.warnings + ((self._dropped_note,) if self._dropped_note else ())
+                # first: the heartbeat's summary (status) shows only the first warnings
+                warnings = ((self._dropped_note,) if self._dropped_note else ()) + base.warnings
                 self._noted = (base, notes, Discovery(base.services, warnings, degraded=self._stream_note))
             return self._noted[2]
 

@@ -206,7 +206,8 @@ class RegistratorSource(Source):
             warnings = dict(self._warnings)
             degraded, dropped = self._degraded, self._dropped_note
         services, all_warnings = discovery_parts(entries, warnings)
-        discovery = Discovery(services=services, warnings=all_warnings + ((dropped,) if dropped else ()),
+        # The dropped-events count first: the heartbeat's summary shows only the first warnings.
+        discovery = Discovery(services=services, warnings=((dropped,) if dropped else ()) + all_warnings,
                               degraded=degraded)
         with self._cond:
             if self._version == version:
@@ -265,7 +266,7 @@ class RegistratorSource(Source):
             value = node.get("value")
             try:
                 if not isinstance(value, str):
-                    raise EntryError(f"registrator key {key!r}: value is not a string ({type(value).__name__})")
+                    raise EntryError(f"registrator key {key[:200]!r}: value is not a string ({type(value).__name__})")
                 parsed: Entry | str = parse_entry(self.prefix, key, value, self._resolve)
             except EntryError as error:
                 parsed = str(error)
