@@ -15,6 +15,7 @@ import pytest
 
 from services.applier.pen_control import PenControl
 from services.applier.pen_driver import PenDriver
+from services.applier.pen_runner import read_instances
 from services.common.config import Settings
 from services.common.model import Plan, ProxySettings, Service
 from tests.helpers import TcpBackend, UdpEcho, free_port, tcp_ask, udp_ask, wait_until
@@ -217,3 +218,30 @@ def test_ports_held_by_other_programs_set_aside_only_their_services(run_dir, run
         tcp_squatter.close()
         for backend in (dns, echo, db):
             backend.close()
+
+
+def test_a_port_taken_between_the_probe_and_the_start_is_set_aside_too(run_dir, runner, monkeypatch):
+    from services.applier import pen_driver
+    echo = UdpEcho("echo")
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    squatter.bind(("127.0.0.1", 0))
+    held = squatter.getsockname()[1]
+    real_probe = pen_driver.bind_error
+    probes = []
+
+    def free_at_first(host, port, protocol):
+        probes.append(port)  # the probe before the start misses the squatter (it came just after)
+        return None if probes.count(port) == 1 else real_probe(host, port, protocol)
+
+    monkeypatch.setattr(pen_driver, "bind_error", free_at_first)
+    driver = PenDriver(Settings(run_dir=run_dir), start_timeout=1.5)
+    try:
+        result = driver.apply(Plan((service("dns", held, "udp", [echo.port]),),
+                                   ProxySettings(pen_servers=4, pen_clients=64, max_connections=64)))
+        assert result.ok and result.details["instances"] == [] and result.details["started"] == [], result
+        assert result.set_aside == {f"{held}/udp": f"service dns ({held}/udp): port {held} cannot be bound: "
+                                                   "[Errno 98] Address already in use"}
+        assert read_instances(os.path.join(run_dir, "pen", "instances.json")) == {}  # the runner stops trying
+    finally:
+        squatter.close()
+        echo.close()
