@@ -5,7 +5,10 @@ listener, HAProxy or Pen), so membership changes leave it unchanged and never re
 Render the plan; when the text differs from the config in use, test it with
 `nginx -t -p <prefix> -c <candidate>`, move it in place atomically and send SIGHUP to the
 master (a graceful reload: old workers finish their requests). A config that fails the test is
-never installed: the result is `rejected` and nginx keeps serving the last good one.
+never installed: the vhosts to blame are found (nginx_isolate) and set aside, and the rest is
+installed; when no vhost explains the failure the result is `rejected` and nginx keeps serving
+the last good one. While the master is not running because VHOST_PORT is held by another
+program (the launcher waits for it), every vhost is set aside with the OS error.
 The master itself is run by `proxymatic nginx` (nginx_launch) under supervisord.
 """
 from __future__ import annotations

@@ -217,7 +217,7 @@ class PenDriver(ProxyDriver):
         return self._taken(set(instances) - running, by_key)
 
     def _taken(self, keys, by_key: dict[str, Service]) -> dict[str, str]:
-        """Of the pens that did not come up, those whose port another program holds."""
+        """Those of the pens `keys` whose port cannot be bound now, with the set-aside reason."""
         taken = {}
         for key in sorted(keys):
             service = by_key[key]
