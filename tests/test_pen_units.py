@@ -1,6 +1,5 @@
 """Pen driver logic without processes: service selection, slot tables, control-socket parsing,
 set-aside reasons, privileges and pid checks (those start one `sleep`)."""
-import os
 import pwd
 import signal
 import subprocess

@@ -32,7 +32,6 @@ import pwd
 import select
 import shutil
 import signal
-import stat
 import subprocess
 import time
 from dataclasses import asdict, dataclass
