@@ -6,14 +6,25 @@ before its fix). Strategies are in tests/strategies.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import re
+import subprocess
+import tempfile
 
+import hypothesis
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
+from services.collector import registrator_parse
 from services.collector.file_source import FileSource, parse_services_file
+from services.collector.marathon_parse import AppError, parse_app, services_from_payloads
 from services.collector.source import SourceError
 from services.common.model import (HealthCheck, ModelError, Plan, ProxySettings, Server, Service,
                                    SourceSnapshot, validate_name)
+from tests import strategies as gen
 
 # ---------------------------------------------------------------------------------------------
 # regressions: the model
@@ -166,7 +177,6 @@ def test_services_file_two_spellings_of_one_field_is_an_error(entry, message):
 
 def test_marathon_network_mode_of_wrong_type_does_not_crash():
     # `{n.get("mode") for n in networks}` raised TypeError (unhashable list) out of parse_app
-    from services.collector.marathon_parse import parse_app
     spec = parse_app({"id": "/web", "networks": [{"mode": []}, {"mode": {"a": 1}}],
                       "portDefinitions": [{"port": 10012, "protocol": "tcp"}]})
     assert spec.network == "host" and [r.service_port for r in spec.routes] == [10012]
@@ -174,7 +184,6 @@ def test_marathon_network_mode_of_wrong_type_does_not_crash():
 
 @pytest.mark.parametrize("value", ["²", "٨٠", "８０", "\u00b3"])
 def test_marathon_label_of_unicode_digits_is_a_warning(value):
-    from services.collector.marathon_parse import parse_app
     spec = parse_app({"id": "/web", "portDefinitions": [{"port": 10012}],
                       "labels": {"com.meltwater.proxymatic.port.0.weight": value,
                                  "com.meltwater.proxymatic.port.0.servicePort": value}})
@@ -183,7 +192,6 @@ def test_marathon_label_of_unicode_digits_is_a_warning(value):
 
 
 def test_marathon_host_with_trailing_newline_is_no_hostname():
-    from services.collector.marathon_parse import services_from_payloads
     app = {"id": "/web", "portDefinitions": [{"port": 10012}],
            "tasks": [{"id": "t1", "host": "10.0.0.1\n", "ports": [31000], "state": "TASK_RUNNING"}]}
     result = services_from_payloads([app], resolve=lambda host: "10.0.0.1")
@@ -194,7 +202,6 @@ def test_marathon_host_with_trailing_newline_is_no_hostname():
 def test_marathon_canary_warnings_clip_app_ids():
     # "apps disagree on mode" joined the raw app ids: a newline in an id split the log line and
     # a long id (or hundreds of apps on one port) made a warning of kilobytes
-    from services.collector.marathon_parse import services_from_payloads
     label = "com.meltwater.proxymatic.port.0."
 
     def app(i):
@@ -222,21 +229,19 @@ def _no_dns(host):
 
 
 def test_registrator_malformed_nodes_are_warnings_not_crashes():
-    from services.collector.registrator_parse import parse_response
     node = {"key": "/services", "dir": True, "nodes": [
         None, "text", {"key": ["not", "a", "string"]}, {"key": "/services/x", "dir": True, "nodes": {"a": 1}},
         {"key": "/services/redis", "dir": True, "nodes": [
             {"key": "/services/redis/hostname:redis.0:6379", "value": "192.168.1.102:10000"}]}]}
-    services, warnings = parse_response("/services", {"node": node}, _no_dns)
+    services, warnings = registrator_parse.parse_response("/services", {"node": node}, _no_dns)
     assert [(s.name, s.key) for s in services] == [("redis", "6379/tcp")]
     assert len(warnings) == 4 and all("malformed" in w for w in warnings)
 
 
 @pytest.mark.parametrize("payload", [None, [], "x", 5])
 def test_registrator_response_not_an_object_is_a_value_error(payload):
-    from services.collector.registrator_parse import parse_response
     with pytest.raises(ValueError, match="not an object"):
-        parse_response("/services", payload, _no_dns)
+        registrator_parse.parse_response("/services", payload, _no_dns)
 
 
 @pytest.mark.parametrize("key, value", [
@@ -250,28 +255,13 @@ def test_registrator_response_not_an_object_is_a_value_error(payload):
     ("/services/web/hostname:web.0:" + "9" * 5000, "10.0.0.1:8080"),
 ])
 def test_registrator_hostile_keys_and_values_refused(key, value):
-    from services.collector.registrator_parse import EntryError, parse_entry
-    with pytest.raises(EntryError, match="registrator key"):
-        parse_entry("/services", key, value, _no_dns)
+    with pytest.raises(registrator_parse.EntryError, match="registrator key"):
+        registrator_parse.parse_entry("/services", key, value, _no_dns)
 
 
 # =============================================================================================
 # properties
 # =============================================================================================
-
-import dataclasses  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-
-import hypothesis  # noqa: E402
-from hypothesis import example, given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from services.collector import registrator_parse  # noqa: E402
-from services.collector.marathon_parse import AppError, parse_app, services_from_payloads  # noqa: E402
-from tests import strategies as gen  # noqa: E402
 
 
 def fast(examples: int):
