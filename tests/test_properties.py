@@ -199,6 +199,16 @@ def test_marathon_host_with_trailing_newline_is_no_hostname():
     assert [(s.ip, s.port, s.hostname) for s in service.servers] == [("10.0.0.1", 31000, "")]
 
 
+def test_marathon_container_address_with_an_ipv6_zone_is_passed_over():
+    # the zone address was picked (then refused by the model) although a usable one followed
+    app = {"id": "/web", "networks": [{"mode": "container", "name": "overlay"}],
+           "container": {"portMappings": [{"containerPort": 8080, "servicePort": 10012}]},
+           "tasks": [{"id": "t1", "host": "agent-1", "state": "TASK_RUNNING",
+                      "ipAddresses": [{"ipAddress": "fe80::1%eth0"}, {"ipAddress": "fd00::5"}]}]}
+    result = services_from_payloads([app], resolve=gen.resolve)
+    assert [(s.ip, s.port) for s in result.services[0].servers] == [("fd00::5", 8080)]
+
+
 def test_marathon_canary_warnings_clip_app_ids():
     # "apps disagree on mode" joined the raw app ids: a newline in an id split the log line and
     # a long id (or hundreds of apps on one port) made a warning of kilobytes

@@ -7,13 +7,12 @@ one app) and says why in a warning; it never raises out of `build_services`.
 """
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from services.common.model import (DEFAULT_WEIGHT, MAX_WEIGHT, HealthCheck, ModelError, Server, Service,
-                                   validate_name)
+                                   validate_ip, validate_name)
 
 LABEL_PREFIX = "com.meltwater.proxymatic.port."
 # States in which a task is serving. `state` is absent from old Marathon (1.1 and the 1.4 docs).
@@ -328,10 +327,11 @@ def task_health(task: Mapping, spec: AppSpec) -> str:
 
 
 def _is_ip(value: Any) -> bool:
+    """An address the model takes (no IPv6 zone), so a usable one is never passed over for it."""
     try:
-        ipaddress.ip_address(value)
+        validate_ip(value)
         return True
-    except ValueError:
+    except ModelError:
         return False
 
 
