@@ -50,6 +50,7 @@ class HaproxyProcess:
             except ProcessLookupError:
                 pass
             self.process.wait(timeout=10)
+            wait_until(lambda: not group_alive(self.process.pid), message="HAProxy's workers gone")
             self.process = None
 
     def proc(self):
@@ -58,6 +59,14 @@ class HaproxyProcess:
     def cleanup(self) -> None:
         self.kill()
         shutil.rmtree(self.settings.run_dir, ignore_errors=True)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def tcp_service(port, backends, weights=None, maxconn=None, **extra) -> Service:
@@ -379,9 +388,17 @@ def test_haproxy_restarted_while_a_port_is_taken_starts_without_that_listener(ha
     plan = make_plan(tcp_service(first, backends[:1]), tcp_service(second, backends[1:2]))
     assert driver.apply(plan).ok
     haproxy.kill()
-    squat = socket.socket()
-    squat.bind(("0.0.0.0", first))
-    squat.listen()
+
+    def take_first() -> socket.socket:  # once the killed workers have let go of it
+        sock = socket.socket()
+        try:
+            sock.bind(("0.0.0.0", first))
+        except OSError:
+            sock.close()
+            raise
+        sock.listen()
+        return sock
+    squat = wait_until(take_first, message=f"port {first} free after HAProxy was killed")
     try:
         assert haproxy_launch.drop_unbindable(haproxy.paths) == [f"port {first}: [Errno 98] Address already in use"]
         haproxy_launch.prepare(haproxy.settings)  # as `proxymatic haproxy` does: nothing more to drop
