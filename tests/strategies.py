@@ -60,7 +60,7 @@ port_like = anything_or(st.one_of(st.integers(0, 65535), st.integers(31000, 3101
                                   st.sampled_from([0, -1, 65536, "80", " 80", "²", True])))
 ip_like = anything_or(st.one_of(st.ip_addresses().map(str), st.sampled_from(
     ["10.0.0.1", "10.0.0.2", "::1", "fe80::1%eth0", "fe80::1%x\n#", "1.2.3", "", "10.0.0.1 "])))
-host_like = anything_or(st.sampled_from(["agent-1", "agent-2", "localhost", "10.0.0.3", "::1", "unresolvable",
+host_like = anything_or(st.sampled_from(["agent-1", "agent-2", "localhost", "10.0.0.1", "10.0.0.3", "::1", "unresolvable",
                                          "", "agent-1\n", "a b", "fe80::1%x", "x" * 300, "\x00"]))
 
 

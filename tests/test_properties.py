@@ -825,3 +825,26 @@ def test_registrator_unknown_action_message_is_bounded():
         assert_one_line_warnings([str(caught.value)])
     finally:
         source.close()
+
+
+def test_marathon_one_backend_claimed_by_two_tasks_does_not_depend_on_their_order():
+    # the first task listed gave the server its hostname, so a reordered /v2/tasks changed the
+    # service (and its hash: a plan for nothing)
+    app = {"id": "/web", "portDefinitions": [{"port": 10012}]}
+    tasks = [{"id": "t1", "appId": "/web", "host": "agent-1", "ports": [31000], "state": "TASK_RUNNING"},
+             {"id": "t2", "appId": "/web", "host": "10.0.0.1", "ports": [31000], "state": "TASK_RUNNING"}]
+    first = services_from_payloads([app], tasks, resolve=gen.resolve).services
+    assert first == services_from_payloads([app], tasks[::-1], resolve=gen.resolve).services
+    assert [(s.ip, s.port) for s in first[0].servers] == [("10.0.0.1", 31000)]
+
+
+@fast(60)
+@given(st.data())
+def test_marathon_services_do_not_depend_on_the_order_of_apps_and_tasks(data):
+    apps = data.draw(st.lists(st.one_of(gen.marathon_app(), st.sampled_from(gen.FIXTURE_APPS)), max_size=4), "apps")
+    ids = [app["id"] for app in apps if isinstance(app.get("id"), str)] or ["/web"]
+    tasks = data.draw(st.lists(gen.marathon_task(st.sampled_from(ids)), max_size=6), "tasks")
+    first = services_from_payloads(apps, tasks, resolve=gen.resolve)
+    again = services_from_payloads(data.draw(st.permutations(apps), "apps order"),
+                                   data.draw(st.permutations(tasks), "tasks order"), resolve=gen.resolve)
+    assert first.services == again.services

@@ -632,7 +632,9 @@ def build_services(pairs: Iterable[tuple[Mapping, AppSpec]], resolve: Callable[[
 
 
 def _service(port: int, protocol: str, entries: list[tuple[AppSpec, Backend]], warnings: list[str]) -> Service:
-    ranked = sorted(entries, key=lambda e: (e[1].route.overridden, e[0].app_id, e[0].version))
+    # The host name breaks ties: two tasks claiming one ip:port (a name and an IP for one agent)
+    # must give the same server whatever order Marathon listed them in.
+    ranked = sorted(entries, key=lambda e: (e[1].route.overridden, e[0].app_id, e[0].version, e[1].server.hostname))
     name = ranked[0][0].name
 
     def attribute(get: Callable[[PortRoute], Any], label: str) -> Any:
