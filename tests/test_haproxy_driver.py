@@ -295,8 +295,8 @@ def test_a_taken_port_is_set_aside_and_every_other_change_applied(haproxy, backe
                          tcp_service(fresh, backends[3:4]))
         result = driver.apply(plan)
         assert result.ok and result.action == "reload" and result.errors == (), result
-        assert result.set_aside == {f"{taken}/tcp": f"service svc-{taken} ({taken}/tcp): port {taken} cannot be "
-                                                    "be bound: [Errno 98] Address already in use".replace("be be", "be")}
+        assert result.set_aside == {f"{taken}/tcp": f"service svc-{taken} ({taken}/tcp): port {taken} "
+                                                    "cannot be bound: [Errno 98] Address already in use"}
         assert serving(port, 3) == {"b1"} and tcp_ask(fresh) == "b3"
         assert not listens_on(haproxy, taken) and haproxy.proc().failed_reloads == 0
 

@@ -77,7 +77,8 @@ def test_a_squatted_port_sets_one_service_aside_and_never_stops_the_others():
         load.start()
 
         # The result names the service set aside, its port and the OS error; the rest is ok.
-        reason = f"service squatted ({squatted}/tcp): port {squatted} cannot be bound: [Errno 98] Address already in use"
+        reason = (f"service squatted ({squatted}/tcp): port {squatted} cannot be bound: "
+                  "[Errno 98] Address already in use")
         result = results.until(lambda r: any(reason in e for e in r.errors), "squatted reported as set aside")
         assert result.ok and result.details["haproxy"]["set_aside"] == {f"{squatted}/tcp": reason}
         master = MasterCli(os.path.join(pipeline.run_dir, "haproxy", "master.sock"))
