@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import threading
-import time
 
 from services.common.config import STAGES, ConfigError, Settings, add_options, settings_from
 from services.common.pdeathsig import die_with
@@ -34,8 +33,6 @@ ENTRY_POINTS = {
     "pen": "services.applier.pen_runner:main",
 }
 NEEDS_SOURCE = ("run", "collector")
-# Stage -> the stage whose publisher it subscribes to first.
-UPSTREAM = {"planner": "collector", "applier": "planner"}
 # Settings that may carry credentials (user:password@ in a URL).
 SECRET_ENV = ("MARATHON_URL", "REGISTRATOR_URL")
 
@@ -84,23 +81,6 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
-def wait_for_upstream(settings: Settings, command: str, timeout: float = 30.0) -> None:
-    """Start a subscribing stage once its publisher's ipc snapshot socket exists (at most
-    `timeout` s): supervisord starts every program at once, and a snapshot request sent long
-    before the publisher binds is only retried on a fresh socket, which a stage polling its own
-    sockets misses. tcp endpoints are not checked (the publisher may be on another node)."""
-    upstream = UPSTREAM.get(command)
-    if upstream is None:
-        return
-    address = settings.bus(upstream).snapshot
-    if not address.startswith("ipc://"):
-        return
-    path = address[len("ipc://"):]
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 def die_with_supervisord(settings: Settings) -> None:
     """Under supervisord: SIGTERM from the kernel when supervisord dies (even by kill -9), so no
     program outlives it; exec keeps it, so HAProxy's and nginx's masters get it too. supervisord
@@ -141,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
         gc.set_threshold(50_000, 20, 100)
     if os.environ.get("SUPERVISOR_ENABLED"):
         die_with_supervisord(settings)
-    wait_for_upstream(settings, command)
     module_name, _, function = ENTRY_POINTS[command].partition(":")
     entry = getattr(importlib.import_module(module_name), function)
     os.makedirs(settings.run_dir, mode=0o700, exist_ok=True)

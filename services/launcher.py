@@ -37,6 +37,9 @@ from services.run_dir import (INSTANCE_ENV, RunDirInUse, RunDirLock, prepare_run
 log = logging.getLogger("proxymatic.launcher")
 
 DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy"
+# Private: nothing in the run dir is for other users (nginx's workers buffer nothing to disk,
+# Pen drops root holding an open directory descriptor).
+RUN_DIR_MODE = 0o700
 
 
 @dataclass(frozen=True)
@@ -90,12 +93,6 @@ def write_supervisord_conf(settings: Settings) -> str:
     return path
 
 
-def run_dir_mode(settings: Settings) -> int:
-    """0700; 0711 when nginx's workers run as another user (root starts them as www-data): they
-    must traverse the run dir to their temp dirs under nginx/, yet list nothing."""
-    return 0o711 if settings.vhost_domain and os.geteuid() == 0 else 0o700
-
-
 def program_environment(settings: Settings) -> dict[str, str]:
     """The environment supervisord and every program get: ours plus every setting."""
     return {**os.environ, **settings_environ(settings), INSTANCE_ENV: settings.run_dir}
@@ -114,7 +111,7 @@ def clean_up(settings: Settings) -> None:
 
 
 def launch(settings: Settings) -> int:
-    prepare_run_dir(settings.run_dir, run_dir_mode(settings))
+    prepare_run_dir(settings.run_dir, RUN_DIR_MODE)
     lock = RunDirLock(settings.run_dir)
     try:
         lock.acquire()

@@ -25,9 +25,8 @@ class RunDirInUse(RuntimeError):
 
 
 def prepare_run_dir(path: str, mode: int) -> None:
-    """Create the run dir with `mode` (0700, or 0711 when nginx's workers run as another user and
-    must traverse it to their temp dirs), or tighten an existing one of ours to it. A shared
-    directory (sticky, like /tmp, or someone else's) is left alone with a warning."""
+    """Create the run dir with `mode`, or set an existing one of ours to it. A shared directory
+    (sticky, like /tmp, or someone else's) is left alone with a warning."""
     os.makedirs(path, mode=mode, exist_ok=True)
     info = os.stat(path)
     current = stat.S_IMODE(info.st_mode)

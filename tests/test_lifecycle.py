@@ -142,8 +142,9 @@ def test_run_dir_modes_lock_and_stale_files(tmp_path):
     existing.chmod(0o755)
     prepare_run_dir(str(existing), 0o700)
     assert mode(fresh) == mode(existing) == 0o700
-    prepare_run_dir(str(existing), 0o711)  # nginx's workers must traverse it now
-    assert mode(existing) == 0o711
+    existing.chmod(0o500)
+    prepare_run_dir(str(existing), 0o700)  # the exact mode, not just nothing more
+    assert mode(existing) == 0o700
     shared.mkdir()
     shared.chmod(0o1777)
     prepare_run_dir(str(shared), 0o700)  # a /tmp-like directory is never locked down
