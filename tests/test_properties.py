@@ -848,3 +848,25 @@ def test_marathon_services_do_not_depend_on_the_order_of_apps_and_tasks(data):
     again = services_from_payloads(data.draw(st.permutations(apps), "apps order"),
                                    data.draw(st.permutations(tasks), "tasks order"), resolve=gen.resolve)
     assert first.services == again.services
+
+
+@fast(60)
+@given(gen.etcd_node(), st.randoms(use_true_random=False))
+def test_registrator_services_do_not_depend_on_the_order_of_keys(node, random):
+    keys: list = []
+
+    def shuffled(value):  # the order etcd lists a directory's nodes in
+        if isinstance(value, dict):
+            keys.append(value.get("key"))
+            copy = dict(value)
+            if isinstance(value.get("nodes"), list):
+                copy["nodes"] = [shuffled(v) for v in value["nodes"]]
+                random.shuffle(copy["nodes"])
+            return copy
+        return value
+
+    shuffled_node = shuffled(node)
+    hypothesis.assume(len(keys) == len({repr(k) for k in keys}))  # etcd keys are unique
+    first = registrator_parse.parse_response("/services", {"node": node}, _etcd_resolve)
+    again = registrator_parse.parse_response("/services", {"node": shuffled_node}, _etcd_resolve)
+    assert first[0] == again[0] and sorted(first[1]) == sorted(again[1])
