@@ -303,7 +303,7 @@ def assert_one_line_warnings(warnings) -> None:
 # Marathon
 
 
-@fast(150)
+@fast(100)
 @given(gen.any_app())
 def test_parse_app_raises_only_app_error(app):
     try:
@@ -412,7 +412,7 @@ def _etcd_resolve(host: str) -> str:
     return address
 
 
-@fast(300)
+@fast(200)
 @given(st.sampled_from(["/services", "", "/a/b"]), st.data())
 def test_registrator_entry_is_an_entry_or_entry_error(prefix, data):
     key = data.draw(st.one_of(
@@ -625,7 +625,7 @@ _valid_service_dicts = st.builds(lambda s: dict(s.to_dict()),
 _service_dicts = st.one_of(_valid_service_dicts, _valid_service_dicts.flatmap(gen.mutate), gen.json_value)
 
 
-@fast(150)
+@fast(100)
 @given(st.one_of(
     st.tuples(st.just("service"), _service_dicts),
     st.tuples(st.just("plan"), st.lists(_service_dicts, max_size=3).map(
@@ -721,7 +721,7 @@ def test_nginx_server_names_are_rechecked(domain):
 # Marathon: incremental builds of hostile apps equal a build from scratch
 
 
-@fast(50)
+@fast(40)
 @given(st.data())
 def test_incremental_builds_equal_a_build_from_scratch(data):
     from services.collector.marathon_parse import ServiceBuilder, build_services
@@ -838,7 +838,7 @@ def test_marathon_one_backend_claimed_by_two_tasks_does_not_depend_on_their_orde
     assert [(s.ip, s.port) for s in first[0].servers] == [("10.0.0.1", 31000)]
 
 
-@fast(60)
+@fast(40)
 @given(st.data())
 def test_marathon_services_do_not_depend_on_the_order_of_apps_and_tasks(data):
     apps = data.draw(st.lists(st.one_of(gen.marathon_app(), st.sampled_from(gen.FIXTURE_APPS)), max_size=4), "apps")
@@ -850,7 +850,7 @@ def test_marathon_services_do_not_depend_on_the_order_of_apps_and_tasks(data):
     assert first.services == again.services
 
 
-@fast(60)
+@fast(40)
 @given(gen.etcd_node(), st.randoms(use_true_random=False))
 def test_registrator_services_do_not_depend_on_the_order_of_keys(node, random):
     keys: list = []
