@@ -67,6 +67,12 @@ def test_port_strings_are_ascii_digits_only(port):
         Service.from_dict({"name": "web", "port": port})
 
 
+def test_huge_integer_is_a_model_error():
+    # the message printed the number: str() of an int over 4300 digits raises ValueError
+    with pytest.raises(ModelError, match="port must be between 1 and 65535, got a 16610-bit number"):
+        Service.from_dict({"name": "web", "port": 10 ** 5000})
+
+
 def test_port_string_of_ascii_digits_still_accepted():
     assert Service.from_dict({"name": "web", "port": " 8080 "}).port == 8080
 

@@ -70,7 +70,9 @@ def _int_in(value: Any, low: int, high: int, what: str) -> int:
         else:
             raise ModelError(f"{what} must be an integer, got {clip(value)}")
     if not low <= value <= high:
-        raise ModelError(f"{what} must be between {low} and {high}, got {value}")
+        # str() of an integer over 4300 digits raises ValueError: never print one whole
+        shown = value if value.bit_length() <= 64 else f"a {value.bit_length()}-bit number"
+        raise ModelError(f"{what} must be between {low} and {high}, got {shown}")
     return value
 
 
