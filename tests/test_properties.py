@@ -197,6 +197,14 @@ def test_marathon_label_of_unicode_digits_is_a_warning(value):
     assert sum("ignored" in w for w in spec.warnings) == 2
 
 
+def test_marathon_label_of_thousands_of_digits_is_a_warning():
+    # the warning's repr() of the number raised ValueError out of parse_app (Python callers:
+    # json.loads itself refuses such numbers)
+    spec = parse_app({"id": "/web", "portDefinitions": [{"port": 10012}],
+                      "labels": {"com.meltwater.proxymatic.port.0.weight": 10 ** 5000}})
+    assert spec.routes[0].weight == 500 and any("too large to show" in w for w in spec.warnings)
+
+
 def test_marathon_host_with_trailing_newline_is_no_hostname():
     app = {"id": "/web", "portDefinitions": [{"port": 10012}],
            "tasks": [{"id": "t1", "host": "10.0.0.1\n", "ports": [31000], "state": "TASK_RUNNING"}]}

@@ -38,7 +38,10 @@ class AppError(ValueError):
 
 def clip(value: Any, limit: int = 60) -> str:
     """A value made safe for a one-line warning: repr (no raw newlines), bounded length."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int over 4300 digits, a structure nested too deep
+        text = f"<{type(value).__name__} too large to show>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

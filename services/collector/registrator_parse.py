@@ -186,7 +186,10 @@ def parse_backend(value: Any, resolve: Resolver = resolve_host) -> tuple[str, in
 
 def _clip(value: Any, limit: int = 60) -> str:
     """repr (one line whatever the value), bounded."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int over 4300 digits, a structure nested too deep
+        text = f"<{type(value).__name__} too large to show>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -41,7 +41,10 @@ class ModelError(ValueError):
 
 def clip(value: Any, limit: int = 80) -> str:
     """A value for an error message: repr (one line whatever it holds), at most `limit` characters."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int over 4300 digits, a structure nested too deep
+        text = f"<{type(value).__name__} too large to show>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
