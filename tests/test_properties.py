@@ -884,3 +884,43 @@ def test_registrator_services_do_not_depend_on_the_order_of_keys(node, random):
     first = registrator_parse.parse_response("/services", {"node": node}, _etcd_resolve)
     again = registrator_parse.parse_response("/services", {"node": shuffled_node}, _etcd_resolve)
     assert first[0] == again[0] and sorted(first[1]) == sorted(again[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Marathon: the SSE framing, from real captures cut and mutated into hostile lines
+
+def _capture_lines(name: str) -> list[bytes]:
+    with open(os.path.join(gen.FIXTURES, "marathon", "events", "sse", name), "rb") as capture:
+        return capture.read().splitlines()
+
+
+_SSE_LINES = [line for name in ("gestalt-dcos-marathon-event-stream.txt", "marathon-docs-events.txt",
+                                "marathon-docs-v1.4.13-rest-api-events-data-only.txt")
+              for line in _capture_lines(name)]
+_sse_line = st.one_of(st.sampled_from(_SSE_LINES), st.just(b""), st.binary(max_size=30),
+                      st.builds(lambda field, rest: field + rest,
+                                st.sampled_from([b"event:", b"event: ", b"data:", b"data: ", b":", b"id:", b"retry:"]),
+                                st.one_of(st.binary(max_size=30), st.sampled_from(_SSE_LINES),
+                                          st.sampled_from([b'{"eventType":"status_update_event"}', b"{broken",
+                                                           b"status_update_event", b"\xff\xfe"]))))
+
+
+@fast(80)
+@given(st.lists(_sse_line, max_size=25), MIRROR_APPS)
+def test_marathon_event_stream_lines_never_break_the_source(lines, apps):
+    from services.collector.marathon_client import SSEParser
+    source = _mirror(apps)
+    try:
+        delivered = []
+
+        def on_event(event_type, data):
+            assert isinstance(event_type, str) and isinstance(data, bytes)
+            delivered.append(event_type)
+            source._on_event(event_type, data)
+
+        parser = SSEParser(on_event)
+        for line in lines + [b""]:
+            parser.line(line)
+        assert_valid_services(source._build().services, "marathon")
+    finally:
+        source.close()
