@@ -68,6 +68,8 @@ AFFECTS = {
     "pen": ("pen udp→dns",),
     "status": ("/status",),
 }
+# /status answers 503 naming HAProxy while HAProxy is down (by design): expected during its restart
+AFFECTS["haproxy"] = (*AFFECTS["haproxy"], "/status")
 AFTER_BACK = 1.0  # seconds after a killed proxy serves again that its failures still count as in flight
 SRV_RUNNING = 2
 
@@ -95,6 +97,19 @@ def proc_table() -> dict[int, tuple[int, str, int]]:
         except (OSError, ValueError, IndexError):
             continue
     return table
+
+
+def run_dir_of(pid: int) -> str | None:
+    """RUN_DIR in a process's environment (the launcher passes settings to its programs there,
+    not on the command line)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            for item in handle.read().split(b"\0"):
+                if item.startswith(b"RUN_DIR="):
+                    return item[len(b"RUN_DIR="):].decode(errors="replace")
+    except OSError:
+        pass
+    return None
 
 
 def rss_and_fds(pid: int) -> tuple[int, int] | None:
@@ -169,25 +184,22 @@ class Roles:
                 roles["pen instance"].append(pid)
         return dict(roles)
 
+    def ours(self, pid: int, cmd: str, start: int) -> bool:
+        """Part of this instance: naming the run dir on its command line or in its environment
+        (RUN_DIR), or an nginx worker seen under one of its masters."""
+        if pid == os.getpid():
+            return False
+        return self.run_dir in cmd or pid == self.launcher_pid or run_dir_of(pid) == self.run_dir or (
+            self.nginx_workers_seen.get(pid) == start and cmd.startswith("nginx"))
+
     def leftovers(self) -> list[str]:
-        """Processes of this instance still alive: anything naming the run dir, the nginx
-        workers seen, the launcher."""
-        table = proc_table()
-        out = []
-        for pid, (ppid, cmd, start) in table.items():
-            if pid == os.getpid():
-                continue
-            if self.run_dir in cmd or pid == self.launcher_pid or (
-                    self.nginx_workers_seen.get(pid) == start and cmd.startswith("nginx")):
-                out.append(f"{pid} (ppid {ppid}) {cmd[:120]}")
-        return out
+        """Processes of this instance still alive."""
+        return [f"{pid} (ppid {ppid}) {cmd[:120]}" for pid, (ppid, cmd, start) in proc_table().items()
+                if self.ours(pid, cmd, start)]
 
     def kill_leftovers(self) -> None:
-        table = proc_table()
-        for pid, (ppid, cmd, start) in table.items():
-            if pid == os.getpid():
-                continue
-            if self.run_dir in cmd or (self.nginx_workers_seen.get(pid) == start and cmd.startswith("nginx")):
+        for pid, (ppid, cmd, start) in proc_table().items():
+            if self.ours(pid, cmd, start):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -216,11 +228,12 @@ class Path(threading.Thread):
         super().__init__(daemon=True, name=name)
         self.label, self.ask, self.pause = name, ask, pause
         self.sent = 0
-        self.failures: list[tuple[float, str]] = []
+        self.failures: list[tuple[float, float, str]] = []  # (sent, failed, error)
         self.halt = threading.Event()
 
     def run(self) -> None:
         while not self.halt.is_set():
+            sent = now()
             try:
                 error = self.ask()
             except (OSError, http.client.HTTPException) as exc:
@@ -229,7 +242,7 @@ class Path(threading.Thread):
                 error = f"client error {type(exc).__name__}: {exc}"
             self.sent += 1
             if error:
-                self.failures.append((now(), error))
+                self.failures.append((sent, now(), error))
             if self.pause:
                 self.halt.wait(self.pause)
 
@@ -292,6 +305,8 @@ class Soak:
         self.churn_log: list[tuple[float, str]] = []  # (time, what) of every churn step
         self.actions: collections.Counter = collections.Counter()
         self.seen_applied: set[tuple[str, str, int]] = set()
+        self.reload_log: list[tuple[float, str]] = []  # (monotonic time, driver) of applier reloads
+        self.wall_offset = time.time() - time.monotonic()
         self.haproxy_reloads: dict[int, int] = {}  # master pid -> highest reload count seen
         self.haproxy_reload_base: dict[int, int] = {}  # the first master's count when the load began
         self.samples: dict[str, dict[int, list[tuple[float, int, int]]]] = collections.defaultdict(dict)
@@ -344,6 +359,14 @@ class Soak:
         self.roles = Roles(self.launcher.pid, self.pm_dir, self.etcd.process.pid if self.etcd.process else None)
         self.master = MasterCli(HaproxyPaths.for_run_dir(self.pm_dir).master_socket, timeout=3)
         self.udp_probe = udp_ask(self.ports["dns"])
+        probe = http_ask(self.ports["status"], None, b"OK", "/status")
+
+        def status_probe() -> str:
+            try:
+                return probe()
+            except (OSError, http.client.HTTPException) as exc:
+                return type(exc).__name__
+        self.status_probe = status_probe
         self.bus = Subscriber(zmq.Context.instance(), [Endpoint.parse(f"ipc://{self.pm_dir}/bus/applier.pub")],
                               ["applied."])
         self.wait_ready()
@@ -539,6 +562,9 @@ class Soak:
     def serving(self, target: str, killed: int) -> bool:
         """Is the killed part back (a new process doing its job)?"""
         roles = self.roles.find()
+        if target == "status":  # back when /status answers OK again
+            pids = roles.get(target, [])
+            return bool(pids) and killed not in pids and self.status_probe() == ""
         if target in STAGES:
             pids = roles.get(target, [])
             return bool(pids) and killed not in pids
@@ -654,6 +680,8 @@ class Soak:
             for driver, detail in message.payload.get("details", {}).items():
                 if isinstance(detail, dict):
                     self.actions[(driver, detail.get("action"))] += 1
+                    if detail.get("action") == "reload":
+                        self.reload_log.append((message.ts - self.wall_offset, driver))
 
     # -- run ----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -670,6 +698,7 @@ class Soak:
         self.haproxy_reload_base = dict(self.haproxy_reloads)
         self.pump_bus()
         self.actions.clear()
+        self.reload_log.clear()
         started = now()
         end = started + self.args.minutes * 60
         for path in self.paths:
@@ -757,7 +786,7 @@ def summary(soak: Soak, timing: dict, forced: list[str], command: str) -> str:
     other_failures: list[tuple[float, str, str]] = []
     for path in soak.paths:
         during = 0
-        for at, error in path.failures:
+        for sent, at, error in path.failures:
             hit = False
             for event in soak.events:
                 if event["pid"] is None:
@@ -766,18 +795,19 @@ def summary(soak: Soak, timing: dict, forced: list[str], command: str) -> str:
                 if path.label not in AFFECTS.get(proxy, ()):
                     continue
                 back = event["back"] or (timing["started"] + timing["seconds"] + 1)
-                if event["at"] - 0.05 <= at <= back + AFTER_BACK:
+                if sent <= back + AFTER_BACK and at >= event["at"] - 0.05:
                     hit = True
                     break
             if hit:
                 during += 1
             else:
-                other_failures.append((at, path.label, error))
-        errors = collections.Counter(error for _, error in path.failures)
+                other_failures.append((sent, path.label, error))
+        errors = collections.Counter(error for _, _, error in path.failures)
         text = ", ".join(f"{e}: {n}" for e, n in errors.most_common(5)) or "-"
         lines.append(f"| {path.label} | {path.sent:,} | {len(path.failures):,} | {during:,} | "
                      f"{len(path.failures) - during:,} | {text} |")
-    lines += ["", "`/status` is polled every 0.5 s; its failures count as in flight when the status stage was killed.", ""]
+    lines += ["", "`/status` is polled every 0.5 s; its failures count as in flight while the status stage or HAProxy "
+              "(/status then answers 503 naming HAProxy, by design) restarts.", ""]
     # kills
     lines += ["| killed | times | at (s from start) | back serving after (median / max) | notes |",
               "| --- | --- | --- | --- | --- |"]
@@ -793,12 +823,20 @@ def summary(soak: Soak, timing: dict, forced: list[str], command: str) -> str:
         timing_text = f"{statistics.median(backs):.1f} s / {max(backs):.1f} s" if backs else "-"
         times = ", ".join(f"{e['at'] - timing['started']:.0f}" for e in events)
         lines.append(f"| {target} | {len(events)} | {times} | {timing_text} | {'; '.join(notes) or '-'} |")
+    lines += ["", "Back serving: a stage when its new process runs (status: when /status answers 200 OK again), "
+              "HAProxy when a new worker accepts on a service port, Pen when a new instance answers a datagram, "
+              "nginx when a new master with workers answers `/_status`."]
     # reloads and churn
     haproxy_reloads = sum(n - soak.haproxy_reload_base.get(m, 0) for m, n in soak.haproxy_reloads.items())
     lines += ["", f"Reloads: HAProxy {haproxy_reloads} (its own `show proc` counter, summed over "
               f"{len(soak.haproxy_reloads)} masters, startup excluded), nginx {soak.actions[('nginx', 'reload')]}, "
               f"Pen {soak.actions[('pen', 'reload')]} (applier `reload` actions). Applier actions: "
               + ", ".join(f"{d}:{a} {n}" for (d, a), n in sorted(soak.actions.items())) + ".", "",
+              "Applier reloads during the load: " + (", ".join(
+                  f"{driver} at {t - timing['started']:.1f}s"
+                  + "".join(f" ({e['target']} killed at {e['at'] - timing['started']:.1f}s)"
+                            for e in soak.events if 0 <= t - e["at"] < 30)
+                  for t, driver in soak.reload_log) or "none") + ".", "",
               "Churn: " + ", ".join(f"{k} {n}" for k, n in sorted(soak.churn.items())) + ".", ""]
     # resources
     lines += ["| process | pid, RSS, fds at start | pid, RSS, fds at end | longest-lived pid: RSS, fds first → last (over) |",
@@ -823,11 +861,11 @@ def summary(soak: Soak, timing: dict, forced: list[str], command: str) -> str:
     if other_failures:
         lines += ["", f"Failures outside a killed proxy's restart ({len(other_failures)}; first 30, time from the start, "
                   "the kills/churn around them):", ""]
-        for at, label, error in sorted(other_failures)[:30]:
+        for at, label, error in sorted(other_failures)[:30]:  # `at`: when the request was sent
             near = [f"{e['target']} killed at {e['at'] - timing['started']:.1f}s" for e in soak.events
                     if abs(e["at"] - at) < 10]
-            near += [f"{what} at {t - timing['started']:.1f}s" for t, what in soak.churn_log if 0 <= at - t < 2.5]
-            lines.append(f"- {at - timing['started']:.2f}s {label}: {error}" + (f" ({'; '.join(near)})" if near else ""))
+            near += [f"{what} at {t - timing['started']:.1f}s" for t, what in soak.churn_log if -0.2 <= at - t < 1.5]
+            lines.append(f"- sent at {at - timing['started']:.2f}s {label}: {error}" + (f" ({'; '.join(near)})" if near else ""))
     if soak.interventions:
         lines += ["", "Soak interventions:", ""] + [f"- {text}" for text in soak.interventions]
     if soak.notes:
