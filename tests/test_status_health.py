@@ -205,7 +205,7 @@ class FakeMasterCli:
 def test_haproxy_probe_wants_a_master_with_a_worker(tmp_path):
     paths = HaproxyPaths(str(tmp_path))
     probe = haproxy_probe(paths, timeout=0.5)
-    with pytest.raises(OSError):
+    with pytest.raises(NotAnswering, match="No such file.*admin socket: .*No such file"):
         probe()  # no socket at all
     master = FakeMasterCli(paths.master_socket, "#<PID> <type> <reloads>\n10 master 0 0d 2.6\n# workers\n11 worker 0 0d 2.6\n")
     try:
@@ -219,6 +219,13 @@ def test_haproxy_probe_wants_a_master_with_a_worker(tmp_path):
             probe()
     finally:
         master.close()
+    # The master re-executing (its CLI refuses) while the worker answers on the admin socket.
+    os.unlink(paths.master_socket)
+    worker = FakeMasterCli(paths.admin_socket, "Name: HAProxy\nVersion: 2.6\nPid: 11\n")
+    try:
+        probe()
+    finally:
+        worker.close()
 
 
 def test_tcp_probe_needs_a_listener():

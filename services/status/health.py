@@ -20,7 +20,7 @@ from services.status.probes import Probe
 log = logging.getLogger("proxymatic.status.health")
 
 PROBE_INTERVAL = 1.0
-CONFIRM_AFTER = 1.5
+CONFIRM_AFTER = 2.0
 STALE_AFTER = 4.0
 
 

@@ -15,6 +15,7 @@ from services.applier.pen_control import PenControl
 from services.applier.pen_runner import PenFiles
 from services.common.config import Settings
 from services.common.model import ApplyResult
+from services.common.unix_socket import exchange
 
 Probe = Callable[[], None]
 
@@ -24,11 +25,21 @@ class NotAnswering(RuntimeError):
 
 
 def haproxy_probe(paths: HaproxyPaths, timeout: float) -> Probe:
-    """HAProxy's master CLI answers `show proc` and lists a current worker (the one serving)."""
+    """HAProxy's master CLI answers `show proc` and lists a current worker (the one serving), or
+    else the worker itself answers `show info` on the admin socket: while the master re-executes
+    for a reload its CLI refuses connections, yet the workers keep serving."""
     def probe() -> None:
-        info = MasterCli(paths.master_socket, timeout=timeout).show_proc()
-        if info.worker is None:
-            raise NotAnswering(f"master {info.master_pid} has no worker")
+        try:
+            info = MasterCli(paths.master_socket, timeout=timeout).show_proc()
+            if info.worker is None:
+                raise NotAnswering(f"master {info.master_pid} has no worker")
+        except Exception as master_error:
+            try:
+                answer = exchange(paths.admin_socket, b"show info\n", timeout).decode(errors="replace")
+            except OSError as worker_error:
+                raise NotAnswering(f"{master_error}; admin socket: {worker_error}") from None
+            if "Pid:" not in answer:
+                raise NotAnswering(f"{master_error}; admin socket answered {answer[:80]!r}") from None
     return probe
 
 
