@@ -221,6 +221,7 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
                     "; " + "; ".join(result.errors) if result.errors else "")
             last = result
             health.plan, health.ok = result.plan_hash, result.ok
+            heartbeats.beat_now()
             now = time.monotonic()
             if flush_at is None:
                 unflushed_since = now

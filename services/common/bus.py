@@ -248,6 +248,11 @@ class Publisher:
     def seconds_to_heartbeat(self) -> float:
         return max(0.0, self._next_heartbeat - time.monotonic())
 
+    def heartbeat_due(self) -> None:
+        """Make the next heartbeat() send at once."""
+        with self._lock:
+            self._next_heartbeat = 0.0
+
     def serve_snapshots(self) -> int:
         """Answer every pending snapshot request without blocking; returns how many."""
         served = 0
@@ -286,6 +291,7 @@ class Heartbeats:
     def __init__(self, publisher: Publisher, payload: Callable[[], dict]):
         self.publisher, self.payload = publisher, payload
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{publisher.sender}", daemon=True)
 
     def start(self) -> "Heartbeats":
@@ -300,10 +306,17 @@ class Heartbeats:
                 if self._stop.is_set():
                     return
                 log.exception("bus %s: heartbeat failed", self.publisher.sender)
-            self._stop.wait(max(0.01, self.publisher.seconds_to_heartbeat()))
+            self._wake.wait(max(0.01, self.publisher.seconds_to_heartbeat()))
+            self._wake.clear()
+
+    def beat_now(self) -> None:
+        """A heartbeat at once (after a result: it carries the new state and seq right away)."""
+        self.publisher.heartbeat_due()
+        self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 
