@@ -217,3 +217,14 @@ def test_send_and_receive_high_water_marks_are_sized_for_full_state(tmp_path):
         assert all(s.getsockopt(zmq.RCVHWM) == FULL_STATE_HWM for s in subscriber.sockets()[::2])
     finally:
         subscriber.close(); publisher.close(); ctx.term()
+
+
+def test_a_malformed_snapshot_end_is_refused():
+    import pytest
+    from services.common.bus import SNAPSHOT_END, BusError, SnapshotEnd
+    good = SnapshotEnd("pub", "e1", 3)
+    assert SnapshotEnd.decode(good.encode()) == good
+    for frames in ([SNAPSHOT_END], [SNAPSHOT_END, b"{"], [SNAPSHOT_END, b"[]"], [SNAPSHOT_END, b'{"v": 2}'],
+                   [SNAPSHOT_END, b'{"v": 1, "seq": "3", "epoch": "e", "sender": "s"}']):
+        with pytest.raises(BusError):
+            SnapshotEnd.decode(frames)
