@@ -2,10 +2,11 @@ import random
 import socket
 
 import orjson
+import pytest
 import zmq
 
-from services.common.bus import (BUS_VERSION, FULL_STATE_HWM, HEARTBEAT_INTERVAL, Endpoint, Heartbeats, Publisher,
-                                 Subscriber, heartbeat_interval)
+from services.common.bus import (BUS_VERSION, FULL_STATE_HWM, HEARTBEAT_INTERVAL, SNAPSHOT_END, BusError, Endpoint,
+                                 Heartbeats, Publisher, SnapshotEnd, Subscriber, heartbeat_interval)
 from tests.helpers import wait_until
 
 
@@ -220,8 +221,6 @@ def test_send_and_receive_high_water_marks_are_sized_for_full_state(tmp_path):
 
 
 def test_a_malformed_snapshot_end_is_refused():
-    import pytest
-    from services.common.bus import SNAPSHOT_END, BusError, SnapshotEnd
     good = SnapshotEnd("pub", "e1", 3)
     assert SnapshotEnd.decode(good.encode()) == good
     for frames in ([SNAPSHOT_END], [SNAPSHOT_END, b"{"], [SNAPSHOT_END, b"[]"], [SNAPSHOT_END, b'{"v": 2}'],
