@@ -16,7 +16,7 @@ import zmq
 
 from services.applier import main as applier
 from services.applier.driver import DriverResult, ProxyDriver
-from services.common.bus import Publisher, Subscriber
+from services.common.bus import Endpoint, Publisher, Subscriber
 from services.common.config import Settings
 from services.common.model import Plan, ProxySettings, Service, SourceSnapshot
 from services.planner import main as planner
@@ -209,7 +209,6 @@ def tap_process(tmp_path):
 
 def test_tap_survives_any_message_and_prints_the_next_good_one(tap_process):
     process, endpoint, out, err = tap_process
-    from services.common.bus import Endpoint
     ctx = zmq.Context.instance()
     publisher = Publisher(ctx, "planner@x", Endpoint.parse(endpoint), heartbeat_interval=BEAT)
     try:
@@ -246,7 +245,6 @@ def rss_bytes(pid: int | str = "self") -> int:
 
 def test_a_stopped_subscriber_costs_little_and_catches_up_after_sigcont(tap_process):
     process, endpoint, out, _err = tap_process
-    from services.common.bus import Endpoint
     ctx = zmq.Context.instance()
     publisher = Publisher(ctx, "planner@x", Endpoint.parse(endpoint), heartbeat_interval=0.1)
     healthy = Subscriber(ctx, [Endpoint.parse(endpoint)], ["t."])  # the rest of the pipeline
