@@ -163,8 +163,11 @@ def test_status_follows_the_proxies_not_the_control_plane():
         # A reload (the service was just added) may fail a probe or two: that is no outage.
         details = wait_until(lambda: (d := run.details())["proxies"].get("haproxy", {}).get("ok") and d,
                              timeout=15, message="HAProxy probed OK")
-        assert {"collector", "planner", "applier", "status"} <= {s.split("@")[0] for s in details["stages"]}
-        assert all(stage["alive"] and stage["pid"] for stage in details["stages"].values())
+        # A stage first heard through a snapshot has no pid until its next heartbeat.
+        stages = wait_until(lambda: (st := run.details()["stages"]) and
+                            all(stage["alive"] and stage["pid"] for stage in st.values()) and st,
+                            timeout=15, message="every stage alive with its pid")
+        assert {"collector", "planner", "applier", "status"} <= {name.split("@")[0] for name in stages}
 
         # The data plane: HAProxy stopped -> 503 naming it; started again -> OK.
         assert "stopped" in run.supervisorctl("stop", "haproxy")
