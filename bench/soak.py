@@ -179,8 +179,12 @@ class Roles:
                     for name in (*STAGES, "pen"):
                         if f"services.cli {name} " in cmd + " ":
                             roles["pen runner" if name == "pen" else name].append(child)
+        runners = set(roles.get("pen runner", []))
         for pid, (ppid, cmd, _) in table.items():
-            if cmd.startswith("pen ") and self.run_dir in cmd:
+            # a pen instance: started by our runner (through setpriv, which execs it), or one
+            # that outlived a runner and names our run dir (argv or RUN_DIR in its environment)
+            if os.path.basename(cmd.split(" ", 1)[0]) == "pen" and (
+                    ppid in runners or self.run_dir in cmd or run_dir_of(pid) == self.run_dir):
                 roles["pen instance"].append(pid)
         return dict(roles)
 
