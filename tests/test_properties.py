@@ -825,10 +825,6 @@ def test_registrator_watch_events_raise_only_bad_event(events):
         source.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "services/collector/registrator.py apply_event: the _Resync message for an unknown action is "
-    "f'unknown etcd action {action!r} on {key!r}', unclipped, so a hostile 3,000-character action "
-    "or key is logged whole (BadEvent and EntryError messages there are clipped to 40/200)"))
 def test_registrator_unknown_action_message_is_bounded():
     from services.collector.registrator import RegistratorSource, _Resync
     from services.common.config import Settings

@@ -296,7 +296,7 @@ class RegistratorSource(Source):
                     self._warnings.pop(k, None)
                 self._changed()
         else:
-            raise _Resync(f"unknown etcd action {action!r} on {key!r}")
+            raise _Resync(f"unknown etcd action {action[:40]!r} on {key[:200]!r}")
 
     # -- etcd I/O ---------------------------------------------------------------------------
     def _ensure_started(self) -> None:
