@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from services.common.model import (DEFAULT_WEIGHT, MAX_WEIGHT, HealthCheck, ModelError, Server, Service,
+from services.common.model import (clip as clip_value, DEFAULT_WEIGHT, MAX_WEIGHT, HealthCheck, ModelError, Server, Service,
                                    validate_ip, validate_name)
 
 LABEL_PREFIX = "com.meltwater.proxymatic.port."
@@ -38,11 +38,7 @@ class AppError(ValueError):
 
 def clip(value: Any, limit: int = 60) -> str:
     """A value made safe for a one-line warning: repr (no raw newlines), bounded length."""
-    try:
-        text = repr(value)
-    except (ValueError, RecursionError):  # an int over 4300 digits, a structure nested too deep
-        text = f"<{type(value).__name__} too large to show>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return clip_value(value, limit)
 
 
 @dataclass(frozen=True)

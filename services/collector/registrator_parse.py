@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from services.collector.resolve import lookup_address
-from services.common.model import ModelError, Server, Service, validate_name
+from services.common.model import ModelError, clip as clip_value, Server, Service, validate_name
 
 SOURCE = "registrator"
 DEFAULT_ETCD_PORT = 2379  # registrator's own default (etcd/etcd.go Factory.New)
@@ -186,11 +186,7 @@ def parse_backend(value: Any, resolve: Resolver = resolve_host) -> tuple[str, in
 
 def _clip(value: Any, limit: int = 60) -> str:
     """repr (one line whatever the value), bounded."""
-    try:
-        text = repr(value)
-    except (ValueError, RecursionError):  # an int over 4300 digits, a structure nested too deep
-        text = f"<{type(value).__name__} too large to show>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return clip_value(value, limit)
 
 
 # -- keys ----------------------------------------------------------------------------------
