@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from services.applier import nginx_driver
+from services.applier import nginx_driver, nginx_launch
 from services.applier.nginx_driver import NginxDriver
 from services.applier.nginx_render import Rendered, vhost_blocks
 from services.common.config import Settings
@@ -133,8 +133,9 @@ def children(pid: int) -> set[int]:
 class Nginx:
     """`proxymatic nginx` in a temp run dir, on a free port."""
 
-    def __init__(self, proxy_protocol: bool = False, port: int | None = None, wait: bool = True):
-        self.run_dir = tempfile.mkdtemp(prefix="pm", dir="/tmp")  # private (0700), like a real run dir
+    def __init__(self, proxy_protocol: bool = False, port: int | None = None, wait: bool = True,
+                 run_dir: str | None = None):
+        self.run_dir = run_dir or tempfile.mkdtemp(prefix="pm", dir="/tmp")  # private (0700), like a real run dir
         self.port = port or free_port()
         self.settings = Settings(run_dir=self.run_dir, vhost_domain=DOMAIN, vhost_port=self.port,
                                  proxy_protocol=proxy_protocol, status_endpoint="")
@@ -414,6 +415,36 @@ def test_a_held_vhost_port_sets_every_vhost_aside_until_it_is_free():
         squatter.close()
         web.close()
         nginx.close()
+
+
+def test_workers_left_by_a_killed_master_are_ended_before_the_next_start():
+    """nginx workers do not die with a master killed by SIGKILL: they keep the vhost port and the
+    old config. The next `proxymatic nginx` ends them, binds the port and serves the new config."""
+    web, shop = HttpBackend("web"), HttpBackend("shop")
+    first = Nginx()
+    second = None
+    try:
+        assert first.driver.apply(first.plan(service("web", web.port))).ok
+        assert wait_until(lambda: get_ok(first.port, "web.test.local"), message="web vhost") == "web\n"
+        orphans = children(first.process.pid)
+        assert orphans
+        first.process.kill()  # the master (the launcher exec'd it), as `kill -9` would
+        first.process.wait(timeout=10)
+        assert all(os.path.exists(f"/proc/{pid}") for pid in orphans)  # still serving the old config
+        second = Nginx(port=first.port, run_dir=first.run_dir)  # waits until its master is up
+        prefix = os.path.join(first.run_dir, "nginx")
+        assert not set(nginx_launch.leftover_processes(prefix, "nginx")) & orphans
+        assert second.driver.apply(second.plan(service("web", web.port), service("shop", shop.port))).ok
+        assert wait_until(lambda: get_ok(second.port, "shop.test.local"), message="shop vhost") == "shop\n"
+    finally:
+        for server in (second, first):
+            if server is not None and server.process.poll() is None:
+                server.close()
+        for pid in nginx_launch.leftover_processes(os.path.join(first.run_dir, "nginx"), "nginx"):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(first.run_dir, ignore_errors=True)
+        web.close()
+        shop.close()
 
 
 class BigBodies(ThreadingHTTPServer):
