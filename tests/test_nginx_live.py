@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from services.applier import nginx_driver, nginx_launch
+from services.applier.proc_identity import children
 from services.applier.nginx_driver import NginxDriver
 from services.applier.nginx_render import Rendered, vhost_blocks
 from services.common.config import Settings
@@ -112,22 +113,6 @@ def service(name, port, servers=()):
     them): the live tests give fake addresses that would fail if nginx ever connected to them."""
     return Service.from_dict({"name": name, "port": port,
                               "servers": [{"ip": ip, "port": p, "weight": w} for ip, p, w in servers]})
-
-
-def children(pid: int) -> set[int]:
-    """The pids whose parent is `pid` (nginx workers of a master)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as source:
-                stat = source.read()
-        except OSError:
-            continue
-        if int(stat.rpartition(")")[2].split()[1]) == pid:
-            found.add(int(entry))
-    return found
 
 
 class Nginx:
@@ -415,6 +400,22 @@ def test_a_held_vhost_port_sets_every_vhost_aside_until_it_is_free():
         squatter.close()
         web.close()
         nginx.close()
+
+
+def test_a_reload_is_reported_once_the_old_workers_no_longer_accept(nginx):
+    """Until an old worker has read QUIT it still accepts, with the previous config: a vhost
+    just added would answer 503 from the default server. `apply` returns after that window."""
+    web = HttpBackend("web")
+    try:
+        master = nginx.process.pid
+        old = NginxDriver._accepting_workers(master)
+        assert old
+        result = nginx.driver.apply(nginx.plan(service("web", web.port)))
+        assert result.ok and result.action == "reload", result
+        assert not old & NginxDriver._accepting_workers(master)
+        assert get_ok(nginx.port, "web.test.local") == "web\n"  # at once, no retry
+    finally:
+        web.close()
 
 
 def test_workers_left_by_a_killed_master_are_ended_before_the_next_start():

@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 
 from services.applier import nginx_isolate, proc_identity
 from services.applier.bindable import bind_error
@@ -37,6 +38,10 @@ LOADED_FILE = "loaded"
 LISTEN_HOST = "0.0.0.0"  # the vhost port listens on every address
 _LOG_PREFIX = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\[\w+\]) \d+#\d+: ")
 # Bounds the search for rejected vhosts (each `nginx -t` takes tens of milliseconds).
+# After a reload, the old workers accept new connections until they have read the master's
+# QUIT and closed their listeners ("worker process is shutting down"): until then a client can
+# still get the previous config. `applied` waits for that, this long at most.
+OLD_WORKERS_TIMEOUT = 2.0
 MAX_ISOLATION_TESTS = 40
 MAX_ISOLATION_SECONDS = 10.0
 
@@ -134,9 +139,11 @@ class NginxDriver(ProxyDriver):
             # An applier restart, or nginx restarted: this master already serves this text.
             self._loaded = (master, digest)
             return self._result(True, "none", details, set_aside)
+        accepting_before = self._accepting_workers(master)
         if not self._signal_master(master, signal.SIGHUP):
             self._loaded = None
             return self._result(True, "reload", {**details, "running": False}, set_aside)
+        self._wait_for_old_workers(master, accepting_before)
         self.reloads += 1
         self._loaded = (master, digest)
         write_loaded(self.prefix, master, text)
@@ -249,6 +256,22 @@ class NginxDriver(ProxyDriver):
         /usr/sbin/nginx -p <prefix>/ ...")."""
         line = " ".join(proc_identity.cmdline(pid))
         return pid > 0 and f"-p {self.prefix}/" in line and proc_identity.executes(pid, self.binary)
+
+    @staticmethod
+    def _accepting_workers(master: int) -> set[int]:
+        """Workers of `master` that still accept connections (not shutting down)."""
+        return {pid for pid in proc_identity.children(master)
+                if " ".join(proc_identity.cmdline(pid)) == "nginx: worker process"}
+
+    def _wait_for_old_workers(self, master: int, old: set[int], timeout: float = OLD_WORKERS_TIMEOUT) -> None:
+        """Return once none of `old` accepts connections any more (each has gone or is shutting
+        down), so what `applied` reports is what a new connection gets."""
+        deadline = time.monotonic() + timeout
+        while old & self._accepting_workers(master):
+            if time.monotonic() >= deadline:
+                log.warning("nginx: old workers %s still accepting %.1fs after the reload", sorted(old), timeout)
+                return
+            time.sleep(0.01)
 
     def _signal_master(self, pid: int, signum: int) -> bool:
         return proc_identity.signal_verified(pid, signum, self._is_master)

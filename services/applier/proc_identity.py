@@ -40,6 +40,22 @@ def start_time(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
+def children(pid: int) -> set[int]:
+    """The pids whose parent is `pid`."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as source:
+                fields = source.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 1 and fields[1] == str(pid):  # fields[1] is field 4, the parent's pid
+            found.add(int(entry))
+    return found
+
+
 def resolve(binary: str) -> str | None:
     found = shutil.which(binary)
     return os.path.realpath(found) if found else None
