@@ -408,8 +408,7 @@ def test_a_reload_is_reported_once_the_old_workers_no_longer_accept(nginx):
     web = HttpBackend("web")
     try:
         master = nginx.process.pid
-        old = NginxDriver._accepting_workers(master)
-        assert old
+        old = wait_until(lambda: NginxDriver._accepting_workers(master), message="the first workers")
         result = nginx.driver.apply(nginx.plan(service("web", web.port)))
         assert result.ok and result.action == "reload", result
         assert not old & NginxDriver._accepting_workers(master)
