@@ -228,7 +228,10 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
             flush_at = min(now + FLUSH_QUIET, unflushed_since + FLUSH_MAX)
             if should_retry(result):
                 retry_at = time.monotonic() + backoff
-                log.info("applier: retrying plan %s in %.1fs", plan.hash, backoff)
+                # At the backoff's cap (a service waiting for its port, a proxy down for long) the
+                # retries go to debug: the drivers log each reason once, not every 5 s.
+                (log.info if backoff < RETRY_MAX else log.debug)(
+                    "applier: retrying plan %s in %.1fs", plan.hash, backoff)
                 backoff = min(backoff * 2, RETRY_MAX)
             else:
                 retry_at, backoff = None, RETRY_MIN
