@@ -242,6 +242,30 @@ def test_a_plan_lacking_a_source_is_held_until_that_source_reports():
         shutil.rmtree(settings.run_dir, ignore_errors=True)
 
 
+def test_the_served_plan_coming_back_after_a_hold_is_published_again():
+    """A hold ends with the very plan being served (the source is back with the same services):
+    nothing to apply, but `applied.<node>` must no longer say `held`."""
+    settings = Settings(run_dir=tempfile.mkdtemp(prefix="pm"), node_name="n5")
+    driver = RecordingDriver()
+    stage = Stage(settings, drivers=[driver])
+    try:
+        full = sourced_plan(("file", "marathon"), file=3001, marathon=3000)
+        stage.publish(full)
+        stage.result_for(full)
+        partial = sourced_plan(("file",), file=3001)
+        stage.publish(partial)
+        stage.result_for(partial, ok=False)
+        stage.received.clear()
+        stage.publish(full)
+        again = stage.result_for(full)
+        assert again.ok and again.action != "held"
+        assert driver.applied == [full.hash]  # nothing re-applied
+        assert stage.received[-1][1].plan_hash == full.hash
+    finally:
+        stage.close()
+        shutil.rmtree(settings.run_dir, ignore_errors=True)
+
+
 def test_missing_sources_compares_with_the_served_plan():
     from services.applier.completeness import missing_sources
     full = sourced_plan(("file", "marathon", "registrator"), file=1)

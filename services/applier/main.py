@@ -194,11 +194,14 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
                             publisher.publish(topic, result_payload(held_result(plan, current, missing)))
                         held, health.held = plan, plan.hash
                     continue
-                if held is not None:
+                resumed = held is not None
+                if resumed:
                     log.info("applier: plan %s has every source again; applying it", plan.hash)
                 held, health.held = None, ""
                 if last is not None and plan.hash == last.plan_hash and not should_retry(last):
                     current = plan  # the same plan again (new notes or sources): nothing to do
+                    if resumed:  # the held result was the last word on applied.<node>: replace it
+                        publisher.publish(topic, last.to_dict())
                     continue
                 reason = "new plan"
             elif current is not None and retry_at is not None and now >= retry_at:
