@@ -1,4 +1,8 @@
-from services.common.model import ApplyResult
+import pytest
+
+from services.common.bus import Message
+from services.common.model import ApplyResult, ModelError
+from services.status.main import absorb
 from services.status.state import INITIALIZING, OK, TERMINATING, PipelineState
 
 
@@ -27,3 +31,45 @@ def test_ok_is_latched_and_terminating_wins():
     assert state.verdict("n1", False) == OK
     assert state.details("n1", False)["converged"] is False
     assert state.verdict("n1", True) == TERMINATING
+
+
+def test_a_restarted_status_stage_believes_the_appliers_heartbeat():
+    """The latch died with the old status process; the applier says its proxies serve a plan
+    with every source, so a held or rejected latest result does not make the node INITIALIZING."""
+    state = PipelineState(configured_sources=("marathon", "file"), plan_hash="p2",
+                          plan_sources_ready=("file",))
+    state.applied["n1"] = ApplyResult("p2", False, "held")
+    state.served_sources["n1"] = ("file",)
+    assert state.verdict("n1", False) == INITIALIZING  # what it serves lacks marathon
+    state.served_sources["n1"] = ("file", "marathon")
+    assert state.verdict("n1", False) == OK
+
+
+def heard(topic: str, payload: dict, sender: str = "applier@n1") -> Message:
+    return Message(topic, 1, 0.0, sender, "e", payload)
+
+
+@pytest.mark.parametrize("payload", [
+    {"plan_hash": "p1", "ok": True, "action": "none", "details": {"pen": 5}},
+    {"plan_hash": "p1", "ok": True, "action": "none", "details": {"pen": {"set_aside": ["10053/udp"]}}},
+    {"plan_hash": "p1", "ok": True, "action": "none", "errors": [{"x": 1}]},
+    "not an object",
+])
+def test_a_malformed_applied_result_is_dropped_and_breaks_nothing(payload):
+    state = PipelineState(configured_sources=("file",), plan_hash="p1", plan_sources_ready=("file",))
+    good = {"plan_hash": "p1", "ok": True, "action": "runtime",
+            "details": {"pen": {"ok": True, "set_aside": {"10053/udp": "service dns: port taken"}}}}
+    absorb(state, {}, heard("applied.n1", good))
+    with pytest.raises((ValueError, ModelError)):
+        absorb(state, {}, heard("applied.n1", payload))
+    assert state.applied["n1"].details["pen"]["set_aside"] == {"10053/udp": "service dns: port taken"}
+    assert state.details("n1", False)["set_aside"] == {"pen": {"10053/udp": "service dns: port taken"}}
+
+
+def test_a_malformed_plan_or_heartbeat_is_dropped():
+    state = PipelineState(configured_sources=("file",))
+    with pytest.raises(ValueError):
+        absorb(state, {}, heard("plan", {"hash": "p1", "sources_ready": "file"}, "planner@n1"))
+    with pytest.raises(ValueError):
+        absorb(state, {}, heard("heartbeat.applier@n1", {"stage": "applier", "served_sources": 7}))
+    assert state.served_sources == {} and (state.plan_hash, state.plan_sources_ready) == ("", ())

@@ -137,10 +137,14 @@ class Health:
     plan: str = ""
     ok: bool = False
     held: str = ""
+    # The sources of the newest plan applied ok: a status stage restarted later learns from it
+    # that this node's proxies already serve a complete plan (its own latch died with it).
+    served_sources: tuple[str, ...] = ()
     subscriber: Subscriber | None = None
 
     def payload(self) -> dict:
         return {"stage": "applier", "plan": self.plan, "ok": self.ok, "held": self.held,
+                "served_sources": list(self.served_sources),
                 "dropped": self.subscriber.dropped if self.subscriber else 0}
 
 
@@ -224,6 +228,8 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
                     "; " + "; ".join(result.errors) if result.errors else "")
             last = result
             health.plan, health.ok = result.plan_hash, result.ok
+            if result.ok:
+                health.served_sources = plan.sources_ready
             heartbeats.beat_now()
             now = time.monotonic()
             if flush_at is None:

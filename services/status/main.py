@@ -42,13 +42,37 @@ def absorb(state: PipelineState, pids: dict[str, int | None], message: Message) 
     if message.is_heartbeat:
         pids[message.sender] = payload.get("pid") if isinstance(payload.get("pid"), int) else None
         if payload.get("stage") == "collector" and isinstance(payload.get("sources"), dict):
-            state.sources.update(payload["sources"])
+            state.sources.update({name: summary for name, summary in payload["sources"].items()
+                                  if isinstance(name, str) and isinstance(summary, dict)})
+        elif payload.get("stage") == "applier" and message.sender.startswith("applier@"):
+            state.served_sources[message.sender[len("applier@"):]] = strings(payload.get("served_sources", []))
     elif message.topic == "plan":
-        state.plan_hash = payload.get("hash", "")
-        state.plan_sources_ready = tuple(payload.get("sources_ready", []))
-        state.plan_notes = tuple(payload.get("notes", []))
+        ready, notes = strings(payload.get("sources_ready", [])), strings(payload.get("notes", []))
+        state.plan_hash = payload["hash"] if isinstance(payload.get("hash"), str) else ""
+        state.plan_sources_ready, state.plan_notes = ready, notes
     elif message.topic.startswith("applied."):
-        state.applied[message.topic[len("applied."):]] = ApplyResult.from_dict(payload)
+        state.applied[message.topic[len("applied."):]] = applied_result(payload)
+
+
+def strings(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"expected a list of strings, got {type(value).__name__}")
+    return tuple(value)
+
+
+def applied_result(payload: dict) -> ApplyResult:
+    """An `applied.<node>` payload, checked as far as /status reads it: one malformed result is
+    dropped, it never breaks the probes or /status/details."""
+    result = ApplyResult.from_dict(payload)
+    for driver, detail in result.details.items():
+        if not isinstance(detail, dict):
+            raise ValueError(f"details of driver {driver!r} is not an object")
+        set_aside = detail.get("set_aside", {})
+        if not isinstance(set_aside, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in set_aside.items()):
+            raise ValueError(f"details.{driver}.set_aside is not an object of strings")
+    strings(list(result.errors))
+    return result
 
 
 def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) -> None:
@@ -61,7 +85,12 @@ def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) 
     own_name = f"status@{settings.node}"
     try:
         while not stop.is_set():
-            messages = subscriber.poll(0.2)
+            try:
+                messages = subscriber.poll(0.2)
+            except Exception:  # the bus thread must outlive anything one read can raise
+                log.exception("status: reading the bus failed; going on")
+                stop.wait(0.2)
+                continue
             with state.lock:
                 state.heartbeats = subscriber.senders()
                 for message in messages:

@@ -40,6 +40,8 @@ class PipelineState:
     plan_sources_ready: tuple[str, ...] = ()
     plan_notes: tuple[str, ...] = ()
     applied: dict[str, ApplyResult] = field(default_factory=dict)  # node -> last result
+    # node -> sources of the newest plan its applier applied ok (from the applier's heartbeat)
+    served_sources: dict[str, tuple[str, ...]] = field(default_factory=dict)
     heartbeats: dict[str, float] = field(default_factory=dict)  # sender -> seconds since heard
     stages: dict[str, StageLiveness] = field(default_factory=dict)  # sender -> liveness
     proxies: dict[str, ProbeStatus] = field(default_factory=dict)  # "haproxy", "pen <key>", "nginx"
@@ -56,6 +58,13 @@ class PipelineState:
             and result is not None and result.ok and result.plan_hash == self.plan_hash
         )
 
+    def serves_every_source(self, node: str) -> bool:
+        """The applier says the proxies serve a plan with every configured source: what makes a
+        status stage restarted after initialization OK at once, whatever the latest result
+        (a held or rejected plan, a proxy restarting) says."""
+        served = self.served_sources.get(node)
+        return served is not None and set(self.configured_sources) <= set(served)
+
     def proxy_problems(self, now: float | None = None) -> list[str]:
         """`<proxy> not answering: <why>` for every proxy down now (call with the lock held)."""
         now = time.monotonic() if now is None else now
@@ -70,7 +79,7 @@ class PipelineState:
         if terminating:
             return TERMINATING
         with self.lock:
-            if self.initialized_at is None and self.converged(node):
+            if self.initialized_at is None and (self.converged(node) or self.serves_every_source(node)):
                 self.initialized_at = time.time()
             if self.initialized_at is None:
                 return INITIALIZING
