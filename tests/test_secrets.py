@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from services.common.redact import redact
 from sim.marathon import MarathonSim
 from tests.helpers import free_port, wait_until
 from tests.launcher_helpers import BIN, Run, http_get
@@ -97,3 +98,15 @@ def test_the_run_dir_and_its_files_are_private(tmp_path):
         assert found == []
     finally:
         run.close()
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("GET http://u:pw@m1:8080/v2/apps failed", "GET http://u:***@m1:8080/v2/apps failed"),
+    ("http://u:p@ss@h", "http://u:***@h"),  # an unencoded @ in the password
+    ("etcd://user:pa/ss@host:2379/services", "etcd://user:***@host:2379/services"),  # and a /
+    ("http://a:b@h1:8080,http://c:d@h2:8080/", "http://a:***@h1:8080,http://c:***@h2:8080/"),
+    ("'http://u:pw@h' refused", "'http://u:***@h' refused"),
+    ("http://m1:8080/ and http://user@h/", "http://m1:8080/ and http://user@h/"),  # nothing secret
+])
+def test_redact_hides_every_password(text, shown):
+    assert redact(text) == shown

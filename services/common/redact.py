@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import re
 
-# scheme://user:password@host -> scheme://user:***@host (also a bare user@ is kept: no secret).
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<password>[^@/\s]*)@")
+# scheme://user:password@host -> scheme://user:***@host. The password runs to the last `@` that
+# is followed by a host (no `@`, `/` or `,` before the path, a comma or the end), so a password
+# holding an unencoded `/` or `@` is hidden whole; a comma ends it (lists of URLs).
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s,]*):(?P<password>[^\s,]*)@"
+                       r"(?=[^@\s/,]*(?:[/\s,?#]|$))")
 
 
 def redact(text: str) -> str:
