@@ -86,3 +86,8 @@ def test_registrator_url_with_several_hosts():
     assert s.registrator == "etcd://h1:2379,h2:2379/services"
     s = settings(["-m", "http://m1:8080/,http://u:p@m2:8080"])
     assert s.sources == ("marathon",)
+
+
+def test_run_dir_is_normalized():
+    # one run dir, one lock, one instance marker, however it is spelled
+    assert settings(["--run-dir", "/tmp/pm/"]).run_dir == settings([], {"RUN_DIR": "/tmp//pm"}).run_dir == "/tmp/pm"

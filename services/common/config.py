@@ -70,6 +70,13 @@ def parse_text(value: str, name: str) -> str:
     return value.strip()
 
 
+def parse_path(value: str, name: str) -> str:
+    """A directory path, normalized (`/tmp/pm/` and `/tmp/pm` are one run dir: one lock, one
+    instance marker)."""
+    value = value.strip()
+    return os.path.normpath(value) if value else value
+
+
 def parse_domain(value: str, name: str) -> str:
     value = value.strip().strip(".")
     if value and not re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$", value):
@@ -130,7 +137,7 @@ OPTIONS: tuple[Option, ...] = (
     # proxymatic 2 additions
     Option("services_file", ("--services-file",), "SERVICES_FILE", "", parse_text,
            "static services JSON file, re-read when it changes (see docs/services-file.md)"),
-    Option("run_dir", ("--run-dir",), "RUN_DIR", "/run/proxymatic", parse_text,
+    Option("run_dir", ("--run-dir",), "RUN_DIR", "/run/proxymatic", parse_path,
            "directory for rendered configs, bus sockets, pid files and logs"),
     Option("collector_bus", ("--collector-bus",), "COLLECTOR_BUS", "", parse_endpoint,
            "collector PUB endpoint [default: ipc://RUN_DIR/bus/collector.pub]"),
