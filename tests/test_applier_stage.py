@@ -192,6 +192,8 @@ def test_heartbeats_go_on_while_a_driver_blocks():
         wait_until(heartbeats, message="heartbeats during the apply")
         assert not slow.release.is_set() and stage.results.alive("applier@n3")
         assert beats[-1].payload["stage"] == "applier" and beats[-1].payload["dropped"] == 0
+        # ... and how long the apply has been running, so a driver stuck for good is visible
+        assert beats[-1].payload["busy_seconds"] > beats[0].payload["busy_seconds"] >= 0
         slow.release.set()
         assert stage.result_for(plan).ok
     finally:

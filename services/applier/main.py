@@ -140,11 +140,16 @@ class Health:
     # The sources of the newest plan applied ok: a status stage restarted later learns from it
     # that this node's proxies already serve a complete plan (its own latch died with it).
     served_sources: tuple[str, ...] = ()
+    # When the apply under way began (monotonic), else None: the heartbeat thread keeps beating
+    # while the loop is inside a driver, so a driver stuck for good shows as a growing number.
+    busy_since: float | None = None
     subscriber: Subscriber | None = None
 
     def payload(self) -> dict:
+        busy_since = self.busy_since
         return {"stage": "applier", "plan": self.plan, "ok": self.ok, "held": self.held,
                 "served_sources": list(self.served_sources),
+                "busy_seconds": round(time.monotonic() - busy_since, 1) if busy_since is not None else 0.0,
                 "dropped": self.subscriber.dropped if self.subscriber else 0}
 
 
@@ -215,7 +220,11 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
             else:
                 continue
 
-            result = apply_plan(drivers, plan)
+            health.busy_since = time.monotonic()
+            try:
+                result = apply_plan(drivers, plan)
+            finally:
+                health.busy_since = None
             current = plan
             changed = last is None or (result.plan_hash, result.ok, result.errors) != \
                 (last.plan_hash, last.ok, last.errors)

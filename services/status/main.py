@@ -41,6 +41,9 @@ def absorb(state: PipelineState, pids: dict[str, int | None], message: Message) 
     payload = message.payload
     if message.is_heartbeat:
         pids[message.sender] = payload.get("pid") if isinstance(payload.get("pid"), int) else None
+        busy = payload.get("busy_seconds")
+        if isinstance(busy, (int, float)) and not isinstance(busy, bool):
+            state.busy[message.sender] = float(busy)
         if payload.get("stage") == "collector" and isinstance(payload.get("sources"), dict):
             state.sources.update({name: summary for name, summary in payload["sources"].items()
                                   if isinstance(name, str) and isinstance(summary, dict)})
@@ -99,7 +102,8 @@ def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) 
                     except Exception as error:  # one odd message must not stop following the bus
                         log.warning("status: ignoring %s from %s: %s: %s", message.topic, message.sender,
                                     type(error).__name__, error)
-                state.stages = {sender: StageLiveness(subscriber.alive(sender), age, pids.get(sender))
+                state.stages = {sender: StageLiveness(subscriber.alive(sender), age, pids.get(sender),
+                                                      state.busy.get(sender))
                                 for sender, age in state.heartbeats.items()}
                 state.stages[own_name] = StageLiveness(True, 0.0, os.getpid())
     finally:

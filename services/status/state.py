@@ -24,9 +24,13 @@ class StageLiveness:
     alive: bool
     seconds_since_heard: float
     pid: int | None
+    busy_seconds: float | None = None  # the applier: how long its current apply has been running
 
     def to_dict(self) -> dict:
-        return {"alive": self.alive, "seconds_since_heard": round(self.seconds_since_heard, 3), "pid": self.pid}
+        out = {"alive": self.alive, "seconds_since_heard": round(self.seconds_since_heard, 3), "pid": self.pid}
+        if self.busy_seconds is not None:
+            out["busy_seconds"] = self.busy_seconds
+        return out
 
 
 @dataclass
@@ -44,6 +48,7 @@ class PipelineState:
     served_sources: dict[str, tuple[str, ...]] = field(default_factory=dict)
     heartbeats: dict[str, float] = field(default_factory=dict)  # sender -> seconds since heard
     stages: dict[str, StageLiveness] = field(default_factory=dict)  # sender -> liveness
+    busy: dict[str, float] = field(default_factory=dict)  # sender -> busy_seconds from its heartbeat
     proxies: dict[str, ProbeStatus] = field(default_factory=dict)  # "haproxy", "pen <key>", "nginx"
     # Latched: once the pipeline has converged, a later plan being applied (milliseconds) or a
     # rejected plan (old config still serving) must not flap /status and drain this node.
