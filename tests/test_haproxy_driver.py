@@ -213,11 +213,9 @@ def test_new_service_reloads_and_established_connections_survive(haproxy, backen
         echo.close()
 
 
-def test_config_failing_validation_is_rejected_and_old_config_keeps_serving(haproxy, backends, monkeypatch):
-    driver, port, good, worker = serving_b0(haproxy, backends)
-
-    # A change HAProxy refuses even without any service (a bad global section; changes to slot
-    # contents alone are typed values and skip `haproxy -c`, see test_render_refusal_is_rejected).
+def bogus_global_section(driver, monkeypatch):
+    """Make the driver's renderings fail `haproxy -c` even without any service (a bad global
+    section); returns the real renderer."""
     real_renderer = driver._renderer
 
     class Bogus:
@@ -228,6 +226,23 @@ def test_config_failing_validation_is_rejected_and_old_config_keeps_serving(hapr
                            header=real.header.replace("    master-worker\n", bogus))
 
     monkeypatch.setattr(driver, "_renderer", Bogus())
+    return real_renderer
+
+
+def count_checks(monkeypatch) -> list:
+    """Count the driver's runs of `haproxy -c` (they still run)."""
+    calls = []
+    real = haproxy_driver.check_config_alerts
+    monkeypatch.setattr(haproxy_driver, "check_config_alerts", lambda *args: calls.append(args) or real(*args))
+    return calls
+
+
+def test_config_failing_validation_is_rejected_and_old_config_keeps_serving(haproxy, backends, monkeypatch):
+    driver, port, good, worker = serving_b0(haproxy, backends)
+
+    # A change HAProxy refuses even without any service (a bad global section; changes to slot
+    # contents alone are typed values and skip `haproxy -c`, see test_render_refusal_is_rejected).
+    real_renderer = bogus_global_section(driver, monkeypatch)
     result = driver.apply(make_plan(tcp_service(port, backends[1:2])))
     assert not result.ok and result.action == "rejected"
     assert "bogus_keyword" in result.errors[0] and "previous one keeps serving" in result.errors[0]
@@ -238,6 +253,58 @@ def test_config_failing_validation_is_rejected_and_old_config_keeps_serving(hapr
     monkeypatch.setattr(driver, "_renderer", real_renderer)
     fixed = driver.apply(make_plan(tcp_service(port, backends[1:2])))
     assert fixed.ok and fixed.action == "runtime"
+    assert serving(port, 3) == {"b1"}
+
+
+def test_a_config_rejected_as_a_whole_is_not_validated_again_until_it_changes(haproxy, backends, monkeypatch,
+                                                                              caplog):
+    driver, port, good, worker = serving_b0(haproxy, backends)
+    bogus_global_section(driver, monkeypatch)
+    checks = count_checks(monkeypatch)
+    plan = make_plan(tcp_service(port, backends[1:2]))
+    with caplog.at_level("ERROR", logger="proxymatic.applier.haproxy"):
+        result = driver.apply(plan)
+        assert not result.ok and result.action == "rejected" and "bogus_keyword" in result.errors[0], result
+        assert checks and len(caplog.records) == 1  # the config, then the config without any service
+        checks.clear()
+        caplog.clear()
+
+        # the stage's resync of the same plan: the same answer, no haproxy -c, nothing logged
+        again = driver.apply(plan)
+        assert (again.ok, again.action, again.errors) == (False, "rejected", result.errors)
+        assert checks == [] and caplog.records == []
+        assert config_text(haproxy) == good and haproxy.proc().worker == worker
+
+        # another rendering (one more service) is validated, and rejected (and logged) in turn
+        other = make_plan(tcp_service(port, backends[1:2]), tcp_service(free_port(), backends[2:3]))
+        rejected = driver.apply(other)
+        assert rejected.action == "rejected" and checks and len(caplog.records) == 1, rejected
+    assert serving(port, 3) == {"b0"}
+
+
+def test_the_search_for_rejected_sections_is_bounded(haproxy, backends, monkeypatch):
+    """Beyond its bound (runs of `haproxy -c`, seconds) the search gives up: the whole config is
+    rejected as when no service is to blame, and the same rendering is not searched again."""
+    driver, port, good, worker = serving_b0(haproxy, backends)
+    others = [free_port() for _ in range(8)]
+    bad_section_for(monkeypatch, others[5], "bogus_keyword 1")
+    monkeypatch.setattr(haproxy_driver, "blame_alerts", lambda *args: {})  # found by subsets only
+    monkeypatch.setattr(haproxy_driver, "MAX_ISOLATION_CHECKS", 3)  # finding it takes 5 or more here
+    checks = count_checks(monkeypatch)
+    plan = make_plan(tcp_service(port, backends[1:2]), *(tcp_service(p, backends[2:3]) for p in others))
+    result = driver.apply(plan)
+    assert not result.ok and result.action == "rejected" and result.set_aside == {}, result
+    assert "bogus_keyword" in result.errors[0] and "not found within 3 runs of haproxy -c" in result.errors[0]
+    assert len(checks) == 1 + 3  # the config, then three subsets
+    assert config_text(haproxy) == good and haproxy.proc().worker == worker and serving(port, 3) == {"b0"}
+    assert not os.path.exists(haproxy.paths.subset_candidate)
+    checks.clear()
+    assert driver.apply(plan).errors == result.errors and checks == []
+
+    # within the bound the same plan sets the service aside (a new driver: nothing remembered)
+    monkeypatch.setattr(haproxy_driver, "MAX_ISOLATION_CHECKS", 40)
+    fresh = HaproxyDriver(haproxy.settings).apply(plan)
+    assert fresh.ok and list(fresh.set_aside) == [f"{others[5]}/tcp"], fresh
     assert serving(port, 3) == {"b1"}
 
 

@@ -1,4 +1,4 @@
-"""Finding the services HAProxy cannot take (haproxy_isolation.py): pure, no HAProxy."""
+"""Finding the services HAProxy cannot take (haproxy_isolation.py, culprits.py): pure, no HAProxy."""
 from __future__ import annotations
 
 import os
@@ -6,8 +6,9 @@ import tempfile
 
 import pytest
 
+from services.applier import culprits
 from services.applier.haproxy_isolation import (
-    ProgramLog, Section, bind_failures, bisect_rejected, blame_alerts, key_of_proxy, os_error_text,
+    ProgramLog, Section, bind_failures, blame_alerts, key_of_proxy, os_error_text,
     section_lines, unbindable_reason,
 )
 from services.applier.haproxy_render import ConfigRenderer, HaproxyPaths
@@ -31,27 +32,50 @@ class FakeChecker:
     def __call__(self, keys):
         self.calls += 1
         keys = set(keys)
-        culprits = sorted(keys & self.bad) + [" + ".join(sorted(c)) for c in self.conflicts if c <= keys]
-        return (not culprits, f"rejected: {', '.join(culprits)}")
+        found = sorted(keys & self.bad) + [" + ".join(sorted(c)) for c in self.conflicts if c <= keys]
+        return f"rejected: {', '.join(found)}" if found else ""
 
 
 @pytest.mark.parametrize("bad", [(), ("k0",), ("k63",), ("k17", "k40"), ("k1", "k2", "k3")])
 def test_bisect_finds_exactly_the_rejected_services(bad):
     keys = [f"k{i}" for i in range(64)]
     checker = FakeChecker(bad)
-    found = bisect_rejected(keys, checker)
+    found = culprits.find(keys, checker)
     assert set(found) == set(bad)
     for key in bad:
         assert key in found[key]  # the message is the checker's for a config holding that service
-    # log2(64) + 2 checks per culprit at most, not one per service
-    assert checker.calls <= 1 + len(bad) * 8
+    # log2(64) + 1 checks per culprit, plus the whole set and the empty one: not one per service
+    assert checker.calls <= 2 + len(bad) * 7
 
 
 def test_bisect_finds_services_that_fail_only_together():
     keys = [f"k{i}" for i in range(20)]
-    found = bisect_rejected(keys, FakeChecker(conflicts=[("k3", "k11")]))
+    found = culprits.find(keys, FakeChecker(conflicts=[("k3", "k11")]))
     assert list(found) == ["k11"]  # the later one of the pair: k3 alone is fine
-    assert FakeChecker(conflicts=[("k3", "k11")])([k for k in keys if k not in found])[0]
+    assert FakeChecker(conflicts=[("k3", "k11")])([k for k in keys if k not in found]) == ""
+    # members that fail only together are not blamed on either when they must fail alone
+    assert culprits.find(keys, FakeChecker(conflicts=[("k3", "k11")]), together=False) is None
+    # ... nor is a failure the empty set has too
+    assert culprits.find(keys, lambda subset: "bad global section") is None
+
+
+def test_a_bounded_search_stops_at_its_runs_and_its_seconds():
+    keys = [f"k{i}" for i in range(64)]
+    checker = FakeChecker(bad=keys[::2])  # 32 culprits: about 200 runs
+    with pytest.raises(culprits.OverBudget):
+        culprits.find(keys, culprits.bounded(checker, runs=40, seconds=60))
+    assert checker.calls == 40  # run 41 was refused before it ran
+    now = [0.0]  # a clock that moves 1 s per run
+
+    def slow(subset):
+        now[0] += 1
+        return FakeChecker(bad=keys[::2])(subset)
+    timed = culprits.Budget(runs=1000, seconds=5, clock=lambda: now[0])
+    with pytest.raises(culprits.OverBudget):
+        culprits.find(keys, timed.bound(slow))
+    assert timed.spent == 7  # runs at t = 0..5 went ahead (the clock reads before each), the 7th is refused
+    # within its bound the same search answers
+    assert len(culprits.find(keys, culprits.bounded(FakeChecker(bad=["k5", "k9"]), runs=40, seconds=60))) == 2
 
 
 def test_rendered_sections_map_lines_to_services():

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from services.applier import nginx_isolate
+from services.applier import culprits, nginx_isolate
 from services.applier.nginx_render import render, virtual_hosts
 from services.common.model import HealthCheck, Plan, ProxySettings, Server, Service
 
@@ -188,22 +188,23 @@ def test_bisection_finds_each_vhost_that_fails_alone():
         runs.append(subset)
         return "; ".join(f"{k} is bad" for k in subset if k in bad)
 
-    found = nginx_isolate.bisect_failing(keys, test, test(keys))
+    found = culprits.find(keys, test, test(keys), together=False)
     assert found == {"8003/tcp": "8003/tcp is bad", "8041/tcp": "8041/tcp is bad"}
     assert len(runs) < len(keys)  # fewer nginx -t runs than testing each vhost alone
     # two vhosts that only fail together are not blamed on either
-    assert nginx_isolate.bisect_failing(["a", "b"], lambda s: "clash" if len(s) == 2 else "", "clash") == {}
+    assert culprits.find(["a", "b"], lambda s: "clash" if len(s) == 2 else "", "clash", together=False) is None
 
 
 def test_the_number_of_nginx_runs_is_bounded():
-    test = nginx_isolate.counted(lambda subset: "bad", 3, seconds=60)
-    with pytest.raises(nginx_isolate.TooManyTests):
-        nginx_isolate.bisect_failing([str(i) for i in range(64)], test, "bad")
+    every = [str(i) for i in range(64)]
+    test = culprits.bounded(lambda subset: "bad" if subset else "", 3, seconds=60)
+    with pytest.raises(culprits.OverBudget):
+        culprits.find(every, test, "bad", together=False)
     now = [0.0]  # and in time: a clock that moves 1 s per run
-    slow = nginx_isolate.counted(lambda subset: now.__setitem__(0, now[0] + 1) or "bad", 100, seconds=5,
-                                 clock=lambda: now[0])
-    with pytest.raises(nginx_isolate.TooManyTests):
-        nginx_isolate.bisect_failing([str(i) for i in range(64)], slow, "bad")
+    slow = culprits.bounded(lambda subset: now.__setitem__(0, now[0] + 1) or ("bad" if subset else ""), 100,
+                            seconds=5, clock=lambda: now[0])
+    with pytest.raises(culprits.OverBudget):
+        culprits.find(every, slow, "bad", together=False)
 
 
 def test_a_domain_with_a_final_newline_gets_no_vhost():

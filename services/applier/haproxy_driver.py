@@ -11,8 +11,10 @@ Invariants:
   `haproxy -c` rejects sets that service aside (`DriverResult.set_aside`, culprits found by
   haproxy_isolation.py) and the rest is applied. A set-aside port is probed again on every apply.
 - Every config with a new skeleton is validated with `haproxy -c` before it replaces haproxy.cfg;
-  a config that fails even without any service is reported (`rejected`) and the last good config
-  keeps serving. Changes of slot contents only are typed values in an accepted skeleton and skip it.
+  a config that fails even without any service, or whose culprits a bounded search (culprits.py:
+  40 runs, 10 s) does not find, is reported (`rejected`), the last good config keeps serving and
+  the same rendering is not validated (nor logged) again. Changes of slot contents only are typed
+  values in an accepted skeleton and skip it.
 - haproxy.cfg always equals the state the runtime converged to, so HAProxy restarted from the
   file serves the same backends. It is rewritten (atomically) after runtime changes too: right
   after the commands, which go first, as one master CLI line with `show proc` in front.
@@ -30,11 +32,12 @@ import os
 import time
 from dataclasses import dataclass, replace
 
+from services.applier import culprits
 from services.applier import haproxy_runtime as runtime
 from services.applier.bindable import bind_error
 from services.applier.driver import DriverResult, ProxyDriver
 from services.applier.haproxy_isolation import (
-    ProgramLog, SetAside, bind_failures, bisect_rejected, blame_alerts, rejected_reason, section_lines,
+    ProgramLog, SetAside, bind_failures, blame_alerts, rejected_reason, section_lines,
     unbindable_reason,
 )
 from services.applier.haproxy_launch import check_config_alerts, fd_limit, run_as, summary
@@ -55,6 +58,10 @@ STATE_VERSION = 1
 LISTEN_HOST = "0.0.0.0"  # every service listener binds here (templates/haproxy.cfg.j2)
 # How long a failed reload's messages may take to reach HAProxy's log (through supervisord).
 RELOAD_LOG_WAIT = 2.0
+# Bounds the search for the sections `haproxy -c` rejects: every `haproxy -c` of an apply after
+# the first one that failed (subsets, then the configs without the culprits found) counts.
+MAX_ISOLATION_CHECKS = culprits.MAX_RUNS
+MAX_ISOLATION_SECONDS = culprits.MAX_SECONDS
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,24 @@ class _Services:
         return self._by_key
 
 
+class _Search:
+    """One apply's search for the sections `haproxy -c` rejects. It starts at the first config
+    of the apply that fails (`digest`, HAProxy's `message` for it); each `haproxy -c` after that
+    one spends from `budget`."""
+
+    __slots__ = ("digest", "message", "budget", "cacheable")
+
+    def __init__(self):
+        self.digest: str | None = None
+        self.message = ""
+        self.budget: culprits.Budget | None = None
+        self.cacheable = False  # the apply ended rejected by `haproxy -c` itself (see _apply)
+
+    def start(self, digest: str, alerts: list[str]) -> None:
+        self.digest, self.message = digest, summary(alerts)
+        self.budget = culprits.Budget(MAX_ISOLATION_CHECKS, MAX_ISOLATION_SECONDS)
+
+
 class HaproxyDriver(ProxyDriver):
     name = "haproxy"
 
@@ -137,6 +162,11 @@ class HaproxyDriver(ProxyDriver):
         # Services left out of the config (listener cannot be bound, section rejected), by key;
         # see _apply. Kept to log changes once and to re-probe only those on a retry.
         self._set_aside: dict[str, SetAside] = {}
+        # The last config rejected as a whole by `haproxy -c` (no service to blame, or the search
+        # over its bound): (hash of the apply's first failing config, the result). The same
+        # rendering again (the stage's resync every 15 s) gets that result with no `haproxy -c`
+        # and no log line; a different one is validated.
+        self._rejected: tuple[str, DriverResult] | None = None
         self._program_log = ProgramLog(os.path.join(settings.run_dir, "logs", "haproxy.log"))
         self._state_lines: dict[str, tuple[tuple, str]] = {}  # see _write_state
         self._active: dict[str, tuple[tuple, int]] = {}  # servers per backend, see _details
@@ -172,8 +202,9 @@ class HaproxyDriver(ProxyDriver):
         at least one more service, so there are at most as many rounds as services."""
         services = _Services(plan)
         aside = self._still_set_aside(services.by_key) if self._set_aside else {}
+        search = _Search()
         for _ in range(len(plan.services) + 1):
-            outcome = self._converge(plan, services, aside)
+            outcome = self._converge(plan, services, aside, search)
             if isinstance(outcome, DriverResult):
                 break
             if not outcome.keys() - aside.keys():  # no progress: never expected, never looped on
@@ -185,12 +216,14 @@ class HaproxyDriver(ProxyDriver):
             outcome = DriverResult(self.name, False, "rejected", errors=("HAProxy refused every service",),
                                    details=self._details(0))
         if outcome.action == "rejected":
+            if search.cacheable and search.digest is not None:
+                self._rejected = (search.digest, outcome)
             return outcome  # nothing changed; the next plan (not a retry) tries again
         self._note_set_aside(aside)
         return replace(outcome, set_aside={key: entry.reason for key, entry in sorted(aside.items())})
 
-    def _converge(self, plan: Plan, services: _Services,
-                  aside: dict[str, SetAside]) -> DriverResult | dict[str, SetAside]:
+    def _converge(self, plan: Plan, services: _Services, aside: dict[str, SetAside],
+                  search: _Search) -> DriverResult | dict[str, SetAside]:
         """One round of _apply: the result, or the services newly found to be set aside."""
         proc: ProcInfo | None = None  # `show proc` as seen during this apply
         fixes = 0
@@ -245,12 +278,28 @@ class HaproxyDriver(ProxyDriver):
         unbindable = self._unbindable(new_listeners)
         if unbindable:
             return unbindable
-        valid, alerts = self._validate(text)
-        if not valid:
-            rejected = self._rejected_services(rendering, services.by_key, alerts)
-            if rejected:
-                return rejected
-            message = summary(alerts)
+        digest = content_hash(text)
+        if self._rejected is not None and self._rejected[0] == digest:
+            # Rejected as a whole before (a resync of the same plan): not validated nor logged again.
+            return replace(self._rejected[1], details=self._details(fixes))
+        try:
+            if search.budget is not None:
+                search.budget.spend()
+            valid, alerts = self._validate(text)
+            if not valid:
+                if search.budget is None:
+                    search.start(digest, alerts)
+                rejected = self._rejected_services(rendering, services.by_key, alerts, search.budget)
+                if rejected:
+                    return rejected
+        except culprits.OverBudget:
+            message = (f"{search.message} (the services to blame were not found within "
+                       f"{MAX_ISOLATION_CHECKS} runs of haproxy -c or {MAX_ISOLATION_SECONDS:g}s)")
+        else:
+            message = summary(alerts) if not valid else ""
+        if message:
+            # `haproxy -c` that could not run is no verdict on the config: tried again on a resync.
+            search.cacheable = not message.startswith("could not run haproxy -c")
             log.error("haproxy: plan %s rejected, haproxy -c: %s", _PlanHash(plan), message)
             error = f"HAProxy rejected the new config: {message}" if reload_reason else \
                 f"HAProxy rejected the new config, the previous one keeps serving: {message}"
@@ -338,22 +387,22 @@ class HaproxyDriver(ProxyDriver):
                 out[key] = SetAside(service, unbindable_reason(service, error), "bind")
         return out
 
-    def _rejected_services(self, rendering: Rendering, services: dict[str, Service],
-                           alerts: list[str]) -> dict[str, SetAside]:
+    def _rejected_services(self, rendering: Rendering, services: dict[str, Service], alerts: list[str],
+                           budget: culprits.Budget) -> dict[str, SetAside]:
         """The services whose sections made `haproxy -c` fail: those its alerts point at, else
-        found by validating subsets. Empty when the config fails without any service too."""
+        found by validating subsets (culprits.find, spending from `budget`: OverBudget beyond
+        it). Empty when the config fails without any service too."""
         keys = [key for key, _ in rendering.sections if key in services]
         if not keys:
             return {}
         blamed = blame_alerts(alerts, section_lines(rendering.header, rendering.sections), self.paths.candidate)
         if not blamed:
-            def check(subset) -> tuple[bool, str]:
+            def check(subset: list[str]) -> str:
                 write_atomic(self.paths.subset_candidate, rendering.subset_text(set(subset)))
                 valid, found = check_config_alerts(self.paths.subset_candidate, self.binary)
-                return valid, summary(found)
+                return "" if valid else summary(found) or "haproxy -c failed"
             try:
-                if check([])[0]:
-                    blamed = bisect_rejected(keys, check)
+                blamed = culprits.find(keys, budget.bound(check), failure=summary(alerts) or "haproxy -c failed") or {}
             finally:
                 self._remove(self.paths.subset_candidate)
         return {key: SetAside(services[key], rejected_reason(services[key], message), "config")

@@ -8,8 +8,8 @@ culprit is found here (the driver, haproxy_driver.py, acts on the answers):
   driver probes new listeners before a reload (bindable.bind_error); a reload that fails all the
   same names the listener in HAProxy's startup messages (`bind_failures`);
 - `haproxy -c` rejects the config: its ALERT lines name a line of the file or a proxy id, which
-  `blame_alerts` maps to the service sections of the rendering; failing that, `bisect_rejected`
-  validates prefixes of the services until the culprits are found.
+  `blame_alerts` maps to the service sections of the rendering; failing that, the driver
+  validates subsets of the services (culprits.find, bounded) until the culprits are found.
 
 Pure functions, except `ProgramLog` (reads the tail of HAProxy's own log file).
 """
@@ -19,13 +19,9 @@ import errno
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from services.common.model import Service
-
-# A checker validates the config made of the header and the sections of these services:
-# (valid, HAProxy's message).
-Checker = Callable[[Sequence[str]], "tuple[bool, str]"]
 
 _WHERE = re.compile(r"\[([^\[\]]+):(\d+)\]")
 _PROXY_ID = re.compile(r"\bsvc_(\d+)_(tcp|udp)\b")
@@ -92,31 +88,6 @@ def blame_alerts(alerts: Iterable[str], sections: Sequence[Section], config_name
         for key in culprits:
             blamed.setdefault(key, []).append(alert)
     return {key: "; ".join(messages[:3]) for key, messages in blamed.items()}
-
-
-def bisect_rejected(keys: Sequence[str], check: Checker) -> dict[str, str]:
-    """The services to set aside so that the rest validates, key -> HAProxy's message for it.
-
-    Assumes the config without any service validates. While the remaining services do not,
-    bisects for the shortest failing prefix of them: its last service is a culprit (it fails
-    with the services before it, which validate). About log2(n) + 1 checks per culprit, and
-    services that fail only together (a conflict between two sections) are found too.
-    """
-    culprits: dict[str, str] = {}
-    rest = list(keys)
-    valid, message = check(rest)
-    while not valid and rest:
-        good, bad = 0, len(rest)  # check(rest[:good]) validates, check(rest[:bad]) does not
-        while bad - good > 1:
-            middle = (good + bad) // 2
-            ok, why = check(rest[:middle])
-            if ok:
-                good = middle
-            else:
-                bad, message = middle, why
-        culprits[rest.pop(bad - 1)] = message
-        valid, message = check(rest)
-    return culprits
 
 
 def bind_failures(log_text: str) -> dict[str, str]:

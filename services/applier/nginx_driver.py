@@ -21,7 +21,7 @@ import signal
 import subprocess
 import time
 
-from services.applier import nginx_isolate, proc_identity
+from services.applier import culprits, nginx_isolate, proc_identity
 from services.applier.bindable import bind_error
 from services.applier.driver import DriverResult, ProxyDriver
 from services.applier.nginx_render import Rendered, render
@@ -37,13 +37,13 @@ PID_FILE = "nginx.pid"
 LOADED_FILE = "loaded"
 LISTEN_HOST = "0.0.0.0"  # the vhost port listens on every address
 _LOG_PREFIX = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\[\w+\]) \d+#\d+: ")
-# Bounds the search for rejected vhosts (each `nginx -t` takes tens of milliseconds).
 # After a reload, the old workers accept new connections until they have read the master's
 # QUIT and closed their listeners ("worker process is shutting down"): until then a client can
 # still get the previous config. `applied` waits for that, this long at most.
 OLD_WORKERS_TIMEOUT = 2.0
-MAX_ISOLATION_TESTS = 40
-MAX_ISOLATION_SECONDS = 10.0
+# Bounds the search for rejected vhosts (each `nginx -t` takes tens of milliseconds).
+MAX_ISOLATION_TESTS = culprits.MAX_RUNS
+MAX_ISOLATION_SECONDS = culprits.MAX_SECONDS
 
 
 def nginx_user() -> str | None:
@@ -181,7 +181,7 @@ class NginxDriver(ProxyDriver):
         def test_only(subset: list[str]) -> str:
             return self.test(self._render(plan, frozenset(keys) - set(subset)).text)
 
-        test = nginx_isolate.counted(test_only, MAX_ISOLATION_TESTS, MAX_ISOLATION_SECONDS)
+        test = culprits.bounded(test_only, MAX_ISOLATION_TESTS, MAX_ISOLATION_SECONDS)
         failing: dict[str, str] = {}
         current, message = rendered, problem
         try:
@@ -190,17 +190,18 @@ class NginxDriver(ProxyDriver):
                          if k not in failing]
                 if named:
                     failing.update({k: message for k in named})
-                else:
-                    remaining = [v.key for v in current.vhosts]
-                    if not remaining or test([]):  # no vhost left to blame, or the bare config fails
-                        return None
-                    found = nginx_isolate.bisect_failing(remaining, test, message)
-                    if not found:  # vhosts that only fail together
-                        return None
-                    failing.update(found)
-                current = self._render(plan, frozenset(failing))
-                message = test([v.key for v in current.vhosts])
-        except nginx_isolate.TooManyTests as error:
+                    current = self._render(plan, frozenset(failing))
+                    message = test([v.key for v in current.vhosts])
+                    continue
+                # Search the vhosts that fail on their own: none when the config without any vhost
+                # fails too, or when some only fail together. The rest passes without those found.
+                found = culprits.find([v.key for v in current.vhosts], test, message, together=False) \
+                    if current.vhosts else None
+                if not found:
+                    return None
+                failing.update(found)
+                current, message = self._render(plan, frozenset(failing)), ""
+        except culprits.OverBudget as error:
             log.error("nginx: could not isolate the failing vhosts: %s", error)
             return None
         set_aside = {k: f"service {names[k].service} (vhost {names[k].server_name}): {failing[k]}"
