@@ -258,3 +258,30 @@ def test_quiet_prefix_in_a_busy_etcd_needs_no_full_read(etcd_server, make_source
     etcd_server.client().write(f"{prefix}/web/h:web.0:80", "127.0.0.1:7000")
     wait_until(lambda: backends(source, 80) == [("127.0.0.1", 7000)], message="event after the busy period")
     assert source.stats["index_cleared"] == 0 and source.stats["full_reads"] == 1
+
+
+def test_user_and_password_in_the_url_authenticate_reads_and_watches(make_source):
+    """etcd v2 auth on (guest may read nothing): `user:password@` in REGISTRATOR_URL is sent
+    with the full reads and the long polls; a wrong password is an error without it."""
+    with EtcdServer() as server:
+        base, root = server.base_url, ("root", "s3c@ret")
+        assert requests.put(f"{base}/v2/auth/users/root", json={"user": "root", "password": "s3c@ret"},
+                            timeout=5).status_code == 201
+        assert requests.put(f"{base}/v2/auth/enable", timeout=5).ok
+        assert requests.put(f"{base}/v2/auth/roles/guest", auth=root, timeout=5,
+                            json={"role": "guest", "revoke": {"kv": {"read": ["/*"], "write": ["/*"]}}}).ok
+        assert requests.get(f"{base}/v2/keys/services", timeout=5).status_code == 401
+        assert requests.put(f"{base}/v2/keys/services/web/h:web.0:80", data={"value": "127.0.0.1:6000"},
+                            auth=root, timeout=5).ok
+
+        source = make_source(f"etcd://root:s3c%40ret@{server.host_port}/services")
+        assert backends(source, 80) == [("127.0.0.1", 6000)]
+        assert requests.put(f"{base}/v2/keys/services/web/h:web.1:80", data={"value": "127.0.0.1:6001"},
+                            auth=root, timeout=5).ok
+        wait_until(lambda: backends(source, 80) == [("127.0.0.1", 6000), ("127.0.0.1", 6001)],
+                   message="a change seen through the authenticated watch")
+        assert source.stats["full_reads"] == 1 and source.stats["events"] >= 1
+
+        wrong = make_source(f"etcd://root:wrong-pw@{server.host_port}/services", initial_timeout=10)
+        error = wait_until(lambda: degraded(wrong), message="a wrong password refused")
+        assert "wrong-pw" not in error and server.host_port in error

@@ -8,7 +8,7 @@ import pytest
 
 from services.collector.registrator import RegistratorSource
 from services.collector.registrator_parse import (
-    EntryError, parse_backend, parse_entry, parse_registrator_url, parse_response,
+    EntryError, parse_backend, parse_entry, parse_etcd_url, parse_registrator_url, parse_response,
 )
 from services.common.config import ConfigError, Settings
 
@@ -166,3 +166,43 @@ def test_parse_url_rejects(url):
 
 def test_parse_backend_resolves_localhost_for_real():
     assert parse_backend("localhost:80") in (("127.0.0.1", 80), ("::1", 80))
+
+
+@pytest.mark.parametrize("url,endpoints,prefix,username,password", [
+    ("etcd://user:s3cret@h:2379/services", (("h", 2379),), "/services", "user", "s3cret"),
+    ("etcd://user:s3c%40r%2Fe%2Ct@h1:1,h2:2/s", (("h1", 1), ("h2", 2)), "/s", "user", "s3c@r/e,t"),
+    ("etcd://user:s3c@ret@h:1/s", (("h", 1),), "/s", "user", "s3c@ret"),  # the last @ ends them
+    ("etcd://user:pw@h1:1/s,etcd://h2:2/s", (("h1", 1), ("h2", 2)), "/s", "user", "pw"),  # one cluster's
+    ("etcd://user:pw@h1:1/s,etcd://user:pw@h2:2/s", (("h1", 1), ("h2", 2)), "/s", "user", "pw"),
+    ("etcd://h:1/s", (("h", 1),), "/s", "", ""),
+])
+def test_parse_url_with_credentials(url, endpoints, prefix, username, password):
+    parsed = parse_etcd_url(url)
+    assert (parsed.endpoints, parsed.prefix, parsed.username, parsed.password) == (endpoints, prefix, username,
+                                                                                   password)
+    assert parse_registrator_url(url) == (endpoints, prefix)
+    assert password == "" or password not in repr(parsed)
+
+
+@pytest.mark.parametrize("url,message", [
+    ("etcd://user:s3cret@h:99999/services", "registrator URL 'etcd://user:***@h:99999/services': bad port '99999'"),
+    ("etcd://user:s3cret@h:x/services", "registrator URL 'etcd://user:***@h:x/services': bad port 'x'"),
+    ("etcd://user:s3cret@/services", "registrator URL 'etcd://user:***@/services': bad host ''"),
+    ("etcd://user@h:1/s", "registrator URL 'etcd://user:***@h:1/s': credentials must be user:password@"),
+    ("etcd://user:s3cret@h1:1/s,etcd://user:other@h2:2/s",
+     "registrator URL 'etcd://user:***@h1:1/s,etcd://user:***@h2:2/s': all endpoints must use the same user"),
+    # an unencoded / or , in the password splits the URL in the wrong place: still hidden
+    ("etcd://user:s3c/ret@h:1/s", "registrator URL 'etcd://user:***@h:1/s': bad port '***'"),
+    ("etcd://user:s3c,ret@h:1/s", "registrator URL 'etcd://user:***@h:1/s': bad port '***'"),
+    ("etcd://user:s3c/ret@h:1/a,etcd://h2:1/b", "registrator URL 'etcd://user:***@h:1/a,etcd://h2:1/b': "),
+    ("etcd://user:s3cret%zz@h:1/s", "percent-encode"),
+    ("http://user:s3cret@h:1/s", "registrator URL must start with etcd://, got 'http://user:***@h:1/s'"),
+])
+def test_url_errors_never_show_the_password(url, message):
+    with pytest.raises(ValueError) as caught:
+        parse_etcd_url(url)
+    assert message in str(caught.value)
+    assert "s3c" not in str(caught.value) and "ret" not in str(caught.value) and "other" not in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        RegistratorSource(Settings(registrator=url))
+    assert str(caught.value).startswith("REGISTRATOR_URL: ") and "s3c" not in str(caught.value)

@@ -3,7 +3,10 @@ source on the bus (topic `source.<name>`).
 
 Each source runs in its own thread, so one that fails or hangs never delays another. A source
 that fails keeps its last good services in the published snapshot, marked `degraded`: a
-discovery outage never empties the proxies.
+discovery outage never empties the proxies. A source that cannot even be built (a URL that
+does not parse) is published `degraded` with the reason while the others run; a bug in a
+runner thread or in the publish loop is logged and costs one round or one message, never the
+collector.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 import zmq
 
 from services.collector.cache import SourceCache
-from services.collector.source import Discovery, Source, SourceError
+from services.collector.source import BrokenSource, Discovery, Source, SourceBroken, SourceError
 from services.common.bus import Publisher
 from services.common.config import Settings
 from services.common.model import SourceSnapshot
@@ -29,17 +32,49 @@ BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 
 
+def _marathon(settings: Settings) -> Source:
+    from services.collector.marathon import MarathonSource
+    return MarathonSource(settings)
+
+
+def _registrator(settings: Settings) -> Source:
+    from services.collector.registrator import RegistratorSource
+    return RegistratorSource(settings)
+
+
+def _file(settings: Settings) -> Source:
+    from services.collector.file_source import FileSource
+    return FileSource(settings.services_file)
+
+
+# (source name, the setting that enables it, its option for messages, how to build it)
+SOURCE_BUILDERS = (
+    ("marathon", "marathon", "MARATHON_URL", _marathon),
+    ("registrator", "registrator", "REGISTRATOR_URL", _registrator),
+    ("file", "services_file", "SERVICES_FILE", _file),
+)
+
+
 def build_sources(settings: Settings) -> list[Source]:
+    """One source per configured option. A source that cannot be built (a URL that does not
+    parse...) becomes a BrokenSource: published `degraded` with the (redacted) reason, while
+    the other sources run normally; it never ends the collector."""
     sources: list[Source] = []
-    if settings.marathon:
-        from services.collector.marathon import MarathonSource
-        sources.append(MarathonSource(settings))
-    if settings.registrator:
-        from services.collector.registrator import RegistratorSource
-        sources.append(RegistratorSource(settings))
-    if settings.services_file:
-        from services.collector.file_source import FileSource
-        sources.append(FileSource(settings.services_file))
+    for name, setting, option, build in SOURCE_BUILDERS:
+        if not getattr(settings, setting):
+            continue
+        try:
+            sources.append(build(settings))
+            continue
+        except (SourceError, ValueError) as error:  # ConfigError is a ValueError
+            text = str(error)
+            reason = text if text.startswith(option) else f"{option}: {text}"
+        except Exception as error:  # a bug in one source's constructor: that source alone fails
+            log.error("source %s: cannot start\n%s", name, redact(traceback.format_exc()))
+            reason = f"internal error: {error!r}"
+        reason = redact(f"cannot start: {reason}")
+        log.error("source %s: %s (the other sources run)", name, reason)
+        sources.append(BrokenSource(name, reason))
     return sources
 
 
@@ -62,31 +97,46 @@ class SourceRunner:
     stop: threading.Event
     saved: Discovery | None = None  # last good state from before a restart
 
+    def __post_init__(self) -> None:
+        self.last_good: Discovery | None = self.saved
+        self._backoff = BACKOFF_START
+
     def run(self) -> None:
-        last_good = self.saved
-        backoff = BACKOFF_START
+        """Until `stop`. Whatever raises in one round (the source, or reporting what it said:
+        a bug) is logged with its traceback and the source reported degraded with the reason;
+        then the runner backs off and goes on. It never ends before `stop`."""
         while not self.stop.is_set():
             try:
-                discovery = self.source.current()
-            except Exception as error:  # SourceError, or a bug in one source: never kill the collector
-                if not isinstance(error, SourceError):
-                    log.error("source %s: unexpected error\n%s", self.source.name, redact(traceback.format_exc()))
-                self._report_failure(str(error) if isinstance(error, SourceError) else f"internal error: {error!r}",
-                                     last_good)
-                self._back_off(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
-                continue
-            backoff = BACKOFF_START
-            self._report(discovery, last_good)
-            last_good = discovery
-            try:
-                self.source.wait_for_change(self.refresh_interval, self.stop)
-            except Exception as error:
-                if not isinstance(error, SourceError):
-                    log.error("source %s: unexpected error while waiting\n%s", self.source.name,
-                              redact(traceback.format_exc()))
-                self._report_failure(str(error), last_good)
-                self._back_off(backoff)
+                self._round()
+            except Exception as error:  # noqa: BLE001 - a runner that ends freezes its source
+                log.error("source %s: collector error\n%s", self.source.name, redact(traceback.format_exc()))
+                self._report_failure(f"internal error in the collector: {error!r}", self.last_good)
+                self._back_off(self._backoff)
+                self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+
+    def _round(self) -> None:
+        """Ask the source, report, wait for a change (or back off after a failure)."""
+        try:
+            discovery = self.source.current()
+        except Exception as error:  # SourceError, or a bug in one source: never kill the collector
+            if not isinstance(error, SourceError):
+                log.error("source %s: unexpected error\n%s", self.source.name, redact(traceback.format_exc()))
+            self._report_failure(str(error) if isinstance(error, SourceError) else f"internal error: {error!r}",
+                                 self.last_good, broken=isinstance(error, SourceBroken))
+            self._back_off(self._backoff)
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+            return
+        self._report(discovery, self.last_good)
+        self._backoff = BACKOFF_START
+        self.last_good = discovery
+        try:
+            self.source.wait_for_change(self.refresh_interval, self.stop)
+        except Exception as error:
+            if not isinstance(error, SourceError):
+                log.error("source %s: unexpected error while waiting\n%s", self.source.name,
+                          redact(traceback.format_exc()))
+            self._report_failure(str(error), self.last_good)
+            self._back_off(self._backoff)
 
     def _report(self, discovery: Discovery, previous: Discovery | None) -> None:
         # Credentials never reach the bus, whatever a source put in its texts.
@@ -113,14 +163,24 @@ class SourceRunner:
         # A source that returns at once must not turn the retry into a hot loop.
         self.stop.wait(max(0.0, BACKOFF_START - (time.monotonic() - started)))
 
-    def _report_failure(self, error: str, last_good: Discovery | None) -> None:
-        error = redact(error)
-        log.error("source %s: %s (keeping last good state)", self.source.name, error)
-        if last_good is None:
-            snapshot = SourceSnapshot(self.source.name, "initializing", (), error=error)
-        else:
-            snapshot = SourceSnapshot(self.source.name, "degraded", last_good.services, error=error,
-                                      warnings=tuple(redact(w) for w in last_good.warnings))
+    def _report_failure(self, error: str, last_good: Discovery | None, broken: bool = False) -> None:
+        """Report the source failing, keeping its last good services. Before any answer it is
+        `initializing` (it may still come), or `degraded` with no services when it is `broken`
+        (it cannot work until its configuration changes). Never raises."""
+        try:
+            error = redact(str(error))
+            log.error("source %s: %s (keeping last good state)", self.source.name, error)
+            if last_good is None:
+                snapshot = SourceSnapshot(self.source.name, "degraded" if broken else "initializing", (), error=error)
+            else:
+                snapshot = SourceSnapshot(self.source.name, "degraded", last_good.services, error=error,
+                                          warnings=tuple(redact(str(w)) for w in last_good.warnings))
+        except Exception:  # noqa: BLE001 - e.g. a last good state that does not make a snapshot
+            log.error("source %s: cannot report its failure\n%s", self.source.name, redact(traceback.format_exc()))
+            # `initializing` with no services: the planner keeps what the source said last, as
+            # `degraded` with this error (policy.absorb), so the proxies are not emptied.
+            snapshot = SourceSnapshot(self.source.name, "initializing", (),
+                                      error="internal error in the collector (see its log)")
         self.updates.put(SourceReport(snapshot, live=False))
 
 
@@ -130,13 +190,45 @@ def summarize(payload: dict) -> dict:
             "hash": payload["hash"], "warnings": payload["warnings"][:50]}
 
 
+def _start(runner: SourceRunner) -> threading.Thread:
+    thread = threading.Thread(target=runner.run, name=f"source-{runner.source.name}", daemon=True)
+    thread.start()
+    return thread
+
+
+def _check_runners(runners: list[tuple[SourceRunner, threading.Thread]]) -> None:
+    """A runner thread that ended before `stop` (it should not: SourceRunner.run catches every
+    Exception) is restarted from its last good state, so its source never freezes silently."""
+    for index, (runner, thread) in enumerate(runners):
+        if not thread.is_alive() and not runner.stop.is_set():
+            log.error("source %s: its thread ended unexpectedly; restarting it", runner.source.name)
+            runner._report_failure("its collector thread ended unexpectedly; restarted", runner.last_good)
+            runners[index] = (runner, _start(runner))
+
+
+def _publish(report: SourceReport, publisher: Publisher, cache: SourceCache, last_published: dict[str, dict],
+             summaries: dict[str, dict]) -> None:
+    snapshot = report.snapshot
+    if report.live:
+        cache.remember(snapshot)
+    payload = snapshot.to_dict()
+    # Sources re-report after every wake-up; only real changes go on the bus.
+    if last_published.get(snapshot.source) != payload:
+        summary = summarize(payload)
+        publisher.publish(f"source.{snapshot.source}", payload)
+        last_published[snapshot.source] = payload
+        summaries[snapshot.source] = summary
+        log.info("source %s: %s, %d services, hash %s", snapshot.source, snapshot.state,
+                 len(snapshot.services), payload["hash"])
+
+
 def run(settings: Settings, stop: threading.Event, sources: list[Source] | None = None) -> None:
     sources = build_sources(settings) if sources is None else sources
     ctx = zmq.Context.instance()
     publisher = Publisher(ctx, f"collector@{settings.node}", settings.bus("collector"))
     updates: "queue.Queue[SourceReport]" = queue.Queue()
     cache = SourceCache(settings.path("state"))
-    threads = []
+    runners: list[tuple[SourceRunner, threading.Thread]] = []
     for source in sources:
         saved = cache.load(source.name)
         if saved is not None:
@@ -145,9 +237,7 @@ def run(settings: Settings, stop: threading.Event, sources: list[Source] | None 
             updates.put(SourceReport(saved, live=False))
         runner = SourceRunner(source, settings.refresh_interval, updates, stop,
                               Discovery(saved.services) if saved else None)
-        thread = threading.Thread(target=runner.run, name=f"source-{source.name}", daemon=True)
-        thread.start()
-        threads.append(thread)
+        runners.append((runner, _start(runner)))
     log.info("collector: sources %s, publishing on %s", [s.name for s in sources], settings.bus("collector").pub)
     last_published: dict[str, dict] = {}
     # Each source's state in a few fields, on every heartbeat: the status stage reads it there
@@ -155,24 +245,21 @@ def run(settings: Settings, stop: threading.Event, sources: list[Source] | None 
     summaries: dict[str, dict] = {s.name: {"state": "initializing"} for s in sources}
     try:
         while not stop.is_set():
-            publisher.serve_snapshots()
-            publisher.heartbeat({"stage": "collector", "sources": summaries})
+            # Guarded round by round: a bug with one message is logged and costs that message,
+            # never the collector (and with it every source).
             try:
-                report = updates.get(timeout=min(0.05, publisher.seconds_to_heartbeat()) or 0.05)
-            except queue.Empty:
-                cache.flush()  # only when idle: saving never delays publishing a change
-                continue
-            snapshot = report.snapshot
-            if report.live:
-                cache.remember(snapshot)
-            payload = snapshot.to_dict()
-            # Sources re-report after every wake-up; only real changes go on the bus.
-            if last_published.get(snapshot.source) != payload:
-                last_published[snapshot.source] = payload
-                summaries[snapshot.source] = summarize(payload)
-                publisher.publish(f"source.{snapshot.source}", payload)
-                log.info("source %s: %s, %d services, hash %s", snapshot.source, snapshot.state,
-                         len(snapshot.services), payload["hash"])
+                _check_runners(runners)
+                publisher.serve_snapshots()
+                publisher.heartbeat({"stage": "collector", "sources": summaries})
+                try:
+                    report = updates.get(timeout=min(0.05, publisher.seconds_to_heartbeat()) or 0.05)
+                except queue.Empty:
+                    cache.flush()  # only when idle: saving never delays publishing a change
+                    continue
+                _publish(report, publisher, cache, last_published, summaries)
+            except Exception:  # noqa: BLE001
+                log.error("collector: error in the publish loop\n%s", redact(traceback.format_exc()))
+                stop.wait(0.05)  # a fault that repeats is not a hot loop
     finally:
         cache.flush(force=True)
         for source in sources:

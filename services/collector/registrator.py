@@ -34,7 +34,7 @@ from urllib3.exceptions import HTTPError
 
 from services.collector.registrator_parse import (
     Entry, EntryError, Resolver, caching_resolver, discovery_parts, parse_entry,
-    parse_registrator_url, parse_tree, relative_key, resolve_host,
+    parse_etcd_url, parse_tree, relative_key, resolve_host,
 )
 from services.collector.source import Discovery, Source, SourceError
 from services.common.config import ConfigError, Settings
@@ -77,7 +77,8 @@ class RegistratorSource(Source):
                  refresh_interval: float | None = None,
                  resolve: Resolver = resolve_host,
                  before_watch: Callable[[], None] | None = None):
-        """`settings.registrator` is `etcd://host:port[,host:port...]/prefix`. The keyword
+        """`settings.registrator` is `etcd://[user:password@]host:port[,host:port...]/prefix`
+        (raises ConfigError, without the password, when it does not parse). The keyword
         arguments tune timeouts (seconds) for tests and benchmarks:
 
         watch_timeout    read timeout of one long poll (it is then re-issued)
@@ -90,9 +91,10 @@ class RegistratorSource(Source):
         before_watch     called before each long poll (tests use it to hold the watcher)
         """
         try:
-            self.endpoints, self.prefix = parse_registrator_url(settings.registrator)
+            url = parse_etcd_url(settings.registrator)
         except ValueError as error:
             raise ConfigError(f"REGISTRATOR_URL: {error}") from None
+        self.endpoints, self.prefix = url.endpoints, url.prefix
         self.watch_timeout = watch_timeout
         self.read_timeout = read_timeout
         self.connect_timeout = connect_timeout
@@ -103,7 +105,9 @@ class RegistratorSource(Source):
                                       else settings.refresh_interval)
         self._resolve = resolve
         self._before_watch = before_watch
+        # user:password@ in the URL: HTTP basic auth on every request (etcd v2 auth)
         self._clients = [etcd.Client(host=host, port=port, read_timeout=read_timeout,
+                                     username=url.username or None, password=url.password or None,
                                      allow_reconnect=False, per_host_pool_size=2)
                          for host, port in self.endpoints]
         self._endpoint = 0  # index of the endpoint in use (sticky until it fails)

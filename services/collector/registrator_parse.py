@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
+from urllib.parse import unquote
 
 from services.collector.resolve import lookup_address
 from services.common.model import ModelError, clip as clip_value, Server, Service, validate_name
+from services.common.redact import redact
 
 SOURCE = "registrator"
 DEFAULT_ETCD_PORT = 2379  # registrator's own default (etcd/etcd.go Factory.New)
@@ -58,14 +60,36 @@ class Entry:
 
 # -- URL -----------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class EtcdUrl:
+    """A parsed REGISTRATOR_URL. `username`/`password` ("" when absent) are sent to every
+    endpoint (HTTP basic auth, etcd v2 auth); `repr` never shows the password."""
+
+    endpoints: tuple[tuple[str, int], ...]
+    prefix: str
+    username: str = ""
+    password: str = field(default="", repr=False)
+
+
 def parse_registrator_url(url: str) -> tuple[tuple[tuple[str, int], ...], str]:
     """`etcd://h1:p1,h2:p2/prefix` (or `etcd://h1:p1/prefix,etcd://h2:p2/prefix`) →
     (((host, port), ...), "/prefix"). The prefix is "" for the root. Raises ValueError."""
+    parsed = parse_etcd_url(url)
+    return parsed.endpoints, parsed.prefix
+
+
+def parse_etcd_url(url: str) -> EtcdUrl:
+    """The same as `parse_registrator_url`, with the credentials: any host may be written
+    `user:password@host[:port]` (percent-encode `/ , :` and `%` in either); they are one
+    cluster's, so every host that gives them must give the same, and they apply to all hosts.
+    Raises ValueError; its message never contains the password."""
     text = url.strip()
     if not text:
         raise ValueError("registrator URL is empty")
+    shown = shown_url(text)
     endpoints: list[tuple[str, int]] = []
     prefixes: set[str] = set()
+    credentials: set[tuple[str, str]] = set()
     # Split into URLs: a part that starts with etcd:// begins a new URL, others are extra hosts.
     groups: list[list[str]] = []
     for part in text.split(","):
@@ -77,7 +101,7 @@ def parse_registrator_url(url: str) -> tuple[tuple[tuple[str, int], ...], str]:
     for group in groups:
         first = group[0]
         if not first.lower().startswith("etcd://"):
-            raise ValueError(f"registrator URL must start with etcd://, got {url!r}")
+            raise ValueError(f"registrator URL must start with etcd://, got {shown!r}")
         rest = first[len("etcd://"):]
         hosts = [rest] + group[1:]
         # The path follows the last host of the group: etcd://h1:p1,h2:p2/prefix
@@ -85,32 +109,69 @@ def parse_registrator_url(url: str) -> tuple[tuple[tuple[str, int], ...], str]:
         hosts[-1] = last_host
         for hostpart in hosts:
             if "/" in hostpart:
-                raise ValueError(f"registrator URL {url!r}: a path may only follow the last host")
-            endpoints.append(_parse_host_port(hostpart, url))
+                raise ValueError(f"registrator URL {shown!r}: a path may only follow the last host")
+            userinfo, at, hostport = hostpart.rpartition("@")
+            if at:
+                credentials.add(_credentials(userinfo, shown))
+            endpoints.append(_parse_host_port(hostport if at else hostpart, shown, text))
         prefixes.add(normalize_prefix(path if slash else ""))
     if len(prefixes) > 1:
-        raise ValueError(f"registrator URL {url!r}: all endpoints must use the same prefix, got {sorted(prefixes)}")
-    unique = tuple(dict.fromkeys(endpoints))
-    return unique, prefixes.pop()
+        got = "" if "@" in text else f", got {sorted(prefixes)}"  # a path may hold a piece of a password
+        raise ValueError(f"registrator URL {shown!r}: all endpoints must use the same prefix{got}")
+    if len(credentials) > 1:
+        raise ValueError(f"registrator URL {shown!r}: all endpoints must use the same user and password")
+    username, password = credentials.pop() if credentials else ("", "")
+    return EtcdUrl(tuple(dict.fromkeys(endpoints)), prefixes.pop(), username, password)
 
 
-def _parse_host_port(text: str, url: str) -> tuple[str, int]:
+def _credentials(userinfo: str, shown: str) -> tuple[str, str]:
+    user, colon, password = userinfo.partition(":")
+    if not user or not colon or not password:
+        # python-etcd sends basic auth only with both
+        raise ValueError(f"registrator URL {shown!r}: credentials must be user:password@ (both non-empty)")
+    if "%" in userinfo and not re.fullmatch(r"(?:[^%]|%[0-9A-Fa-f]{2})*", userinfo):
+        raise ValueError(f"registrator URL {shown!r}: percent-encode / , : and % in the user and password")
+    return unquote(user), unquote(password)
+
+
+def shown_url(url: str) -> str:
+    """`url` fit for an error message or a log line: the password hidden, whatever the URL's
+    shape. `redact` when the URL parses as scheme://user:password@host...; when an `@` is left
+    after that (a password with `/`, `,` or `@` in it), everything before the last `@` but the
+    scheme and the first user name is hidden."""
+    text = redact(url)
+    if "@" not in text.replace(":***@", ""):
+        return text
+    head, _, tail = text.rpartition("@")
+    match = re.match(r"\s*([A-Za-z][A-Za-z0-9+.-]*://)?([^:@/,\s]*)", head)
+    scheme, user = (match.group(1) or "", match.group(2)) if match else ("", "")
+    return f"{scheme}{user}:***@{tail}" if user else f"{scheme}***@{tail}"
+
+
+def _parse_host_port(text: str, url: str, raw: str) -> tuple[str, int]:
+    """One `host[:port]`; `url` is the URL as shown in errors (redacted), `raw` the URL."""
+
+    def piece(value: str) -> str:
+        # A piece that could be part of a password (found before the URL's last `@`, e.g. when
+        # an unencoded `/` or `,` in a password split the URL in the wrong place) is hidden.
+        return "'***'" if value and "@" in raw and raw.find(value) < raw.rfind("@") else repr(value)
+
     text = text.strip()
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError(f"registrator URL {url!r}: bad host {text!r}")
+            raise ValueError(f"registrator URL {url!r}: bad host {piece(text)}")
         port_text = rest[1:] if rest else ""
     else:
         host, colon, port_text = text.partition(":")
         if colon and not port_text:
-            raise ValueError(f"registrator URL {url!r}: missing port after {host!r}")
+            raise ValueError(f"registrator URL {url!r}: missing port after {piece(host)}")
     if not host or not re.match(r"^[A-Za-z0-9_.:-]+$", host):
-        raise ValueError(f"registrator URL {url!r}: bad host {text!r}")
+        raise ValueError(f"registrator URL {url!r}: bad host {piece(text)}")
     if not port_text:
         return host, DEFAULT_ETCD_PORT
     if not _PORT_RE.match(port_text) or not 0 < int(port_text) < 65536:
-        raise ValueError(f"registrator URL {url!r}: bad port {port_text!r}")
+        raise ValueError(f"registrator URL {url!r}: bad port {piece(port_text)}")
     return host, int(port_text)
 
 

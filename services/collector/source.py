@@ -45,3 +45,26 @@ class Source(ABC):
 
     def close(self) -> None:
         """Release connections; called once when the collector stops."""
+
+
+class SourceBroken(SourceError):
+    """The source cannot work at all until its configuration changes (e.g. a URL that does not
+    parse): retrying does not help, so the collector publishes it `degraded` at once, with no
+    services (or its saved last good ones), instead of `initializing` forever."""
+
+
+class BrokenSource(Source):
+    """Stands in for a source that could not be built (a bad URL...): every `current()` raises
+    SourceBroken with the reason, so that source alone is published degraded while the other
+    sources run normally."""
+
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        self.reason = reason
+
+    def current(self) -> Discovery:
+        raise SourceBroken(self.reason)
+
+    def wait_for_change(self, timeout: float, stop: threading.Event) -> None:
+        stop.wait(timeout)
+
