@@ -49,7 +49,7 @@ from services.applier.haproxy_runtime import (
     Command, CommandFailed, HaproxyUnavailable, MasterCli, ProcInfo, WorkerApi,
 )
 from services.common.config import Settings
-from services.common.files import fsync_directory, write_atomic
+from services.common.files import fsync_directory, read_text_or_none, write_atomic
 from services.common.model import ModelError, Plan, Server, Service, content_hash
 
 log = logging.getLogger("proxymatic.applier.haproxy")
@@ -176,10 +176,6 @@ class HaproxyDriver(ProxyDriver):
         self._defer_writes = defer_writes
 
     # -- public -------------------------------------------------------------------------------
-
-    @property
-    def worker_pid(self) -> int | None:
-        return self._worker
 
     def apply(self, plan: Plan) -> DriverResult:
         try:
@@ -471,7 +467,7 @@ class HaproxyDriver(ProxyDriver):
         """Reload with the committed config; when HAProxy refuses it, the previous config goes back
         on disk and the new `listeners` it could not bind are returned, to be set aside."""
         self.flush()  # the files must describe what runs before they are replaced or restored
-        previous = (self._read(self.paths.config), dict(self._slots), self._skeleton_hash, self._trusted)
+        previous = (read_text_or_none(self.paths.config), dict(self._slots), self._skeleton_hash, self._trusted)
         # Not confirmed until the new worker runs: an applier restarted in between reloads again.
         self._commit(text, slots, skeleton_hash, confirmed=False)
         self._trusted = False
@@ -584,7 +580,7 @@ class HaproxyDriver(ProxyDriver):
             return 0
         slots, skeleton_hash, confirmed = state
         self._slots, self._skeleton_hash = slots, skeleton_hash
-        self._config_text = self._read(self.paths.config)
+        self._config_text = read_text_or_none(self.paths.config)
         if not confirmed:
             log.info("haproxy: the last reload was not confirmed; the next plan reloads HAProxy")
             self._config_text = None
@@ -645,8 +641,8 @@ class HaproxyDriver(ProxyDriver):
         write_atomic(self.paths.state, f'{head}, "slots": {{\n{body}\n}}, "version": {STATE_VERSION}}}\n')
 
     def _read_state(self) -> tuple[dict[str, tuple[Server | None, ...]], str, bool] | None:
-        raw = self._read(self.paths.state)
-        text = self._read(self.paths.config)
+        raw = read_text_or_none(self.paths.state)
+        text = read_text_or_none(self.paths.config)
         if raw is None or text is None:
             return None
         try:
@@ -663,14 +659,6 @@ class HaproxyDriver(ProxyDriver):
             log.warning("haproxy: ignoring unreadable %s: %s", self.paths.state, error)
             return None
         return result
-
-    @staticmethod
-    def _read(path: str) -> str | None:
-        try:
-            with open(path) as handle:
-                return handle.read()
-        except FileNotFoundError:
-            return None
 
     @staticmethod
     def _remove(path: str) -> None:

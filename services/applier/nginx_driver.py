@@ -25,7 +25,7 @@ from services.applier import culprits, nginx_isolate, proc_identity
 from services.applier.bindable import bind_error
 from services.applier.driver import DriverResult, ProxyDriver
 from services.applier.nginx_render import Rendered, render
-from services.common.files import write_atomic
+from services.common.files import read_text_or_none, write_atomic
 from services.common.model import Plan, content_hash
 
 log = logging.getLogger("proxymatic.applier.nginx")
@@ -104,7 +104,7 @@ class NginxDriver(ProxyDriver):
         except ValueError as error:  # something the model should have refused: never rendered
             log.error("nginx: cannot render the plan: %s", error)
             return DriverResult(self.name, False, "rejected", errors=(f"cannot render: {error}",))
-        on_disk = self._read(self.config)
+        on_disk = read_text_or_none(self.config)
         servable = self._servable(plan, rendered, on_disk)
         if isinstance(servable, str):
             details = {"vhosts": [v.server_name for v in rendered.vhosts], "warnings": list(rendered.warnings),
@@ -150,7 +150,7 @@ class NginxDriver(ProxyDriver):
         log.info("nginx: reloaded master pid %d (%d vhosts)", master, len(rendered.vhosts))
         return self._result(True, "reload", details, set_aside)
 
-    def _servable(self, plan: Plan, rendered: Rendered, on_disk: str) -> tuple[Rendered, dict[str, str]] | str:
+    def _servable(self, plan: Plan, rendered: Rendered, on_disk: str | None) -> tuple[Rendered, dict[str, str]] | str:
         """The rendering nginx accepts: `rendered` itself, or without the vhosts `nginx -t` rejects
         (with nginx's message per vhost key); a string (the error) when that cannot be found."""
         if rendered.text == on_disk:
@@ -247,7 +247,7 @@ class NginxDriver(ProxyDriver):
     def master_pid(self) -> int | None:
         """The running master's pid, from the pid file, checked against /proc (no stale pids)."""
         try:
-            pid = int(self._read(self.pid_file).strip())
+            pid = int((read_text_or_none(self.pid_file) or "").strip())
         except ValueError:
             return None
         return pid if self._is_master(pid) else None
@@ -276,11 +276,3 @@ class NginxDriver(ProxyDriver):
 
     def _signal_master(self, pid: int, signum: int) -> bool:
         return proc_identity.signal_verified(pid, signum, self._is_master)
-
-    @staticmethod
-    def _read(path: str) -> str:
-        try:
-            with open(path, encoding="utf-8") as source:
-                return source.read()
-        except OSError:
-            return ""

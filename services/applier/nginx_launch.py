@@ -19,9 +19,9 @@ import time
 
 from services.applier.bindable import bind_error
 from services.applier.proc_identity import executes, signal_verified
-from services.applier.nginx_driver import (
-    CONFIG_FILE, LISTEN_HOST, nginx_user, prepare_prefix, write_atomic, write_loaded)
+from services.applier.nginx_driver import CONFIG_FILE, LISTEN_HOST, nginx_user, prepare_prefix, write_loaded
 from services.applier.nginx_render import render
+from services.common.files import write_atomic
 from services.common.model import Plan
 
 log = logging.getLogger("proxymatic.nginx")

@@ -43,3 +43,13 @@ def fsync_directory(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_text_or_none(path: str) -> str | None:
+    """The file's text (UTF-8, as write_atomic writes it); None when it cannot be read (missing,
+    unreadable, a directory)."""
+    try:
+        with open(path, encoding="utf-8") as source:
+            return source.read()
+    except OSError:
+        return None
