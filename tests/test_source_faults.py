@@ -14,6 +14,7 @@ import zmq
 from services.collector.marathon import MarathonSource
 from services.collector.marathon_client import EventStream, parse_replicas
 from services.collector.registrator import BadEvent, RegistratorSource
+from services.collector.source import DroppedEvents
 from services.common.bus import Subscriber
 from services.common.config import Settings
 from sim.marathon import MarathonSim
@@ -224,9 +225,12 @@ def test_collector_picks_up_a_new_task_from_events_right_after_a_malformed_event
                  '"condition": {"a": 1}}\n\n')
     sim.scale(APP, 2)
     wait_until(lambda: len(watch.servers()) == 2, timeout=30, message="the new task published")
-    latest = watch.latest()
+    # The warning shows the first drop at once, the second once its few seconds have passed
+    # (DroppedEvents: a flood of bad events is not a flood of full snapshots).
+    latest = wait_until(lambda: (p := watch.latest()) and any("2 malformed events dropped" in w
+                                                              for w in p["warnings"]) and p,
+                        timeout=30, message="the warning counting both drops")
     assert latest["state"] == "ok"
-    assert any("2 malformed events dropped" in w for w in latest["warnings"]), latest["warnings"]
     assert full_syncs(sim) == syncs  # the event stream delivered it, not a poll or a resync
     log = pipeline.log("collector")
     assert "status_update_event event dropped" in log and "instance_changed_event event dropped" in log
@@ -343,19 +347,49 @@ def test_registrator_drops_a_garbage_watch_answer_and_the_watch_goes_on(garbage,
 
 
 def test_registrator_is_degraded_while_its_watch_keeps_breaking_then_ok():
-    # Two garbage answers in a row: the source effectively polls; then a good event.
+    # Long polls that break (connection reset) while full reads work: the source only polls.
     good = {"action": "set", "node": {"key": "/services/web/h:web.1:80", "value": "10.0.0.2:1",
                                       "modifiedIndex": 57}}
-    fake = FakeEtcd([(200, b"garbage"), (200, b"garbage"), (200, b"more garbage")])
+    fake = FakeEtcd([])
     source = fake_source(fake)
+    breaking = threading.Event()
+    breaking.set()
+    real_watch = source._watch
+
+    def watch():
+        if breaking.is_set():
+            raise ConnectionResetError("connection reset by peer")
+        return real_watch()
+
+    source._watch = watch
     try:
         source.current()
         reason = wait_until(lambda: source.current().degraded, message="degraded")
         assert reason.startswith("etcd watch down since ") and "reading everything every" in reason
+        assert "connection reset by peer" in reason
         assert backends(source) == ["10.0.0.1:1"]  # still served, from the full reads
         fake.watch_answers.append((200, json.dumps(good).encode()))
-        fake.release.set()  # ends the idle long poll that may be open
+        breaking.clear()
         wait_until(lambda: not source.current().degraded and len(backends(source)) == 2, message="ok again")
+    finally:
+        source.close()
+        fake.close()
+
+
+def test_registrator_malformed_events_in_a_row_never_make_it_degraded():
+    """A malformed event is not a broken watch (the long poll worked): however many come in a
+    row, the source stays `ok` (with the warning); each is followed by a full read."""
+    fake = FakeEtcd([(200, b"garbage"), (200, b"[]"), (200, b'{"action": "set", "node": [1]}'),
+                     (200, b"{not json")])
+    source = fake_source(fake)
+    try:
+        source.current()
+        wait_until(lambda: source.stats["events_dropped"] == 4 and source.stats["full_reads"] >= 5,
+                   message="four drops, each followed by a full read")
+        discovery = source.current()
+        assert discovery.degraded == "" and source.error == ""
+        assert backends(source) == ["10.0.0.1:1"]
+        assert any(w.startswith("etcd watch: ") and "malformed events dropped" in w for w in discovery.warnings)
     finally:
         source.close()
         fake.close()
@@ -413,6 +447,96 @@ def test_registrator_a_bug_while_applying_a_watch_event_drops_it_and_the_watch_g
         wait_until(lambda: backends(source) == ["10.0.0.1:1", "10.0.0.3:1"], message="the next event applied")
         assert source.stats["events_dropped"] == 1 and source.stats["full_reads"] == 2  # resynced after it
         assert source._thread.is_alive()
+    finally:
+        source.close()
+        fake.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# a flood of malformed events is not a flood of full snapshots
+
+class Clock:
+    """A clock that only moves when told to."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_dropped_events_log_each_drop_and_change_the_warning_at_most_once_per_interval(caplog):
+    clock = Clock()
+    dropped = DroppedEvents("event stream", logging.getLogger("proxymatic.test"), interval=5.0, log_burst=3,
+                            clock=clock)
+    with caplog.at_level(logging.WARNING, logger="proxymatic.test"):
+        assert dropped.drop("a: bad 1") is True  # the first drop shows at once
+        assert dropped.note == "event stream: 1 malformed events dropped (last: a: bad 1)"
+        assert [dropped.drop(f"a: bad {n}") for n in range(2, 11)] == [False] * 9
+        assert dropped.note.startswith("event stream: 1 ") and dropped.refresh() is False and dropped.pending()
+        assert [r.getMessage() for r in caplog.records] == [
+            "event stream: malformed event dropped: a: bad 1", "event stream: malformed event dropped: a: bad 2",
+            "event stream: malformed event dropped: a: bad 3"]  # the rest waits for the summary line
+        clock.now += 5.0
+        assert dropped.refresh() is True and not dropped.pending()
+        assert dropped.note == "event stream: 10 malformed events dropped (last: a: bad 10)"
+        assert caplog.records[-1].getMessage() == ("event stream: 7 more malformed events dropped "
+                                                   "(not logged one by one; 10 in all)")
+        assert dropped.refresh() is False and dropped.count == 10
+
+
+def test_a_flood_of_malformed_marathon_events_changes_the_snapshot_once_per_interval(sim, synced, caplog):  # noqa: F811
+    clock = Clock()
+    synced._dropped.clock = clock
+    first = synced.current()
+    with caplog.at_level(logging.WARNING, logger="proxymatic.collector.marathon"):
+        feed(synced, "status_update_event", {"taskStatus": ["x"]})
+        noted = synced.current()
+        assert noted is not first and noted.warnings[0].startswith("event stream: 1 malformed events dropped")
+        for _ in range(199):
+            feed(synced, "status_update_event", {"taskStatus": ["x"]})
+            assert synced.current() is noted  # the same answer: the collector publishes nothing
+    assert synced.stats["events_dropped"] == 200
+    assert sum("event dropped" in r.getMessage() for r in caplog.records) == 20  # the rest summed up later
+    clock.now += 60
+    stop = threading.Event()
+    waiter = threading.Thread(target=synced.wait_for_change, args=(3600, stop), daemon=True)
+    waiter.start()
+    waiter.join(30)
+    alive = waiter.is_alive()
+    stop.set()
+    waiter.join(10)
+    assert not alive  # the pending warning woke the waiter (the collector) up by itself
+    later = synced.current()
+    assert later.warnings[0].startswith("event stream: 200 malformed events dropped (last: status_update_event: ")
+    assert later.services == noted.services
+
+
+def test_a_flood_of_malformed_registrator_events_changes_the_snapshot_once_per_interval():
+    fake = FakeEtcd([])
+    source = fake_source(fake)
+    clock = Clock()
+    source._dropped.clock = clock
+    try:
+        source.current()
+        source._drop_event(BadEvent("node is not an object"))
+        noted = source.current()
+        version = source._version
+        assert noted.warnings[0] == "etcd watch: 1 malformed events dropped (last: node is not an object)"
+        for _ in range(199):
+            source._drop_event(BadEvent("node is not an object"))
+        assert source._version == version and source.current() is noted
+        assert source.stats["events_dropped"] == 200
+        clock.now += 60
+        stop = threading.Event()
+        waiter = threading.Thread(target=source.wait_for_change, args=(3600, stop), daemon=True)
+        waiter.start()
+        waiter.join(30)
+        alive = waiter.is_alive()
+        stop.set()
+        waiter.join(10)
+        assert not alive  # the pending warning woke the waiter (the collector) up by itself
+        assert source.current().warnings[0].startswith("etcd watch: 200 malformed events dropped")
     finally:
         source.close()
         fake.close()

@@ -27,7 +27,7 @@ from services.collector.marathon_events import event_problem
 from services.collector.marathon_parse import (TERMINAL_STATES, AppError, AppSpec, ServiceBuilder,
                                                app_uses_current_config, clip, parse_app)
 from services.collector.resolve import Resolver
-from services.collector.source import Discovery, Source, SourceError
+from services.collector.source import Discovery, DroppedEvents, Source, SourceError
 from services.common.config import Settings
 from services.common.redact import redact
 
@@ -81,7 +81,8 @@ class MarathonSource(Source):
             server_filter=server_filter, on_status=self._on_stream_status)
         self.stream: EventStream | None = None
         self._stream_note = ""  # why the source is degraded while the stream is down ("" when up)
-        self._dropped_note = ""  # the warning about malformed events dropped (guarded by _cond)
+        # malformed events dropped, and the warning about them (guarded by _cond)
+        self._dropped = DroppedEvents("event stream", log)
         self._cond = threading.Condition()
         # the mirror (guarded by _cond)
         self._apps: dict[str, tuple[dict, AppSpec]] = {}  # app id -> (app without tasks, spec)
@@ -185,7 +186,8 @@ class MarathonSource(Source):
                 # After a failure the collector backs off through this call: only news (an
                 # event, a stream that connects again) ends the wait early, not the retry
                 # that is pending anyway.
-                if self._changed or (not self._failed and (self._pending_full or self._dirty_apps)):
+                if self._changed or (not self._failed and (self._pending_full or self._dirty_apps
+                                                           or self._dropped.refresh())):
                     changed = True
                     break
                 now = time.monotonic()
@@ -365,13 +367,16 @@ class MarathonSource(Source):
 
     def _with_notes(self, base: Discovery) -> Discovery:
         """The built services with the stream's state: `degraded` while the stream is down,
-        and a warning counting the malformed events dropped. The same object while nothing
-        changed, so the collector sees no change."""
+        and a warning counting the malformed events dropped (its text changes at most every
+        few seconds, see DroppedEvents). The same object while nothing changed, so the
+        collector sees no change."""
         with self._cond:
-            notes = (self._stream_note, self._dropped_note)
+            self._dropped.refresh()
+            dropped = self._dropped.note
+            notes = (self._stream_note, dropped)
             if self._noted is None or self._noted[0] is not base or self._noted[1] != notes:
                 # first: the heartbeat's summary (status) shows only the first warnings
-                warnings = ((self._dropped_note,) if self._dropped_note else ()) + base.warnings
+                warnings = ((dropped,) if dropped else ()) + base.warnings
                 self._noted = (base, notes, Discovery(base.services, warnings, degraded=self._stream_note))
             return self._noted[2]
 
@@ -439,13 +444,13 @@ class MarathonSource(Source):
     def _drop_event(self, event_type: str, problem: str) -> None:
         kind = _one_line(event_type or "untyped", 80)  # a known type (the parser drops the others)
         reason = _one_line(redact(problem), 200)
-        log.warning("marathon: %s event dropped: %s", kind, reason)
         with self._cond:
             self.stats["events_dropped"] += 1
-            self._dropped_note = (f"event stream: {self.stats['events_dropped']} malformed events dropped "
-                                  f"(last: {kind}: {reason})")
-            self._changed = True
-            self._cond.notify_all()
+            # Each drop is logged (rate-limited) and counted; the published warning changes at
+            # most every few seconds: a flood of bad events is not a flood of full snapshots.
+            if self._dropped.drop(f"{kind}: {reason}", f"marathon: {kind} event dropped: {reason}"):
+                self._changed = True
+                self._cond.notify_all()
 
     def _handle_event(self, event_type: str, data: bytes) -> str | None:
         """Apply one event; returns why it was dropped, None when it was used (or ignored)."""

@@ -36,8 +36,9 @@ from services.collector.registrator_parse import (
     Entry, EntryError, Resolver, caching_resolver, discovery_parts, parse_entry,
     parse_etcd_url, parse_tree, relative_key, resolve_host,
 )
-from services.collector.source import Discovery, Source, SourceError
+from services.collector.source import Discovery, DroppedEvents, Source, SourceError
 from services.common.config import ConfigError, Settings
+from services.common.redact import redact
 
 log = logging.getLogger("proxymatic.collector.registrator")
 
@@ -129,7 +130,8 @@ class RegistratorSource(Source):
         self._watch_failures = 0  # long polls broken in a row (garbage, resets...)
         self._watch_down_since = 0.0  # wall-clock time of the first of them
         self._degraded = ""  # why changes only arrive with the next full read ("" when watching)
-        self._dropped_note = ""  # the warning about malformed watch events dropped
+        # malformed watch events dropped, and the warning about them (guarded by _cond)
+        self._dropped = DroppedEvents("etcd watch", log)
         self.stats = {"full_reads": 0, "events": 0, "index_cleared": 0, "failovers": 0,
                       "failures": 0, "empty_polls": 0, "poll_timeouts": 0, "events_dropped": 0}
 
@@ -156,7 +158,11 @@ class RegistratorSource(Source):
         self._ensure_started()
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._version == self._seen_version and not stop.is_set() and not self._stop.is_set():
+            while not stop.is_set() and not self._stop.is_set():
+                if self._dropped.refresh():  # drops that waited to show in the warning
+                    self._changed()
+                if self._version != self._seen_version:
+                    return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
@@ -203,12 +209,14 @@ class RegistratorSource(Source):
     # -- state ------------------------------------------------------------------------------
     def _discovery(self) -> Discovery:
         with self._cond:
+            if self._dropped.refresh():
+                self._changed()
             version = self._version
             if self._cache is not None and self._cache[0] == version:
                 return self._cache[1]
             entries = dict(self._entries)
             warnings = dict(self._warnings)
-            degraded, dropped = self._degraded, self._dropped_note
+            degraded, dropped = self._degraded, self._dropped.note
         services, all_warnings = discovery_parts(entries, warnings)
         # The dropped-events count first: the heartbeat's summary shows only the first warnings.
         discovery = Discovery(services=services, warnings=((dropped,) if dropped else ()) + all_warnings,
@@ -402,9 +410,10 @@ class RegistratorSource(Source):
             event = _decode(body)
             self.apply_event(event)
         except Exception as error:  # noqa: BLE001 - garbage, or a bug applying it: drop it alone
+            # A malformed event is not a broken watch (the long poll worked): it neither counts
+            # toward `degraded` nor resets that count. Where to go on from is unknown (or the
+            # copy half-changed): read everything again.
             self._drop_event(error)
-            self._watch_broken(f"etcd {self.endpoint_text}: watch event dropped: {_describe(error)}")
-            # Where to go on from is unknown (or the copy half-changed): read everything again.
             raise _Resync("after a dropped watch event") from None
         self._watch_ok()
         modified = event["node"].get("modifiedIndex") or 0
@@ -412,13 +421,13 @@ class RegistratorSource(Source):
         return True
 
     def _drop_event(self, error: Exception) -> None:
-        reason = _describe(error)
-        log.warning("source registrator: watch event dropped: %s", reason)
+        reason = redact(_describe(error))
         with self._cond:
             self.stats["events_dropped"] += 1
-            self._dropped_note = (f"etcd watch: {self.stats['events_dropped']} malformed events dropped "
-                                  f"(last: {reason})")
-            self._changed()
+            # Each drop is logged (rate-limited) and counted; the published warning changes at
+            # most every few seconds: a flood of bad events is not a flood of full snapshots.
+            if self._dropped.drop(reason, f"source registrator: watch event dropped: {reason}"):
+                self._changed()
 
     def _watch_ok(self) -> None:
         """A long poll made progress: the watch works (again)."""

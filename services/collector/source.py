@@ -7,9 +7,12 @@ hanging never delays another.
 """
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable
 
 from services.common.model import Service
 
@@ -68,3 +71,79 @@ class BrokenSource(Source):
     def wait_for_change(self, timeout: float, stop: threading.Event) -> None:
         stop.wait(timeout)
 
+
+#: The warning about dropped malformed events changes at most this often (seconds).
+DROPPED_NOTE_INTERVAL = 5.0
+#: Dropped events logged one by one per interval; beyond that they are counted in one line.
+DROPPED_LOG_BURST = 20
+
+
+class DroppedEvents:
+    """The malformed events a source dropped: each one logged at WARNING (at most
+    `log_burst` lines per `interval`, the rest summed up in one line), counted, and summed up in
+    one warning for the source's published snapshot, `<what>: N malformed events dropped
+    (last: <reason>)`.
+
+    That warning is part of the snapshot, so a new text means a new full snapshot on the bus.
+    It therefore changes at most once per `interval` seconds: the first drop shows at once, the
+    drops that follow within the interval show when it has passed (at the next drop, or at the
+    next `refresh()`, which the source calls while it waits for changes). A flood of bad
+    events costs one republish per interval, not one per event.
+
+    Not thread-safe on its own: callers hold their source's lock (`drop`, `refresh`, `note`)."""
+
+    def __init__(self, what: str, logger: logging.Logger, interval: float = DROPPED_NOTE_INTERVAL,
+                 log_burst: int = DROPPED_LOG_BURST, clock: Callable[[], float] = time.monotonic):
+        self.what = what
+        self.log = logger
+        self.interval = interval
+        self.log_burst = log_burst
+        self.clock = clock
+        self.count = 0
+        self.note = ""  # the published warning ("" before the first drop)
+        self._last_reason = ""
+        self._noted_count = 0  # the count `note` shows
+        self._noted_at = 0.0
+        self._logged_at = 0.0  # start of the current logging window
+        self._logged = 0  # lines logged in that window
+        self._unlogged = 0  # drops not logged one by one since the last summary line
+
+    def drop(self, reason: str, message: str | None = None) -> bool:
+        """Count one dropped event. `reason` (one line, already redacted) goes in the warning,
+        `message` in the log line (default: `<what>: malformed event dropped: <reason>`).
+        Returns whether the published warning changed."""
+        self.count += 1
+        self._last_reason = reason
+        now = self.clock()
+        if now - self._logged_at >= self.interval:
+            self._flush_log()
+            self._logged_at, self._logged = now, 0
+        if self._logged < self.log_burst:
+            self._logged += 1
+            self.log.warning("%s", message or f"{self.what}: malformed event dropped: {reason}")
+        else:
+            self._unlogged += 1
+        return self.refresh()
+
+    def refresh(self) -> bool:
+        """Bring the warning up to date if drops wait and the interval has passed. Returns
+        whether it changed."""
+        if self.count == self._noted_count:
+            return False
+        now = self.clock()
+        if self.note and now - self._noted_at < self.interval:
+            return False
+        self._flush_log()
+        self._noted_count, self._noted_at = self.count, now
+        self.note = f"{self.what}: {self.count} malformed events dropped (last: {self._last_reason})"
+        return True
+
+    def pending(self) -> bool:
+        """Whether drops wait to show in the warning."""
+        return self.count != self._noted_count
+
+    def _flush_log(self) -> None:
+        if self._unlogged:
+            self.log.warning("%s: %d more malformed events dropped (not logged one by one; %d in all)",
+                             self.what, self._unlogged, self.count)
+            self._unlogged = 0
