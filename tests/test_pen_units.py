@@ -7,9 +7,10 @@ import subprocess
 import pytest
 
 from services.applier import proc_identity
+from services.applier.bindable import unbindable_reason
 from services.applier.pen_control import Slot, parse_connections, parse_servers
 from services.applier.pen_driver import (
-    assign_slots, choose_servers, pen_services, render_table, set_aside_reason, table_matches)
+    assign_slots, choose_servers, pen_services, render_table, table_matches)
 from services.applier.pen_runner import (
     PenFiles, PenInstance, launch_argv, pen_argv, read_instances, render_instances)
 from services.common.model import Plan, ProxySettings, Service
@@ -117,7 +118,7 @@ def test_pens_start_as_their_user_with_only_the_low_ports_capability():
 
 def test_set_aside_reason_names_service_port_and_error():
     svc = service(10053, name="dns")
-    assert set_aside_reason(svc, "[Errno 98] Address already in use") == \
+    assert unbindable_reason(svc, "[Errno 98] Address already in use") == \
         "service dns (10053/udp): port 10053 cannot be bound: [Errno 98] Address already in use"
 
 

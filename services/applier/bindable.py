@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+from services.common.model import Service
+
 
 def bind_error(host: str, port: int, protocol: str = "tcp") -> str | None:
     """None when `host:port` can be bound now; otherwise the OS error, e.g.
@@ -20,3 +22,8 @@ def bind_error(host: str, port: int, protocol: str = "tcp") -> str | None:
     except OSError as error:
         return f"[Errno {error.errno}] {error.strerror}" if error.errno else str(error)
     return None
+
+
+def unbindable_reason(service: Service, error: str) -> str:
+    """Why a service is set aside when its port cannot be bound (every driver says it so)."""
+    return f"service {service.name} ({service.key}): port {service.port} cannot be bound: {error}"

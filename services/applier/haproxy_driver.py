@@ -34,11 +34,10 @@ from dataclasses import dataclass, replace
 
 from services.applier import culprits
 from services.applier import haproxy_runtime as runtime
-from services.applier.bindable import bind_error
+from services.applier.bindable import bind_error, unbindable_reason
 from services.applier.driver import DriverResult, ProxyDriver
 from services.applier.haproxy_isolation import (
     ProgramLog, SetAside, bind_failures, blame_alerts, rejected_reason, section_lines,
-    unbindable_reason,
 )
 from services.applier.haproxy_launch import check_config_alerts, fd_limit, run_as, summary
 from services.applier.haproxy_render import (

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from services.applier.bindable import unbindable_reason  # noqa: F401  (moved there; old name kept)
 from services.common.model import Service
 
 _WHERE = re.compile(r"\[([^\[\]]+):(\d+)\]")
@@ -105,10 +106,6 @@ def os_error_text(strerror: str) -> str:
     """"Address already in use" -> "[Errno 98] Address already in use" (as bind_error says it)."""
     number = _ERRNO_BY_TEXT.get(strerror.strip())
     return f"[Errno {number}] {strerror.strip()}" if number else strerror.strip()
-
-
-def unbindable_reason(service: Service, error: str) -> str:
-    return f"service {service.name} ({service.key}): port {service.port} cannot be bound: {error}"
 
 
 def rejected_reason(service: Service, message: str) -> str:

@@ -27,7 +27,7 @@ import logging
 import os
 import time
 
-from services.applier.bindable import bind_error
+from services.applier.bindable import bind_error, unbindable_reason
 from services.applier.driver import DriverResult, ProxyDriver
 from services.applier.pen_control import PenControl, PenControlError, Slot, empty_command, parse_servers
 from services.applier.pen_runner import (
@@ -82,10 +82,6 @@ def render_table(table: Table) -> str:
     """The penctl commands that set every slot: Pen's -F file."""
     return "".join((slot.command(i, moved=False) if slot else empty_command(i)) + "\n"
                    for i, slot in enumerate(table))
-
-
-def set_aside_reason(service: Service, error: str) -> str:
-    return f"service {service.name} ({service.key}): port {service.port} cannot be bound: {error}"
 
 
 def table_matches(live: dict[int, Slot | None], table: Table) -> bool:
@@ -223,7 +219,7 @@ class PenDriver(ProxyDriver):
             service = by_key[key]
             error = bind_error(LISTEN_HOST, service.port, service.protocol)
             if error:
-                taken[key] = set_aside_reason(service, error)
+                taken[key] = unbindable_reason(service, error)
         return taken
 
     def _read_written(self) -> dict[str, PenInstance]:
