@@ -73,12 +73,6 @@ class PenControl:
             raise PenControlError(f"pen rejected {line!r}: {reply.strip()}")
         return reply
 
-    def alive(self) -> bool:
-        try:
-            return self.command("pid").strip().isdigit()
-        except PenControlError:
-            return False
-
     def pid(self) -> int:
         return int(self.command("pid").strip())
 
