@@ -7,6 +7,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -39,11 +40,11 @@ def run_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def start_runner(run_dir) -> subprocess.Popen:
+def start_runner(run_dir, stderr=None) -> subprocess.Popen:
     code = ("import sys, logging; logging.basicConfig(level=logging.INFO);"
             "from services.common.config import Settings; from services.applier import pen_runner;"
             "sys.exit(pen_runner.main(Settings(run_dir=sys.argv[1])))")
-    proc = subprocess.Popen([sys.executable, "-c", code, run_dir], cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", code, run_dir], cwd=ROOT, stderr=stderr)
     pid_file = os.path.join(run_dir, "pen", "runner.pid")
     wait_until(lambda: open(pid_file).read().split()[0] == str(proc.pid), message="runner up")
     return proc
@@ -80,6 +81,14 @@ def test_udp_backends_move_without_restarting_pen(run_dir, runner):
         pid = pen_pid(run_dir, key)
         if os.geteuid() == 0:  # pens never run as root, UDP ones included
             assert process_user(pid) == "nobody"
+            # its files are private: the .cfg it reads is readable by its group only, the pid file
+            # and status page are its own (the status page is read back for the flows closed below)
+            pen_dir, nobody = os.path.join(run_dir, "pen"), pwd.getpwnam("nobody")
+            modes = {suffix: os.stat(os.path.join(pen_dir, f"{key}.{suffix}")) for suffix in ("cfg", "pid", "html")}
+            assert (stat.S_IMODE(modes["cfg"].st_mode), modes["cfg"].st_uid, modes["cfg"].st_gid) == \
+                (0o640, 0, nobody.pw_gid)
+            for suffix in ("pid", "html"):
+                assert (stat.S_IMODE(modes[suffix].st_mode), modes[suffix].st_uid) == (0o600, nobody.pw_uid)
         sticky = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # one flow that lives across the move
         assert udp_ask(port, sticky) == "A"
 
@@ -242,6 +251,103 @@ def test_a_port_taken_between_the_probe_and_the_start_is_set_aside_too(run_dir, 
         assert result.set_aside == {f"{held}/udp": f"service dns ({held}/udp): port {held} cannot be bound: "
                                                    "[Errno 98] Address already in use"}
         assert read_instances(os.path.join(run_dir, "pen", "instances.json")) == {}  # the runner stops trying
+    finally:
+        squatter.close()
+        echo.close()
+
+
+def runner_log(path: str, text: str) -> int:
+    with open(path, encoding="utf-8", errors="replace") as log:
+        return log.read().count(text)
+
+
+def test_a_malformed_instance_file_or_a_failed_cleanup_keeps_the_pens_running(run_dir):
+    one, two = UdpEcho("one"), UdpEcho("two")
+    first, second = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    log_path = os.path.join(run_dir, "runner.log")
+    with open(log_path, "w") as log:
+        runner = start_runner(run_dir, stderr=log)
+    instances = os.path.join(run_dir, "pen", "instances.json")
+    settings = ProxySettings(pen_servers=4, pen_clients=64, max_connections=64)
+    both = Plan((service("one", first, "udp", [one.port]), service("two", second, "udp", [two.port])), settings)
+    driver = PenDriver(Settings(run_dir=run_dir))
+    try:
+        assert driver.apply(both).ok
+        pids = {port: pen_pid(run_dir, f"{port}-udp") for port in (first, second)}
+        good = open(instances).read()
+        # entries the runner cannot use (KeyError, AttributeError, TypeError before): it keeps
+        # every pen as it is and says why, once per reason
+        for number, bad in enumerate(['{"instances": [{"port": 1}]}', "[1]", '{"instances": [5]}'], 1):
+            with open(instances + ".tmp", "w") as out:
+                out.write(bad)
+            os.replace(instances + ".tmp", instances)
+            runner.send_signal(signal.SIGHUP)
+            wait_until(lambda: runner_log(log_path, "cannot read the instance file") == number,
+                       message=f"the runner refuses {bad}")
+            assert runner.poll() is None
+            assert {port: pen_pid(run_dir, f"{port}-udp") for port in pids} == pids
+            assert udp_ask(first) == "one" and udp_ask(second) == "two"
+        with open(instances + ".tmp", "w") as out:
+            out.write(good)
+        os.replace(instances + ".tmp", instances)
+        runner.send_signal(signal.SIGHUP)
+        wait_until(lambda: runner_log(log_path, "instance file is readable again"), message="file read again")
+
+        # a pen whose files cannot all be removed when it goes (its status page replaced by a
+        # directory): that pen stops, the other one and the runner are untouched
+        html = os.path.join(run_dir, "pen", f"{second}-udp.html")
+        os.unlink(html)
+        os.mkdir(html)
+        only_one = Plan((service("one", first, "udp", [one.port]),), settings)
+        assert driver.apply(only_one).ok
+        wait_until(lambda: runner_log(log_path, f"cannot remove {html}"), message="the failed removal logged")
+        assert not os.path.lexists(os.path.join(run_dir, "pen", f"{second}-udp.ctl"))
+        assert runner.poll() is None and pen_pid(run_dir, f"{first}-udp") == pids[first]
+        assert udp_ask(first) == "one"
+        # and the runner goes on: the service comes back
+        os.rmdir(html)
+        assert driver.apply(both).ok and udp_ask(second) == "two"
+        assert pen_pid(run_dir, f"{first}-udp") == pids[first]
+    finally:
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(timeout=10)
+        one.close()
+        two.close()
+
+
+def test_a_pen_whose_port_is_taken_while_it_is_down_is_set_aside_until_the_port_is_free(run_dir, runner):
+    echo = UdpEcho("echo")
+    port = free_port(socket.SOCK_DGRAM)
+    key = f"{port}-udp"
+    wanted = plan(port, [echo.port])
+    driver = PenDriver(Settings(run_dir=run_dir))
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        assert driver.apply(wanted).ok and udp_ask(port) == "echo"
+        # the pen dies and another program takes its port before the runner restarts it (the
+        # runner is held meanwhile); then the runner crash-loops on it
+        runner.send_signal(signal.SIGSTOP)
+        try:
+            os.kill(pen_pid(run_dir, key), signal.SIGKILL)
+            wait_until(lambda: squatter.bind(("127.0.0.1", port)) is None, message="the port taken")
+        finally:
+            runner.send_signal(signal.SIGCONT)
+        # the applier's resync: the same plan, nothing changed in it
+        result = driver.apply(wanted)
+        assert result.ok and result.details["instances"] == [], result
+        assert result.set_aside == {f"{port}/udp": f"service echo ({port}/udp): port {port} cannot be bound: "
+                                                   "[Errno 98] Address already in use"}
+        instances = os.path.join(run_dir, "pen", "instances.json")
+        assert read_instances(instances) == {}  # the runner stops retrying it
+        wait_until(lambda: not os.path.lexists(os.path.join(run_dir, "pen", f"{key}.ctl")),
+                   message="the runner gave it up")
+        again = driver.apply(wanted)  # retries while the port stays taken: set aside, nothing else
+        assert again.ok and again.action == "none" and again.set_aside == result.set_aside, again
+
+        squatter.close()
+        freed = driver.apply(wanted)
+        assert freed.ok and freed.action == "reload" and freed.details["started"] == [key], freed
+        assert freed.set_aside == {} and udp_ask(port) == "echo"
     finally:
         squatter.close()
         echo.close()

@@ -1,7 +1,12 @@
 """Pen driver logic without processes: service selection, slot tables, control-socket parsing,
-set-aside reasons, privileges and pid checks (those start one `sleep`)."""
+set-aside reasons, privileges and pid checks (those start one `sleep`), file modes, and the
+runner's resilience in-process with a stand-in for pen (a script that sleeps)."""
+import logging
+import os
 import pwd
 import signal
+import socket
+import stat
 import subprocess
 
 import pytest
@@ -11,9 +16,12 @@ from services.applier.bindable import unbindable_reason
 from services.applier.pen_control import Slot, parse_connections, parse_servers
 from services.applier.pen_driver import (
     assign_slots, choose_servers, pen_services, render_table, table_matches)
+from services.applier import pen_runner
 from services.applier.pen_runner import (
-    PenFiles, PenInstance, launch_argv, pen_argv, read_instances, render_instances)
+    PenFiles, PenInstance, PenRunner, launch_argv, pen_argv, prepare_owned, read_instances, render_instances,
+    signal_runner, write_cfg)
 from services.common.model import Plan, ProxySettings, Service
+from tests.helpers import free_port
 
 
 def service(port, protocol="udp", servers=(), name="svc"):
@@ -149,3 +157,190 @@ def test_an_ipv6_zone_never_reaches_pen():
         with pytest.raises(ValueError):
             Slot.of(Server(ip=ip, port=80, weight=1))
     assert Slot.of(Server(ip="fe80::1", port=80, weight=1)).ip == "fe80::1"
+
+
+MALFORMED = ['{"instances": [{"port": 1}]}', "[1]", '{"instances": [5]}', '{"instances": 5}', '"text"',
+             '{"instances": [{"port": 53, "proto": "udp", "servers": 4}]}',
+             '{"instances": [{"port": "53", "protocol": "udp", "slots": 4, "clients": 1, "max_connections": 1}]}',
+             '{"instances": [{"port": 53, "protocol": "sctp", "slots": 4, "clients": 1, "max_connections": 1}]}',
+             "not json", b"\xff\xfe"]
+
+
+def write_file(path, content):
+    with open(path, "wb") as out:
+        out.write(content if isinstance(content, bytes) else content.encode())
+
+
+@pytest.mark.parametrize("content", MALFORMED)
+def test_every_malformed_instance_file_is_a_value_error(tmp_path, content):
+    write_file(tmp_path / "instances.json", content)
+    with pytest.raises(ValueError):
+        read_instances(str(tmp_path / "instances.json"))
+
+
+@pytest.mark.parametrize("content", MALFORMED)
+def test_the_driver_rewrites_a_malformed_instance_file(tmp_path, content):
+    from services.applier.pen_driver import PenDriver
+    from services.common.config import Settings
+    driver = PenDriver(Settings(run_dir=str(tmp_path)), start_timeout=0.1)
+    write_file(driver.files.instances, content)
+    port = free_port(socket.SOCK_DGRAM)
+    driver.apply(Plan((service(port),)))  # no runner here: not ok, but no exception
+    assert list(read_instances(driver.files.instances)) == [f"{port}-udp"]
+
+
+@pytest.fixture
+def runner(tmp_path, monkeypatch):
+    """A runner in this process; its "pen" is a script that sleeps (stopped at the end)."""
+    fake = tmp_path / "fakepen"
+    fake.write_text("#!/bin/sh\nexec sleep 300\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(pen_runner, "pen_user", lambda: None)  # no setpriv, no fd 200 in pytest
+    runner = PenRunner(PenFiles(str(tmp_path / "pen")), binary=str(fake), poll_interval=0.01)
+    yield runner
+    runner.stop_all()
+
+
+def want(runner, *instances):
+    write_file(runner.files.instances, render_instances(list(instances)))
+    runner.load()
+    runner.reconcile()
+
+
+def running(runner) -> dict[str, int]:
+    return {key: pen.pid for key, pen in runner.pens.items() if pen.running()}
+
+
+A, B = PenInstance(10053, "udp", 4, 10, 10), PenInstance(10054, "udp", 4, 10, 10)
+
+
+def test_a_bad_instance_file_keeps_the_running_pens_as_they_are(runner, caplog):
+    want(runner, A, B)
+    pids = running(runner)
+    assert sorted(pids) == [A.key, B.key]
+    caplog.set_level(logging.INFO, logger="proxymatic.pen")
+    for content in MALFORMED:
+        write_file(runner.files.instances, content)
+        for _ in range(2):  # the runner re-reads every second: one error per reason, not per read
+            runner.load()
+            runner.reconcile()
+        assert running(runner) == pids and set(runner.desired) == {A.key, B.key}
+    refused = [r for r in caplog.records if "cannot read the instance file" in r.getMessage()]
+    assert len(refused) == len(MALFORMED), [r.getMessage() for r in refused]
+    want(runner, A)  # readable again: applied
+    assert running(runner) == {A.key: pids[A.key]}
+
+
+def test_a_failure_for_one_instance_touches_only_that_instance(runner, monkeypatch, caplog):
+    real_write_cfg, real_argv = pen_runner.write_cfg, pen_runner.pen_argv
+
+    def refused_for_a(path, text):
+        if os.path.basename(path).startswith(A.key):
+            raise PermissionError(13, "Permission denied", path)
+        return real_write_cfg(path, text)
+
+    monkeypatch.setattr(pen_runner, "write_cfg", refused_for_a)
+    want(runner, A, B)
+    assert list(running(runner)) == [B.key]
+    assert runner.pens[A.key].process is None and runner.pens[A.key].restart_at > 0  # retried after its backoff
+
+    # an unexpected exception for one instance: logged once, that instance only
+    def broken_for_a(instance, *args, **kwargs):
+        if instance == A:
+            raise RuntimeError("a bug")
+        return real_argv(instance, *args, **kwargs)
+
+    monkeypatch.setattr(pen_runner, "pen_argv", broken_for_a)
+    runner.stop_all()
+    caplog.set_level(logging.DEBUG, logger="proxymatic.pen")
+    for _ in range(3):
+        runner.reconcile()
+    assert list(running(runner)) == [B.key]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and "a bug" in r.getMessage()]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+
+    # B's files cannot all be removed when it goes (its status page is a directory): B stops, the
+    # error is logged, nothing else happens
+    b_pid = running(runner)[B.key]
+    os.unlink(runner.files.file(B.key, "html"))
+    os.mkdir(runner.files.file(B.key, "html"))
+    want(runner, A)
+    assert B.key not in runner.pens and not os.path.exists(f"/proc/{b_pid}/cmdline") or _zombie_or_gone(b_pid)
+    assert not os.path.lexists(runner.files.control(B.key))
+    assert any("cannot remove" in r.getMessage() for r in caplog.records)
+
+
+def _zombie_or_gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as status:
+            return status.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_the_runner_loop_survives_an_exception(runner, monkeypatch, caplog):
+    events = []
+
+    def reconcile():
+        events.append("reconcile")
+        if len(events) == 1:
+            raise RuntimeError("a bug")
+        runner._stopping = True  # the second turn ran: stop as on SIGTERM
+
+    monkeypatch.setattr(runner, "reconcile", reconcile)
+    monkeypatch.setattr(runner, "stop_all", lambda: events.append("stop_all"))
+    handlers = {signum: signal.getsignal(signum)
+                for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)}
+    try:
+        assert runner.run() == 0
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert events == ["reconcile", "reconcile", "stop_all"]  # the pens were not stopped for the bug
+    assert any("reconciling failed" in r.getMessage() for r in caplog.records)
+
+
+def test_pen_files_are_private(tmp_path):
+    cfg = tmp_path / "53-udp.cfg"
+    root = os.geteuid() == 0
+    nobody = pwd.getpwnam("nobody")
+
+    def check_cfg():
+        status = os.stat(cfg)
+        if root:  # pens run as nobody and read it: the group's read bit, nothing for others
+            assert (stat.S_IMODE(status.st_mode), status.st_uid, status.st_gid) == (0o640, 0, nobody.pw_gid)
+        else:
+            assert stat.S_IMODE(status.st_mode) == 0o600
+
+    assert write_cfg(str(cfg), "server 0 address 0.0.0.0 port 0 max 0 weight 0\n")
+    check_cfg()
+    os.chmod(cfg, 0o644)  # as an older version left it
+    if root:
+        os.chown(cfg, 0, 0)
+    assert not write_cfg(str(cfg), "server 0 address 0.0.0.0 port 0 max 0 weight 0\n")
+    check_cfg()
+    assert write_cfg(str(cfg), "") and cfg.read_text() == ""
+    check_cfg()
+    # the pid file and status page: the pen's own, nobody else's
+    pid_file = tmp_path / "53-udp.pid"
+    prepare_owned(str(pid_file), "nobody" if root else None)
+    status = os.stat(pid_file)
+    assert stat.S_IMODE(status.st_mode) == 0o600
+    assert status.st_uid == (nobody.pw_uid if root else os.geteuid())
+
+
+def test_signal_runner_only_signals_the_recorded_runner(tmp_path):
+    files = PenFiles(str(tmp_path))
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        assert not signal_runner(files)  # no runner.pid
+        (tmp_path / "runner.pid").write_text(f"{sleeper.pid} 1\n")  # the pid, another start time
+        assert not signal_runner(files)
+        assert sleeper.poll() is None
+        (tmp_path / "runner.pid").write_text(proc_identity.identity(sleeper.pid) + "\n")
+        assert signal_runner(files)
+        assert sleeper.wait(timeout=10) == -signal.SIGHUP
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()

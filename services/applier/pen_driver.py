@@ -14,12 +14,15 @@ of a slot whose backend changed are closed and the client's next datagram is bal
 TCP connections are left to finish.
 
 A port Pen cannot bind (another program holds it) sets aside that service only: the port is
-probed before its pen is requested, and a pen that does not come up is probed too. A set-aside
-service is left out of instances.json (the runner does not crash-loop on it) and reported in
-`DriverResult.set_aside`; every other pen is applied. The applier re-applies the plan every few
-seconds while anything is set aside: each retry probes only the set-aside ports, and one found
-free is started then, without touching the other pens. The warning is logged when a reason
-appears or changes, not on every retry.
+probed before its pen is requested, and a pen that does not come up is probed too. So is, on
+every apply (the applier's resync included, even with an unchanged plan), a pen that should run
+but does not (its pid file names no running pen: a cheap check, no socket): one that died and
+whose port another program took meanwhile would otherwise crash-loop in the runner for good. A
+set-aside service is left out of instances.json (the runner does not crash-loop on it) and
+reported in `DriverResult.set_aside`; every other pen is applied. The applier re-applies the
+plan every few seconds while anything is set aside: each retry probes only the ports of pens not
+running, and one found free is started then, without touching the other pens. The warning is
+logged when a reason appears or changes, not on every retry.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from services.applier.bindable import bind_error, unbindable_reason
 from services.applier.driver import DriverResult, ProxyDriver
 from services.applier.pen_control import PenControl, PenControlError, Slot, empty_command, parse_servers
 from services.applier.pen_runner import (
-    PenFiles, PenInstance, read_instances, render_instances, runner_alive, signal_runner,
+    PenFiles, PenInstance, own_pen, read_instances, render_instances, runner_alive, signal_runner, write_cfg,
 )
 from services.common.files import write_atomic
 from services.common.model import Plan, Service, content_hash
@@ -97,7 +100,6 @@ class PenDriver(ProxyDriver):
         self.files = PenFiles.of(settings)
         self.start_timeout = start_timeout
         self._applied = ""  # fingerprint of the last state converged to successfully
-        self._written: set[str] | None = None  # instance keys of instances.json as last written/read
         self._set_aside: dict[str, str] = {}  # service key -> reason, as last reported
         os.makedirs(self.files.directory, exist_ok=True)
 
@@ -120,7 +122,7 @@ class PenDriver(ProxyDriver):
                 return DriverResult(self.name, False, "rejected", errors=(f"service {service.key}: {error}",))
             warnings += more
         by_key = {f"{s.port}-{s.protocol}": s for s in services}
-        idle_taken = self._probe_idle(instances, by_key)
+        idle_taken = self._probe_idle(instances, by_key)  # before the shortcut: a resync checks too
         for key in idle_taken:
             del instances[key], chosen[key]
         set_aside = {by_key[key].key: reason for key, reason in idle_taken.items()}  # service key -> reason
@@ -149,8 +151,7 @@ class PenDriver(ProxyDriver):
                 restart[key] = self._pid(key) if key in previous else None
             tables[key] = assign_slots(live or {}, chosen[key], instance.slots)
             # The .cfg goes first: a pen (re)started from here on comes up with this membership.
-            # 0644: a pen started as another user reads it (the run dir keeps it private).
-            write_atomic(self.files.file(key, "cfg"), render_table(tables[key]), mode=0o644)
+            write_cfg(self.files.file(key, "cfg"), render_table(tables[key]))
 
         instances_changed = self._write_instances(instances)
         for key in set(previous) - set(instances):
@@ -207,34 +208,51 @@ class PenDriver(ProxyDriver):
         return self._result(True, action, (), details, set_aside)
 
     def _probe_idle(self, instances: dict[str, PenInstance], by_key: dict[str, Service]) -> dict[str, str]:
-        """Probe the ports of the wanted pens that are not running (not in instances.json): a
-        port another program holds sets its service aside. Running pens hold their own ports."""
-        running = self._written if self._written is not None else set(self._read_written())
-        return self._taken(set(instances) - running, by_key)
+        """The wanted pens that do not run (not requested yet, or down: died, crash-looping)
+        and whose port cannot be bound, with the set-aside reason. A running pen holds its own
+        port: it is found by its pid file and /proc, with no socket and no probe."""
+        return self._taken([key for key, instance in instances.items() if not self._running(key, instance)],
+                           by_key)
+
+    def _running(self, key: str, instance: PenInstance) -> bool:
+        """Whether the pen of `key` runs: its pid file (written by Pen once it bound its port)
+        names a live Pen process of this instance."""
+        try:
+            with open(self.files.file(key, "pid"), encoding="utf-8") as source:
+                pid = int(source.read().strip())
+        except (OSError, ValueError):
+            return False
+        return pid > 0 and own_pen(pid, instance, self.files, "pen")
 
     def _taken(self, keys, by_key: dict[str, Service]) -> dict[str, str]:
-        """Those of the pens `keys` whose port cannot be bound now, with the set-aside reason."""
+        """Those of the pens `keys` whose port cannot be bound now, with the set-aside reason. A
+        pen that answers on its control socket holds the port itself (it came up meanwhile)."""
         taken = {}
         for key in sorted(keys):
             service = by_key[key]
             error = bind_error(LISTEN_HOST, service.port, service.protocol)
-            if error:
+            if error and self._pid(key) is None:
                 taken[key] = unbindable_reason(service, error)
         return taken
 
     def _read_written(self) -> dict[str, PenInstance]:
         try:
-            written = read_instances(self.files.instances)
-        except ValueError as error:
+            return read_instances(self.files.instances)
+        except ValueError as error:  # any malformed content: the file is rewritten by this apply
             log.warning("pen: %s; rewriting it", error)
-            written = {}
-        self._written = set(written)
-        return written
+            return {}
 
     def _write_instances(self, instances: dict[str, PenInstance]) -> bool:
-        changed = write_atomic(self.files.instances, render_instances(list(instances.values())))
-        self._written = set(instances)
-        return changed
+        """Write instances.json; False when it already said so. Compared as bytes: the file
+        being replaced may hold anything (write_atomic's check reads it as UTF-8)."""
+        text = render_instances(list(instances.values()))
+        try:
+            with open(self.files.instances, "rb") as current:
+                if current.read() == text.encode():
+                    return False
+        except FileNotFoundError:
+            pass
+        return write_atomic(self.files.instances, text, skip_if_same=False)
 
     def _result(self, ok: bool, action: str, errors, details: dict, set_aside: dict[str, str]) -> DriverResult:
         """The result, logging set-aside services when their reason appears or changes (the

@@ -18,10 +18,15 @@ Run as root, the runner starts every pen as PEN_USER (nobody) from its first ins
 (`setpriv`), keeping only the right to bind ports below 1024; see `launch_argv` for why Pen's own
 `-u` does not do. The run dir is private (0700), so a pen reaches its files through a descriptor
 of the pen directory it inherits (fd PEN_DIR_FD, paths /proc/self/fd/<fd>/...), never through
-the run dir's path. The runner creates the pid file and status page empty and owned by that
-user, and sock/ for the control sockets; the pen directory and the .cfg files stay root's. A pid
-read back from a pid file is only ever signalled when /proc shows it is that very pen (same
+the run dir's path. The runner creates the pid file and status page empty, 0600 and owned by
+that user, and sock/ for the control sockets; the pen directory and the .cfg files stay root's
+(a .cfg is 0640 with the pens' group, the one file a pen reads and does not own: `write_cfg`). A
+pid read back from a pid file is only ever signalled when /proc shows it is that very pen (same
 command line and executable).
+
+A bad instance file (unreadable, not JSON, any malformed entry) keeps the running pens as they
+are; a failure for one instance (its files, its start or stop) touches only that instance; and
+the loop survives any exception: the runner never takes every pen down for a bug or bad data.
 """
 from __future__ import annotations
 
@@ -32,12 +37,14 @@ import pwd
 import select
 import shutil
 import signal
+import stat
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 from services.applier import proc_identity
-from services.common.files import write_atomic
+from services.common.files import fsync_directory, write_atomic
 
 log = logging.getLogger("proxymatic.pen")
 
@@ -70,11 +77,17 @@ class PenInstance:
         return f"{self.port}-{self.protocol}"
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PenInstance":
-        instance = cls(port=int(data["port"]), protocol=str(data["protocol"]), slots=int(data["slots"]),
-                       clients=int(data["clients"]), max_connections=int(data["max_connections"]))
-        if instance.protocol not in ("tcp", "udp") or not 0 < instance.port < 65536 or instance.slots < 1:
-            raise ValueError(f"bad pen instance {data!r}")
+    def from_dict(cls, data) -> "PenInstance":
+        """Raises ValueError for anything but an instance as `render_instances` writes it."""
+        numbers = ("port", "slots", "clients", "max_connections")
+        if not isinstance(data, dict) or not {"protocol", *numbers} <= set(data) \
+                or not all(type(data[name]) is int for name in numbers):
+            raise ValueError(f"bad pen instance {repr(data)[:200]}")
+        instance = cls(port=data["port"], protocol=data["protocol"], slots=data["slots"],
+                       clients=data["clients"], max_connections=data["max_connections"])
+        if instance.protocol not in ("tcp", "udp") or not 0 < instance.port < 65536 or instance.slots < 1 \
+                or instance.clients < 1 or instance.max_connections < 1:
+            raise ValueError(f"bad pen instance {repr(data)[:200]}")
         return instance
 
 
@@ -118,19 +131,77 @@ def render_instances(instances: list[PenInstance]) -> str:
 
 
 def read_instances(path: str) -> dict[str, PenInstance]:
-    """The desired instances; a missing file means none. Raises ValueError for a broken file."""
+    """The desired instances; a missing file means none. Raises ValueError for anything else
+    than a file `render_instances` could have written (unreadable, not JSON, a bad entry)."""
     try:
         with open(path, encoding="utf-8") as source:
-            data = json.load(source)
+            data = json.load(source)  # a JSONDecodeError or UnicodeDecodeError is a ValueError
     except FileNotFoundError:
         return {}
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:
         raise ValueError(f"{path}: {error}") from error
+    if not isinstance(data, dict) or not isinstance(data.get("instances", []), list):
+        raise ValueError(f"{path}: not an object with a list of instances: {repr(data)[:100]}")
     instances = {}
     for item in data.get("instances", []):
-        instance = PenInstance.from_dict(item)
+        try:
+            instance = PenInstance.from_dict(item)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
         instances[instance.key] = instance
     return instances
+
+
+def pen_group() -> int | None:
+    """The group pens run with when we are root and they run as PEN_USER; None otherwise (then
+    they run as our user, or as root)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(PEN_USER).pw_gid
+    except KeyError:
+        return None
+
+
+def write_cfg(path: str, text: str) -> bool:
+    """Write a pen's `.cfg` atomically: the one file a pen reads and does not own. As root it is
+    root's, group the pens' group, 0640 (a pen, as PEN_USER, reads it through the inherited
+    directory descriptor: opening it checks the file's own mode); otherwise 0600. An existing
+    file with the same text keeps it and gets that owner and mode. False when the text was
+    already there."""
+    gid = pen_group()
+    mode = 0o640 if gid is not None else 0o600
+    try:
+        with open(path, "rb") as current:
+            same = current.read() == text.encode()
+    except FileNotFoundError:
+        same = False
+    if same:
+        status = os.stat(path)
+        if gid is not None and status.st_gid != gid:
+            os.chown(path, -1, gid)  # before the mode: a pen can read it at every step
+        if stat.S_IMODE(status.st_mode) != mode:
+            os.chmod(path, mode)
+        return False
+    directory = os.path.dirname(path) or "."
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+            if gid is not None:
+                os.fchown(out.fileno(), -1, gid)
+            os.fchmod(out.fileno(), mode)
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_directory(directory)
+    return True
 
 
 def dropped(user: str | None) -> bool:
@@ -197,12 +268,13 @@ def pen_user(wanted: str = PEN_USER) -> str | None:
 
 def prepare_owned(path: str, user: str | None) -> None:
     """An empty file at `path` that `user` may write (a pen writes it, in a directory it cannot
-    write); it replaces whatever was there, so nothing left by an earlier process survives."""
+    write); it replaces whatever was there, so nothing left by an earlier process survives.
+    0600: the pen (its owner) writes it and reads it back (the status page), root reads any."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         if user and user != "root":
             entry = pwd.getpwnam(user)
@@ -266,45 +338,91 @@ class PenRunner:
         self.desired: dict[str, PenInstance] = {}
         self._stopping = False
         self._wake_r, self._wake_w = -1, -1
+        self._load_error: str | None = None  # why the instance file was last refused
+        self._errors: dict[str, str] = {}  # instance key -> its last failure, logged once
 
     # -- reconciliation ---------------------------------------------------------------------
     def load(self) -> None:
+        """Read the instance file; a bad one keeps the current set (logged when its reason changes,
+        not every second)."""
         try:
-            self.desired = read_instances(self.files.instances)
+            desired = read_instances(self.files.instances)
         except ValueError as error:
-            log.error("pen: cannot read the instance file, keeping the current set: %s", error)
+            if str(error) != self._load_error:
+                log.error("pen: cannot read the instance file, keeping the %d pen(s) as they are: %s",
+                          len(self.pens), error)
+            self._load_error = str(error)
+            return
+        if self._load_error is not None:
+            log.info("pen: the instance file is readable again")
+            self._load_error = None
+        self.desired = desired
 
     def reconcile(self) -> None:
-        now = time.monotonic()
+        """Make the running pens match `desired`, one instance at a time: a failure for one (an
+        exception included) is logged and retried later for that instance only."""
         for key in sorted(set(self.pens) - set(self.desired)):
-            log.info("pen %s: no longer wanted, stopping", key)
-            self._stop(self.pens.pop(key))
-            self._remove_files(key)
+            self._guarded(key, "stop", self._retire, key)
         for key, instance in sorted(self.desired.items()):
-            argv = pen_argv(instance, self.files, self.binary, self.user)
-            pen = self.pens.get(key)
-            if pen is not None and (pen.argv != argv or pen.instance != instance):
-                log.info("pen %s: settings changed (%s), restarting", key, instance)
-                self._stop(pen)
-                pen = None
-            if pen is None:
-                pen = self.pens[key] = _Pen(instance, argv)
-                if self._adopt(pen):
-                    continue
-            if pen.running():
-                if pen.started and now - pen.started > STABLE_AFTER:
-                    pen.backoff = MIN_BACKOFF
-                continue
-            if pen.started or pen.adopted_pid:
-                # It ran and died: wait a little before the next try, longer while it keeps dying.
-                code = pen.process.returncode if pen.process is not None else None
-                log.warning("pen %s: exited (code %s), restarting in %.0fs", key, code, pen.backoff)
-                pen.restart_at = now + pen.backoff
-                pen.backoff = min(MAX_BACKOFF, pen.backoff * 2) if now - pen.started < STABLE_AFTER \
-                    else MIN_BACKOFF
-                pen.process, pen.adopted_pid, pen.started = None, None, 0.0
-            if now >= pen.restart_at:
-                self._start(pen)
+            if not self._guarded(key, "start", self._reconcile_one, key, instance):
+                pen = self.pens.get(key)
+                if pen is not None and pen.process is None and not pen.adopted_pid:
+                    del self.pens[key]  # nothing runs: the next turn starts afresh (adoption first)
+
+    def _guarded(self, key: str, what: str, action, *args):
+        """`action(*args)`, logging an exception (once per distinct error) instead of raising it:
+        False when it raised."""
+        try:
+            action(*args)
+        except Exception as error:  # noqa: BLE001  one instance's failure is never everyone's
+            text = f"{type(error).__name__}: {error}"
+            if self._errors.get(key) != text:
+                log.exception("pen %s: cannot %s it: %s", key, what, text)
+            else:
+                log.debug("pen %s: cannot %s it: %s", key, what, text)
+            self._errors[key] = text
+            return False
+        self._errors.pop(key, None)
+        return True
+
+    def _retire(self, key: str) -> None:
+        log.info("pen %s: no longer wanted, stopping", key)
+        self._stop(self.pens[key])
+        del self.pens[key]
+        self._remove_files(key)
+
+    @staticmethod
+    def _delay(pen: "_Pen") -> None:
+        """The next start attempt of `pen` after its backoff, which doubles up to MAX_BACKOFF."""
+        pen.restart_at = time.monotonic() + pen.backoff
+        pen.backoff = min(MAX_BACKOFF, pen.backoff * 2)
+
+    def _reconcile_one(self, key: str, instance: PenInstance) -> None:
+        now = time.monotonic()
+        argv = pen_argv(instance, self.files, self.binary, self.user)
+        pen = self.pens.get(key)
+        if pen is not None and (pen.argv != argv or pen.instance != instance):
+            log.info("pen %s: settings changed (%s), restarting", key, instance)
+            self._stop(pen)
+            pen = None
+        if pen is None:
+            pen = self.pens[key] = _Pen(instance, argv)
+            if self._adopt(pen):
+                return
+        if pen.running():
+            if pen.started and now - pen.started > STABLE_AFTER:
+                pen.backoff = MIN_BACKOFF
+            return
+        if pen.started or pen.adopted_pid:
+            # It ran and died: wait a little before the next try, longer while it keeps dying.
+            code = pen.process.returncode if pen.process is not None else None
+            log.warning("pen %s: exited (code %s), restarting in %.0fs", key, code, pen.backoff)
+            pen.restart_at = now + pen.backoff
+            pen.backoff = min(MAX_BACKOFF, pen.backoff * 2) if now - pen.started < STABLE_AFTER \
+                else MIN_BACKOFF
+            pen.process, pen.adopted_pid, pen.started = None, None, 0.0
+        if now >= pen.restart_at:
+            self._start(pen)
 
     def _adopt(self, pen: _Pen) -> bool:
         """Take over a pen a previous runner left running (its pid file). The file is written by
@@ -355,21 +473,19 @@ class PenRunner:
             # The pen writes these and cannot create files here: they must exist and be its own.
             for suffix in ("pid", "html"):
                 prepare_owned(self.files.file(key, suffix), self.user)
+            cfg = self.files.file(key, "cfg")
+            if not os.path.exists(cfg):
+                write_cfg(cfg, "")  # the driver has not written a membership yet: all slots empty
         except (OSError, KeyError) as error:
             log.error("pen %s: cannot prepare its files: %s", key, error)
-            pen.restart_at = time.monotonic() + pen.backoff
-            pen.backoff = min(MAX_BACKOFF, pen.backoff * 2)
+            self._delay(pen)
             return
-        cfg = self.files.file(key, "cfg")
-        if not os.path.exists(cfg):
-            write_atomic(cfg, "", mode=0o644)  # the driver has not written a membership yet: all slots empty
         try:
             pen.process = subprocess.Popen(launch_argv(pen.argv, self.user), stdin=subprocess.DEVNULL,
                                            pass_fds=(PEN_DIR_FD,) if dropped(self.user) else ())
-        except OSError as error:
+        except (OSError, ValueError, subprocess.SubprocessError) as error:
             log.error("pen %s: cannot start %s: %s", key, pen.argv[0], error)
-            pen.restart_at = time.monotonic() + pen.backoff
-            pen.backoff = min(MAX_BACKOFF, pen.backoff * 2)
+            self._delay(pen)
             return
         pen.started = time.monotonic()
         log.info("pen %s: started pid %d: %s", key, pen.process.pid, " ".join(launch_argv(pen.argv, self.user)))
@@ -404,16 +520,19 @@ class PenRunner:
         return sent
 
     def _remove_files(self, key: str) -> None:
+        """The files of a pen that was stopped; one that cannot be removed is logged and left."""
         for path in (self.files.control(key), self.files.socket(key), self.files.file(key, "pid"),
                      self.files.file(key, "html")):
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+            except OSError as error:
+                log.warning("pen %s: cannot remove %s: %s", key, path, error)
 
     def stop_all(self) -> None:
         for key in sorted(self.pens):
-            self._stop(self.pens[key])
+            self._guarded(key, "stop", self._stop, self.pens[key])
         self.pens.clear()
 
     # -- main loop --------------------------------------------------------------------------
@@ -439,23 +558,37 @@ class PenRunner:
         log.info("pen runner: watching %s", self.files.instances)
         try:
             while not self._stopping:
-                self.load()
-                self.reconcile()
-                select.select([self._wake_r], [], [], self._timeout())
-                try:
-                    while os.read(self._wake_r, 512):
-                        pass
-                except BlockingIOError:
-                    pass
+                self._iterate()
         finally:
             log.info("pen runner: stopping %d pen(s)", len(self.pens))
             self.stop_all()
             signal.set_wakeup_fd(-1)
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            self._wake_r, self._wake_w = -1, -1
             try:
                 os.unlink(self.files.runner_pid)
             except FileNotFoundError:
                 pass
         return 0
+
+    def _iterate(self) -> None:
+        """One turn of the loop. Nothing raised here ends the loop: its `finally` stops every pen,
+        so an exception is logged and the pens are left as they are until the next turn."""
+        try:
+            self.load()
+            self.reconcile()
+        except Exception:  # noqa: BLE001
+            log.exception("pen runner: reconciling failed, the pens stay as they are")
+        try:
+            select.select([self._wake_r], [], [], self._timeout())
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        except Exception:  # noqa: BLE001
+            log.exception("pen runner: waiting failed")
+            time.sleep(self.poll_interval)  # not a busy loop while it keeps failing
 
 
 def main(settings) -> int:
@@ -474,15 +607,10 @@ def _runner(files: PenFiles) -> int | None:
 
 
 def signal_runner(files: PenFiles) -> bool:
-    """Wake the runner (the driver calls this after changing the instance file)."""
-    try:
-        with open(files.runner_pid, encoding="utf-8") as source:
-            recorded = source.read()
-    except OSError:
-        return False
-    pid = proc_identity.same_process(recorded)  # a stale file never gets another process signalled
-    return pid is not None and proc_identity.signal_verified(
-        pid, signal.SIGHUP, lambda p: proc_identity.same_process(recorded) == p)
+    """Wake the runner (the driver calls this after changing the instance file). A stale
+    runner.pid never gets another process signalled: the pid is pinned, then checked again."""
+    pid = _runner(files)
+    return pid is not None and proc_identity.signal_verified(pid, signal.SIGHUP, lambda p: _runner(files) == p)
 
 
 def runner_alive(files: PenFiles) -> bool:
