@@ -300,6 +300,23 @@ def test_the_runner_loop_survives_an_exception(runner, monkeypatch, caplog):
     assert any("reconciling failed" in r.getMessage() for r in caplog.records)
 
 
+def test_a_runner_told_to_stop_at_once_still_takes_over_the_pens_it_stops(runner, monkeypatch):
+    """A SIGTERM right after start (runner.pid written): the first turn still runs, so the pens a
+    previous runner left are adopted and then stopped, not left running (it raced before)."""
+    events = []
+    monkeypatch.setattr(runner, "reconcile", lambda: events.append("reconcile"))
+    monkeypatch.setattr(runner, "stop_all", lambda: events.append("stop_all"))
+    runner._stopping = True  # as if SIGTERM came at once
+    handlers = {signum: signal.getsignal(signum)
+                for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)}
+    try:
+        assert runner.run() == 0
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert events == ["reconcile", "stop_all"]
+
+
 def test_pen_files_are_private(tmp_path):
     cfg = tmp_path / "53-udp.cfg"
     root = os.geteuid() == 0

@@ -557,8 +557,13 @@ class PenRunner:
         write_atomic(self.files.runner_pid, proc_identity.identity(os.getpid()) + "\n")
         log.info("pen runner: watching %s", self.files.instances)
         try:
+            # The first turn even when told to stop already: it adopts the pens a previous runner
+            # left, so that stopping stops them too (they would be left running otherwise).
+            self._step()
             while not self._stopping:
-                self._iterate()
+                self._wait()
+                if not self._stopping:
+                    self._step()
         finally:
             log.info("pen runner: stopping %d pen(s)", len(self.pens))
             self.stop_all()
@@ -572,7 +577,7 @@ class PenRunner:
                 pass
         return 0
 
-    def _iterate(self) -> None:
+    def _step(self) -> None:
         """One turn of the loop. Nothing raised here ends the loop: its `finally` stops every pen,
         so an exception is logged and the pens are left as they are until the next turn."""
         try:
@@ -580,6 +585,9 @@ class PenRunner:
             self.reconcile()
         except Exception:  # noqa: BLE001
             log.exception("pen runner: reconciling failed, the pens stay as they are")
+
+    def _wait(self) -> None:
+        """Until a signal, or the next check (poll interval, or a pen's restart time)."""
         try:
             select.select([self._wake_r], [], [], self._timeout())
             while os.read(self._wake_r, 512):
