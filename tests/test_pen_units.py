@@ -21,7 +21,7 @@ from services.applier.pen_runner import (
     PenFiles, PenInstance, PenRunner, launch_argv, pen_argv, prepare_owned, read_instances, render_instances,
     signal_runner, write_cfg)
 from services.common.model import Plan, ProxySettings, Service
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_until
 
 
 def service(port, protocol="udp", servers=(), name="svc"):
@@ -137,7 +137,8 @@ def test_a_pid_is_signalled_only_while_it_is_the_recorded_process():
         assert proc_identity.same_process(recorded) == sleeper.pid
         assert proc_identity.same_process(f"{sleeper.pid} 1") is None  # same pid, another start time
         assert proc_identity.same_process("not a pid") is None
-        assert proc_identity.cmdline(sleeper.pid) == ["sleep", "60"]
+        # Popen returns once the child called exec (vfork): its command line may show a moment later
+        wait_until(lambda: proc_identity.cmdline(sleeper.pid) == ["sleep", "60"], message="sleep's command line")
         assert proc_identity.executes(sleeper.pid, "sleep") and not proc_identity.executes(sleeper.pid, "pen")
         # a check that fails sends nothing
         assert not proc_identity.signal_verified(sleeper.pid, signal.SIGTERM, lambda pid: False)
