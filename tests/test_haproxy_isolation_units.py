@@ -7,9 +7,9 @@ import tempfile
 import pytest
 
 from services.applier import culprits
+from services.applier.bindable import unbindable_reason
 from services.applier.haproxy_isolation import (
-    ProgramLog, Section, bind_failures, blame_alerts, key_of_proxy, os_error_text,
-    section_lines, unbindable_reason,
+    ProgramLog, Section, bind_failures, blame_alerts, key_of_proxy, os_error_text, section_lines,
 )
 from services.applier.haproxy_render import ConfigRenderer, HaproxyPaths
 from services.common.model import Plan, ProxySettings, Service

@@ -21,7 +21,6 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from services.applier.bindable import unbindable_reason  # noqa: F401  (moved there; old name kept)
 from services.common.model import Service
 
 _WHERE = re.compile(r"\[([^\[\]]+):(\d+)\]")

@@ -13,8 +13,8 @@ def write_atomic(path: str, text: str, skip_if_same: bool = True, mode: int = 0o
     only the processes of this instance (one user) read them."""
     if skip_if_same:
         try:
-            with open(path, encoding="utf-8") as current:
-                if current.read() == text:
+            with open(path, "rb") as current:  # bytes: a damaged file (not UTF-8) just differs
+                if current.read() == text.encode("utf-8"):
                     return False
         except FileNotFoundError:
             pass
