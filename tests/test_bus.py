@@ -149,7 +149,7 @@ def test_malformed_messages_are_counted_and_dropped(tmp_path, caplog):
         got = []
         for number, frames in enumerate(HOSTILE_FRAMES, 1):
             # one at a time: small messages in a burst could meet the high-water mark
-            publisher.pub.send_multipart(frames)
+            publisher.send_frames(frames)
             wait_until(lambda: collect(subscriber, got) is not None and subscriber.dropped == number, timeout=30,
                        message=f"hostile message {number} dropped (count {subscriber.dropped})")
         publisher.publish("t.a", {"v": 1})

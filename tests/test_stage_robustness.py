@@ -98,7 +98,7 @@ def feed(upstream: Publisher, beats: Beats, hostile: list, expected_dropped: int
         if isinstance(item, tuple):
             upstream.publish(*item)
         else:
-            upstream.pub.send_multipart(item)
+            upstream.send_frames(item)
         expected_dropped += 1
         wait_until(lambda: (upstream.serve_snapshots(), beats.poll().get("dropped"))[1] == expected_dropped,
                    timeout=30, message=f"{item!r:.120} dropped (count {expected_dropped})")
@@ -127,7 +127,7 @@ def test_planner_survives_any_message_and_plans_the_next_good_one(caplog):
         hostile = on_topic(b"source.file") + BAD_SNAPSHOTS
         dropped = feed(collector, beats, hostile, 0)
         # Hostile heartbeats are not dropped (their bad fields are ignored), and kill nothing.
-        collector.pub.send_multipart([b"heartbeat.evil", raw_body(sender="evil", payload={"interval": "x"})])
+        collector.send_frames([b"heartbeat.evil", raw_body(sender="evil", payload={"interval": "x"})])
         collector.publish("source.file", snapshot(3))
         wait_until(lambda: len(plans()[-1].services[0].servers) == 3, message="the good snapshot planned")
         assert thread.is_alive() and beats.latest["dropped"] == dropped == len(hostile)
@@ -224,7 +224,7 @@ def test_tap_survives_any_message_and_prints_the_next_good_one(tap_process):
         hostile_payloads = [("plan", {"services": 5}), ("plan", {"services": [{"port": 1}]}),
                             ("source.file", {"services": 7}), ("heartbeat.x", {"sources": {"a": 5}})]
         for number, frames in enumerate(hostile, 1):
-            publisher.pub.send_multipart(frames)
+            publisher.send_frames(frames)
             wait_until(lambda: printed("") and err.read_text().count("dropped message") == number, timeout=30,
                        message=f"hostile message {number} logged")
         for topic, payload in hostile_payloads:

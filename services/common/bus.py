@@ -230,7 +230,7 @@ class Publisher:
             self.seq += 1
             message = Message(topic, self.seq, time.time(), self.sender, self.epoch, payload)
             self._last[topic] = message
-            self.pub.send_multipart(message.encode())
+            self._send(message.encode())
         return message
 
     def heartbeat(self, payload: dict | None = None, now: float | None = None) -> bool:
@@ -242,8 +242,21 @@ class Publisher:
             self._next_heartbeat = now + self.heartbeat_interval
             body = {"interval": self.heartbeat_interval, "pid": os.getpid(), **(payload or {})}
             beat = Message(HEARTBEAT_TOPIC + self.sender, self.seq, time.time(), self.sender, self.epoch, body)
-            self.pub.send_multipart(beat.encode())
+            self._send(beat.encode())
         return True
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        """Send raw frames on the PUB socket (tools and tests that speak the wire form)."""
+        with self._lock:
+            self._send(frames)
+
+    def _send(self, frames: list[bytes]) -> None:
+        # With high-water marks this small, the PUB socket must first take in the credit its
+        # peers returned for what they read (commands in its mailbox, which a send processes
+        # only now and then): otherwise it counts its pipes as full and drops a message sent at
+        # a trickle. Reading EVENTS processes them (a microsecond).
+        self.pub.getsockopt(zmq.EVENTS)
+        self.pub.send_multipart(frames)
 
     def seconds_to_heartbeat(self) -> float:
         return max(0.0, self._next_heartbeat - time.monotonic())
