@@ -39,12 +39,11 @@ import shutil
 import signal
 import stat
 import subprocess
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 from services.applier import proc_identity
-from services.common.files import fsync_directory, write_atomic
+from services.common.files import write_atomic
 
 log = logging.getLogger("proxymatic.pen")
 
@@ -183,25 +182,7 @@ def write_cfg(path: str, text: str) -> bool:
         if stat.S_IMODE(status.st_mode) != mode:
             os.chmod(path, mode)
         return False
-    directory = os.path.dirname(path) or "."
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-            if gid is not None:
-                os.fchown(out.fileno(), -1, gid)
-            os.fchmod(out.fileno(), mode)
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_directory(directory)
-    return True
+    return write_atomic(path, text, skip_if_same=False, mode=mode, group=gid)
 
 
 def dropped(user: str | None) -> bool:

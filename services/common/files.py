@@ -5,12 +5,14 @@ import os
 import tempfile
 
 
-def write_atomic(path: str, text: str, skip_if_same: bool = True, mode: int = 0o600) -> bool:
+def write_atomic(path: str, text: str, skip_if_same: bool = True, mode: int = 0o600,
+                 group: int | None = None) -> bool:
     """Write `text` to `path` through a temp file + fsync + rename (+ fsync of the directory, so
     the rename survives a crash). Returns False when the file already said so (not checked with
     `skip_if_same=False`, for callers that know it differs and want to spare the read).
     Files are private (0600) by default: configs and state may name internal addresses, and
-    only the processes of this instance (one user) read them."""
+    only the processes of this instance (one user) read them. `group`: the file's group id (set
+    before the mode, so the file is never readable by more than it should)."""
     if skip_if_same:
         try:
             with open(path, "rb") as current:  # bytes: a damaged file (not UTF-8) just differs
@@ -25,6 +27,8 @@ def write_atomic(path: str, text: str, skip_if_same: bool = True, mode: int = 0o
             out.write(text)
             out.flush()
             os.fsync(out.fileno())
+        if group is not None:
+            os.chown(temp, -1, group)
         os.chmod(temp, mode)
         os.replace(temp, path)
     except BaseException:
