@@ -6,6 +6,8 @@ import threading
 import time
 from typing import Callable, TypeVar
 
+from services.applier.driver import DriverResult, ProxyDriver
+from services.common.model import Plan
 from sim.backends import (  # noqa: F401  (re-exported for tests)
     EchoBackend, HttpBackend, ServedBackend, TcpBackend, UdpEcho)
 
@@ -80,3 +82,16 @@ class Load(threading.Thread):
     def stop(self) -> None:
         self.done.set()
         self.join()
+
+
+class RecordingDriver(ProxyDriver):
+    """A driver that records the plans it was asked to apply and always succeeds."""
+
+    name = "recording"
+
+    def __init__(self):
+        self.applied: list[str] = []
+
+    def apply(self, plan: Plan) -> DriverResult:
+        self.applied.append(plan.hash)
+        return DriverResult(self.name, True, "runtime")

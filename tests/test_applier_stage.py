@@ -14,7 +14,7 @@ from services.applier.haproxy_driver import HaproxyDriver
 from services.common.bus import Publisher, Subscriber
 from services.common.config import Settings
 from services.common.model import ApplyResult, Plan, ProxySettings, Service
-from tests.helpers import TcpBackend, free_port, tcp_ask, wait_until
+from tests.helpers import RecordingDriver, TcpBackend, free_port, tcp_ask, wait_until
 from tests.test_haproxy_driver import HaproxyProcess, pytestmark  # noqa: F401  (skip without haproxy)
 
 
@@ -202,17 +202,6 @@ def test_heartbeats_go_on_while_a_driver_blocks():
         shutil.rmtree(settings.run_dir, ignore_errors=True)
 
 
-class RecordingDriver(ProxyDriver):
-    name = "recording"
-
-    def __init__(self):
-        self.applied: list[str] = []
-
-    def apply(self, plan: Plan) -> DriverResult:
-        self.applied.append(plan.hash)
-        return DriverResult(self.name, True, "runtime")
-
-
 def sourced_plan(ready: tuple[str, ...], **ports: int) -> Plan:
     services = tuple(Service.from_dict({"name": source, "port": port, "source": source,
                                         "servers": [{"ip": "10.0.0.1", "port": 80}]})
@@ -220,52 +209,51 @@ def sourced_plan(ready: tuple[str, ...], **ports: int) -> Plan:
     return Plan(services, ProxySettings(), sources_ready=ready)
 
 
-def test_a_plan_lacking_a_source_is_held_until_that_source_reports():
+@pytest.fixture
+def recording_stage():
+    """An applier stage whose only driver records the plans it applies: (stage, driver)."""
     settings = Settings(run_dir=tempfile.mkdtemp(prefix="pm"), node_name="n4")
     driver = RecordingDriver()
     stage = Stage(settings, drivers=[driver])
-    try:
-        full = sourced_plan(("file", "marathon"), file=3001, marathon=3000)
-        stage.publish(full)
-        stage.result_for(full)
-        partial = sourced_plan(("file",), file=3002)
-        stage.publish(partial)
-        held = stage.result_for(partial, ok=False)
-        assert held.action == "held" and held.details["held"]["missing_sources"] == ["marathon"]
-        assert held.details["held"]["serving"] == full.hash and "lacks source(s) marathon" in held.details["held"]["note"]
-        assert driver.applied == [full.hash]
-        # Marathon reports again, with its services gone: really gone, applied.
-        gone = sourced_plan(("file", "marathon"), file=3002)
-        stage.publish(gone)
-        assert stage.result_for(gone).action == "runtime"
-        assert driver.applied == [full.hash, gone.hash]
-    finally:
-        stage.close()
-        shutil.rmtree(settings.run_dir, ignore_errors=True)
+    yield stage, driver
+    stage.close()
+    shutil.rmtree(settings.run_dir, ignore_errors=True)
 
 
-def test_the_served_plan_coming_back_after_a_hold_is_published_again():
+def test_a_plan_lacking_a_source_is_held_until_that_source_reports(recording_stage):
+    stage, driver = recording_stage
+    full = sourced_plan(("file", "marathon"), file=3001, marathon=3000)
+    stage.publish(full)
+    stage.result_for(full)
+    partial = sourced_plan(("file",), file=3002)
+    stage.publish(partial)
+    held = stage.result_for(partial, ok=False)
+    assert held.action == "held" and held.details["held"]["missing_sources"] == ["marathon"]
+    assert held.details["held"]["serving"] == full.hash and "lacks source(s) marathon" in held.details["held"]["note"]
+    assert driver.applied == [full.hash]
+    # Marathon reports again, with its services gone: really gone, applied.
+    gone = sourced_plan(("file", "marathon"), file=3002)
+    stage.publish(gone)
+    assert stage.result_for(gone).action == "runtime"
+    assert driver.applied == [full.hash, gone.hash]
+
+
+def test_the_served_plan_coming_back_after_a_hold_is_published_again(recording_stage):
     """A hold ends with the very plan being served (the source is back with the same services):
     nothing to apply, but `applied.<node>` must no longer say `held`."""
-    settings = Settings(run_dir=tempfile.mkdtemp(prefix="pm"), node_name="n5")
-    driver = RecordingDriver()
-    stage = Stage(settings, drivers=[driver])
-    try:
-        full = sourced_plan(("file", "marathon"), file=3001, marathon=3000)
-        stage.publish(full)
-        stage.result_for(full)
-        partial = sourced_plan(("file",), file=3001)
-        stage.publish(partial)
-        stage.result_for(partial, ok=False)
-        stage.received.clear()
-        stage.publish(full)
-        again = stage.result_for(full)
-        assert again.ok and again.action != "held"
-        assert driver.applied == [full.hash]  # nothing re-applied
-        assert stage.received[-1][1].plan_hash == full.hash
-    finally:
-        stage.close()
-        shutil.rmtree(settings.run_dir, ignore_errors=True)
+    stage, driver = recording_stage
+    full = sourced_plan(("file", "marathon"), file=3001, marathon=3000)
+    stage.publish(full)
+    stage.result_for(full)
+    partial = sourced_plan(("file",), file=3001)
+    stage.publish(partial)
+    stage.result_for(partial, ok=False)
+    stage.received.clear()
+    stage.publish(full)
+    again = stage.result_for(full)
+    assert again.ok and again.action != "held"
+    assert driver.applied == [full.hash]  # nothing re-applied
+    assert stage.received[-1][1].plan_hash == full.hash
 
 
 def test_missing_sources_compares_with_the_served_plan():

@@ -15,12 +15,11 @@ import pytest
 import zmq
 
 from services.applier import main as applier
-from services.applier.driver import DriverResult, ProxyDriver
 from services.common.bus import Endpoint, Publisher, Subscriber
 from services.common.config import Settings
 from services.common.model import Plan, ProxySettings, Service, SourceSnapshot
 from services.planner import main as planner
-from tests.helpers import wait_until
+from tests.helpers import RecordingDriver, wait_until
 from tests.test_bus import HOSTILE_FRAMES, raw_body
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,17 +139,6 @@ def test_planner_survives_any_message_and_plans_the_next_good_one(caplog):
         collector.close()
         shutil.rmtree(settings.run_dir, ignore_errors=True)
     assert not thread.is_alive()
-
-
-class RecordingDriver(ProxyDriver):
-    name = "recording"
-
-    def __init__(self):
-        self.applied: list[str] = []
-
-    def apply(self, plan: Plan) -> DriverResult:
-        self.applied.append(plan.hash)
-        return DriverResult(self.name, True, "runtime")
 
 
 def test_applier_survives_any_message_and_applies_the_next_good_one(caplog):
