@@ -91,11 +91,13 @@ def test_pen_probes_follow_the_applied_plan_minus_set_aside():
     assert set(ProbeTargets(Settings(run_dir="/tmp/x", haproxy=False)).probes(None)) == set()
 
 
-class FakePenControl:
-    """A unix socket answering Pen's `pid` command, that can be silenced (hung) or closed."""
+class FakeUnixServer:
+    """A unix socket answering every request with `answer` (Pen's `pid`, HAProxy's `show proc`
+    or `show info`), that can be silenced (hung) or closed."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, answer: str):
         self.path = path
+        self.answer = answer.encode()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(16)
@@ -110,9 +112,9 @@ class FakePenControl:
             except OSError:
                 return
             with conn:
-                conn.recv(64)
+                conn.recv(256)
                 if not self.hung.is_set():
-                    conn.sendall(b"1234\n")
+                    conn.sendall(self.answer)
                 else:
                     conn.settimeout(3)
                     try:
@@ -132,7 +134,7 @@ class FakePenControl:
 
 def test_prober_reports_a_pen_that_stops_answering_and_recovers(tmp_path):
     files = PenFiles(str(tmp_path))
-    pen = FakePenControl(files.control("53-udp"))
+    pen = FakeUnixServer(files.control("53-udp"), "1234\n")
     state = converged_state()
     published: list[dict] = []
 
@@ -172,56 +174,24 @@ def test_bus_messages_feed_the_state_and_odd_ones_raise_for_the_caller_to_skip()
     assert state.applied["n1"].plan_hash == "p1"
 
 
-class FakeMasterCli:
-    """A unix socket answering every connection with a fixed `show proc` text."""
-
-    def __init__(self, path: str, answer: str):
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(4)
-        self.answer = answer
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(256)
-                conn.sendall(self.answer.encode())
-
-    def close(self) -> None:
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
-        self.thread.join(timeout=5)
-
-
 def test_haproxy_probe_wants_a_master_with_a_worker(tmp_path):
     paths = HaproxyPaths(str(tmp_path))
     probe = haproxy_probe(paths, timeout=0.5)
     with pytest.raises(NotAnswering, match="No such file.*admin socket: .*No such file"):
         probe()  # no socket at all
-    master = FakeMasterCli(paths.master_socket, "#<PID> <type> <reloads>\n10 master 0 0d 2.6\n# workers\n11 worker 0 0d 2.6\n")
+    master = FakeUnixServer(paths.master_socket, "#<PID> <type> <reloads>\n10 master 0 0d 2.6\n# workers\n11 worker 0 0d 2.6\n")
     try:
         probe()
     finally:
-        master.close()
-    os.unlink(paths.master_socket)
-    master = FakeMasterCli(paths.master_socket, "#<PID> <type> <reloads>\n10 master 0 0d 2.6\n# workers\n")
+        master.close()  # removes the socket file too
+    master = FakeUnixServer(paths.master_socket, "#<PID> <type> <reloads>\n10 master 0 0d 2.6\n# workers\n")
     try:
         with pytest.raises(NotAnswering, match="no worker"):
             probe()
     finally:
         master.close()
-    # The master re-executing (its CLI refuses) while the worker answers on the admin socket.
-    os.unlink(paths.master_socket)
-    worker = FakeMasterCli(paths.admin_socket, "Name: HAProxy\nVersion: 2.6\nPid: 11\n")
+    # The master re-executing (its CLI socket gone) while the worker answers on the admin socket.
+    worker = FakeUnixServer(paths.admin_socket, "Name: HAProxy\nVersion: 2.6\nPid: 11\n")
     try:
         probe()
     finally:
