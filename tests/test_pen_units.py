@@ -279,6 +279,17 @@ def _zombie_or_gone(pid):
         return True
 
 
+def run_keeping_signal_handlers(runner) -> int:
+    """`runner.run()` in the test process: the signal handlers it installs are put back after."""
+    handlers = {signum: signal.getsignal(signum)
+                for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)}
+    try:
+        return runner.run()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
 def test_the_runner_loop_survives_an_exception(runner, monkeypatch, caplog):
     events = []
 
@@ -290,13 +301,7 @@ def test_the_runner_loop_survives_an_exception(runner, monkeypatch, caplog):
 
     monkeypatch.setattr(runner, "reconcile", reconcile)
     monkeypatch.setattr(runner, "stop_all", lambda: events.append("stop_all"))
-    handlers = {signum: signal.getsignal(signum)
-                for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)}
-    try:
-        assert runner.run() == 0
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+    assert run_keeping_signal_handlers(runner) == 0
     assert events == ["reconcile", "reconcile", "stop_all"]  # the pens were not stopped for the bug
     assert any("reconciling failed" in r.getMessage() for r in caplog.records)
 
@@ -308,13 +313,7 @@ def test_a_runner_told_to_stop_at_once_still_takes_over_the_pens_it_stops(runner
     monkeypatch.setattr(runner, "reconcile", lambda: events.append("reconcile"))
     monkeypatch.setattr(runner, "stop_all", lambda: events.append("stop_all"))
     runner._stopping = True  # as if SIGTERM came at once
-    handlers = {signum: signal.getsignal(signum)
-                for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)}
-    try:
-        assert runner.run() == 0
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+    assert run_keeping_signal_handlers(runner) == 0
     assert events == ["reconcile", "stop_all"]
 
 
