@@ -58,7 +58,8 @@ def classify(status: int, body: bytes, headers: http.client.HTTPMessage | None =
         return f"HTTP {status} (nginx page)"
     if b"haproxy" in body.lower() or b"<h1>" in body:
         return f"HTTP {status} (HAProxy page)"
-    return f"HTTP {status}"
+    text = body[:40].decode(errors="replace").strip().replace("\n", " ")
+    return f"HTTP {status} {text}" if text else f"HTTP {status}"
 
 
 class HaproxyView:

@@ -49,6 +49,7 @@ import traceback
 
 import zmq
 
+from bench.churn_bench import classify
 from services.applier.haproxy_render import HaproxyPaths
 from services.applier.haproxy_runtime import MasterCli, WorkerApi
 from services.common.bus import Endpoint, Subscriber
@@ -212,17 +213,6 @@ class Roles:
 
 # ------------------------------------------------------------------------------------------
 # load
-
-
-def classify(status: int, body: bytes, headers) -> str:
-    if b"No server is available" in body:
-        return f"HTTP {status} (HAProxy: no server UP)"
-    if headers is not None and headers.get("X-Backend"):
-        return f"HTTP {status} (backend {headers.get('X-Backend')})"
-    if b"nginx" in body:
-        return f"HTTP {status} (nginx page)"
-    text = body[:40].decode(errors="replace").strip().replace("\n", " ")
-    return f"HTTP {status} {text}" if text else f"HTTP {status}"
 
 
 class Path(threading.Thread):
