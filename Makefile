@@ -7,9 +7,12 @@ VENV := .venv
 APT_PACKAGES := haproxy nginx-light libnginx-mod-stream pen etcd-server
 # binary or file that proves each package is there
 APT_PROBES := /usr/sbin/haproxy /usr/sbin/nginx /usr/lib/nginx/modules/ngx_stream_module.so /usr/bin/pen /usr/bin/etcd
+# only for the tests: the /services page is tested in a real headless browser
+TEST_APT_PACKAGES := chromium chromium-driver
+TEST_APT_PROBES := /usr/bin/chromium /usr/bin/chromedriver
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test demo bench clean
+.PHONY: install system-deps test-system-deps test demo bench clean
 
 install: system-deps $(VENV)/.installed
 
@@ -25,13 +28,25 @@ system-deps:
 	  fi; \
 	fi
 
+# The browser for the /services page test. Not root: that test is skipped, saying why.
+test-system-deps: system-deps
+	@missing=""; for probe in $(TEST_APT_PROBES); do [ -e "$$probe" ] || missing="$$missing $$probe"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing test packages (missing:$$missing)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEST_APT_PACKAGES) >/dev/null; \
+	  else \
+	    echo "missing:$$missing; the browser test will be skipped (sudo apt-get install $(TEST_APT_PACKAGES))" >&2; \
+	  fi; \
+	fi
+
 $(VENV)/.installed: pyproject.toml
 	@[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV) 2>/dev/null || { \
 	  [ "$$(id -u)" = 0 ] && apt-get install -y -qq python3-venv >/dev/null && rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(VENV)/bin/pip install -q -e '.[test]'
 	@touch $@
 
-test: install
+test: install test-system-deps
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 demo: install

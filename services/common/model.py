@@ -319,6 +319,83 @@ def services_from_list(data: Any, what: str = "services") -> tuple[Service, ...]
     return ServiceDecoder().decode(data, what)
 
 
+# Why a task or entry a source saw is not served (the `code` of an Excluded). Plain words are in
+# `reason`; the code lets a page or a script group them.
+EXCLUSION_CODES = (
+    "health_failing",    # a health check result says not alive
+    "health_unknown",    # the app has health checks and the task has no result yet
+    "not_running",       # TASK_KILLING, staging, lost... (Marathon task state)
+    "host_network",      # host networking without EXPOSE_HOST (planner)
+    "port_taken",        # the service port went to another source (planner: Marathon > registrator > file)
+    "reserved_port",     # the port is one proxymatic itself listens on (planner)
+    "unresolvable",      # the host name does not resolve
+    "invalid_label",     # a label was ignored (the rest of the app is served)
+    "bad_data",          # an app, task or entry skipped for data proxymatic cannot use
+    "set_aside",         # the applier could not serve the port (cannot be bound, config rejected)
+)
+EXCLUDER_NAMES = (*SOURCES, "planner", "applier")
+MAX_EXCLUDED = 2000  # per snapshot or plan: a broken cluster must not make every message huge
+
+
+@dataclass(frozen=True)
+class Excluded:
+    """A task or entry a source saw but does not serve (or a label it ignored), and why.
+
+    Every field but `source`, `code` and `reason` may be empty when it is not known: an app whose
+    id gives no name has no `service`, a label ignored for a whole app has no `task`."""
+
+    source: str  # who excluded it: a source name, "planner" or "applier"
+    code: str  # one of EXCLUSION_CODES
+    reason: str  # plain words, one line: "health check failing (3 consecutive failures)"
+    app: str = ""  # Marathon app id, registrator service name, services-file entry name
+    task: str = ""  # Marathon task id, registrator entry (etcd key)
+    service: str = ""  # service name
+    key: str = ""  # "port/protocol" of the service it would belong to
+    address: str = ""  # "ip:port" of the backend it would be
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "code": self.code, "reason": self.reason, "app": self.app,
+                "task": self.task, "service": self.service, "key": self.key, "address": self.address}
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str = "excluded") -> "Excluded":
+        data = _require_dict(data, what)
+        _reject_unknown(data, ("source", "code", "reason", "app", "task", "service", "key", "address"), what)
+        values = {}
+        for name in ("reason", "app", "task", "service", "key", "address"):
+            value = data.get(name, "")
+            # Shown on a page and in logs: one line, bounded; escaping is the page's job.
+            if not isinstance(value, str) or len(value) > 1024 or "\n" in value or "\r" in value:
+                raise ModelError(f"{what}.{name} must be a one-line string, got {clip(value)}")
+            values[name] = value
+        return cls(source=_choice(data.get("source"), EXCLUDER_NAMES, f"{what}.source"),
+                   code=_choice(data.get("code"), EXCLUSION_CODES, f"{what}.code"), **values)
+
+
+def excluded_to_list(excluded: Iterable[Excluded]) -> list[dict]:
+    return [item.to_dict() for item in excluded]
+
+
+def excluded_from_list(value: Any, what: str = "excluded") -> tuple[Excluded, ...]:
+    if not isinstance(value, list):
+        raise ModelError(f"{what} must be a list")
+    if len(value) > MAX_EXCLUDED:
+        raise ModelError(f"{what} has {len(value)} entries (at most {MAX_EXCLUDED})")
+    return tuple(Excluded.from_dict(item, f"{what}[{index}]") for index, item in enumerate(value))
+
+
+def bounded_excluded(excluded: Iterable[Excluded]) -> tuple[Excluded, ...]:
+    """At most MAX_EXCLUDED, in a stable order (by key, app, task, code)."""
+    ordered = sorted(excluded, key=lambda e: (e.key, e.app, e.task, e.code, e.address, e.reason))
+    return tuple(ordered[:MAX_EXCLUDED])
+
+
+def _timestamp(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e11:
+        raise ModelError(f"{what} must be a Unix time in seconds, got {clip(value)}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class SourceSnapshot:
     """Everything one discovery source currently knows. When the source is `degraded` the
@@ -330,6 +407,11 @@ class SourceSnapshot:
     error: str = ""
     # Entries this source skipped (bad labels, unresolvable hosts...), for operators.
     warnings: tuple[str, ...] = ()
+    # Tasks and entries seen but not served, each with its reason (bounded_excluded).
+    excluded: tuple[Excluded, ...] = ()
+    # When the collector learned of the newest change in `services` (Unix time; 0: unknown).
+    # Carried through the plan to the applier: proxymatic_change_to_applied_seconds.
+    changed_at: float = 0.0
 
     @property
     def hash(self) -> str:
@@ -342,6 +424,8 @@ class SourceSnapshot:
             "state": self.state,
             "error": self.error,
             "warnings": list(self.warnings),
+            "excluded": excluded_to_list(self.excluded),
+            "changed_at": self.changed_at,
             "services": services_to_list(self.services),
             "hash": self.hash,
         }
@@ -355,6 +439,8 @@ class SourceSnapshot:
             services=(decoder or ServiceDecoder()).decode(data.get("services", [])),
             error=str(data.get("error", "")),
             warnings=_str_list(data.get("warnings", []), "snapshot.warnings"),
+            excluded=excluded_from_list(data.get("excluded", []), "snapshot.excluded"),
+            changed_at=_timestamp(data.get("changed_at", 0.0), "snapshot.changed_at"),
         )
 
 
@@ -418,6 +504,10 @@ class Plan:
     # Which sources had delivered when the plan was made (the status stage needs it).
     sources_ready: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    # The sources' excluded entries plus the planner's own (host network, port taken...).
+    excluded: tuple[Excluded, ...] = ()
+    # The newest `changed_at` of the snapshots this plan was built from (0: unknown).
+    changed_at: float = 0.0
 
     @property
     def hash(self) -> str:
@@ -431,6 +521,8 @@ class Plan:
             "inputs": dict(self.inputs),
             "sources_ready": list(self.sources_ready),
             "notes": list(self.notes),
+            "excluded": excluded_to_list(self.excluded),
+            "changed_at": self.changed_at,
             "hash": self.hash,
         }
 
@@ -443,6 +535,8 @@ class Plan:
             inputs=_inputs(data.get("inputs", {})),
             sources_ready=_str_list(data.get("sources_ready", []), "plan.sources_ready"),
             notes=_str_list(data.get("notes", []), "plan.notes"),
+            excluded=excluded_from_list(data.get("excluded", []), "plan.excluded"),
+            changed_at=_timestamp(data.get("changed_at", 0.0), "plan.changed_at"),
         )
 
 

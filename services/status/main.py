@@ -18,11 +18,13 @@ import zmq
 
 from services.common.bus import Message, Subscriber
 from services.common.config import Settings
-from services.common.model import ApplyResult
+from services.common.model import ApplyResult, Plan, ServiceDecoder
 from services.common.redact import redact
 from services.common.unix_socket import exchange
 from services.status.health import ProbeStatus, Prober
+from services.status.metrics import METRICS_CONTENT_TYPE, render_metrics
 from services.status.probes import ProbeTargets
+from services.status.services_page import render_services_page, services_view
 from services.status.state import OK, PipelineState, StageLiveness
 
 log = logging.getLogger("proxymatic.status")
@@ -36,10 +38,12 @@ def haproxy_stats_socket(settings: Settings) -> str:
     return settings.path("haproxy", "stats.sock")
 
 
-def absorb(state: PipelineState, pids: dict[str, int | None], message: Message) -> None:
+def absorb(state: PipelineState, pids: dict[str, int | None], message: Message,
+           decoder: ServiceDecoder | None = None) -> None:
     """Take what /status needs from one bus message (call with the state's lock held)."""
     payload = message.payload
     if message.is_heartbeat:
+        state.heartbeat_payloads[message.sender] = payload
         pids[message.sender] = payload.get("pid") if isinstance(payload.get("pid"), int) else None
         busy = payload.get("busy_seconds")
         if isinstance(busy, (int, float)) and not isinstance(busy, bool):
@@ -50,9 +54,9 @@ def absorb(state: PipelineState, pids: dict[str, int | None], message: Message) 
         elif payload.get("stage") == "applier" and message.sender.startswith("applier@"):
             state.served_sources[message.sender[len("applier@"):]] = strings(payload.get("served_sources", []))
     elif message.topic == "plan":
-        ready, notes = strings(payload.get("sources_ready", [])), strings(payload.get("notes", []))
-        state.plan_hash = payload["hash"] if isinstance(payload.get("hash"), str) else ""
-        state.plan_sources_ready, state.plan_notes = ready, notes
+        plan = Plan.from_dict(payload, decoder)
+        state.plan, state.plan_hash = plan, plan.hash
+        state.plan_sources_ready, state.plan_notes = plan.sources_ready, plan.notes
     elif message.topic.startswith("applied."):
         state.applied[message.topic[len("applied."):]] = applied_result(payload)
 
@@ -85,6 +89,7 @@ def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) 
     subscriber = Subscriber(ctx, [settings.bus("collector"), settings.bus("planner"), settings.bus("applier")],
                             ["plan", "applied."])
     pids: dict[str, int | None] = {}
+    decoder = ServiceDecoder()
     own_name = f"status@{settings.node}"
     try:
         while not stop.is_set():
@@ -98,7 +103,7 @@ def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) 
                 state.heartbeats = subscriber.senders()
                 for message in messages:
                     try:
-                        absorb(state, pids, message)
+                        absorb(state, pids, message, decoder)
                     except Exception as error:  # one odd message must not stop following the bus
                         log.warning("status: ignoring %s from %s: %s: %s", message.topic, message.sender,
                                     type(error).__name__, error)
@@ -149,6 +154,16 @@ def make_handler(settings: Settings, state: PipelineState):
             if self.path == "/status":
                 verdict = state.verdict(settings.node, terminating)
                 self._reply(200 if verdict == OK else 503, (verdict + "\n").encode(), "text/plain", with_body)
+            elif self.path == "/metrics":
+                body = render_metrics(state, settings)
+                self._reply(200, body, METRICS_CONTENT_TYPE, with_body)
+            elif self.path in ("/services", "/services.json"):
+                view = services_view(state, settings)
+                if self.path == "/services.json":
+                    body = redact(json.dumps(view, indent=2, sort_keys=True)).encode() + b"\n"
+                    self._reply(200, body, "application/json", with_body)
+                else:
+                    self._reply(200, render_services_page(view).encode(), "text/html; charset=utf-8", with_body)
             elif self.path in ("/status/details", "/status.json"):
                 details = state.details(settings.node, terminating)
                 # Errors and source states may quote a URL: no password leaves this endpoint.

@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from services.common.model import ApplyResult
+from services.common.model import ApplyResult, Plan
 from services.status.health import CONFIRM_AFTER, STALE_AFTER, ProbeStatus
 
 OK, INITIALIZING, TERMINATING, UNAVAILABLE = "OK", "INITIALIZING", "TERMINATING", "UNAVAILABLE"
@@ -43,6 +43,9 @@ class PipelineState:
     plan_hash: str = ""
     plan_sources_ready: tuple[str, ...] = ()
     plan_notes: tuple[str, ...] = ()
+    plan: Plan | None = None  # the newest plan, decoded (for /services, /metrics)
+    # sender -> its newest heartbeat payload (the stages' counters for /metrics)
+    heartbeat_payloads: dict[str, dict] = field(default_factory=dict)
     applied: dict[str, ApplyResult] = field(default_factory=dict)  # node -> last result
     # node -> sources of the newest plan its applier applied ok (from the applier's heartbeat)
     served_sources: dict[str, tuple[str, ...]] = field(default_factory=dict)
