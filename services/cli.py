@@ -3,7 +3,9 @@
     proxymatic [options]                           all stages and proxies under supervisord
     proxymatic collector|planner|applier|status    one stage alone (compose, debugging)
     proxymatic haproxy|nginx|pen                    one supervised proxy program
-    proxymatic tap [--topic PREFIX] [--json]        print every message on the bus
+    proxymatic tap [--topic PREFIX] [--json|--diff] print every message on the bus
+    proxymatic explain PORT|NAME|APP_ID             what is served there, what is not and why
+    proxymatic plan [source options] [--json]       dry run: the plan and rendered configs, no process
 """
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ import signal
 import sys
 import threading
 
+from services.common.logs import configure_logging
 from services.common.config import STAGES, ConfigError, Settings, add_options, settings_from
 from services.common.pdeathsig import die_with
 
 PROXIES = ("haproxy", "nginx", "pen")
-COMMANDS = ("run", *STAGES, *PROXIES, "tap")
+TOOLS = ("tap", "explain", "plan")  # commands that read or compute, and start nothing
+COMMANDS = ("run", *STAGES, *PROXIES, *TOOLS)
 
 # command -> "module:function(settings[, stop])"
 ENTRY_POINTS = {
@@ -32,7 +36,7 @@ ENTRY_POINTS = {
     "nginx": "services.applier.nginx_launch:main",
     "pen": "services.applier.pen_runner:main",
 }
-NEEDS_SOURCE = ("run", "collector")
+NEEDS_SOURCE = ("run", "collector", "plan")
 # Settings that may carry credentials (user:password@ in a URL).
 SECRET_ENV = ("MARATHON_URL", "REGISTRATOR_URL")
 
@@ -52,6 +56,14 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--json", action="store_true", help="print each message as one JSON document")
         parser.add_argument("--count", type=int, default=0, help="exit after COUNT messages (0: run until Ctrl-C)")
         parser.add_argument("--no-heartbeats", action="store_true", help="hide heartbeat messages")
+        parser.add_argument("--diff", action="store_true",
+                            help="for each data message, what changed since the previous one on its topic")
+    elif command == "explain":
+        from services.explain import add_arguments as add_explain_arguments
+        add_explain_arguments(parser)
+    elif command == "plan":
+        from services.dry_run import add_arguments as add_plan_arguments
+        add_plan_arguments(parser)
     return parser
 
 
@@ -59,14 +71,6 @@ def split_command(argv: list[str]) -> tuple[str, list[str]]:
     if argv and argv[0] in COMMANDS:
         return argv[0], argv[1:]
     return "run", argv
-
-
-def setup_logging(settings: Settings, command: str) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if settings.verbose else logging.INFO,
-        format=f"%(asctime)s %(levelname)s {command}[%(process)d] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def stop_on_signals() -> threading.Event:
@@ -107,10 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         print("\nproxymatic: error: at least one discovery source is required "
               "(--marathon, --registrator or --services-file)", file=sys.stderr)
         return 1
-    setup_logging(settings, command)
+    configure_logging(settings, command)
     if command == "tap":
         from services.tap import tap
         return tap(settings, args)
+    if command == "explain":
+        from services.explain import explain
+        return explain(settings, args)
+    if command == "plan":
+        from services.dry_run import dry_run
+        return dry_run(settings, args)
     if command == "run":
         from services.launcher import launch
         return launch(settings)

@@ -66,6 +66,13 @@ def parse_urls(scheme: tuple[str, ...]) -> Callable[[str, str], str]:
     return parse
 
 
+def parse_log_format(value: str, name: str) -> str:
+    value = value.strip().lower()
+    if value not in ("text", "json"):
+        raise ConfigError(f"{name} must be text or json, got {value!r:.60}")
+    return value
+
+
 def parse_text(value: str, name: str) -> str:
     return value.strip()
 
@@ -147,6 +154,8 @@ OPTIONS: tuple[Option, ...] = (
            "applier PUB endpoint [default: ipc://RUN_DIR/bus/applier.pub]"),
     Option("node_name", ("--node-name",), "NODE_NAME", "", parse_text,
            "name of this node on the bus [default: the host name]"),
+    Option("log_format", ("--log-format",), "LOG_FORMAT", "text", parse_log_format,
+           "text, or json: every log line of every stage one JSON object (ts, level, stage, msg, fields)"),
     Option("shutdown_grace", ("--shutdown-grace",), "SHUTDOWN_GRACE", "0", parse_int(0, 3600),
            "seconds to keep forwarding with /status TERMINATING after SIGTERM (0: until killed or a second signal)"),
 )
@@ -170,6 +179,7 @@ class Settings:
     vhost_port: int = 80
     proxy_protocol: bool = False
     verbose: bool = False
+    log_format: str = "text"
     services_file: str = ""
     run_dir: str = "/run/proxymatic"
     collector_bus: str = ""
