@@ -2,6 +2,21 @@
 
 A message it cannot show (malformed frames, another bus version, a payload of unexpected
 shape) is logged as a warning on stderr, counted and skipped: the tap never dies on one.
+
+`--diff`: every data message is a full state, so the tap remembers the last one per topic and
+prints, under the message's line, what changed since it: one line per service or server added
+(`+`), removed (`-`) or changed (`~`, old → new), each naming the service key and name and the
+server's `ip:port`:
+
+    12:48:31.957 source.file   seq=2   collector@vm   ok services=1 hash=812ee0ac095e4316
+      - 10080/tcp demo-web: 127.0.0.1:40001 weight 500
+      + 10080/tcp demo-web: 127.0.0.1:40003 weight 500
+      ~ 10080/tcp demo-web: 127.0.0.1:40002 weight 500 → 250
+
+The first message on a topic (nothing to compare with) is shown as all additions, or in one
+summary line when that would take more than FIRST_STATE_LINES lines. Heartbeats carry no state
+worth diffing: `--diff` hides them unless a `--topic heartbeat...` asks for them. With `--json`
+too, each message is one JSON document with its `changes` as a list.
 """
 from __future__ import annotations
 
@@ -11,6 +26,7 @@ import logging
 import signal
 import sys
 import time
+from dataclasses import asdict, dataclass
 
 import zmq
 
@@ -18,6 +34,10 @@ from services.common.bus import Endpoint, Message, Subscriber
 from services.common.config import Settings
 
 log = logging.getLogger("proxymatic.tap")
+
+#: A first message whose full state takes more lines than this is summed up in one line.
+FIRST_STATE_LINES = 40
+ARROW = "\u2192"
 
 
 def summarize(message: Message) -> str:
@@ -59,21 +79,217 @@ def render(message: Message, as_json: bool) -> str:
     return format_line(message)
 
 
+@dataclass(frozen=True)
+class Change:
+    """One line of a diff: `op` is + (added), - (removed) or ~ (changed, old -> new)."""
+
+    op: str
+    key: str = ""  # the service key (port/protocol), "" for a message-level field
+    name: str = ""  # the service's name
+    server: str = ""  # ip:port, "" for the service itself
+    field: str = ""  # what changed (weight, mode, state, note...), "" for a whole service or server
+    old: object = None
+    new: object = None
+
+    def text(self) -> str:
+        if self.key:
+            subject = f"{self.key} {self.name}" + (f": {self.server}" if self.server else "")
+        else:
+            subject = self.field
+        if self.op == "~":
+            what = f" {self.field}" if self.key else ":"
+            return f"~ {subject}{what} {_show(self.old)} {ARROW} {_show(self.new)}"
+        value = self.new if self.op == "+" else self.old
+        if self.key:
+            return f"{self.op} {subject}" + (f" {value}" if value not in (None, "") else "")
+        return f"{self.op} {subject}: {_show(value)}"
+
+    def to_dict(self) -> dict:
+        keep = ("old", "new") if self.op == "~" else ()
+        return {k: v for k, v in asdict(self).items() if k in keep or v not in (None, "")}
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, str):
+        return value if value and len(value) <= 200 else repr(value[:200])
+    text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+SERVICE_FIELDS = ("name", "protocol", "mode", "source", "health_check", "timeout_client", "timeout_server",
+                  "host_network")
+SERVER_FIELDS = ("weight", "maxconn", "hostname")
+# Per topic kind: fields shown as old -> new, and lists shown item by item (+/-).
+SCALARS = {"source": ("state", "error"), "plan": ("sources_ready", "settings"),
+           "applied": ("plan_hash", "ok", "action")}
+LISTS = {"source": ("warnings", "excluded"), "plan": ("notes", "excluded"), "applied": ("errors",)}
+
+
+def _kind(topic: str) -> str:
+    return topic.split(".", 1)[0]
+
+
+def _server_text(server: dict) -> str:
+    text = f"weight {server.get('weight')}"
+    if server.get("maxconn") is not None:
+        text += f" maxconn {server['maxconn']}"
+    if server.get("hostname"):
+        text += f" hostname {server['hostname']}"
+    return text
+
+
+def _address(server: dict) -> str:
+    ip, port = server["ip"], server["port"]
+    return f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
+
+
+def _servers(service: dict) -> dict[str, dict]:
+    found: dict[str, dict] = {}
+    for server in service.get("servers") or []:
+        address = _address(server)
+        while address in found:  # the same ip:port twice (other host names): keep both
+            address += "'"
+        found[address] = server
+    return found
+
+
+def _count(service: dict) -> str:
+    count = len(service.get("servers") or [])
+    return f"{count} server" + ("" if count == 1 else "s")
+
+
+def _services(payload: dict) -> dict[str, dict]:
+    return {f"{s['port']}/{s.get('protocol', 'tcp')}": s for s in payload.get("services") or []}
+
+
+def _item_text(item: object) -> str:
+    if isinstance(item, dict) and "code" in item:  # an Excluded entry
+        where = " ".join(str(item[k]) for k in ("key", "service", "address", "app", "task") if item.get(k))
+        return f"{where}: {item.get('reason', item['code'])} ({item.get('source', '?')})".strip()
+    return item if isinstance(item, str) else json.dumps(item, sort_keys=True)
+
+
+def _added_service(key: str, service: dict) -> list[Change]:
+    name = str(service.get("name", ""))
+    extra = f"({service.get('protocol', 'tcp')}, mode {service.get('mode', 'tcp')}, {_count(service)})"
+    changes = [Change("+", key, name, new=extra)]
+    changes += [Change("+", key, name, address, new=_server_text(server))
+                for address, server in _servers(service).items()]
+    return changes
+
+
+def diff_payloads(topic: str, old: dict | None, new: dict) -> list[Change]:
+    """What changed from `old` to `new` (both payloads of `topic`); everything in `new` as
+    additions when `old` is None."""
+    kind = _kind(topic)
+    changes: list[Change] = []
+    if old is not None:
+        for field in SCALARS.get(kind, ()):
+            if old.get(field) != new.get(field):
+                changes.append(Change("~", field=field, old=old.get(field), new=new.get(field)))
+    if kind in ("source", "plan"):
+        before = _services(old) if old is not None else {}
+        after = _services(new)
+        for key in sorted(set(before) | set(after), key=lambda k: (int(k.split("/")[0]), k)):
+            if key not in after:
+                service = before[key]
+                changes.append(Change("-", key, str(service.get("name", "")),
+                                      old=f"({_count(service)})"))
+                continue
+            if key not in before:
+                changes += _added_service(key, after[key])
+                continue
+            was, now = before[key], after[key]
+            name = str(now.get("name", ""))
+            for field in SERVICE_FIELDS:
+                if was.get(field) != now.get(field):
+                    changes.append(Change("~", key, name, field=field, old=was.get(field), new=now.get(field)))
+            old_servers, new_servers = _servers(was), _servers(now)
+            for address in sorted(set(old_servers) | set(new_servers)):
+                if address not in new_servers:
+                    changes.append(Change("-", key, name, address, old=_server_text(old_servers[address])))
+                elif address not in old_servers:
+                    changes.append(Change("+", key, name, address, new=_server_text(new_servers[address])))
+                else:
+                    for field in SERVER_FIELDS:
+                        a, b = old_servers[address].get(field), new_servers[address].get(field)
+                        if a != b:
+                            changes.append(Change("~", key, name, address, field, a, b))
+    elif kind not in SCALARS and old is not None:  # a topic of some other kind: its top-level fields
+        for field in sorted(set(old) | set(new)):
+            if old.get(field) != new.get(field):
+                changes.append(Change("~", field=field, old=old.get(field), new=new.get(field)))
+    for field in LISTS.get(kind, ()):
+        before_items = [_item_text(i) for i in (old or {}).get(field) or []]
+        after_items = [_item_text(i) for i in new.get(field) or []]
+        label = field[:-1] if field.endswith("s") else field  # one warning, one note, one error
+        changes += [Change("-", field=label, old=i) for i in before_items if i not in set(after_items)]
+        changes += [Change("+", field=label, new=i) for i in after_items if i not in set(before_items)]
+    return changes
+
+
+class Differ:
+    """The last payload per topic, and what each new message changed."""
+
+    def __init__(self, first_state_lines: int = FIRST_STATE_LINES):
+        self.previous: dict[str, dict] = {}
+        self.first_state_lines = first_state_lines
+
+    def changes(self, message: Message) -> tuple[list[Change], str]:
+        """(the changes, a summary line instead of them or ""). Remembers the message."""
+        old = self.previous.get(message.topic)
+        changes = diff_payloads(message.topic, old, message.payload)
+        self.previous[message.topic] = message.payload
+        if old is None and len(changes) > self.first_state_lines:
+            services = message.payload.get("services") or []
+            servers = sum(len(s.get("servers") or []) for s in services)
+            return changes, (f"first message on {message.topic}: {len(services)} services, {servers} servers "
+                             f"({len(changes)} lines not shown); changes follow")
+        if old is not None and not changes:
+            return changes, "no change in content"
+        return changes, ""
+
+    def render(self, message: Message, as_json: bool) -> str:
+        first = message.topic not in self.previous
+        changes, summary = self.changes(message)
+        if as_json:
+            document = {"topic": message.topic, "seq": message.seq, "ts": message.ts, "sender": message.sender,
+                        "epoch": message.epoch, "first": first, "changes": [c.to_dict() for c in changes]}
+            if summary:
+                document["summary"] = summary
+            return json.dumps(document, sort_keys=True, default=str)
+        lines = [format_line(message)]
+        lines += [f"  ({summary})"] if summary else [f"  {change.text()}" for change in changes]
+        return "\n".join(lines)
+
+
+def heartbeats_asked(topics: list[str]) -> bool:
+    """Whether a --topic prefix names heartbeats (with --diff they are hidden otherwise)."""
+    return any(t and (t.startswith("heartbeat") or "heartbeat".startswith(t)) for t in topics)
+
+
 def tap(settings: Settings, args: argparse.Namespace) -> int:
     endpoints = [Endpoint.parse(e) for e in args.bus] or [settings.bus(s) for s in ("collector", "planner", "applier")]
     ctx = zmq.Context.instance()
     subscriber = Subscriber(ctx, endpoints, args.topic or [""])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     printed = 0
+    differ = Differ() if getattr(args, "diff", False) else None
+    hide_heartbeats = args.no_heartbeats or (differ is not None and not heartbeats_asked(args.topic))
     try:
         while True:
             for message in subscriber.poll(0.5):
-                if args.no_heartbeats and message.is_heartbeat:
+                if hide_heartbeats and message.is_heartbeat:
                     continue
                 if args.topic and not any(message.topic.startswith(t) for t in args.topic):
                     continue  # heartbeats are always subscribed, for liveness
                 try:
-                    line = render(message, args.json)
+                    if differ is not None and not message.is_heartbeat:
+                        line = differ.render(message, args.json)
+                    else:
+                        line = render(message, args.json)
                 except Exception as error:  # a payload of unexpected shape: skip it, keep tapping
                     subscriber.drop(message, f"cannot show it: {type(error).__name__}: {error}")
                     continue
