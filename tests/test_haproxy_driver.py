@@ -433,7 +433,7 @@ def test_membership_goes_out_before_a_reload_and_stays_when_nothing_explains_its
         assert result.set_aside == {}
     finally:
         squat.close()
-    changed = next(i for i, line in enumerate(lines) if f"set server svc_{port}_tcp/s1 addr" in line)
+    changed = next(i for i, line in enumerate(lines) if f"set server svc_{port}_tcp_svc-{port}/s1 addr" in line)
     assert changed < lines.index("reload")
     assert haproxy.proc().worker == worker
     assert serving(port, 3) == {"b1"}
@@ -559,7 +559,7 @@ def test_restarted_applier_adopts_running_haproxy_without_reload(haproxy, backen
     assert adopted.ok and adopted.action == "none", adopted
 
     # Someone changed the runtime behind the applier's back: only the difference is fixed.
-    haproxy.master.worker_command(before.worker, "set server svc_%d_tcp/s1 state maint" % port)
+    haproxy.master.worker_command(before.worker, "set server svc_%d_tcp_svc-%d/s1 state maint" % (port, port))
     assert serving(port, 4) == {"b0"}
     fixed = HaproxyDriver(haproxy.settings).apply(plan)
     assert fixed.ok and fixed.action == "runtime" and fixed.details["changes"] == 1, fixed
@@ -634,7 +634,7 @@ def test_membership_change_is_one_round_trip_before_the_file_is_rewritten(haprox
     assert result.ok and result.action == "runtime", result
     assert [kind for kind, _ in events] == ["cli", "file", "file"], events
     line = events[0][1]
-    assert line.startswith("prompt; show proc; @!") and "set server svc_%d_tcp/s1 addr 127.0.0.1" % port in line
+    assert line.startswith("prompt; show proc; @!") and "set server svc_%d_tcp_svc-%d/s1 addr 127.0.0.1" % (port, port) in line
     assert [path for _, path in events[1:]] == [haproxy.paths.config, haproxy.paths.state]
     assert_serving(port, {"b1", "b2"})
     assert f"127.0.0.1:{backends[2].port} weight 10" in config_text(haproxy)
@@ -667,7 +667,7 @@ def test_batched_commands_get_one_answer_each(haproxy, backends):
     port = free_port()
     assert driver.apply(make_plan(tcp_service(port, backends[:1]))).ok
     worker = haproxy.proc().worker
-    bid = f"svc_{port}_tcp"
+    bid = f"svc_{port}_tcp_svc-{port}"
     api = WorkerApi(haproxy.master, worker)
     commands = [runtime.set_weight(bid, "s0", 5), runtime.set_weight(bid, "nope", 5),
                 runtime.set_addr(bid, "s1", "127.0.0.1", backends[1].port), runtime.set_maxconn(bid, "s1", 3)]

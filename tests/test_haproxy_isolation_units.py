@@ -87,7 +87,7 @@ def test_rendered_sections_map_lines_to_services():
     assert [s.key for s in sections] == ["8080/tcp", "8081/tcp", "9000/tcp"]
     for section in sections:
         port = section.key.split("/")[0]
-        assert lines[section.first - 1] == f"listen svc_{port}_tcp"
+        assert lines[section.first - 1] == f"listen svc_{port}_tcp_app{port}"
         assert all(line.startswith("    ") for line in lines[section.first:section.last])
     assert sections[-1].last == len(lines) - 1  # then the file's last newline
     # without a file descriptor limit the header does not depend on the services
@@ -104,17 +104,27 @@ def test_alerts_blame_the_section_of_their_line_or_their_proxy_id():
         "config : Fatal errors found in configuration.",
     ]
     assert blame_alerts(alerts, sections, "/run/pm/haproxy/haproxy.cfg.new") == {"8081/tcp": alerts[0]}
-    by_id = ["config : Proxy 'svc_8080_tcp': unable to find the server"]
+    by_id = ["config : Proxy 'svc_8080_tcp_shop.web-v2': unable to find the server"]
     assert blame_alerts(by_id, sections, "haproxy.cfg.new") == {"8080/tcp": by_id[0]}
-    assert blame_alerts(["Proxy 'svc_9999_tcp': not rendered"], sections, "haproxy.cfg.new") == {}
+    older = ["config : Proxy 'svc_8080_tcp': unable to find the server"]  # a config of an older version
+    assert blame_alerts(older, sections, "haproxy.cfg.new") == {"8080/tcp": older[0]}
+    assert blame_alerts(["Proxy 'svc_9999_tcp_web': not rendered"], sections, "haproxy.cfg.new") == {}
+    # a port that only starts like one of ours, or an id inside another word, blames nobody
+    assert blame_alerts(["Proxy 'svc_80800_tcp_web'", "Proxy 'xsvc_8080_tcp_web'", "svc_8080_tcpx"], sections,
+                        "haproxy.cfg.new") == {}
 
 
 @pytest.mark.parametrize("line", [
     # HAProxy 2.6
+    "[ALERT]    (6053) : Binding [/run/pm/haproxy/haproxy.cfg:16] for proxy svc_10081_tcp_web: cannot bind socket "
+    "(Address already in use) for [0.0.0.0:10081]",
+    "[ALERT]    (6053) : Binding [/run/pm/haproxy/haproxy.cfg:16] for proxy svc_10081_tcp_shop.web-1.: cannot bind "
+    "socket (Address already in use) for [0.0.0.0:10081]",
+    # a config of an older version (no name part)
     "[ALERT]    (6053) : Binding [/run/pm/haproxy/haproxy.cfg:16] for proxy svc_10081_tcp: cannot bind socket "
     "(Address already in use) for [0.0.0.0:10081]",
     # older releases
-    "[ALERT] 123/456 (7) : Starting frontend svc_10081_tcp: cannot bind socket (Address already in use) "
+    "[ALERT] 123/456 (7) : Starting frontend svc_10081_tcp_web: cannot bind socket (Address already in use) "
     "[0.0.0.0:10081]",
 ])
 def test_bind_failures_from_haproxy_startup_messages(line):
@@ -130,6 +140,8 @@ def test_reasons_name_service_key_port_and_error():
         "service app10081 (10081/tcp): port 10081 cannot be bound: [Errno 98] Address already in use"
     assert os_error_text("Something odd") == "Something odd"
     assert key_of_proxy("svc_53_udp") == "53/udp" and key_of_proxy("stats") is None
+    assert key_of_proxy("svc_1234_tcp_shop.web") == "1234/tcp" and key_of_proxy("'svc_1234_tcp_a-b_c'") == "1234/tcp"
+    assert key_of_proxy("svc_1234_tcp_Shop") is None and key_of_proxy("svc_1234_tcpx") is None
 
 
 def test_program_log_reads_what_came_after_an_offset_even_after_rotation():

@@ -54,8 +54,8 @@ def test_one_listen_per_tcp_service_with_weights_maxconn_timeouts():
         service(53, protocol="udp"),  # Pen's
         max_connections=321,
     )
-    assert re.findall(r"^listen (\S+)", text, re.M) == ["stats", "svc_8080_tcp"]
-    body = section(text, "svc_8080_tcp")
+    assert re.findall(r"^listen (\S+)", text, re.M) == ["stats", "svc_8080_tcp_web"]
+    body = section(text, "svc_8080_tcp_web")
     assert "    bind 0.0.0.0:8080\n" in body
     assert "    mode tcp\n" in body and "    balance leastconn\n" in body
     assert "    maxconn 321\n" in body
@@ -74,13 +74,13 @@ def test_default_timeouts_http_mode_and_health_checks():
                                                  "timeout_seconds": 3, "fall": 4}),
         service(5432, health_check={"protocol": "tcp"}),
     )
-    web = section(text, "svc_8080_tcp")
+    web = section(text, "svc_8080_tcp_web")
     assert "    mode http\n" in web and "    option forwardfor except 127.0.0.0/8\n" in web
     assert "    option httpchk GET '/health'\n" in web
     assert "    timeout check 3s\n" in web
     assert "    server s0 10.0.0.1:80 weight 100 check inter 2s fall 4 rise 2\n" in web
     assert "    timeout client 300s\n" in web and "    timeout server 300s\n" in web
-    db = section(text, "svc_5432_tcp")
+    db = section(text, "svc_5432_tcp_web")
     assert "httpchk" not in db and "forwardfor" not in db
     assert "    server s0 10.0.0.1:80 weight 100 check inter 10s fall 3 rise 2\n" in db
     assert "    server s1 127.0.0.1:1 weight 1 check inter 10s fall 3 rise 2 disabled\n" in db
@@ -106,7 +106,7 @@ def test_names_and_hostnames_never_reach_the_config():
     svc = Service(name=evil, port=8080, servers=(Server("10.0.0.1", 80, hostname=evil, weight=1),))
     text = rendered(svc)
     assert "x\n" not in text.replace("\nlisten", "") and ":22" not in text and "\"" not in text
-    assert re.findall(r"^listen (\S+)", text, re.M) == ["stats", "svc_8080_tcp"]
+    assert re.findall(r"^listen (\S+)", text, re.M) == ["stats", "svc_8080_tcp_x_bind_22_"]
 
 
 @pytest.mark.parametrize("server", [
@@ -139,19 +139,19 @@ def test_slots_are_stable_and_reuse_freed_slots_last():
     def svc(*ports):
         return service(8080, [("10.0.0.1", p, 1, None) for p in ports])
 
-    first = assign_slots([svc(1, 2, 3)], {})["svc_8080_tcp"]
+    first = assign_slots([svc(1, 2, 3)], {})["svc_8080_tcp_web"]
     assert len(first) == 16 and [s.port if s else None for s in first[:4]] == [1, 2, 3, None]
     # 2 leaves, 4 arrives: 4 takes a never-used slot, not the one 2 just freed.
-    second = assign_slots([svc(1, 3, 4)], {"svc_8080_tcp": first})["svc_8080_tcp"]
+    second = assign_slots([svc(1, 3, 4)], {"svc_8080_tcp_web": first})["svc_8080_tcp_web"]
     assert [s.port if s else None for s in second[:4]] == [1, None, 3, 4]
     # With every never-used slot taken, a freed slot is reused.
-    full = assign_slots([svc(1, 3, 4, *range(10, 23))], {"svc_8080_tcp": second})["svc_8080_tcp"]
+    full = assign_slots([svc(1, 3, 4, *range(10, 23))], {"svc_8080_tcp_web": second})["svc_8080_tcp_web"]
     assert len(full) == 16 and all(full) and [s.port for s in full[:1] + full[2:4]] == [1, 3, 4]
     # Growing past the capacity makes room for twice the servers; existing servers keep their slots.
-    grown = assign_slots([svc(1, 3, 4, *range(10, 24))], {"svc_8080_tcp": full})["svc_8080_tcp"]
+    grown = assign_slots([svc(1, 3, 4, *range(10, 24))], {"svc_8080_tcp_web": full})["svc_8080_tcp_web"]
     assert len(grown) == 64 and grown[:16] == full and grown[16].port == 23
     # Shrinking never shrinks the capacity (that would need a reload).
-    fewer = assign_slots([svc(3)], {"svc_8080_tcp": grown})["svc_8080_tcp"]
+    fewer = assign_slots([svc(3)], {"svc_8080_tcp_web": grown})["svc_8080_tcp_web"]
     assert len(fewer) == 64 and fewer[2].port == 3
 
 
@@ -160,7 +160,7 @@ def test_weight_changes_do_not_move_servers_and_keep_the_skeleton():
     plan_b = Plan((service(8080, [("10.0.0.1", 80, 9, 4), ("10.0.0.3", 80, 1, None)]),))
     slots_a = assign_slots(haproxy_services(plan_a), {})
     slots_b = assign_slots(haproxy_services(plan_b), slots_a)
-    assert slots_b["svc_8080_tcp"][0].weight == 9
+    assert slots_b["svc_8080_tcp_web"][0].weight == 9
     assert render(plan_a, PATHS, slots_a) != render(plan_b, PATHS, slots_b)
     assert render_skeleton(plan_a, PATHS, slots_a) == render_skeleton(plan_b, PATHS, slots_b)
     plan_c = Plan((service(8080, [("10.0.0.1", 80, 1, None)], timeout_server=5),))
@@ -299,7 +299,7 @@ def test_incremental_rendering_redoes_only_the_changed_service(monkeypatch):
     assert calls == {"section": 1, "assign": 1, "hash": 0}
     assert second.skeleton_hash == first.skeleton_hash
     changed = [bid for bid in second.slots if second.slots[bid] is not first.slots[bid]]
-    assert changed == ["svc_9017_tcp"]
+    assert changed == ["svc_9017_tcp_web"]
 
     # A new timeout changes that service's skeleton: only its skeleton section is rendered anew.
     services[3] = replace(services[3], timeout_server=5)
@@ -314,7 +314,7 @@ def test_global_maxconn_leaves_file_descriptors_for_listeners():
     assert global_maxconn(8192, fd_limit=20000, extra_fds=0) == (20000 - 1024) // 2
     checked = Service.from_dict({"name": "a", "port": 1, "health_check": {"protocol": "tcp"}})
     unchecked = Service.from_dict({"name": "b", "port": 2})
-    assert extra_fds([checked, unchecked], {"svc_1_tcp": (None,) * 16, "svc_2_tcp": (None,) * 16}) == 2 + 16
+    assert extra_fds([checked, unchecked], {"svc_1_tcp_a": (None,) * 16, "svc_2_tcp_b": (None,) * 16}) == 2 + 16
 
 
 def test_services_set_aside_are_left_out_and_the_rest_rendered_as_without_them():
@@ -322,7 +322,7 @@ def test_services_set_aside_are_left_out_and_the_rest_rendered_as_without_them()
     plan = Plan((web, db, cache), ProxySettings(max_connections=100))
     without_db = Plan((web, cache), ProxySettings(max_connections=100))
     text = render(plan, PATHS, assign_slots(haproxy_services(plan), {}), set_aside={"5432/tcp"})
-    assert re.findall(r"^listen (\S+)", text, re.M) == ["stats", "svc_6379_tcp", "svc_8080_tcp"]
+    assert re.findall(r"^listen (\S+)", text, re.M) == ["stats", "svc_6379_tcp_web", "svc_8080_tcp_web"]
     assert text == render(without_db, PATHS, assign_slots(haproxy_services(without_db), {}))
     assert [s.key for s in haproxy_services(plan, {"5432/tcp", "6379/tcp"})] == ["8080/tcp"]
 
@@ -359,7 +359,7 @@ def test_haproxy_accepts_the_account_it_drops_to():
         os.makedirs(paths.dir)
         with open(paths.config, "w") as handle:
             handle.write(render(Plan((service(8080),), ProxySettings()), paths,
-                                {"svc_8080_tcp": (None,) * 16}, run_as=account))
+                                {"svc_8080_tcp_web": (None,) * 16}, run_as=account))
         valid, message = check_config(paths.config)
         assert valid, message
     finally:
@@ -371,13 +371,13 @@ def test_split_sections_and_their_skeletons():
     rendering = ConfigRenderer(PATHS).update(plan, {})
     header, sections = haproxy_render.split_sections(rendering.text)
     assert header == rendering.header and list(sections.items()) == [
-        (f"svc_{key.split('/')[0]}_tcp", text) for key, text in rendering.sections]
+        (f"svc_{key.split('/')[0]}_tcp_web", text) for key, text in rendering.sections]
     assert header + "".join(sections.values()) + "\n" == rendering.text
     assert haproxy_render.split_sections(render(Plan((), ProxySettings()), PATHS, {}))[1] == {}
 
     def skeleton(*services):
         text = ConfigRenderer(PATHS).update(Plan(services, ProxySettings()), {}).text
-        return haproxy_render.section_skeleton(haproxy_render.split_sections(text)[1]["svc_8080_tcp"])
+        return haproxy_render.section_skeleton(haproxy_render.split_sections(text)[1]["svc_8080_tcp_web"])
     checked = {"protocol": "tcp"}
     base = skeleton(service(8080, [("10.0.0.1", 80, 1, None)], health_check=checked))
     # servers moved, re-weighted, limited: the same skeleton (runtime API changes)

@@ -8,9 +8,10 @@ MIN_SLOTS and twice its servers when created or grown. A slot holds one server o
 re-weighting a server is a runtime API call on an existing slot, never a reload. A server keeps
 its slot for as long as it stays in the plan (`assign_slots`).
 
-Nothing from a plan reaches the config as free text: identifiers come from port/protocol and slot
-numbers, addresses are re-parsed as IP addresses, numbers are checked integers, and the one string
-(the HTTP health-check path) is checked against a strict character set and quoted.
+Nothing from a plan reaches the config as free text: identifiers come from port/protocol, slot
+numbers and the service name reduced to [a-z0-9_.-] (backend_id), addresses are re-parsed as IP
+addresses, numbers are checked integers, and the one string (the HTTP health-check path) is
+checked against a strict character set and quoted.
 """
 from __future__ import annotations
 
@@ -107,8 +108,37 @@ class RunAs:
                 raise RenderError(f"HAProxy {what} {name!r} is not a valid account name")
 
 
+MAX_NAME_PART = 60  # characters of the service name in a backend id
+_NAME_PART_DROP = re.compile(r"[^a-z0-9_.-]+")
+# A backend id as backend_id writes it: svc_<port>_<tcp|udp>_<name part>. The name part is
+# optional here so configs of older versions (svc_<port>_tcp) are still recognized.
+BACKEND_ID_RE = re.compile(r"svc_(\d{1,5})_(tcp|udp)(?:_[a-z0-9_.-]{1,%d})?" % MAX_NAME_PART)
+
+
+def name_part(name: str) -> str:
+    """A service name as it appears in a backend id: lowercase, every run of characters other
+    than [a-z0-9_.-] one `_` (model names have none), at most MAX_NAME_PART characters."""
+    return _NAME_PART_DROP.sub("_", str(name).lower())[:MAX_NAME_PART]
+
+
 def backend_id(service: Service) -> str:
-    return f"svc_{int(service.port)}_{'udp' if service.protocol == 'udp' else 'tcp'}"
+    """`svc_<port>_<tcp|udp>_<name>`, e.g. `svc_1234_tcp_shop.web`: the port and protocol make it
+    unique (and are all the driver reads back, see key_of_backend), the name makes the
+    statistics page readable. A service renamed on the same port gets a new id (a reload)."""
+    cached = service.__dict__.get("_backend_id")
+    if cached is None:
+        base = f"svc_{int(service.port)}_{'udp' if service.protocol == 'udp' else 'tcp'}"
+        name = name_part(service.name)
+        cached = f"{base}_{name}" if name else base
+        object.__setattr__(service, "_backend_id", cached)
+    return cached
+
+
+def key_of_backend(backend: str) -> str | None:
+    """svc_1234_tcp_shop.web (or an older svc_1234_tcp) -> "1234/tcp"; None for anything else
+    (HAProxy's own proxies: stats)."""
+    match = BACKEND_ID_RE.fullmatch(backend)
+    return f"{int(match.group(1))}/{match.group(2)}" if match else None
 
 
 def slot_name(index: int) -> str:
@@ -315,7 +345,7 @@ def render_skeleton(plan: Plan, paths: HaproxyPaths, slots: Slots, fd_limit: int
     return render(plan, paths, empty_slots(slots), fd_limit, run_as=run_as, set_aside=set_aside)
 
 
-_SECTION_START = re.compile(r"\nlisten (svc_\d+_tcp)\n")
+_SECTION_START = re.compile(r"\nlisten (svc_\d+_tcp(?:_[a-z0-9_.-]+)?)\n")
 _SERVER_LINE = re.compile(r"^(    server s\d+) \S+ weight \d+(?: maxconn \d+)?(.*?)(?: disabled)?$", re.M)
 
 
@@ -406,10 +436,12 @@ class ConfigRenderer:
         services = haproxy_services(plan, set_aside)
         cached = self._blocks
         blocks: dict[str, _Block] = {}
+        keys: set[str] = set()
         for service in services:
             bid = backend_id(service)
-            if bid in blocks:
-                raise RenderError(f"service {service.key}: more than one service for {bid}")
+            if service.key in keys:
+                raise RenderError(f"service {service.key}: more than one service for port {service.port}")
+            keys.add(service.key)
             before = previous.get(bid, ())
             block = cached.get(bid)
             if block is None or block.max_connections != max_connections \

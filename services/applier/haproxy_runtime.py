@@ -40,7 +40,9 @@ ADMIN_MAINT_MASK = 0x01 | 0x02 | 0x20
 # What `prompt` makes the master CLI print after each command (2.6: `master> `).
 _PROMPT_RE = re.compile(r"^master[^\n>]*> ", re.M)
 MAX_BATCH_LINE = 8192
-_SERVICE_PROXY_RE = re.compile(r"svc_(\d+)_tcp")
+# A service listener's proxy: svc_<port>_tcp_<name> (haproxy_render.backend_id), or an older
+# svc_<port>_tcp (a HAProxy started by a previous version still holds those ports).
+_SERVICE_PROXY_RE = re.compile(r"svc_(\d+)_tcp(?:_[a-z0-9_.-]+)?")
 GONE_MARKER = "Can't find the target PID"
 
 
@@ -155,7 +157,7 @@ def parse_server_maxconn(text: str) -> dict[tuple[str, str], int]:
 
 def parse_listener_ports(text: str) -> set[int]:
     """From `show stat -1 1 -1` CSV (frontends only): the ports of the service listeners
-    (`svc_<port>_tcp`) the worker holds."""
+    (`svc_<port>_tcp_<name>`) the worker holds."""
     lines = text.strip().splitlines()
     if not lines or not lines[0].startswith("# "):
         raise CommandFailed(f"unexpected `show stat` answer: {text[:200]!r}")
