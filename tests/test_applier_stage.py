@@ -1,9 +1,12 @@
 """The applier stage: plans in from a (fake) planner on the bus, results out, traffic through."""
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import threading
+import time
+from dataclasses import replace
 
 import pytest
 import zmq
@@ -13,6 +16,7 @@ from services.applier.driver import DriverResult, ProxyDriver
 from services.applier.haproxy_driver import HaproxyDriver
 from services.common.bus import Publisher, Subscriber
 from services.common.config import Settings
+from services.common.latency import LatencyHistogram
 from services.common.model import ApplyResult, Plan, ProxySettings, Service
 from tests.helpers import RecordingDriver, TcpBackend, free_port, tcp_ask, wait_until
 from tests.test_haproxy_driver import HaproxyProcess, pytestmark  # noqa: F401  (skip without haproxy)
@@ -27,6 +31,7 @@ class Stage:
         self.planner = Publisher(self.ctx, "planner@test", settings.bus("planner"), heartbeat_interval=0.2)
         self.results = Subscriber(self.ctx, [settings.bus("applier")], ["applied."])
         self.received: list[tuple[str, ApplyResult]] = []
+        self.beats: list[dict] = []  # the applier's heartbeat payloads, oldest first
         self.stop = threading.Event()
         self.thread = threading.Thread(target=applier.run, args=(settings, self.stop),
                                        kwargs={"drivers": drivers, "heartbeat_interval": heartbeat_interval},
@@ -40,14 +45,30 @@ class Stage:
         def poll():
             self.planner.heartbeat()
             self.planner.serve_snapshots()
-            for message in self.results.poll(0.05):
-                if not message.is_heartbeat:
-                    self.received.append((message.topic, ApplyResult.from_dict(message.payload)))
+            self._collect()
             for _topic, result in reversed(self.received):
                 if result.plan_hash == plan.hash and result.ok == ok:
                     return result
             return None
         return wait_until(poll, timeout=timeout, message=f"applied result for plan {plan.hash} (ok={ok})")
+
+    def _collect(self) -> None:
+        for message in self.results.poll(0.05):
+            if message.is_heartbeat:
+                self.beats.append(message.payload)
+            else:
+                self.received.append((message.topic, ApplyResult.from_dict(message.payload)))
+
+    def heartbeat(self, predicate, timeout: float = 15.0) -> dict:
+        """The first heartbeat payload from now on that satisfies `predicate`."""
+        self.beats.clear()
+
+        def poll():
+            self.planner.heartbeat()
+            self.planner.serve_snapshots()
+            self._collect()
+            return next((beat for beat in self.beats if predicate(beat)), None)
+        return wait_until(poll, timeout=timeout, message="a heartbeat")
 
     def close(self) -> None:
         self.stop.set()
@@ -91,6 +112,9 @@ def test_plan_is_applied_and_result_published(backends):
         # the deferred write follows at once: the file on disk is what HAProxy runs
         wait_until(lambda: f"127.0.0.1:{backends[1].port} " in open(haproxy.paths.config).read(),
                    message="config file rewritten after the runtime change")
+        # The heartbeat counts both applies and the one reload.
+        beat = stage.heartbeat(lambda b: b["applies"].get("haproxy", {}).get("runtime"))
+        assert beat["applies"] == {"haproxy": {"reload": 1, "runtime": 1}} and beat["haproxy_reloads"] == 1
     finally:
         stage.close()
         haproxy.cleanup()
@@ -264,3 +288,36 @@ def test_missing_sources_compares_with_the_served_plan():
     assert missing_sources(full, sourced_plan(("file", "marathon", "registrator"))) == ()
     assert missing_sources(sourced_plan(("file",)), full) == ()
     assert applier.result_payload(applier.held_result(sourced_plan(("file",)), full, ("marathon",)))["notes"]
+
+
+def test_heartbeat_counts_applies_and_change_to_applied_latency(recording_stage, caplog):
+    stage, driver = recording_stage
+    caplog.set_level(logging.INFO, logger="proxymatic.applier")
+    first = replace(sourced_plan(("file", "marathon"), file=3001, marathon=3000), changed_at=time.time() - 0.5)
+    stage.publish(first)
+    stage.result_for(first)
+    beat = stage.heartbeat(lambda b: b["applies"])
+    assert beat["applies"] == {"recording": {"runtime": 1}} and beat["haproxy_reloads"] == 0
+    latency = beat["change_to_applied"]
+    assert latency["count"] == 1 and 0.5 <= latency["sum"] < 30
+    assert LatencyHistogram.cumulative_buckets(latency)[0][-1] == ("+Inf", 1)
+    # one line for the apply, with its fields for the JSON log
+    record = next(r for r in caplog.records if getattr(r, "plan_hash", None) == first.hash)
+    assert record.levelno == logging.INFO and record.actions == {"recording": "runtime"}
+    assert 0.5 <= record.change_to_applied_seconds < 30 and "change to applied 0." in record.getMessage()
+
+    # A held plan counts as held for every proxy; no latency (nothing was applied).
+    partial = sourced_plan(("file",), file=3002)
+    stage.publish(partial)
+    stage.result_for(partial, ok=False)
+    beat = stage.heartbeat(lambda b: b["applies"]["recording"].get("held"))
+    assert beat["applies"] == {"recording": {"runtime": 1, "held": 1}} and beat["change_to_applied"]["count"] == 1
+
+    # A plan without an origin time (changed_at 0) is applied and counted, not observed.
+    unknown = sourced_plan(("file", "marathon"), file=3003)
+    stage.publish(unknown)
+    stage.result_for(unknown)
+    beat = stage.heartbeat(lambda b: b["applies"]["recording"]["runtime"] == 2)
+    assert beat["change_to_applied"]["count"] == 1
+    record = next(r for r in caplog.records if getattr(r, "plan_hash", None) == unknown.hash)
+    assert record.change_to_applied_seconds is None

@@ -41,8 +41,8 @@ from services.applier.haproxy_isolation import (
 )
 from services.applier.haproxy_launch import check_config_alerts, fd_limit, run_as, summary
 from services.applier.haproxy_render import (
-    ConfigRenderer, HaproxyPaths, RenderError, Rendering, Slots, backend_id, haproxy_services, section_skeleton,
-    slot_name, split_sections,
+    ConfigRenderer, HaproxyPaths, RenderError, Rendering, Slots, backend_id, haproxy_services, key_of_backend,
+    section_skeleton, slot_name, split_sections,
 )
 from services.applier.haproxy_runtime import (
     Command, CommandFailed, HaproxyUnavailable, MasterCli, ProcInfo, WorkerApi,
@@ -88,9 +88,8 @@ def _same_ip(a: str | None, b: str | None) -> bool:
 
 
 def _key(backend: str) -> str:
-    """svc_1234_tcp -> 1234/tcp, for log messages."""
-    parts = backend.split("_")
-    return f"{parts[1]}/{parts[2]}" if len(parts) == 3 else backend
+    """svc_1234_tcp_web -> 1234/tcp, for log messages."""
+    return key_of_backend(backend) or backend
 
 
 class _PlanHash:
@@ -173,6 +172,9 @@ class HaproxyDriver(ProxyDriver):
         # The applier stage calls `flush` right after publishing a result; direct callers
         # (tests, tools) get the files written before `apply` returns.
         self._defer_writes = defer_writes
+        # Reloads this driver asked HAProxy for (failed ones included): the applier's heartbeat
+        # carries it as `haproxy_reloads`.
+        self.reloads = 0
 
     # -- public -------------------------------------------------------------------------------
 
@@ -473,6 +475,7 @@ class HaproxyDriver(ProxyDriver):
         self._worker = None
         log.info("haproxy: reloading for plan %s (worker %s)", _PlanHash(plan), before.worker)
         log_offset = self._program_log.offset()
+        self.reloads += 1
         self.master.reload()
         try:
             after = self.master.wait_for_reload(before, self.reload_timeout)

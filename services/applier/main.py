@@ -14,13 +14,20 @@ A plan that lacks a source the served plan had is held, not applied (completenes
 payload that is not a valid plan is logged, counted (`dropped` in the heartbeat) and dropped.
 Heartbeats come from a thread of their own, so a driver blocked for seconds (a reload, `haproxy
 -c`, a Pen start) never makes a live applier look dead.
+
+The heartbeat carries the stage's counters (docs/bus.md, "Counters in heartbeats"), which the
+status stage turns into /metrics: `applies` ({proxy: {action: count}}: one per driver result of
+every apply, resyncs and retries included, and `held` for every proxy each time a new plan is
+held), `haproxy_reloads` (reloads HAProxy was asked for, failed ones included) and
+`change_to_applied` (a LatencyHistogram of now - plan.changed_at, observed once per plan, at the
+first apply that changed something). They restart at 0 only when this stage does.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 
@@ -31,6 +38,7 @@ from services.applier.nginx_driver import NginxDriver
 from services.applier.pen_driver import PenDriver
 from services.common.bus import HEARTBEAT_INTERVAL, Heartbeats, Message, Publisher, Subscriber
 from services.common.config import Settings
+from services.common.latency import LatencyHistogram
 from services.common.model import SCHEMA_VERSION, ApplyResult, ModelError, Plan, ServiceDecoder
 
 log = logging.getLogger("proxymatic.applier")
@@ -45,6 +53,8 @@ FLUSH_QUIET = 0.05
 FLUSH_MAX = 1.0
 # Most significant first: what one ApplyResult says when drivers did different things.
 ACTIONS = ("rejected", "reload", "start", "runtime", "none")
+# Driver actions that changed what a proxy serves (what change_to_applied measures).
+CHANGING_ACTIONS = frozenset({"reload", "start", "runtime"})
 
 def build_drivers(settings: Settings) -> list[ProxyDriver]:
     """The drivers of this node: HAProxy when HAPROXY, Pen always (UDP, and TCP without
@@ -144,13 +154,64 @@ class Health:
     # while the loop is inside a driver, so a driver stuck for good shows as a growing number.
     busy_since: float | None = None
     subscriber: Subscriber | None = None
+    # The counters (see the module's docstring), written by the loop under `counters_lock`.
+    applies: dict[str, dict[str, int]] = field(default_factory=dict)
+    haproxy_reloads: int = 0
+    change_to_applied: LatencyHistogram = field(default_factory=LatencyHistogram)
+    counters_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, result: ApplyResult, drivers: list[ProxyDriver]) -> None:
+        """One apply's driver results, and the drivers' reload counts."""
+        reloads = sum(int(getattr(d, "reloads", 0)) for d in drivers if d.name == "haproxy")
+        with self.counters_lock:
+            for name, detail in result.details.items():
+                action = detail.get("action") if isinstance(detail, dict) else None
+                if isinstance(action, str):
+                    per_proxy = self.applies.setdefault(name, {})
+                    per_proxy[action] = per_proxy.get(action, 0) + 1
+            self.haproxy_reloads = reloads
+
+    def count_held(self, drivers: list[ProxyDriver]) -> None:
+        with self.counters_lock:
+            for driver in drivers:
+                per_proxy = self.applies.setdefault(driver.name, {})
+                per_proxy["held"] = per_proxy.get("held", 0) + 1
+
+    def observe(self, seconds: float) -> None:
+        with self.counters_lock:
+            self.change_to_applied.observe(seconds)
 
     def payload(self) -> dict:
         busy_since = self.busy_since
+        with self.counters_lock:
+            counters = {"applies": {name: dict(actions) for name, actions in self.applies.items()},
+                        "haproxy_reloads": self.haproxy_reloads,
+                        "change_to_applied": self.change_to_applied.to_dict()}
         return {"stage": "applier", "plan": self.plan, "ok": self.ok, "held": self.held,
                 "served_sources": list(self.served_sources),
                 "busy_seconds": round(time.monotonic() - busy_since, 1) if busy_since is not None else 0.0,
-                "dropped": self.subscriber.dropped if self.subscriber else 0}
+                "dropped": self.subscriber.dropped if self.subscriber else 0, **counters}
+
+
+def changed_something(result: ApplyResult) -> bool:
+    return any(isinstance(d, dict) and d.get("action") in CHANGING_ACTIONS for d in result.details.values())
+
+
+def log_result(plan: Plan, reason: str, result: ApplyResult, latency: float | None) -> None:
+    """One line per published result; an apply that changed something carries the plan, the
+    action per proxy and the change→applied seconds as fields too (for LOG_FORMAT=json)."""
+    summary = ", ".join(f"{name} {d['action']}{'' if d['ok'] else ' FAILED'}"
+                        for name, d in result.details.items())
+    errors = "; " + "; ".join(result.errors) if result.errors else ""
+    level = logging.INFO if result.ok else logging.WARNING
+    if not changed_something(result):
+        log.log(level, "applier: plan %s (%s): %s%s", plan.hash, reason, summary or "no drivers", errors)
+        return
+    took = "unknown" if latency is None else f"{latency:.3f}s"
+    log.log(level, "applier: plan %s (%s): %s; change to applied %s%s", plan.hash, reason, summary, took, errors,
+            extra={"plan_hash": plan.hash, "reason": reason,
+                   "actions": {name: d["action"] for name, d in result.details.items()},
+                   "change_to_applied_seconds": None if latency is None else round(latency, 6)})
 
 
 def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | None = None,
@@ -170,6 +231,7 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
     current: Plan | None = None  # the plan the proxies were last converged to (or tried)
     held: Plan | None = None  # the newest plan held back for lacking a source of `current`
     last: ApplyResult | None = None
+    observed = ""  # the hash of the last plan whose change→applied latency was observed
     retry_at: float | None = None
     backoff = RETRY_MIN
     next_resync = float("inf")
@@ -201,6 +263,7 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
                         if held is None or held.hash != plan.hash:
                             log.warning("applier: %s", hold_note(plan, current, missing))
                             publisher.publish(topic, result_payload(held_result(plan, current, missing)))
+                            health.count_held(drivers)
                         held, health.held = plan, plan.hash
                     continue
                 resumed = held is not None
@@ -226,15 +289,18 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
             finally:
                 health.busy_since = None
             current = plan
+            latency = None
+            if changed_something(result) and plan.hash != observed:
+                observed = plan.hash
+                if plan.changed_at > 0:
+                    latency = time.time() - plan.changed_at
+                    health.observe(latency)
+            health.count(result, drivers)
             changed = last is None or (result.plan_hash, result.ok, result.errors) != \
                 (last.plan_hash, last.ok, last.errors)
             if reason == "new plan" or changed or result.action != "none":
                 publisher.publish(topic, result.to_dict())
-                summary = ", ".join(f"{name} {d['action']}{'' if d['ok'] else ' FAILED'}"
-                                    for name, d in result.details.items())
-                (log.info if result.ok else log.warning)(
-                    "applier: plan %s (%s): %s%s", plan.hash, reason, summary or "no drivers",
-                    "; " + "; ".join(result.errors) if result.errors else "")
+                log_result(plan, reason, result, latency)
             last = result
             health.plan, health.ok = result.plan_hash, result.ok
             if result.ok:
