@@ -152,9 +152,8 @@ def format_service(service: dict) -> list[str]:
                 lines.append(plain(f"  set aside by {driver}: {reason}"))
         servers = service["servers"]
         if servers:
-            live = [s for s in servers if s["state"] not in ("unknown", "unchecked")]
             count = f"{len(servers)} server{'s' if len(servers) != 1 else ''}"
-            lines.append(f"  {count}, {service['servers_up']} UP:" if live else f"  {count}:")
+            lines.append(f"  {count}, {service['servers_up']} UP:" if service["servers_known"] else f"  {count}:")
             lines.extend(f"    {_server_line(server)}" for server in servers)
         else:
             lines.append("  no servers: the port is listened on and connections are refused")

@@ -147,6 +147,7 @@ def describe(plan: Plan | None, result: ApplyResult | None, live: HaproxyLive | 
             "set_aside": proxy in reasons, "set_aside_reason": reasons.get(proxy, ""),
             "set_aside_by": dict(reasons), "state": state, "state_text": STATE_TEXT[state],
             "servers": servers, "servers_up": sum(s["state"] == "UP" for s in servers),
+            "servers_known": sum(s["state"] not in ("unknown", "unchecked") for s in servers),
             "excluded": by_key.get(service.key, []),
         })
     planned = {service.key for service in plan.services}
@@ -159,7 +160,7 @@ def describe(plan: Plan | None, result: ApplyResult | None, live: HaproxyLive | 
             "name": ", ".join(names), "mode": "", "source": ", ".join(sorted({e["source"] for e in entries})),
             "in_plan": False, "proxy": "", "vhost_url": "", "set_aside": False, "set_aside_reason": "",
             "set_aside_by": aside.get(key, {}), "state": "not_served", "state_text": STATE_TEXT["not_served"],
-            "servers": [], "servers_up": 0, "excluded": entries,
+            "servers": [], "servers_up": 0, "servers_known": 0, "excluded": entries,
         })
     services.sort(key=lambda s: _key_sort(s["key"]))
     return {"services": services, "excluded_apart": apart}
