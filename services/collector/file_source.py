@@ -9,13 +9,38 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
+from services.collector.exclusions import excluded as make_excluded
 from services.collector.source import Discovery, Source, SourceError
 from services.common.model import ModelError, Service, field_list
 
 FILE_FIELDS = {"name", "port", "protocol", "mode", "servers", "health_check", "healthCheck",
                "timeout_client", "timeout_server", "timeoutClient", "timeoutServer", "host_network"}
 SERVER_FIELDS = {"host", "ip", "port", "hostname", "weight", "maxconn"}
+
+
+class FileEntryError(ModelError):
+    """One entry of the file is invalid (the whole file is rejected); says which entry."""
+
+    def __init__(self, message: str, name: str = "", key: str = ""):
+        super().__init__(message)
+        self.name, self.key = name, key
+
+
+def _entry_identity(raw: object) -> tuple[str, str]:
+    """(name, "port/protocol") of a raw entry, as far as they can be told ("" when not)."""
+    if not isinstance(raw, dict):
+        return "", ""
+    name = raw.get("name") if isinstance(raw.get("name"), str) else ""
+    port, protocol = raw.get("port"), raw.get("protocol", "tcp")
+    if isinstance(port, str) and port.strip().isascii() and port.strip().isdigit():
+        port = int(port.strip())
+    key = ""
+    if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536 and isinstance(protocol, str) \
+            and protocol.lower() in ("tcp", "udp"):
+        key = f"{port}/{protocol.lower()}"
+    return name, key
 
 
 def _server_dict(raw: object, what: str) -> dict:
@@ -51,29 +76,38 @@ def parse_services_file(text: str) -> tuple[Service, ...]:
         raise ModelError(f"unknown top-level field(s): {field_list(unknown_top)}")
     services: dict[str, Service] = {}
     for index, raw in enumerate(document["services"]):
-        what = f"services[{index}]"
-        if not isinstance(raw, dict):
-            raise ModelError(f"{what} must be an object")
-        unknown = set(raw) - FILE_FIELDS
-        if unknown:
-            raise ModelError(f"{what} has unknown field(s): {field_list(unknown)}")
-        data = {k: v for k, v in raw.items() if k not in ("healthCheck", "timeoutClient", "timeoutServer")}
-        for camel, snake in (("healthCheck", "health_check"), ("timeoutClient", "timeout_client"),
-                             ("timeoutServer", "timeout_server")):
-            if camel in raw:
-                if snake in raw:  # one of them would be ignored silently
-                    raise ModelError(f"{what} has both {camel} and {snake}: give one")
-                data[snake] = raw[camel]
-        servers = raw.get("servers", [])
-        if not isinstance(servers, list):
-            raise ModelError(f"{what}.servers must be a list")
-        data["servers"] = [_server_dict(s, f"{what}.servers[{i}]") for i, s in enumerate(servers)]
-        data["source"] = "file"
-        service = Service.from_dict(data, what)
-        if service.key in services:
-            raise ModelError(f"{what}: port {service.key} is already used by service {services[service.key].name!r}")
+        try:
+            service = _parse_entry(index, raw, services)
+        except ModelError as error:
+            raise FileEntryError(str(error), *_entry_identity(raw)) from None
         services[service.key] = service
     return tuple(services.values())
+
+
+def _parse_entry(index: int, raw: object, services: dict[str, Service]) -> Service:
+    """One entry of the file -> a Service (ModelError naming it when it is invalid)."""
+    what = f"services[{index}]"
+    if not isinstance(raw, dict):
+        raise ModelError(f"{what} must be an object")
+    unknown = set(raw) - FILE_FIELDS
+    if unknown:
+        raise ModelError(f"{what} has unknown field(s): {field_list(unknown)}")
+    data = {k: v for k, v in raw.items() if k not in ("healthCheck", "timeoutClient", "timeoutServer")}
+    for camel, snake in (("healthCheck", "health_check"), ("timeoutClient", "timeout_client"),
+                         ("timeoutServer", "timeout_server")):
+        if camel in raw:
+            if snake in raw:  # one of them would be ignored silently
+                raise ModelError(f"{what} has both {camel} and {snake}: give one")
+            data[snake] = raw[camel]
+    servers = raw.get("servers", [])
+    if not isinstance(servers, list):
+        raise ModelError(f"{what}.servers must be a list")
+    data["servers"] = [_server_dict(s, f"{what}.servers[{i}]") for i, s in enumerate(servers)]
+    data["source"] = "file"
+    service = Service.from_dict(data, what)
+    if service.key in services:
+        raise ModelError(f"{what}: port {service.key} is already used by service {services[service.key].name!r}")
+    return service
 
 
 class FileSource(Source):
@@ -83,6 +117,7 @@ class FileSource(Source):
         self.path = path
         self.poll_interval = poll_interval
         self._seen: tuple | None = None
+        self._read = False  # read once: a new signature is then a change of the file
 
     def _signature(self) -> tuple | None:
         try:
@@ -92,18 +127,31 @@ class FileSource(Source):
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def current(self) -> Discovery:
-        self._seen = self._signature()
+        signature = self._signature()
+        self.cause = "file_change" if self._read and signature != self._seen else "poll"
+        self.counters.event(self.cause)
+        self._seen, self._read = signature, True
+        self.received_at = time.time()
         try:
             with open(self.path, encoding="utf-8") as handle:
                 text = handle.read()
         except OSError as error:
-            raise SourceError(f"cannot read services file {self.path}: {error.strerror}") from None
+            raise self._failed(f"cannot read services file {self.path}: {error.strerror}") from None
         except UnicodeDecodeError as error:
-            raise SourceError(f"services file {self.path} is not UTF-8: {error}") from None
+            raise self._failed(f"services file {self.path} is not UTF-8: {error}") from None
         try:
             return Discovery(parse_services_file(text))
         except ModelError as error:
-            raise SourceError(f"services file {self.path}: {error}") from None
+            name, key = (error.name, error.key) if isinstance(error, FileEntryError) else ("", "")
+            failure = self._failed(f"services file {self.path}: {error}")
+            # What the file says is not applied: the entry at fault (or the whole file) and why.
+            failure.excluded = (make_excluded("file", "bad_data", f"{error}; the whole file is rejected, "
+                                              "the last good services are served", app=name, service=name, key=key),)
+            raise failure from None
+
+    def _failed(self, message: str) -> SourceError:
+        self.counters.error()
+        return SourceError(message)
 
     def wait_for_change(self, timeout: float, stop: threading.Event) -> None:
         # Polling the signature is cheap and works for every editor and for atomic renames,

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import zmq
 
 from services.collector.cache import SourceCache
+from services.collector.changes import ChangeLog
+from services.collector.exclusions import ExcludedCheck
 from services.collector.source import BrokenSource, Discovery, Source, SourceBroken, SourceError
 from services.common.bus import Publisher
 from services.common.config import Settings
@@ -100,6 +102,12 @@ class SourceRunner:
     def __post_init__(self) -> None:
         self.last_good: Discovery | None = self.saved
         self._backoff = BACKOFF_START
+        self.counters = self.source.counters  # created here, before any thread of the source runs
+        # When the services last changed (SourceSnapshot.changed_at), and what they were then.
+        self.changed_at = 0.0
+        self._services = self.saved.services if self.saved is not None else None
+        self._changes = ChangeLog(self.source.name, log, self.saved.services if self.saved is not None else ())
+        self._check_excluded = ExcludedCheck(self.source.name)
 
     def run(self) -> None:
         """Until `stop`. Whatever raises in one round (the source, or reporting what it said:
@@ -110,23 +118,28 @@ class SourceRunner:
                 self._round()
             except Exception as error:  # noqa: BLE001 - a runner that ends freezes its source
                 log.error("source %s: collector error\n%s", self.source.name, redact(traceback.format_exc()))
+                self.counters.error()
                 self._report_failure(f"internal error in the collector: {error!r}", self.last_good)
                 self._back_off(self._backoff)
                 self._backoff = min(self._backoff * 2, BACKOFF_MAX)
 
     def _round(self) -> None:
         """Ask the source, report, wait for a change (or back off after a failure)."""
+        asked_at = time.time()
         try:
             discovery = self.source.current()
         except Exception as error:  # SourceError, or a bug in one source: never kill the collector
             if not isinstance(error, SourceError):
                 log.error("source %s: unexpected error\n%s", self.source.name, redact(traceback.format_exc()))
+                self.counters.error()  # sources count their own failed reads
             self._report_failure(str(error) if isinstance(error, SourceError) else f"internal error: {error!r}",
-                                 self.last_good, broken=isinstance(error, SourceBroken))
+                                 self.last_good, broken=isinstance(error, SourceBroken),
+                                 excluded=getattr(error, "excluded", ()) if isinstance(error, SourceError) else ())
             self._back_off(self._backoff)
             self._backoff = min(self._backoff * 2, BACKOFF_MAX)
             return
-        self._report(discovery, self.last_good)
+        self._report(discovery, self.last_good, getattr(self.source, "received_at", 0.0) or asked_at,
+                     getattr(self.source, "cause", "") or "poll")
         self._backoff = BACKOFF_START
         self.last_good = discovery
         try:
@@ -135,10 +148,12 @@ class SourceRunner:
             if not isinstance(error, SourceError):
                 log.error("source %s: unexpected error while waiting\n%s", self.source.name,
                           redact(traceback.format_exc()))
+                self.counters.error()
             self._report_failure(str(error), self.last_good)
             self._back_off(self._backoff)
 
-    def _report(self, discovery: Discovery, previous: Discovery | None) -> None:
+    def _report(self, discovery: Discovery, previous: Discovery | None, received_at: float | None = None,
+                cause: str = "poll") -> None:
         # Credentials never reach the bus, whatever a source put in its texts.
         warnings = tuple(redact(w) for w in discovery.warnings)
         seen = set(previous.warnings) if previous else set()
@@ -150,8 +165,26 @@ class SourceRunner:
         elif not discovery.degraded and previous is not None and previous.degraded:
             log.info("source %s: ok again", self.source.name)
         state, error = ("degraded", redact(discovery.degraded)) if discovery.degraded else ("ok", "")
-        self.updates.put(SourceReport(SourceSnapshot(self.source.name, state, discovery.services, error=error,
-                                                     warnings=warnings), live=True))
+        excluded = self._check_excluded(discovery.excluded)
+        services = discovery.services
+        changed = self._services is None or (services is not self._services and
+                                             [s.digest for s in services] != [s.digest for s in self._services])
+        if changed:
+            # When the collector received what changed the services: the origin of the
+            # change-to-applied latency (docs/bus.md, Origin time).
+            self.changed_at = received_at or time.time()
+        self._services = services
+        self.updates.put(SourceReport(SourceSnapshot(self.source.name, state, services, error=error,
+                                                     warnings=warnings, excluded=excluded,
+                                                     changed_at=self.changed_at), live=True))
+        if changed:  # after the report: the log never delays publishing
+            self._log_changes(services, cause)
+
+    def _log_changes(self, services: tuple, cause: str) -> None:
+        try:
+            self._changes.report(services, redact(cause))
+        except Exception:  # noqa: BLE001 - a log line is never worth a round
+            log.error("source %s: cannot log its changes\n%s", self.source.name, redact(traceback.format_exc()))
 
     def _back_off(self, seconds: float) -> None:
         """Wait before retrying, but let the source end the wait when it sees a recovery."""
@@ -163,18 +196,25 @@ class SourceRunner:
         # A source that returns at once must not turn the retry into a hot loop.
         self.stop.wait(max(0.0, BACKOFF_START - (time.monotonic() - started)))
 
-    def _report_failure(self, error: str, last_good: Discovery | None, broken: bool = False) -> None:
+    def _report_failure(self, error: str, last_good: Discovery | None, broken: bool = False,
+                        excluded: tuple = ()) -> None:
         """Report the source failing, keeping its last good services. Before any answer it is
         `initializing` (it may still come), or `degraded` with no services when it is `broken`
         (it cannot work until its configuration changes). Never raises."""
         try:
             error = redact(str(error))
             log.error("source %s: %s (keeping last good state)", self.source.name, error)
+            # What the failure itself says is not served (a services file rejected whole)
+            excluded = tuple(excluded) if isinstance(excluded, (tuple, list)) else ()
             if last_good is None:
-                snapshot = SourceSnapshot(self.source.name, "degraded" if broken else "initializing", (), error=error)
+                snapshot = SourceSnapshot(self.source.name, "degraded" if broken else "initializing", (), error=error,
+                                          excluded=self._check_excluded(excluded) if excluded else ())
             else:
                 snapshot = SourceSnapshot(self.source.name, "degraded", last_good.services, error=error,
-                                          warnings=tuple(redact(str(w)) for w in last_good.warnings))
+                                          warnings=tuple(redact(str(w)) for w in last_good.warnings),
+                                          excluded=self._check_excluded(last_good.excluded + excluded
+                                                                        if excluded else last_good.excluded),
+                                          changed_at=self.changed_at)
         except Exception:  # noqa: BLE001 - e.g. a last good state that does not make a snapshot
             log.error("source %s: cannot report its failure\n%s", self.source.name, redact(traceback.format_exc()))
             # `initializing` with no services: the planner keeps what the source said last, as
@@ -188,6 +228,18 @@ def summarize(payload: dict) -> dict:
     """A source snapshot in brief, for heartbeats and /status/details."""
     return {"state": payload["state"], "error": payload["error"], "services": len(payload["services"]),
             "hash": payload["hash"], "warnings": payload["warnings"][:50]}
+
+
+def with_counters(summaries: dict[str, dict], sources: list[Source]) -> dict[str, dict]:
+    """Each source's summary plus its counters (`events` by type, `errors`), for the heartbeat."""
+    out = {}
+    for source in sources:
+        try:
+            counters = source.counters.snapshot()
+        except Exception:  # noqa: BLE001 - a heartbeat is never missed for its counters
+            counters = {"events": {}, "errors": 0}
+        out[source.name] = {**summaries.get(source.name, {"state": "initializing"}), **counters}
+    return out
 
 
 def _start(runner: SourceRunner) -> threading.Thread:
@@ -250,7 +302,8 @@ def run(settings: Settings, stop: threading.Event, sources: list[Source] | None 
             try:
                 _check_runners(runners)
                 publisher.serve_snapshots()
-                publisher.heartbeat({"stage": "collector", "sources": summaries})
+                if publisher.seconds_to_heartbeat() <= 0:
+                    publisher.heartbeat({"stage": "collector", "sources": with_counters(summaries, sources)})
                 try:
                     report = updates.get(timeout=min(0.05, publisher.seconds_to_heartbeat()) or 0.05)
                 except queue.Empty:

@@ -24,7 +24,8 @@ from urllib.parse import quote
 from services.collector.marathon_client import (EventStream, MarathonClient, NotFound, Replica, decode_event,
                                                 parse_replicas)
 from services.collector.marathon_events import event_problem
-from services.collector.marathon_parse import (TERMINAL_STATES, AppError, AppSpec, ServiceBuilder,
+from services.collector.exclusions import excluded as make_excluded
+from services.collector.marathon_parse import (TERMINAL_STATES, AppError, AppSpec, ServiceBuilder, app_skipped,
                                                app_uses_current_config, clip, parse_app)
 from services.collector.resolve import Resolver
 from services.collector.source import Discovery, DroppedEvents, Source, SourceError
@@ -46,6 +47,13 @@ def _one_line(text: str, limit: int) -> str:
     """Text for a one-line warning: control characters escaped, bounded length."""
     text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit * 2])
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _causes(types: set[str], limit: int = 3) -> str:
+    """The event types behind a change, for the change log: "a, b and 2 more"."""
+    shown = sorted(types)
+    text = ", ".join(shown[:limit])
+    return text if len(shown) <= limit else f"{text} and {len(shown) - limit} more"
 
 
 def _slim(task: dict, app_id: str) -> dict:
@@ -106,6 +114,12 @@ class MarathonSource(Source):
         self._last_full = 0.0
         self._recording: list[tuple[str, dict]] | None = None
         self._fetch_warnings: list[str] = []
+        self._fetch_excluded: list = []  # Excluded entries of the apps and tasks a fetch skipped
+        # What the next current() reflects: the newest event's arrival (wall clock) and the
+        # event types applied since the last current() (guarded by _cond).
+        self._news_at = 0.0
+        self._news: set[str] = set()
+        self._stream_failures_seen = 0
         self._closed = False
         self._failed = False  # the last current() raised: wait for news, not for pending work
         self.stats = {"events": 0, "events_applied": 0, "events_dropped": 0, "full_syncs": 0, "app_fetches": 0,
@@ -117,10 +131,17 @@ class MarathonSource(Source):
     def current(self) -> Discovery:
         self._ensure_stream()
         with self._cond:
-            full = (self._pending_full or not self._synced
-                    or time.monotonic() - self._last_full >= self.refresh_interval
+            resync = self._pending_full or not self._synced
+            full = (resync or time.monotonic() - self._last_full >= self.refresh_interval
                     or len(self._dirty_apps) > self.max_app_fetches)
             self._changed = False
+            # What this call reflects, for the collector (changed_at, the change log's "why").
+            news_at, news = self._news_at, self._news
+            self._news_at, self._news = 0.0, set()
+            if news:
+                self.received_at, self.cause = news_at, _causes(news)
+            else:
+                self.received_at, self.cause = 0.0, "resync" if resync and self._synced else "poll"
             if (not full and not self._dirty_apps and not self._touched and not self._rebuild_all
                     and self._discovery is not None):
                 self._failed = False
@@ -131,7 +152,17 @@ class MarathonSource(Source):
             if full or dirty:
                 self._recording = []
         if full or dirty:
-            self._fetch(full, dirty)
+            try:
+                self._fetch(full, dirty)
+            except BaseException:
+                with self._cond:  # not reflected yet: the next current() will
+                    self._news |= news
+                    self._news_at = max(self._news_at, news_at)
+                raise
+            if full:
+                self.counters.event("poll")
+            if not news:
+                self.received_at = time.time()  # the answer that may change the services
         else:
             with self._cond:
                 self._failed = False
@@ -142,10 +173,11 @@ class MarathonSource(Source):
         started = time.monotonic()
         try:
             if full:
-                apps, tasks, warnings = self._fetch_all()
+                apps, tasks, warnings, excluded = self._fetch_all()
             else:
-                apps, tasks, warnings = self._fetch_apps(dirty)
+                apps, tasks, warnings, excluded = self._fetch_apps(dirty)
         except BaseException:
+            self.counters.error()
             with self._cond:
                 self._recording = None
                 self._pending_full = self._pending_full or full
@@ -176,6 +208,7 @@ class MarathonSource(Source):
                 except Exception as error:  # noqa: BLE001 - one event must not fail the sync
                     self._drop_event(event_type, f"{type(error).__name__}: {error}")
             self._fetch_warnings = warnings
+            self._fetch_excluded = excluded
 
     def wait_for_change(self, timeout: float, stop: threading.Event) -> None:
         self._ensure_stream()
@@ -251,14 +284,18 @@ class MarathonSource(Source):
                 return None
         return spec
 
-    def _take_app(self, app: Any, warnings: list[str]) -> tuple[str, tuple[dict, AppSpec], dict[str, dict]] | None:
+    def _take_app(self, app: Any, warnings: list[str], excluded: list | None = None
+                  ) -> tuple[str, tuple[dict, AppSpec], dict[str, dict]] | None:
+        excluded = [] if excluded is None else excluded
         try:
             spec = self._known_spec(app) or parse_app(app)
         except AppError as error:
             warnings.append(f"app skipped: {error}")
+            excluded.append(app_skipped(app, error))
             return None
         except Exception as error:  # hostile data: skip this app alone
             warnings.append(f"app {clip(app.get('id') if isinstance(app, dict) else app)} skipped: {clip(str(error), 120)}")
+            excluded.append(app_skipped(app, error))
             return None
         raw_tasks = app.get("tasks")
         tasks = {}
@@ -267,6 +304,8 @@ class MarathonSource(Source):
                 tasks[task["id"]] = _slim(task, spec.app_id)
             else:
                 warnings.append(f"app {clip(spec.app_id)}: malformed task {clip(task)} skipped")
+                excluded.append(make_excluded("marathon", "bad_data", f"malformed task {clip(task)} skipped",
+                                              app=spec.app_id, service=spec.name or ""))
         definition = {k: v for k, v in app.items() if k != "tasks"}
         self._remember_version(spec)
         return spec.app_id, (definition, spec), tasks
@@ -277,16 +316,19 @@ class MarathonSource(Source):
         if not isinstance(apps_list, list):
             raise SourceError("Marathon /v2/apps answered without an apps list")
         warnings: list[str] = []
+        excluded: list = []
         apps, tasks = {}, {}
         for app in apps_list:
-            taken = self._take_app(app, warnings)
+            taken = self._take_app(app, warnings, excluded)
             if taken:
                 apps[taken[0]], tasks[taken[0]] = taken[1], taken[2]
         log.debug("marathon: full sync, %d apps, %d tasks", len(apps), sum(len(t) for t in tasks.values()))
-        return apps, tasks, warnings
+        return apps, tasks, warnings, excluded
 
     def _fetch_apps(self, app_ids: set[str]):
         warnings: list[str] = list(self._fetch_warnings)
+        # the entries of the apps fetched again are replaced by what this fetch says of them
+        excluded: list = [e for e in self._fetch_excluded if e.app not in app_ids]
         apps, tasks = {}, {}
         for app_id in sorted(app_ids):
             self.stats["app_fetches"] += 1
@@ -295,10 +337,10 @@ class MarathonSource(Source):
             except NotFound:
                 continue  # gone: dropped by the caller
             app = data.get("app") if isinstance(data, dict) else None
-            taken = self._take_app(app, warnings)
+            taken = self._take_app(app, warnings, excluded)
             if taken:
                 apps[app_id], tasks[app_id] = taken[1], taken[2]
-        return apps, tasks, warnings
+        return apps, tasks, warnings, excluded
 
     def _remember_version(self, spec: AppSpec) -> None:
         key = (spec.app_id, spec.version)
@@ -352,17 +394,20 @@ class MarathonSource(Source):
                     self._rebuild_all = False
                 work = [(app_id, self._pairs(app_id)) for app_id in sorted(touched)]
                 fetch_warnings = tuple(self._fetch_warnings)
+                fetch_excluded = tuple(self._fetch_excluded)
             try:
                 for app_id, (pairs, warnings) in work:
                     self.builder.update(app_id, pairs, self.resolve, warnings)
                 services, warnings = self.builder.result(fetch_warnings)
+                excluded = self.builder.excluded(fetch_excluded)
             except BaseException:
                 with self._cond:
                     self._touched |= touched
                 raise
             discovery = self._discovery
-            if discovery is None or discovery.services is not services or discovery.warnings != warnings:
-                discovery = self._discovery = Discovery(services, warnings)
+            if (discovery is None or discovery.services is not services or discovery.warnings != warnings
+                    or discovery.excluded is not excluded):
+                discovery = self._discovery = Discovery(services, warnings, excluded=excluded)
         return self._with_notes(discovery)
 
     def _with_notes(self, base: Discovery) -> Discovery:
@@ -377,7 +422,8 @@ class MarathonSource(Source):
             if self._noted is None or self._noted[0] is not base or self._noted[1] != notes:
                 # first: the heartbeat's summary (status) shows only the first warnings
                 warnings = ((dropped,) if dropped else ()) + base.warnings
-                self._noted = (base, notes, Discovery(base.services, warnings, degraded=self._stream_note))
+                self._noted = (base, notes, Discovery(base.services, warnings, degraded=self._stream_note,
+                                                      excluded=base.excluded))
             return self._noted[2]
 
     def _pairs(self, app_id: str) -> tuple[list[tuple[dict, AppSpec]], list[str]]:
@@ -414,6 +460,10 @@ class MarathonSource(Source):
         if stream is None:
             return
         health = stream.health()
+        failed = 0 if health.up else health.failed_attempts
+        if failed > self._stream_failures_seen:
+            self.counters.error(failed - self._stream_failures_seen)
+        self._stream_failures_seen = failed
         note = ""
         if not health.up and health.failed_attempts and health.down_since is not None:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(health.down_since))
@@ -434,6 +484,7 @@ class MarathonSource(Source):
         stream goes on."""
         self._last_event = time.monotonic()
         self.stats["events"] += 1
+        self.counters.event(_one_line(event_type or "untyped", 80))
         try:
             problem = self._handle_event(event_type, data)
         except Exception as error:  # noqa: BLE001 - a bug must not end the stream
@@ -444,6 +495,7 @@ class MarathonSource(Source):
     def _drop_event(self, event_type: str, problem: str) -> None:
         kind = _one_line(event_type or "untyped", 80)  # a known type (the parser drops the others)
         reason = _one_line(redact(problem), 200)
+        self.counters.error()
         with self._cond:
             self.stats["events_dropped"] += 1
             # Each drop is logged (rate-limited) and counted; the published warning changes at
@@ -463,12 +515,14 @@ class MarathonSource(Source):
                 else:
                     self._pending_full = True
                 self._changed = True
+                self._noted_news(event_type)
                 self._cond.notify_all()
             return None
         if not data:  # too big to keep: we cannot tell what changed
             with self._cond:
                 self._pending_full = True
                 self._changed = True
+                self._noted_news(event_type)
                 self._cond.notify_all()
             return None
         event = decode_event(data)
@@ -484,8 +538,15 @@ class MarathonSource(Source):
             if applied:
                 self._changed = True
                 self.stats["events_applied"] += 1
+                self._noted_news(event_type)
                 self._cond.notify_all()
         return None
+
+    def _noted_news(self, event_type: str) -> None:
+        """An event that may change the services arrived now (lock held)."""
+        self._news_at = time.time()
+        if len(self._news) < 16:  # a handful of types exist; never a set of hostile names
+            self._news.add(_one_line(event_type or "untyped", 80))
 
     def _find_task(self, app_id: Any, task_id: Any = None, instance_id: Any = None) -> dict | None:
         tasks = self._tasks.get(app_id) if isinstance(app_id, str) else None

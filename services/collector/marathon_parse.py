@@ -11,8 +11,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from services.common.model import (clip as clip_value, DEFAULT_WEIGHT, MAX_WEIGHT, HealthCheck, ModelError, Server, Service,
-                                   validate_ip, validate_name)
+from services.collector.exclusions import address as address_text, excluded as make_excluded
+from services.common.model import (clip as clip_value, DEFAULT_WEIGHT, MAX_WEIGHT, Excluded, HealthCheck, ModelError, Server,
+                                   Service, bounded_excluded, validate_ip, validate_name)
 
 LABEL_PREFIX = "com.meltwater.proxymatic.port."
 # States in which a task is serving. `state` is absent from old Marathon (1.1 and the 1.4 docs).
@@ -69,6 +70,9 @@ class AppSpec:
     routes: tuple[PortRoute, ...]
     health_checks: int
     warnings: tuple[str, ...] = ()
+    # What of the definition is not used: a label ignored (`invalid_label`), a port or the whole
+    # app skipped (`bad_data`). The app's fragments carry these for every version they use.
+    excluded: tuple[Excluded, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +148,8 @@ def _raw_ports(app: Mapping, network: str) -> list[tuple[Any, Any, Any, Any]]:
     return [(p, "tcp", None, p) for p in legacy] if isinstance(legacy, list) else []
 
 
-def _label_int(labels: Mapping, key: str, low: int, high: int, app_id: str, warnings: list) -> int | None:
+def _label_int(labels: Mapping, key: str, low: int, high: int, app_id: str, warnings: list,
+               problems: list | None = None) -> int | None:
     if key not in labels:
         return None
     value = labels[key]
@@ -160,6 +165,8 @@ def _label_int(labels: Mapping, key: str, low: int, high: int, app_id: str, warn
     if number is None or not low <= number <= high:
         warnings.append(f"app {clip(app_id)}: label {key}={clip(value)} ignored "
                         f"(expected an integer {low}..{high})")
+        if problems is not None:
+            problems.append((key, value, f"expected an integer {low}..{high}"))
         return None
     return number
 
@@ -255,6 +262,9 @@ def parse_app(app: Any) -> AppSpec:
     name, warning = service_name(app_id)
     if warning:
         warnings.append(warning)
+    # (port index or None, label, value, why) per label ignored; (port index, why) per port skipped
+    label_problems: list[tuple[int | None, str, Any, str]] = []
+    port_problems: list[tuple[int, str]] = []
     version = app.get("version")
     if not isinstance(version, str):
         info = app.get("versionInfo") if isinstance(app.get("versionInfo"), dict) else {}
@@ -262,6 +272,7 @@ def parse_app(app: Any) -> AppSpec:
     labels = app.get("labels") if isinstance(app.get("labels"), dict) else {}
     if app.get("labels") not in (None, {}) and not isinstance(app.get("labels"), dict):
         warnings.append(f"app {clip(app_id)}: labels must be an object; ignored")
+        label_problems.append((None, "labels", app.get("labels"), "labels must be an object; all ignored"))
     network = network_mode(app)
     routes: list[PortRoute] = []
     raw_ports = _raw_ports(app, network)
@@ -272,11 +283,15 @@ def parse_app(app: Any) -> AppSpec:
         protocol = _protocol(protocol_value)
         if protocol is None:
             warnings.append(f"app {clip(app_id)}: port {index} has protocol {clip(protocol_value)}; skipped")
+            port_problems.append((index, f"port {index} has protocol {clip(protocol_value)}; port skipped"))
             continue
+        problems: list = []
         if isinstance(service_port, bool) or not isinstance(service_port, int) or not 0 <= service_port <= 65535:
             warnings.append(f"app {clip(app_id)}: port {index} has servicePort {clip(service_port)}; skipped")
+            port_problems.append((index, f"port {index} has servicePort {clip(service_port)}; "
+                                         "not proxied unless a servicePort label gives one"))
             service_port = 0
-        override = _label_int(labels, prefix + "servicePort", 1, 65535, app_id, warnings)
+        override = _label_int(labels, prefix + "servicePort", 1, 65535, app_id, warnings, problems)
         if isinstance(container_port, bool) or not isinstance(container_port, int) or not 0 < container_port < 65536:
             container_port = None
         mode = labels.get(prefix + "mode")
@@ -285,20 +300,22 @@ def parse_app(app: Any) -> AppSpec:
                 mode = mode.strip().lower()
             else:
                 warnings.append(f"app {clip(app_id)}: label {prefix}mode={clip(mode)} ignored (expected tcp or http)")
+                problems.append((prefix + "mode", mode, "expected tcp or http"))
                 mode = None
         routes.append(PortRoute(
             index=index,
             service_port=override if override is not None else service_port,
             protocol=protocol,
             container_port=container_port,
-            weight=_label_int(labels, prefix + "weight", 1, MAX_WEIGHT, app_id, warnings) or DEFAULT_WEIGHT,
-            maxconn=_label_int(labels, prefix + "maxconn", 1, 1_000_000, app_id, warnings),
+            weight=_label_int(labels, prefix + "weight", 1, MAX_WEIGHT, app_id, warnings, problems) or DEFAULT_WEIGHT,
+            maxconn=_label_int(labels, prefix + "maxconn", 1, 1_000_000, app_id, warnings, problems),
             mode=mode,
-            timeout_client=_label_int(labels, prefix + "timeout.client", 1, 86400, app_id, warnings),
-            timeout_server=_label_int(labels, prefix + "timeout.server", 1, 86400, app_id, warnings),
+            timeout_client=_label_int(labels, prefix + "timeout.client", 1, 86400, app_id, warnings, problems),
+            timeout_server=_label_int(labels, prefix + "timeout.server", 1, 86400, app_id, warnings, problems),
             overridden=override is not None,
             health_check=health_checks.get(index) if protocol == "tcp" else None,
         ))
+        label_problems.extend((index, label, value, why) for label, value, why in problems)
     # One port number is one service: when it is listed twice (TCP and UDP), the TCP one stays.
     chosen: dict[int, PortRoute] = {}
     for route in routes:
@@ -307,7 +324,30 @@ def parse_app(app: Any) -> AppSpec:
             chosen[route.service_port] = route
     routes = [r for r in routes if not r.service_port or chosen[r.service_port] is r]
     return AppSpec(app_id=app_id, version=version, name=name, network=network, routes=tuple(routes),
-                   health_checks=len(checks) if isinstance(checks, list) else 0, warnings=tuple(warnings))
+                   health_checks=len(checks) if isinstance(checks, list) else 0, warnings=tuple(warnings),
+                   excluded=_spec_excluded(app_id, name, routes, label_problems, port_problems))
+
+
+def _spec_excluded(app_id: str, name: str | None, routes: list[PortRoute],
+                   label_problems: list[tuple[int | None, str, Any, str]],
+                   port_problems: list[tuple[int, str]]) -> tuple[Excluded, ...]:
+    """The Excluded entries of one app version: the app skipped (no service name), each port
+    skipped, each label ignored (naming the label, its value and why; the app is still
+    served)."""
+    if not label_problems and not port_problems and name is not None:
+        return ()
+    keys = {route.index: f"{route.service_port}/{route.protocol}" for route in routes if route.service_port}
+    found: list[Excluded] = []
+    if name is None:
+        found.append(make_excluded("marathon", "bad_data", "app id gives no valid service name; app skipped",
+                                   app=app_id))
+    for index, why in port_problems:
+        found.append(make_excluded("marathon", "bad_data", why, app=app_id, service=name or "",
+                                   key=keys.get(index, "")))
+    for index, label, value, why in label_problems:
+        found.append(make_excluded("marathon", "invalid_label", f"label {label}={clip(value)} ignored ({why})",
+                                   app=app_id, service=name or "", key=keys.get(index, "") if index is not None else ""))
+    return tuple(dict.fromkeys(found))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,19 +391,71 @@ class Backend:
     host_network: bool
 
 
+def proxied_routes(spec: AppSpec) -> list[PortRoute]:
+    """The routes a task of this version serves, one per service port number."""
+    seen: set[int] = set()
+    routes = []
+    for route in spec.routes:
+        if route.service_port and route.service_port not in seen:
+            seen.add(route.service_port)
+            routes.append(route)
+    return routes
+
+
+def task_address(task: Mapping, spec: AppSpec, route: PortRoute) -> str:
+    """Where the task would serve `route`, as Marathon says it (the agent's host name as given,
+    not resolved: this is for Excluded entries, which never cost a lookup); "" if unknown."""
+    if spec.network == "container":
+        return address_text(_container_ip(task), route.container_port)
+    ports = task.get("ports")
+    port = ports[route.index] if isinstance(ports, list) and route.index < len(ports) else None
+    host = task.get("host")
+    return address_text(host, port) if isinstance(host, str) and _HOSTNAME_RE.match(host) else ""
+
+
+def task_excluded(task: Mapping, spec: AppSpec, code: str, reason: str,
+                  routes: Iterable[PortRoute] | None = None) -> list[Excluded]:
+    """One Excluded per service the task would serve (all its proxied ports, or `routes`)."""
+    task_id = task.get("id") if isinstance(task.get("id"), str) else clip(task.get("id"))
+    return [make_excluded("marathon", code, reason, app=spec.app_id, task=task_id, service=spec.name or "",
+                          key=f"{route.service_port}/{route.protocol}", address=task_address(task, spec, route))
+            for route in (proxied_routes(spec) if routes is None else routes)]
+
+
+def _health_reason(task: Mapping) -> str:
+    """"health check failing", with what Marathon says about it when it says something."""
+    results = task.get("healthCheckResults")
+    failing = [r for r in results if isinstance(r, dict) and r.get("alive") is not True] \
+        if isinstance(results, list) else []
+    details = []
+    for result in failing[:1]:
+        failures = result.get("consecutiveFailures")
+        if isinstance(failures, int) and not isinstance(failures, bool) and failures > 0:
+            details.append(f"{failures} consecutive failures")
+        cause = result.get("lastFailureCause")
+        if isinstance(cause, str) and cause:
+            details.append(f"last: {clip(cause, 120)}")
+    return "health check failing" + (f" ({', '.join(details)})" if details else "")
+
+
 def task_backends(task: Mapping, spec: AppSpec, resolve: Callable[[str], str | None],
-                  warnings: list[str]) -> list[Backend]:
-    """The backends one serving task contributes, one per proxied port of its app version."""
+                  warnings: list[str], excluded: list[Excluded] | None = None) -> list[Backend]:
+    """The backends one serving task contributes, one per proxied port of its app version.
+    What it cannot contribute is said in `warnings` and, when given, `excluded`."""
     task_id = clip(task.get("id"))
     host = task.get("host")
     host_ip: str | None = None
+    if excluded is None:
+        excluded = []
     if spec.network != "container":
         if not isinstance(host, str) or not host:
             warnings.append(f"app {clip(spec.app_id)}: task {task_id} has no host; skipped")
+            excluded.extend(task_excluded(task, spec, "bad_data", "task has no host; skipped"))
             return []
         host_ip = resolve(host)
         if host_ip is None:
             warnings.append(f"app {clip(spec.app_id)}: task {task_id} host {clip(host)} does not resolve; skipped")
+            excluded.extend(task_excluded(task, spec, "unresolvable", f"host {clip(host)} does not resolve"))
             return []
     hostname = host if isinstance(host, str) and _HOSTNAME_RE.match(host) else ""
     ports = task.get("ports") if isinstance(task.get("ports"), list) else []
@@ -378,6 +470,8 @@ def task_backends(task: Mapping, spec: AppSpec, resolve: Callable[[str], str | N
             if ip is None or port is None:
                 warnings.append(f"app {clip(spec.app_id)}: task {task_id} has no container address "
                                 f"for port {route.index}; skipped")
+                excluded.extend(task_excluded(task, spec, "bad_data", f"no container address for port {route.index}",
+                                              [route]))
                 continue
         else:
             ip = host_ip
@@ -385,12 +479,15 @@ def task_backends(task: Mapping, spec: AppSpec, resolve: Callable[[str], str | N
             if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
                 warnings.append(f"app {clip(spec.app_id)}: task {task_id} has no host port "
                                 f"for port {route.index}; skipped")
+                excluded.extend(task_excluded(task, spec, "bad_data", f"no host port for port {route.index}",
+                                              [route]))
                 continue
         try:
             server = Server.from_dict({"ip": ip, "port": port, "hostname": hostname, "weight": route.weight,
                                        "maxconn": route.maxconn})
         except ModelError as error:
             warnings.append(f"app {clip(spec.app_id)}: task {task_id}: {error}; skipped")
+            excluded.extend(task_excluded(task, spec, "bad_data", str(error), [route]))
             continue
         backends.append(Backend(route, server, spec.network == "host" and port == route.service_port))
     return backends
@@ -404,6 +501,7 @@ class BuildResult:
     services: tuple[Service, ...]
     warnings: tuple[str, ...]
     served: frozenset[str]  # task ids that contributed a backend (the health memory)
+    excluded: tuple[Excluded, ...] = ()  # what was seen but is not served, and why
 
 
 PortKey = tuple[int, str]  # (servicePort, protocol)
@@ -422,6 +520,7 @@ class AppFragment:
     groups: Mapping[PortKey, tuple[tuple[AppSpec, Backend], ...]]
     warnings: tuple[str, ...]
     served: frozenset[str]
+    excluded: tuple[Excluded, ...] = ()  # the app's tasks (and labels) not served, and why
 
     def same_inputs(self, pairs: list[tuple[Mapping, AppSpec]], extra: tuple[str, ...],
                     resolve: Callable[[str], str | None]) -> bool:
@@ -456,31 +555,49 @@ def build_fragment(app_id: str, pairs: Iterable[tuple[Mapping, AppSpec]], resolv
         return address
 
     warned_specs: set[int] = set()
+    excluded: list[Excluded] = []
     for task, spec in pairs:
         try:
             if id(spec) not in warned_specs:
                 warned_specs.add(id(spec))
                 warnings.extend(spec.warnings)
+                excluded.extend(spec.excluded)
             if spec.name is None:
                 continue
             state = task.get("state")
             if state not in SERVING_STATES:
-                continue  # TASK_KILLING, staging, lost...
+                # TASK_KILLING, staging, lost...
+                shown = state if isinstance(state, str) and len(state) <= 40 and state.isprintable() else clip(state, 40)
+                excluded.extend(task_excluded(task, spec, "not_running", f"task is {shown} (not running)"))
+                continue
             task_id = task.get("id")
             health = task_health(task, spec)
-            if health == "down" or (health == "unknown" and task_id not in previously_served):
+            if health == "down":
+                excluded.extend(task_excluded(task, spec, "health_failing", _health_reason(task)))
                 continue
-            backends = task_backends(task, spec, recording_resolve, warnings)
+            if health == "unknown" and task_id not in previously_served:
+                excluded.extend(task_excluded(task, spec, "health_unknown",
+                                              "no health check result yet (served once one is alive)"))
+                continue
+            backends = task_backends(task, spec, recording_resolve, warnings, excluded)
             if backends and isinstance(task_id, str):
                 served.add(task_id)
             for backend in backends:
                 groups.setdefault((backend.route.service_port, backend.route.protocol), []).append((spec, backend))
         except Exception as error:  # bad data in one task never breaks the update
-            warnings.append(f"app {clip(getattr(spec, 'app_id', '?'))}: task {clip(task.get('id') if isinstance(task, Mapping) else task)} "
+            task_id = task.get("id") if isinstance(task, Mapping) else task
+            warnings.append(f"app {clip(getattr(spec, 'app_id', '?'))}: task {clip(task_id)} "
                             f"skipped: {clip(str(error), 120)}")
+            try:
+                excluded.append(make_excluded("marathon", "bad_data", f"task skipped: {clip(str(error), 120)}",
+                                              app=getattr(spec, "app_id", app_id),
+                                              task=task_id if isinstance(task_id, str) else clip(task_id)))
+            except Exception:  # noqa: BLE001 - the warning says it already
+                pass
     return AppFragment(app_id=app_id, inputs=pairs, extra=extra, hosts=tuple(hosts.items()),
                        groups={key: tuple(entries) for key, entries in groups.items()},
-                       warnings=tuple(warnings), served=frozenset(served))
+                       warnings=tuple(warnings), served=frozenset(served),
+                       excluded=tuple(dict.fromkeys(excluded)))
 
 
 class ServiceBuilder:
@@ -503,6 +620,12 @@ class ServiceBuilder:
         self._body_stale = True  # fragment or port warnings changed
         self._body: tuple[str, ...] = ()
         self._warnings: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # (extra, result)
+        # Excluded entries: per app (only apps that have some) and per port (a merge that
+        # failed); the bounded, ordered whole is rebuilt only when one of them changed.
+        self._app_excluded: dict[str, tuple[Excluded, ...]] = {}
+        self._port_excluded: dict[PortKey, tuple[Excluded, ...]] = {}
+        self._excluded_stale = True
+        self._excluded: tuple[tuple[Excluded, ...], tuple[Excluded, ...]] | None = None  # (extra, result)
         self.stats = {"fragments_built": 0, "fragments_reused": 0, "ports_merged": 0}
 
     def fragment(self, app_id: str) -> AppFragment | None:
@@ -554,6 +677,14 @@ class ServiceBuilder:
                     members.discard(app_id)
         if (old.warnings if old is not None else ()) != (new.warnings if new is not None else ()):
             self._body_stale = True
+        old_excluded = old.excluded if old is not None else ()
+        new_excluded = new.excluded if new is not None else ()
+        if old_excluded != new_excluded:
+            self._excluded_stale = True
+            if new_excluded:
+                self._app_excluded[app_id] = new_excluded
+            else:
+                self._app_excluded.pop(app_id, None)
 
     def result(self, extra_warnings: Iterable[str] = ()) -> tuple[tuple[Service, ...], tuple[str, ...]]:
         """(services sorted by port and protocol, warnings): `extra_warnings` first, then the
@@ -573,6 +704,20 @@ class ServiceBuilder:
             self._warnings = (extra, tuple(warnings))
         return self._services_tuple, self._warnings[1]
 
+    def excluded(self, extra: Iterable[Excluded] = ()) -> tuple[Excluded, ...]:
+        """What the apps' tasks and definitions do not serve, and why, plus `extra` (e.g. apps
+        skipped while fetching): bounded and ordered (`bounded_excluded`). The same tuple while
+        nothing changed. Call after `result()` (which merges the ports)."""
+        if self._dirty_ports:
+            self._merge_dirty_ports()
+        extra = tuple(extra)
+        if self._excluded_stale or self._excluded is None or self._excluded[0] != extra:
+            entries = [e for entries in self._app_excluded.values() for e in entries]
+            entries.extend(e for entries in self._port_excluded.values() for e in entries)
+            self._excluded = (extra, bounded_excluded(dict.fromkeys(list(extra) + entries)))
+            self._excluded_stale = False
+        return self._excluded[1]
+
     def _merge_dirty_ports(self) -> None:
         keys_changed = services_changed = False
         for key in self._dirty_ports:
@@ -587,8 +732,21 @@ class ServiceBuilder:
                     service = _service(port, protocol, entries, warnings)
                 except (ModelError, ValueError) as error:
                     warnings.append(f"service {port}/{protocol} skipped: {clip(str(error), 160)}")
+                    excluded = tuple(dict.fromkeys(
+                        make_excluded("marathon", "bad_data", f"service skipped: {clip(str(error), 160)}",
+                                      app=spec.app_id, service=spec.name or "", key=f"{port}/{protocol}")
+                        for spec, _ in entries))
+                    if self._port_excluded.get(key) != excluded:
+                        self._port_excluded[key] = excluded
+                        self._excluded_stale = True
             else:
                 self._members.pop(key, None)
+            if service is not None and key in self._port_excluded:
+                del self._port_excluded[key]
+                self._excluded_stale = True
+            elif not members and key in self._port_excluded:
+                del self._port_excluded[key]
+                self._excluded_stale = True
             old = self._services.get(key)
             if service is None:
                 if old is not None:
@@ -613,7 +771,7 @@ class ServiceBuilder:
 
 def build_services(pairs: Iterable[tuple[Mapping, AppSpec]], resolve: Callable[[str], str | None],
                    previously_served: frozenset[str] | set[str] = frozenset(),
-                   extra_warnings: Iterable[str] = ()) -> BuildResult:
+                   extra_warnings: Iterable[str] = (), extra_excluded: Iterable[Excluded] = ()) -> BuildResult:
     """(task, app spec of the task's version) pairs -> services keyed `servicePort/protocol`.
 
     Two apps (or versions) on one service port are one service (canary) with each server at its
@@ -627,7 +785,7 @@ def build_services(pairs: Iterable[tuple[Mapping, AppSpec]], resolve: Callable[[
     for app_id, app_pairs in by_app.items():
         builder.update(app_id, app_pairs, resolve, previously_served=previously_served)
     services, warnings = builder.result(extra_warnings)
-    return BuildResult(services, warnings, builder.served())
+    return BuildResult(services, warnings, builder.served(), builder.excluded(extra_excluded))
 
 
 def _service(port: int, protocol: str, entries: list[tuple[AppSpec, Backend]], warnings: list[str]) -> Service:
@@ -730,6 +888,7 @@ def services_from_payloads(apps: Iterable[Any], tasks: Iterable[Any] = (),
     resolve = resolve or Resolver()
     versions = versions or {}
     warnings: list[str] = []
+    excluded: list[Excluded] = []
     current: dict[str, tuple[dict, AppSpec]] = {}
     pairs: list[tuple[Mapping, AppSpec]] = []
     loose: list[Any] = list(tasks)
@@ -738,6 +897,7 @@ def services_from_payloads(apps: Iterable[Any], tasks: Iterable[Any] = (),
             spec = parse_app(app)
         except AppError as error:
             warnings.append(f"app skipped: {error}")
+            excluded.append(app_skipped(app, error))
             continue
         current[spec.app_id] = (app, spec)
         embedded = app.get("tasks")
@@ -748,6 +908,7 @@ def services_from_payloads(apps: Iterable[Any], tasks: Iterable[Any] = (),
     for task in loose:
         if not isinstance(task, dict):
             warnings.append(f"task skipped: not an object ({clip(task)})")
+            excluded.append(make_excluded("marathon", "bad_data", f"task skipped: not an object ({clip(task)})"))
             continue
         app_id, version = task.get("appId"), task.get("version")
         app_entry = current.get(app_id) if isinstance(app_id, str) else None
@@ -762,11 +923,23 @@ def services_from_payloads(apps: Iterable[Any], tasks: Iterable[Any] = (),
                     version_specs[key] = parse_app(raw) if raw is not None else None
                 except AppError as error:
                     warnings.append(f"app {clip(app_id)} version {clip(version)} skipped: {error}")
+                    excluded.append(make_excluded("marathon", "bad_data", f"version {clip(version)} skipped: {error}",
+                                                  app=app_id))
                     version_specs[key] = None
             spec = version_specs[key] or (app_entry[1] if app_entry else None)
         if spec is None:
             warnings.append(f"task {clip(task.get('id'))}: no definition for app {clip(app_id)} "
                             f"version {clip(version)}; skipped")
+            excluded.append(make_excluded("marathon", "bad_data", f"no definition for version {clip(version)}; "
+                                          "task skipped", app=app_id if isinstance(app_id, str) else clip(app_id),
+                                          task=task.get("id") if isinstance(task.get("id"), str) else ""))
             continue
         pairs.append((task, spec))
-    return build_services(pairs, resolve, previously_served, warnings)
+    return build_services(pairs, resolve, previously_served, warnings, excluded)
+
+
+def app_skipped(app: Any, error: Exception) -> Excluded:
+    """The Excluded of an app definition that cannot be used at all."""
+    app_id = app.get("id") if isinstance(app, dict) else None
+    return make_excluded("marathon", "bad_data", f"app skipped: {clip(str(error), 200)}",
+                         app=app_id if isinstance(app_id, str) else "")

@@ -33,7 +33,7 @@ import urllib3
 from urllib3.exceptions import HTTPError
 
 from services.collector.registrator_parse import (
-    Entry, EntryError, Resolver, caching_resolver, discovery_parts, parse_entry,
+    Entry, EntryError, Resolver, caching_resolver, discovery_all, parse_entry,
     parse_etcd_url, parse_tree, relative_key, resolve_host,
 )
 from services.collector.source import Discovery, DroppedEvents, Source, SourceError
@@ -120,6 +120,11 @@ class RegistratorSource(Source):
         # State, guarded by _cond. `_version` counts changes callers can see.
         self._entries: dict[str, Entry] = {}
         self._warnings: dict[str, str] = {}
+        self._excluded: dict[str, Any] = {}  # key -> Excluded, for the keys in _warnings
+        # When the entries last changed (wall clock) and why ("watch", "poll", "resync"), since
+        # the last current(): what the collector reports as changed_at and in the change log.
+        self._changed_wall = 0.0
+        self._causes: set[str] = set()
         self._synced = False
         self._error = ""
         self._version = 0
@@ -150,6 +155,9 @@ class RegistratorSource(Source):
                 raise SourceError(self._error)
             if not self._synced:
                 raise SourceError(f"etcd {self.endpoint_text}: prefix {self.prefix or '/'} not read yet")
+            self.received_at = self._changed_wall
+            self.cause = ", ".join(sorted(self._causes)) or "poll"
+            self._causes = set()
         return self._discovery()
 
     def wait_for_change(self, timeout: float, stop: threading.Event) -> None:
@@ -216,11 +224,12 @@ class RegistratorSource(Source):
                 return self._cache[1]
             entries = dict(self._entries)
             warnings = dict(self._warnings)
+            excluded = dict(self._excluded)
             degraded, dropped = self._degraded, self._dropped.note
-        services, all_warnings = discovery_parts(entries, warnings)
+        services, all_warnings, all_excluded = discovery_all(entries, warnings, excluded)
         # The dropped-events count first: the heartbeat's summary shows only the first warnings.
         discovery = Discovery(services=services, warnings=((dropped,) if dropped else ()) + all_warnings,
-                              degraded=degraded)
+                              degraded=degraded, excluded=all_excluded)
         with self._cond:
             if self._version == version:
                 self._cache = (version, discovery)
@@ -230,6 +239,12 @@ class RegistratorSource(Source):
         """Caller holds _cond."""
         self._version += 1
         self._cond.notify_all()
+
+    def _entries_changed(self, cause: str) -> None:
+        """The entries changed now, because of `cause` (caller holds _cond)."""
+        self._changed_wall = time.time()
+        self._causes.add(cause)
+        self._changed()
 
     def _set_error(self, message: str) -> None:
         with self._cond:
@@ -242,15 +257,18 @@ class RegistratorSource(Source):
                 self._error = message
                 self._changed()
 
-    def _replace_all(self, entries: dict[str, Entry], warnings: dict[str, str], index: int) -> None:
+    def _replace_all(self, entries: dict[str, Entry], warnings: dict[str, str], index: int,
+                     excluded: dict | None = None, cause: str = "poll") -> None:
+        excluded = {} if excluded is None else excluded
         with self._cond:
-            changed = not self._synced or entries != self._entries or warnings != self._warnings
-            self._entries, self._warnings = entries, warnings
+            changed = (not self._synced or entries != self._entries or warnings != self._warnings
+                       or excluded != self._excluded)
+            self._entries, self._warnings, self._excluded = entries, warnings, excluded
             self._synced = True
             self._wait_index = index + 1
             self._last_full_read = time.monotonic()
             if changed:
-                self._changed()
+                self._entries_changed(cause)
 
     def apply_event(self, event: dict) -> None:
         """Apply one etcd v2 watch event (`{"action": ..., "node": {...}}`) to the in-memory
@@ -276,24 +294,29 @@ class RegistratorSource(Source):
             if relative_key(self.prefix, key) is None:
                 return
             value = node.get("value")
+            excluded = None
             try:
                 if not isinstance(value, str):
-                    raise EntryError(f"registrator key {key[:200]!r}: value is not a string ({type(value).__name__})")
+                    raise EntryError(f"registrator key {key[:200]!r}: value is not a string ({type(value).__name__})",
+                                     key=key, detail=f"value is not a string ({type(value).__name__})")
                 parsed: Entry | str = parse_entry(self.prefix, key, value, self._resolve)
             except EntryError as error:
                 parsed = str(error)
+                excluded = error.excluded()
                 log.debug("source registrator: %s", parsed)
             with self._cond:
                 old = self._entries.get(key, self._warnings.get(key))
-                if parsed == old:
+                if parsed == old and excluded == self._excluded.get(key):
                     return  # e.g. registrator's TTL refresh: same value again
                 self._entries.pop(key, None)
                 self._warnings.pop(key, None)
+                self._excluded.pop(key, None)
                 if isinstance(parsed, Entry):
                     self._entries[key] = parsed
                 else:
                     self._warnings[key] = parsed
-                self._changed()
+                    self._excluded[key] = excluded
+                self._entries_changed("watch")
         elif action in DELETE_ACTIONS:
             with self._cond:
                 if key in self._entries or key in self._warnings:
@@ -306,7 +329,8 @@ class RegistratorSource(Source):
                 for k in doomed:
                     self._entries.pop(k, None)
                     self._warnings.pop(k, None)
-                self._changed()
+                    self._excluded.pop(k, None)
+                self._entries_changed("watch")
         else:
             raise _Resync(f"unknown etcd action {action[:40]!r} on {key[:200]!r}")
 
@@ -320,7 +344,7 @@ class RegistratorSource(Source):
     def _path(self) -> str:
         return "/v2/keys" + quote(self.prefix or "/")
 
-    def _full_read(self) -> None:
+    def _full_read(self, cause: str = "poll") -> None:
         """Read the whole prefix, trying every endpoint from the current one. Raises _Unavailable."""
         errors = []
         for attempt in range(len(self._clients)):
@@ -341,10 +365,13 @@ class RegistratorSource(Source):
                 log.info("source registrator: failed over to etcd %s:%s", *self.endpoints[index])
                 self._endpoint = index
             resolver = caching_resolver(self._resolve)
-            entries, warnings = parse_tree(self.prefix, (payload or {}).get("node"), resolver)
+            excluded: dict = {}
+            entries, warnings = parse_tree(self.prefix, (payload or {}).get("node"), resolver, excluded)
             self.stats["full_reads"] += 1
-            self._replace_all(entries, warnings, etcd_index)
+            self.counters.event("poll")
+            self._replace_all(entries, warnings, etcd_index, excluded, cause)
             return
+        self.counters.error()  # one failed read, whatever the number of endpoints tried
         raise _Unavailable("; ".join(errors))
 
     def _get(self, client: etcd.Client, params: dict, timeout: urllib3.Timeout) -> tuple[dict, int]:
@@ -406,6 +433,7 @@ class RegistratorSource(Source):
             self.stats["empty_polls"] += 1  # etcd closed the long poll without an event: retry
             return False
         self.stats["events"] += 1
+        self.counters.event("watch")
         try:
             event = _decode(body)
             self.apply_event(event)
@@ -422,6 +450,7 @@ class RegistratorSource(Source):
 
     def _drop_event(self, error: Exception) -> None:
         reason = redact(_describe(error))
+        self.counters.error()
         with self._cond:
             self.stats["events_dropped"] += 1
             # Each drop is logged (rate-limited) and counted; the published warning changes at
@@ -443,6 +472,7 @@ class RegistratorSource(Source):
         if self._watch_failures == 0:
             self._watch_down_since = time.time()
         self._watch_failures += 1
+        self.counters.error()
         if self._watch_failures < WATCH_FAILURES_DEGRADED:
             return
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self._watch_down_since))
@@ -455,6 +485,7 @@ class RegistratorSource(Source):
 
     def _run(self) -> None:
         need_full_read = True
+        resync = False  # the next full read follows a failure (the change log says "resync")
         delay = self.backoff_start
         # Long polls that end at once without progress (empty bodies, broken watches while
         # full reads work) are retried at once the first time, then with a growing pause, so
@@ -467,8 +498,8 @@ class RegistratorSource(Source):
             try:
                 if need_full_read or (self.refresh_interval > 0 and
                                       time.monotonic() - self._last_full_read >= self.refresh_interval):
-                    self._full_read()
-                    need_full_read = False
+                    self._full_read("resync" if resync else "poll")
+                    need_full_read = resync = False
                     delay = self.backoff_start
                     self._set_error("")
                 if self._before_watch is not None:
@@ -482,6 +513,7 @@ class RegistratorSource(Source):
             except _Resync as reason:
                 log.info("source registrator: full read of %s: %s", self.prefix or "/", reason)
                 need_full_read = True
+                resync = True  # what changed meanwhile shows as a resync
                 idle_polls += 1  # a server answering garbage over and over is paced too
             except _Unavailable as error:
                 self.stats["failures"] += 1
@@ -491,6 +523,7 @@ class RegistratorSource(Source):
                     self._degraded = ""
                 self._set_error(f"cannot read etcd prefix {self.prefix or '/'}: {error}")
                 need_full_read = True
+                resync = True  # what changed meanwhile shows as a resync
                 idle_polls, idle_delay = 0, self.backoff_start  # paced by `delay` instead
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.backoff_max)
@@ -502,11 +535,13 @@ class RegistratorSource(Source):
                              _describe(error))
                     self._watch_broken(f"etcd {self.endpoint_text}: {_describe(error)}")
                 need_full_read = True
+                resync = True  # what changed meanwhile shows as a resync
                 idle_polls += 1
             except Exception as error:  # noqa: BLE001 - a bug must not stop discovery for good
                 log.exception("source registrator: unexpected error")
                 self._watch_broken(f"internal error: {_describe(error)}")
                 need_full_read = True
+                resync = True  # what changed meanwhile shows as a resync
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.backoff_max)
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import unquote
 
+from services.collector.exclusions import excluded as make_excluded
 from services.collector.resolve import lookup_address
-from services.common.model import ModelError, clip as clip_value, Server, Service, validate_name
+from services.common.model import Excluded, ModelError, clip as clip_value, Server, Service, validate_name
 from services.common.redact import redact
 
 SOURCE = "registrator"
@@ -35,12 +36,29 @@ _ID_RE = re.compile(r"^(?P<host>.+?):(?P<container>[a-zA-Z0-9][a-zA-Z0-9_.-]+):(
 _HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
 _SERVER_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,255}\Z")
 _PORT_RE = re.compile(r"[0-9]{1,5}\Z")
+_ADDRESS_RE = re.compile(r"[A-Za-z0-9_.:\[\]-]{1,260}:[0-9]{1,5}\Z")  # what an Excluded shows as its address
 
 Resolver = Callable[[str], str]
 
 
 class EntryError(ValueError):
-    """One etcd entry that cannot become a backend; the message names the key."""
+    """One etcd entry that cannot become a backend; the message names the key. What was
+    understood of it before it failed (service name, port, value) is kept for `excluded()`."""
+
+    def __init__(self, message: str, key: Any = "", code: str = "bad_data", name: str = "", service_key: str = "",
+                 address: str = "", detail: str = ""):
+        super().__init__(message)
+        self.etcd_key, self.code, self.name, self.service_key = key, code, name, service_key
+        self.address, self.detail = address, detail or message
+
+    def excluded(self) -> Excluded:
+        """This entry as an Excluded (`unresolvable` or `bad_data`)."""
+        return make_excluded(SOURCE, self.code, self.detail, app=self.name, task=self.etcd_key,
+                             service=self.name, key=self.service_key, address=self.address)
+
+
+class Unresolvable(ValueError):
+    """A backend host name that does not resolve."""
 
 
 @dataclass(frozen=True)
@@ -241,7 +259,7 @@ def parse_backend(value: Any, resolve: Resolver = resolve_host) -> tuple[str, in
         try:
             ip = resolve(host)
         except (OSError, UnicodeError) as error:
-            raise ValueError(f"value {value!r}: cannot resolve {host!r} ({error})") from None
+            raise Unresolvable(f"value {value!r}: cannot resolve {host!r} ({error})") from None
     return ip, int(port_text)
 
 
@@ -263,16 +281,22 @@ def relative_key(prefix: str, key: str) -> str | None:
 
 def parse_entry(prefix: str, key: str, value: Any, resolve: Resolver = resolve_host) -> Entry:
     """One etcd key/value under `prefix` → Entry. Raises EntryError naming the key."""
+    understood: dict[str, str] = {}
     try:
-        return _parse_entry(prefix, key, value, resolve)
+        return _parse_entry(prefix, key, value, resolve, understood)
     except (ValueError, ModelError) as error:
         # repr'd and bounded: a hostile key or value of megabytes must not flood the logs
         detail = str(error)
         detail = detail if len(detail) <= 400 else detail[:397] + "..."
-        raise EntryError(f"registrator key {_clip(key, 200)}: {detail}") from None
+        raise EntryError(f"registrator key {_clip(key, 200)}: {detail}", key=key,
+                         code="unresolvable" if isinstance(error, Unresolvable) else "bad_data",
+                         name=understood.get("name", ""), service_key=understood.get("service_key", ""),
+                         address=value.strip() if isinstance(value, str) and _ADDRESS_RE.match(value.strip()) else "",
+                         detail=detail) from None
 
 
-def _parse_entry(prefix: str, key: str, value: Any, resolve: Resolver) -> Entry:
+def _parse_entry(prefix: str, key: str, value: Any, resolve: Resolver, understood: dict | None = None) -> Entry:
+    understood = {} if understood is None else understood
     relative = relative_key(prefix, key)
     if relative is None:
         raise ValueError(f"not under the prefix {prefix or '/'!r}")
@@ -287,6 +311,9 @@ def _parse_entry(prefix: str, key: str, value: Any, resolve: Resolver) -> Entry:
         validate_name(name, "service name")
     except ModelError as error:
         raise ValueError(str(error)) from None
+    understood["name"] = name
+    if at:
+        understood["service_key"] = f"{int(port_override)}/{'udp' if service_id.endswith(':udp') else 'tcp'}"
 
     match = _ID_RE.match(service_id)
     if match:
@@ -304,6 +331,7 @@ def _parse_entry(prefix: str, key: str, value: Any, resolve: Resolver) -> Entry:
         raise ValueError(f"service id {service_id!r} is not <host>:<container>:<port>[:udp] "
                          f"(and the service name has no @<port>)")
     port = int(port_override) if at else id_port
+    understood["service_key"] = f"{port}/{protocol}"
     ip, backend_port = parse_backend(value, resolve)
     server = Server.from_dict({"ip": ip, "port": backend_port, "hostname": hostname})
     return Entry(key=key, name=name, port=port, protocol=protocol, server=server)
@@ -312,9 +340,12 @@ def _parse_entry(prefix: str, key: str, value: Any, resolve: Resolver) -> Entry:
 # -- trees and services --------------------------------------------------------------------
 
 def parse_tree(prefix: str, node: Mapping[str, Any] | None,
-               resolve: Resolver = resolve_host) -> tuple[dict[str, Entry], dict[str, str]]:
+               resolve: Resolver = resolve_host, excluded: dict[str, Excluded] | None = None
+               ) -> tuple[dict[str, Entry], dict[str, str]]:
     """An etcd v2 `node` (from GET <prefix>?recursive=true) → (entries by key, warnings by key).
-    Empty directories are ignored; `nodes` may be absent (etcd omits it for empty dirs)."""
+    Empty directories are ignored; `nodes` may be absent (etcd omits it for empty dirs).
+    `excluded`, when given, gets the Excluded of every key that has a warning (same keys)."""
+    excluded = {} if excluded is None else excluded
     entries: dict[str, Entry] = {}
     warnings: dict[str, str] = {}
     if not node:
@@ -327,6 +358,7 @@ def parse_tree(prefix: str, node: Mapping[str, Any] | None,
         if not isinstance(current, Mapping) or not isinstance(current.get("key", ""), str):
             text = f"registrator: malformed etcd node {_clip(current)} skipped"
             warnings[f"\uffff{text}"] = text
+            excluded[f"\uffff{text}"] = make_excluded(SOURCE, "bad_data", f"malformed etcd node {_clip(current)} skipped")
             continue
         key = current.get("key", "")
         if current.get("dir"):
@@ -335,14 +367,18 @@ def parse_tree(prefix: str, node: Mapping[str, Any] | None,
                 stack.extend(children)
             else:
                 warnings[key] = f"registrator directory {_clip(key, 200)}: malformed nodes {_clip(children)} skipped"
+                excluded[key] = make_excluded(SOURCE, "bad_data", f"malformed nodes {_clip(children)} skipped",
+                                              task=key)
             continue
         if normalize_prefix(key) == prefix:
             warnings[key] = f"registrator prefix {_clip(key, 200)} is a key, not a directory"
+            excluded[key] = make_excluded(SOURCE, "bad_data", "the prefix is a key, not a directory", task=key)
             continue
         try:
             entries[key] = parse_entry(prefix, key, current.get("value"), resolve)
         except EntryError as error:
             warnings[key] = str(error)
+            excluded[key] = error.excluded()
     return entries, warnings
 
 
@@ -350,11 +386,19 @@ def build_services(entries: Iterable[Entry]) -> tuple[tuple[Service, ...], tuple
     """Group entries by service port/protocol. When several names claim one port the
     alphabetically first name wins (deterministic, whatever the order of events) and the
     others' entries are skipped with a warning."""
+    services, warnings, _ = build_services_excluded(entries)
+    return services, warnings
+
+
+def build_services_excluded(entries: Iterable[Entry]
+                            ) -> tuple[tuple[Service, ...], tuple[str, ...], tuple[Excluded, ...]]:
+    """`build_services`, plus an Excluded (`port_taken`) per entry skipped for a port conflict."""
     by_port: dict[tuple[int, str], dict[str, list[Entry]]] = {}
     for entry in entries:
         by_port.setdefault(entry.service_key, {}).setdefault(entry.name, []).append(entry)
     services: list[Service] = []
     warnings: list[str] = []
+    excluded: list[Excluded] = []
     for (port, protocol), names in sorted(by_port.items()):
         winner = min(names)
         for loser in sorted(names):
@@ -362,19 +406,32 @@ def build_services(entries: Iterable[Entry]) -> tuple[tuple[Service, ...], tuple
                 for entry in sorted(names[loser], key=lambda e: e.key):
                     warnings.append(f"registrator key {_clip(entry.key, 200)}: service port {port}/{protocol} is "
                                     f"already used by service {winner!r}; entry of {loser!r} skipped")
+                    excluded.append(make_excluded(
+                        SOURCE, "port_taken", f"service port {port}/{protocol} is already used by registrator "
+                        f"service {winner!r} (the first name in alphabetical order wins)", app=loser, task=entry.key,
+                        service=loser, key=f"{port}/{protocol}", address=entry.server.address))
         servers: dict[tuple[str, int], Server] = {}
         for entry in sorted(names[winner], key=lambda e: e.key):
             servers.setdefault((entry.server.ip, entry.server.port), entry.server)
         services.append(Service(name=winner, port=port, protocol=protocol, mode="tcp", source=SOURCE)
                         .with_servers(servers.values()))
-    return tuple(services), tuple(warnings)
+    return tuple(services), tuple(warnings), tuple(excluded)
 
 
 def discovery_parts(entries: Mapping[str, Entry], entry_warnings: Mapping[str, str]
                     ) -> tuple[tuple[Service, ...], tuple[str, ...]]:
     """Services plus every warning (bad entries by key order, then port conflicts)."""
-    services, conflicts = build_services(entries.values())
-    return services, tuple(entry_warnings[k] for k in sorted(entry_warnings)) + conflicts
+    services, warnings, _ = discovery_all(entries, entry_warnings, {})
+    return services, warnings
+
+
+def discovery_all(entries: Mapping[str, Entry], entry_warnings: Mapping[str, str],
+                  entry_excluded: Mapping[str, Excluded]
+                  ) -> tuple[tuple[Service, ...], tuple[str, ...], tuple[Excluded, ...]]:
+    """`discovery_parts`, plus every Excluded: bad entries, then entries of a port conflict."""
+    services, conflicts, taken = build_services_excluded(entries.values())
+    return (services, tuple(entry_warnings[k] for k in sorted(entry_warnings)) + conflicts,
+            tuple(entry_excluded[k] for k in sorted(entry_excluded)) + taken)
 
 
 def parse_response(prefix: str, payload: Mapping[str, Any],

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
 
-from services.common.model import Service
+from services.common.model import Excluded, Service
 
 
 class SourceError(Exception):
@@ -31,11 +31,62 @@ class Discovery:
     services: tuple[Service, ...]
     warnings: tuple[str, ...] = ()
     degraded: str = ""
+    # What the source saw but does not serve, each with its reason (docs/bus.md, Excluded).
+    excluded: tuple[Excluded, ...] = ()
+
+
+class SourceCounters:
+    """What a source counts for the collector's heartbeat (docs/bus.md, Counters in
+    heartbeats): events by type (`status_update_event`..., `poll`, `watch`, `file_change`) and
+    errors (failed reads, broken streams, dropped events). Thread-safe: the stream or watch
+    thread counts as well as the runner."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[str, int] = {}
+        self._errors = 0
+
+    def event(self, kind: str, count: int = 1) -> None:
+        with self._lock:
+            self._events[kind] = self._events.get(kind, 0) + count
+
+    def error(self, count: int = 1) -> None:
+        with self._lock:
+            self._errors += count
+
+    @property
+    def errors(self) -> int:
+        return self._errors
+
+    def events(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._events)
+
+    def snapshot(self) -> dict:
+        """`{"events": {type: count}, "errors": count}` for the heartbeat."""
+        with self._lock:
+            return {"events": dict(self._events), "errors": self._errors}
 
 
 class Source(ABC):
     #: "marathon" | "registrator" | "file": also the planner's precedence key.
     name: str
+    #: Wall-clock time (time.time()) at which the source received the newest event or answer
+    #: that the last `current()` reflects; 0.0: unknown (the collector then uses the time it
+    #: called `current()`). Set by `current()` itself, read by the collector right after it.
+    received_at: float = 0.0
+    #: Why the last `current()` may differ from the one before: the event types applied since
+    #: (e.g. "status_update_event"), "poll" or "resync"; "" when unknown. Set like received_at.
+    cause: str = ""
+
+    @property
+    def counters(self) -> SourceCounters:
+        """This source's counters (created on first use; the collector creates them before
+        any thread of the source runs)."""
+        counters = self.__dict__.get("_counters")
+        if counters is None:
+            counters = self.__dict__.setdefault("_counters", SourceCounters())
+        return counters
 
     @abstractmethod
     def current(self) -> Discovery:

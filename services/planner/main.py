@@ -58,10 +58,11 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
     log.info("planner: sources from %s, plans on %s; first plan once the collector's snapshot is complete",
              settings.bus("collector").pub, settings.bus("planner").pub)
     synced = False
+    plans_published = 0
     try:
         while not stop.is_set():
             publisher.heartbeat({"stage": "planner", "sources": sorted(snapshots), "synced": synced,
-                                 "dropped": subscriber.dropped})
+                                 "dropped": subscriber.dropped, "plans_published": plans_published})
             timeout = publisher.seconds_to_heartbeat()
             if first_pending is not None and synced:
                 now = time.monotonic()
@@ -97,15 +98,19 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
             except Exception:  # a policy bug must not end the stage: the last plan stays out
                 log.exception("planner: could not make a plan from sources %s", sorted(snapshots))
                 continue
-            identity = (plan.hash, plan.sources_ready, plan.notes)
+            # Never for changed_at alone: it is when, not what.
+            identity = (plan.hash, plan.sources_ready, plan.notes, plan.excluded)
             if identity == last_published:
                 continue
+            notes_before = last_published[2] if last_published is not None else ()
             last_published = identity
             for note in plan.notes:
-                log.warning("planner: %s", note)
+                if note not in notes_before:  # each note once, not again with every plan
+                    log.warning("planner: %s", note)
             publisher.publish("plan", plan.to_dict())
-            log.info("planner: plan %s, %d services, sources ready %s", plan.hash, len(plan.services),
-                     list(plan.sources_ready))
+            plans_published += 1
+            log.info("planner: plan %s, %d services, %d excluded, sources ready %s", plan.hash, len(plan.services),
+                     len(plan.excluded), list(plan.sources_ready))
     finally:
         subscriber.close()
         publisher.close()

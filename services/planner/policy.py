@@ -11,7 +11,7 @@ import math
 from dataclasses import replace
 
 from services.common.config import Settings, reserved_ports
-from services.common.model import MAX_WEIGHT, Plan, Service, SourceSnapshot
+from services.common.model import MAX_WEIGHT, Excluded, Plan, Service, SourceSnapshot, bounded_excluded
 
 PRECEDENCE = ("marathon", "registrator", "file")
 PROXY_MAX_WEIGHT = 256
@@ -34,11 +34,21 @@ def absorb(previous: SourceSnapshot | None, incoming: SourceSnapshot) -> SourceS
     source answers: missing is not failing, so what the source last said stays, degraded."""
     if incoming.state == "initializing" and previous is not None and previous.state != "initializing":
         return SourceSnapshot(incoming.source, "degraded", previous.services, error=incoming.error,
-                              warnings=previous.warnings)
+                              warnings=previous.warnings, excluded=previous.excluded, changed_at=previous.changed_at)
     return incoming
 
 
-def merge(snapshots: dict[str, SourceSnapshot]) -> tuple[dict[str, Service], list[str]]:
+def _planner_excluded(code: str, reason: str, service: Service) -> Excluded:
+    """The planner's Excluded for a whole service it drops (one per service, no address)."""
+    servers = len(service.servers)
+    return Excluded(source="planner", code=code, reason=f"{reason} ({servers} server{'s' if servers != 1 else ''})",
+                    service=service.name, key=service.key)
+
+
+def merge(snapshots: dict[str, SourceSnapshot], excluded: list[Excluded] | None = None
+          ) -> tuple[dict[str, Service], list[str]]:
+    """Services by key, the first source in PRECEDENCE winning a key; a note (and, when
+    `excluded` is given, a `port_taken` entry naming the winner) for each service that lost."""
     merged: dict[str, Service] = {}
     notes: list[str] = []
     for source in PRECEDENCE:
@@ -50,6 +60,10 @@ def merge(snapshots: dict[str, SourceSnapshot]) -> tuple[dict[str, Service], lis
             if winner is not None:
                 notes.append(f"port {service.key}: {source} service {service.name!r} ignored, "
                              f"claimed by {winner.source} service {winner.name!r}")
+                if excluded is not None:
+                    excluded.append(_planner_excluded(
+                        "port_taken", f"{source} service ignored: port {service.key} is taken by {winner.source} "
+                        f"service {winner.name!r} ({' > '.join(PRECEDENCE)})", service))
                 continue
             merged[service.key] = service
     return merged, notes
@@ -85,7 +99,8 @@ class PolicyMemo:
 
 def make_plan(snapshots: dict[str, SourceSnapshot], settings: Settings, memo: PolicyMemo | None = None) -> Plan:
     memo = memo or PolicyMemo()
-    merged, notes = merge(snapshots)
+    excluded: list[Excluded] = []
+    merged, notes = merge(snapshots, excluded)
     reserved = reserved_ports(settings)
     services: list[Service] = []
     for key in sorted(merged, key=lambda k: (int(k.split("/")[0]), k)):
@@ -93,10 +108,16 @@ def make_plan(snapshots: dict[str, SourceSnapshot], settings: Settings, memo: Po
         if service.host_network and not settings.expose_host:
             notes.append(f"port {key}: service {service.name!r} uses host networking; "
                          "not proxied (set EXPOSE_HOST=true to proxy it)")
+            excluded.append(_planner_excluded(
+                "host_network", f"{service.source} service uses host networking; not proxied "
+                "(set EXPOSE_HOST=true to proxy it)", service))
             continue
         if service.protocol == "tcp" and service.port in reserved:
             notes.append(f"port {key}: service {service.name!r} collides with "
                          f"{reserved[service.port]}; not proxied")
+            excluded.append(_planner_excluded(
+                "reserved_port", f"{service.source} service not proxied: port {service.port} is "
+                f"{reserved[service.port]}", service))
             continue
         services.append(memo.apply(service, settings))
     memo.rotate()
@@ -106,5 +127,19 @@ def make_plan(snapshots: dict[str, SourceSnapshot], settings: Settings, memo: Po
         inputs=tuple(sorted((name, s.hash) for name, s in snapshots.items())),
         sources_ready=tuple(sorted(name for name, s in snapshots.items() if s.state != "initializing")),
         notes=tuple(notes),
+        excluded=plan_excluded(snapshots, excluded),
+        changed_at=max((s.changed_at for s in snapshots.values()), default=0.0),
     )
+
+
+def plan_excluded(snapshots: dict[str, SourceSnapshot], own: list[Excluded]) -> tuple[Excluded, ...]:
+    """The sources' excluded entries (in PRECEDENCE order) plus the planner's, bounded and
+    ordered (`bounded_excluded`)."""
+    everything: list[Excluded] = []
+    for source in (*PRECEDENCE, *sorted(set(snapshots) - set(PRECEDENCE))):
+        snapshot = snapshots.get(source)
+        if snapshot is not None:
+            everything.extend(snapshot.excluded)
+    everything.extend(own)
+    return bounded_excluded(everything) if everything else ()
 

@@ -1,0 +1,119 @@
+"""What changed in a source's services from one snapshot to the next, for the change log: one
+INFO line per changed service (`+ip:port`, `-ip:port`, `~weight ...`, added, removed) naming
+the source, the service and why (the event types behind it, "poll" or "resync"), at most
+MAX_LINES per snapshot and then one "... and N more" line.
+
+Every line carries its facts as logger fields (`extra`), so a JSON log formatter shows them:
+`source`, `service` (the key, "port/protocol"), `service_name`, `change` (the change text) and
+`event` (the cause).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+from services.common.model import Server, Service
+
+MAX_LINES = 20  # per snapshot
+MAX_ITEMS = 10  # changes named per line
+
+
+def _server_text(server: Server) -> str:
+    return server.address
+
+
+def _server_changes(old: Service, new: Service) -> list[str]:
+    before = {(s.ip, s.port): s for s in old.servers}
+    after = {(s.ip, s.port): s for s in new.servers}
+    items: list[str] = []
+    for address, server in after.items():
+        previous = before.get(address)
+        if previous is None:
+            items.append(f"+{_server_text(server)}")
+        elif previous != server:
+            if previous.weight != server.weight:
+                items.append(f"~weight {previous.weight}->{server.weight} {_server_text(server)}")
+            if previous.maxconn != server.maxconn:
+                items.append(f"~maxconn {previous.maxconn}->{server.maxconn} {_server_text(server)}")
+            if previous.hostname != server.hostname:
+                items.append(f"~hostname {previous.hostname or '-'}->{server.hostname or '-'} {_server_text(server)}")
+    for address, server in before.items():
+        if address not in after:
+            items.append(f"-{_server_text(server)}")
+    return items
+
+
+_ATTRIBUTES = ("name", "mode", "timeout_client", "timeout_server", "host_network")
+
+
+def describe_change(old: Service, new: Service) -> str:
+    """`+10.0.0.1:80 -10.0.0.2:80 ~weight 500->200 10.0.0.3:80 ~mode tcp->http`, at most
+    MAX_ITEMS items, then how many more."""
+    items = [f"~{attribute} {getattr(old, attribute)}->{getattr(new, attribute)}"
+             for attribute in _ATTRIBUTES if getattr(old, attribute) != getattr(new, attribute)]
+    if old.health_check != new.health_check:
+        items.append("~health_check")
+    items.extend(_server_changes(old, new))
+    if not items:
+        return "~changed"
+    shown = " ".join(items[:MAX_ITEMS])
+    return shown if len(items) <= MAX_ITEMS else f"{shown} (and {len(items) - MAX_ITEMS} more)"
+
+
+def _servers_text(service: Service) -> str:
+    shown = " ".join(f"+{_server_text(s)}" for s in service.servers[:MAX_ITEMS])
+    more = len(service.servers) - MAX_ITEMS
+    text = f"service added ({len(service.servers)} servers)"
+    if shown:
+        text += f": {shown}"
+    return text + (f" (and {more} more)" if more > 0 else "")
+
+
+class ChangeLog:
+    """Remembers a source's last services (by key) and logs what the next ones change.
+    One per source runner (not thread-safe)."""
+
+    def __init__(self, source: str, logger: logging.Logger, services: Iterable[Service] = ()):
+        self.source = source
+        self.log = logger
+        self._by_key: dict[str, Service] = {s.key: s for s in services}
+        self._last: tuple[Service, ...] | None = None
+
+    def changes(self, services: tuple[Service, ...]) -> list[tuple[str, str, str]]:
+        """(key, name, change) per changed service, in key order of the new services then the
+        removed ones. Remembers `services` as the last ones."""
+        if services is self._last:
+            return []
+        before = self._by_key
+        after: dict[str, Service] = {}
+        found: list[tuple[str, str, str]] = []
+        for service in services:
+            key = service.key
+            after[key] = service
+            old = before.get(key)
+            if old is service:
+                continue
+            if old is None:
+                found.append((key, service.name, _servers_text(service)))
+            elif old.digest != service.digest:
+                found.append((key, service.name, describe_change(old, service)))
+        if len(after) != len(before) or found:
+            for key, old in before.items():
+                if key not in after:
+                    found.append((key, old.name, f"service removed ({len(old.servers)} servers)"))
+        self._by_key, self._last = after, services
+        return found
+
+    def report(self, services: tuple[Service, ...], cause: str) -> int:
+        """Log the changes from the last services to these (INFO), bounded. Returns how many
+        services changed."""
+        found = self.changes(services)
+        cause = cause or "poll"
+        for key, name, change in found[:MAX_LINES]:
+            self.log.info("source %s: service %s (%s) %s [%s]", self.source, key, name, change, cause,
+                          extra={"source": self.source, "service": key, "service_name": name, "change": change,
+                                 "event": cause})
+        if len(found) > MAX_LINES:
+            self.log.info("source %s: ... and %d more changed services [%s]", self.source, len(found) - MAX_LINES,
+                          cause, extra={"source": self.source, "event": cause, "more": len(found) - MAX_LINES})
+        return len(found)
