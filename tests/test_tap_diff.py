@@ -1,0 +1,193 @@
+"""`proxymatic tap --diff`: what each data message changed since the previous one on its topic."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import threading
+import time
+
+import pytest
+
+from services.common.bus import Message
+from services.tap import Differ, diff_payloads, heartbeats_asked
+from sim.pipeline import PROXYMATIC, Pipeline
+
+ARROW = "\u2192"
+
+
+def service(name: str, port: int, servers: list[dict], **fields) -> dict:
+    return {"name": name, "port": port, "protocol": "tcp", "mode": "tcp", "source": "file", "health_check": None,
+            "timeout_client": None, "timeout_server": None, "host_network": False, "servers": servers, **fields}
+
+
+def server(ip: str, port: int, weight: int = 500, maxconn: int | None = None) -> dict:
+    return {"ip": ip, "port": port, "hostname": "", "weight": weight, "maxconn": maxconn}
+
+
+def snapshot(*services: dict, **fields) -> dict:
+    return {"schema": 1, "source": "file", "state": "ok", "error": "", "warnings": [], "excluded": [], "hash": "h",
+            "services": list(services), **fields}
+
+
+def texts(topic: str, old, new) -> list[str]:
+    return [change.text() for change in diff_payloads(topic, old, new)]
+
+
+def test_services_and_servers_added_removed_changed():
+    old = snapshot(service("web", 1234, [server("10.0.0.1", 8080, 128), server("10.0.0.2", 8080)]),
+                   service("db", 5432, [server("10.0.0.9", 5432)]))
+    new = snapshot(service("web", 1234, [server("10.0.0.1", 8080, 256), server("10.0.0.3", 8080, maxconn=10)],
+                           mode="http"),
+                   service("cache", 6379, [server("10.0.0.5", 6379)]), state="degraded", error="etcd down",
+                   warnings=["entry x skipped"])
+    assert texts("source.file", old, new) == [
+        f"~ state: ok {ARROW} degraded",
+        f"~ error: '' {ARROW} etcd down",
+        f"~ 1234/tcp web mode tcp {ARROW} http",
+        f"~ 1234/tcp web: 10.0.0.1:8080 weight 128 {ARROW} 256",
+        "- 1234/tcp web: 10.0.0.2:8080 weight 500",
+        "+ 1234/tcp web: 10.0.0.3:8080 weight 500 maxconn 10",
+        "- 5432/tcp db (1 server)",
+        "+ 6379/tcp cache (tcp, mode tcp, 1 server)",
+        "+ 6379/tcp cache: 10.0.0.5:6379 weight 500",
+        "+ warning: entry x skipped",
+    ]
+    assert texts("source.file", new, new) == []
+
+
+def test_plan_notes_excluded_and_applied_fields():
+    excluded = {"source": "marathon", "code": "health_failing", "reason": "health check failing", "app": "/shop/web",
+                "task": "t1", "service": "web.shop", "key": "1234/tcp", "address": "10.0.0.7:31002"}
+    old = {"services": [], "notes": ["a"], "excluded": [], "sources_ready": ["file"]}
+    new = {"services": [], "notes": ["b"], "excluded": [excluded], "sources_ready": ["file", "marathon"]}
+    assert texts("plan", old, new) == [
+        f"~ sources_ready: [\"file\"] {ARROW} [\"file\", \"marathon\"]",
+        "- note: a", "+ note: b",
+        "+ excluded: 1234/tcp web.shop 10.0.0.7:31002 /shop/web t1: health check failing (marathon)",
+    ]
+    assert texts("applied.vm", {"plan_hash": "x", "ok": True, "action": "none", "errors": []},
+                 {"plan_hash": "y", "ok": False, "action": "rejected", "errors": ["bad"]}) == [
+        f"~ plan_hash: x {ARROW} y", f"~ ok: True {ARROW} False", f"~ action: none {ARROW} rejected", "+ error: bad"]
+
+
+def test_first_message_in_full_or_in_one_line():
+    small = snapshot(service("web", 1234, [server("10.0.0.1", 8080)]))
+    differ = Differ(first_state_lines=5)
+    text = differ.render(Message("source.file", 1, time.time(), "collector@n", "e", small), False)
+    assert text.splitlines()[1:] == ["  + 1234/tcp web (tcp, mode tcp, 1 server)", "  + 1234/tcp web: 10.0.0.1:8080 weight 500"]
+    big = snapshot(*[service(f"s{i}", 2000 + i, [server("10.0.0.1", 3000 + i)]) for i in range(10)])
+    text = differ.render(Message("plan", 1, time.time(), "planner@n", "e", big), False)
+    assert len(text.splitlines()) == 2 and "first message on plan: 10 services, 10 servers" in text
+    document = json.loads(differ.render(Message("plan", 2, time.time(), "planner@n", "e", big), True))
+    assert document["changes"] == [] and document["first"] is False
+
+
+def test_heartbeats_only_when_asked():
+    assert not heartbeats_asked([]) and not heartbeats_asked(["plan", "source."])
+    assert heartbeats_asked(["heartbeat.planner"]) and heartbeats_asked(["heart"])
+
+
+class Tap:
+    """`proxymatic tap --diff` on a run dir, its lines read as they come."""
+
+    def __init__(self, run_dir: str, *extra: str):
+        self.process = subprocess.Popen([*PROXYMATIC, "tap", "--run-dir", run_dir, "--diff", *extra],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.seen: list[str] = []
+        self.cursor = 0  # lines before it were looked at by a previous `until`
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def until(self, wanted: str, timeout: float = 30) -> list[str]:
+        """Every line so far, once one after the previous match contains `wanted`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            while self.cursor < len(self.seen):
+                self.cursor += 1
+                if wanted in self.seen[self.cursor - 1]:
+                    return self.seen
+            try:
+                self.seen.append(self.lines.get(timeout=0.2))
+            except queue.Empty:
+                continue
+        raise AssertionError(f"tap never showed {wanted!r}; it showed:\n" + "\n".join(self.seen))
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
+def blocks(lines: list[str], topic: str) -> list[list[str]]:
+    """The diff lines under each message line of `topic`."""
+    found, current = [], None
+    for line in lines:
+        if not line.startswith("  "):
+            current = [] if line.split()[1] == topic else None
+            if current is not None:
+                found.append(current)
+        elif current is not None:
+            current.append(line.strip())
+    return found
+
+
+def write(path: str, servers: list[tuple[str, int, int]]) -> None:
+    document = {"services": [{"name": "web", "port": 11234, "servers": [{"host": ip, "port": port, "weight": weight}
+                                                                        for ip, port, weight in servers]}]}
+    with open(path + ".tmp", "w") as handle:
+        json.dump(document, handle)
+    os.replace(path + ".tmp", path)
+
+
+@pytest.fixture
+def pipeline():
+    pipeline = Pipeline([], programs=("collector", "planner"), services_file=True)
+    write(pipeline.services_file, [("10.0.0.1", 8080, 500), ("10.0.0.2", 8080, 500)])
+    pipeline.start()
+    yield pipeline
+    pipeline.cleanup()
+
+
+def test_diff_through_a_running_pipeline(pipeline):
+    tap = Tap(pipeline.run_dir)
+    try:
+        # The first messages (from the snapshots): the whole state as additions.
+        tap.until("+ 11234/tcp web: 10.0.0.2:8080 weight 128")  # the plan's weights are HAProxy's
+        write(pipeline.services_file, [("10.0.0.2", 8080, 1000), ("10.0.0.3", 8080, 500)])
+        lines = tap.until("+ 11234/tcp web: 10.0.0.3:8080 weight 128")  # the plan's last line
+    finally:
+        tap.close()
+    assert not any("heartbeat" in line for line in lines)
+    first_source, *later_source = blocks(lines, "source.file")
+    assert "+ 11234/tcp web: 10.0.0.1:8080 weight 500" in first_source
+    assert later_source[-1] == ["- 11234/tcp web: 10.0.0.1:8080 weight 500",
+                                f"~ 11234/tcp web: 10.0.0.2:8080 weight 500 {ARROW} 1000",
+                                "+ 11234/tcp web: 10.0.0.3:8080 weight 500"]
+    assert blocks(lines, "plan")[-1] == ["- 11234/tcp web: 10.0.0.1:8080 weight 128",
+                                         f"~ 11234/tcp web: 10.0.0.2:8080 weight 128 {ARROW} 256",
+                                         "+ 11234/tcp web: 10.0.0.3:8080 weight 128"]
+
+
+def test_diff_as_json_and_heartbeats_when_asked(pipeline):
+    tap = Tap(pipeline.run_dir, "--json", "--topic", "plan", "--topic", "heartbeat.planner")
+    try:
+        tap.until('"topic": "heartbeat.planner@')
+        if not any('"topic": "plan"' in line for line in tap.seen):
+            tap.until('"topic": "plan"')
+        write(pipeline.services_file, [("10.0.0.1", 8080, 500)])
+        lines = tap.until('"op": "-"')
+    finally:
+        tap.close()
+    documents = [json.loads(line) for line in lines]
+    plans = [d for d in documents if d["topic"] == "plan"]
+    assert plans[0]["first"] is True
+    assert {"op": "-", "key": "11234/tcp", "name": "web", "server": "10.0.0.2:8080", "old": "weight 128"} \
+        in plans[-1]["changes"]
+    assert all("changes" not in d for d in documents if d["topic"].startswith("heartbeat"))
