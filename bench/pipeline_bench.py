@@ -8,21 +8,29 @@ same host clock: HAProxy's runtime API has been told by then, and the benchmark 
 messages late does not count); a sample of changes is also checked against HAProxy's own state.
 
     .venv/bin/python -m bench.pipeline_bench [--apps 100,1000] [--changes 200] [--registrator] [--breakdown]
+        [--status] [--scrape-metrics SECONDS]
+
+`--status` also runs the status stage (it follows the whole bus); `--scrape-metrics N` runs it and
+GETs /metrics every N seconds while the changes are measured (Prometheus scrapes every 15 s by
+default): what /metrics costs the pipeline shows as the difference from `--status` alone.
 """
 from __future__ import annotations
 
 import argparse
 import socket
 import statistics
+import threading
 import time
+import urllib.request
 
 import zmq
 
-from services.applier.haproxy_render import HaproxyPaths
+from services.applier.haproxy_render import HaproxyPaths, backend_id
+from services.common.model import Service
 from services.common.bus import Endpoint, Subscriber
 from sim.marathon import MarathonSim
 from sim.pipeline import Pipeline
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 
 
 def free_port_range(count: int, start: int = 20000) -> int:
@@ -90,13 +98,21 @@ def servers_of(plan: dict, port: int) -> set[tuple[str, int]]:
     return set()
 
 
-def haproxy_addresses(run_dir: str, port: int) -> set[str]:
+def backend_of(plan: dict, port: int) -> str:
+    """HAProxy's name for the TCP service on `port` in `plan` (svc_<port>_tcp_<name>)."""
+    for service in plan["services"]:
+        if service["port"] == port and service["protocol"] == "tcp":
+            return backend_id(Service.from_dict(service))
+    raise KeyError(f"no TCP service on port {port}")
+
+
+def haproxy_addresses(run_dir: str, backend: str) -> set[str]:
     """What HAProxy itself routes to (ready slots), via its runtime API."""
     paths = HaproxyPaths.for_run_dir(run_dir)
     with socket.socket(socket.AF_UNIX) as conn:
         conn.settimeout(5)
         conn.connect(paths.admin_socket)
-        conn.sendall(f"show servers state svc_{port}_tcp\n".encode())
+        conn.sendall(f"show servers state {backend}\n".encode())
         data = b""
         while chunk := conn.recv(65536):
             data += chunk
@@ -104,7 +120,7 @@ def haproxy_addresses(run_dir: str, port: int) -> set[str]:
     for line in data.decode().splitlines():
         fields = line.split()
         # be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state ... srv_port at 18
-        if len(fields) > 18 and fields[1] == f"svc_{port}_tcp" and fields[6] == "0":
+        if len(fields) > 18 and fields[1] == backend and fields[6] == "0":
             ready.add(f"{fields[4]}:{fields[18]}")
     return ready
 
@@ -114,14 +130,50 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def marathon_run(apps: int, changes: int, breakdown: bool = False) -> dict:
+class MetricsScraper(threading.Thread):
+    """GET /metrics every `interval` seconds until stopped, as Prometheus would (the answer is
+    read whole, not parsed: parsing is the scraper's cost, not the pipeline's)."""
+
+    def __init__(self, url: str, interval: float):
+        super().__init__(daemon=True)
+        self.url, self.interval = url, interval
+        self.done = threading.Event()
+        self.times: list[float] = []
+        self.size = 0
+        self.failures = 0
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            started = time.monotonic()
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    self.size = len(response.read())
+                self.times.append((time.monotonic() - started) * 1000)
+            except OSError:
+                self.failures += 1
+
+    def stop(self) -> dict:
+        self.done.set()
+        self.join(timeout=10)
+        return {"scrapes": len(self.times), "failed": self.failures, "bytes": self.size,
+                "median_ms": round(statistics.median(self.times), 1) if self.times else None,
+                "max_ms": round(max(self.times), 1) if self.times else None}
+
+
+def marathon_run(apps: int, changes: int, breakdown: bool = False, status: bool = False,
+                 scrape_every: float = 0.0) -> dict:
     sim = MarathonSim().start()
     base = free_port_range(apps)
     for i in range(apps):
         sim.deploy_app(f"/bench/app{i}", network="BRIDGE", service_ports=[base + i], instances=5, health_check=True)
-    pipeline = Pipeline(["--marathon", sim.url, "--status-endpoint", "", "-i", "3600"],
-                        programs=("haproxy", "applier", "planner", "collector"))
+    status = status or scrape_every > 0
+    status_port = free_port() if status else 0
+    pipeline = Pipeline(["--marathon", sim.url, "--status-endpoint", f"127.0.0.1:{status_port}" if status else "",
+                         "-i", "3600"],
+                        programs=("haproxy", "applier", "planner", "collector", *(("status",) if status else ())))
     watch = BusWatch(pipeline.run_dir, breakdown)
+    scraper = MetricsScraper(f"http://127.0.0.1:{status_port}/metrics", scrape_every) if scrape_every > 0 else None
+    scraped: dict = {}
     try:
         started = time.monotonic()
         pipeline.start()
@@ -129,7 +181,12 @@ def marathon_run(apps: int, changes: int, breakdown: bool = False) -> dict:
             len(s["servers"]) == 5 for s in plan["services"]), timeout=180)
         initial = time.monotonic() - started
         probe_port = base + apps // 2
+        probe_backend = backend_of(watch.plans[watch.last_plan], probe_port)
         task = sim.task_ids(f"/bench/app{apps // 2}")[0]
+        if scraper is not None:
+            wait_until(lambda: b"proxymatic_applies_total{" in urllib.request.urlopen(
+                scraper.url, timeout=5).read(), timeout=30, message="/metrics with the applier's counters")
+            scraper.start()
         samples = []
         hops: dict[str, list[float]] = {"source": [], "plan": [], "applied": []}
         verified = 0
@@ -144,15 +201,20 @@ def marathon_run(apps: int, changes: int, breakdown: bool = False) -> dict:
                 hops[hop].append((watch.stamps.get(hop, flipped_wall) - flipped_wall) * 1000)
             if step % 50 == 0:
                 expected = 5 if alive else 4
-                wait_until(lambda: len(haproxy_addresses(pipeline.run_dir, probe_port)) == expected, timeout=5,
+                wait_until(lambda: len(haproxy_addresses(pipeline.run_dir, probe_backend)) == expected, timeout=5,
                            message="HAProxy's own state to agree")
                 verified += 1
+        if scraper is not None:
+            scraped = {"metrics": {"every_s": scrape_every, **scraper.stop()}}
         return {"apps": apps, "tasks": apps * 5, "changes": changes, "initial_sync_s": round(initial, 2),
+                "status_stage": status, **scraped,
                 "p50_ms": round(statistics.median(samples), 1), "p99_ms": round(percentile(samples, 0.99), 1),
                 "max_ms": round(max(samples), 1), "checked_against_haproxy": verified,
                 **({"median_published_at_ms": {hop: round(statistics.median(v), 1) for hop, v in hops.items()}}
                    if breakdown else {})}
     finally:
+        if scraper is not None and scraper.is_alive():
+            scraper.stop()
         pipeline.cleanup()
         sim.stop()
 
@@ -196,9 +258,13 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=200)
     parser.add_argument("--registrator", action="store_true", help="also measure etcd change → traffic")
     parser.add_argument("--breakdown", action="store_true", help="also report when each stage published")
+    parser.add_argument("--status", action="store_true", help="also run the status stage (Marathon runs)")
+    parser.add_argument("--scrape-metrics", type=float, default=0.0, metavar="SECONDS",
+                        help="run the status stage and GET /metrics every SECONDS during the measurement")
     args = parser.parse_args()
     for apps in (int(a) for a in args.apps.split(",") if a):
-        print("marathon event → applied:", marathon_run(apps, args.changes, args.breakdown), flush=True)
+        print("marathon event → applied:", marathon_run(apps, args.changes, args.breakdown, args.status,
+                                                          args.scrape_metrics), flush=True)
     if args.registrator:
         print("registrator change → applied:", registrator_run(args.changes), flush=True)
 
