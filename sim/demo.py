@@ -4,6 +4,10 @@ Starts three small HTTP backends and proxymatic (supervisord, collector, planner
 status, HAProxy) on a demo services file in a temporary run dir, sends requests through
 HAProxy, then edits the file (one backend removed, one added) and shows traffic following.
 Ctrl-C stops everything. `--once` runs the script and exits (used by the tests).
+
+The terminal shows the demo's story only: proxymatic's own output (the launcher's and
+supervisord's lines) goes to `<run dir>/logs/proxymatic.log`, each program's to its own
+`<run dir>/logs/<program>.log` (supervisord), and the demo ends by saying where they are.
 """
 from __future__ import annotations
 
@@ -16,9 +20,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
+from services.common.bus import Message
+from services.tap import format_line
 from sim.backends import HttpBackend
 
 SERVICE_PORT = int(os.environ.get("DEMO_PORT", "10080"))
@@ -70,6 +77,61 @@ def show(counts: collections.Counter) -> None:
         print(f"    {name:<12} {'#' * count} {count}", flush=True)
 
 
+def proxymatic_command(*args: str) -> list[str]:
+    return [os.path.join(os.path.dirname(sys.executable), "proxymatic"), *args]
+
+
+def bus_excerpt(run_dir: str, count: int = 3) -> list[str]:
+    """The newest data message of each topic, as `proxymatic tap` shows them, in time order (a
+    tap gets them from three publishers' snapshots, in whatever order those answer)."""
+    result = subprocess.run(proxymatic_command("tap", "--run-dir", run_dir, "--no-heartbeats", "--json",
+                                               "--count", str(count)),
+                            capture_output=True, text=True, timeout=15)
+    messages = []
+    for line in result.stdout.splitlines():
+        try:
+            document = json.loads(line)
+            messages.append(Message(document["topic"], document["seq"], document["ts"], document["sender"],
+                                    document["epoch"], document["payload"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return [format_line(m) for m in sorted(messages, key=lambda m: m.ts)]
+
+
+class DiffTap:
+    """`proxymatic tap --diff --topic plan` running while the demo edits the file: its lines."""
+
+    def __init__(self, run_dir: str):
+        self.process = subprocess.Popen(proxymatic_command("tap", "--run-dir", run_dir, "--diff", "--topic", "plan"),
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def messages(self) -> int:
+        return sum(1 for line in list(self.lines) if not line.startswith(" "))
+
+    def stop(self, wanted_messages: int, timeout: float = 5.0) -> list[str]:
+        """The lines once `wanted_messages` messages were shown (or `timeout` passed)."""
+        deadline = time.monotonic() + timeout
+        while self.messages() < wanted_messages and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.1)  # the change lines under the last message
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.reader.join(timeout=2)
+        self.process.stdout.close()
+        return list(self.lines)
+
+
 def port_free(port: int) -> bool:
     with socket.socket() as probe:
         try:
@@ -87,18 +149,26 @@ def main() -> int:
         if not port_free(port):
             raise SystemExit(f"demo: port {port} is in use; choose another with {variable}=<port> make demo")
     run_dir = tempfile.mkdtemp(prefix="proxymatic-demo-")
+    logs = os.path.join(run_dir, "logs")
+    os.makedirs(logs, mode=0o700)
     services_file = os.path.join(run_dir, "services.json")
     backends = {name: HttpBackend(name) for name in ("backend-a", "backend-b", "backend-c")}
     write_services(services_file, [backends["backend-a"], backends["backend-b"]])
-    say(f"starting proxymatic (run dir {run_dir}, logs in {run_dir}/logs)")
+    say(f"starting proxymatic (run dir {run_dir})")
+    # proxymatic's own output (the launcher, supervisord) to a log file: the terminal is the demo's
+    output = open(os.path.join(logs, "proxymatic.log"), "ab")
     proxymatic = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "proxymatic"), "--services-file", services_file,
-         "--run-dir", run_dir, "--status-endpoint", f"127.0.0.1:{STATUS_PORT}"],
-        start_new_session=True)
+        proxymatic_command("--services-file", services_file, "--run-dir", run_dir,
+                           "--status-endpoint", f"127.0.0.1:{STATUS_PORT}"),
+        start_new_session=True, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+    output.close()
+    diff_tap = None
     try:
         wait_for("/status OK", lambda: fetch(f"http://127.0.0.1:{STATUS_PORT}/status")[0] == 200)
         say(f"/status is OK; 30 requests to http://127.0.0.1:{SERVICE_PORT}/ (backends a and b)")
         show(traffic())
+        diff_tap = DiffTap(run_dir)
+        wait_for("the tap", lambda: diff_tap.messages() >= 1, timeout=10)
         say("editing the services file: backend-a removed, backend-c added")
         write_services(services_file, [backends["backend-b"], backends["backend-c"]])
         wait_for("traffic to follow", lambda: set(traffic(6)) == {"backend-b", "backend-c"})
@@ -107,9 +177,13 @@ def main() -> int:
         show(counts)
         if set(counts) != {"backend-b", "backend-c"}:
             raise SystemExit(f"demo: unexpected backends {sorted(counts)}")
-        say(f"the bus, as `proxymatic tap --run-dir {run_dir}` shows it:")
-        subprocess.run([os.path.join(os.path.dirname(sys.executable), "proxymatic"), "tap", "--run-dir", run_dir,
-                        "--services-file", services_file, "--no-heartbeats", "--count", "3"], timeout=15)
+        say("what the edit changed in the plan, as `proxymatic tap --diff --topic plan` showed it:")
+        lines = diff_tap.stop(wanted_messages=2)
+        diff_tap = None
+        changes = lines[next((i for i, line in enumerate(lines[1:], 1) if not line.startswith(" ")), len(lines)):]
+        print("\n".join(changes or ["(the tap showed no change)"]), flush=True)
+        say(f"the bus, as `proxymatic tap --run-dir {run_dir}` shows it (newest message of each topic):")
+        print("\n".join(bus_excerpt(run_dir)), flush=True)
         say(f"HAProxy statistics: http://127.0.0.1:{STATUS_PORT}/   status: http://127.0.0.1:{STATUS_PORT}/status")
         if not args.once:
             say(f"try: curl http://127.0.0.1:{SERVICE_PORT}/ ; edit {services_file} ; Ctrl-C stops everything")
@@ -117,6 +191,8 @@ def main() -> int:
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
         return 0
     finally:
+        if diff_tap is not None:
+            diff_tap.stop(wanted_messages=0, timeout=0)
         say("stopping")
         proxymatic.send_signal(signal.SIGINT)
         try:
@@ -125,6 +201,8 @@ def main() -> int:
             os.killpg(proxymatic.pid, signal.SIGKILL)
         for backend in backends.values():
             backend.close()
+        names = sorted(name for name in os.listdir(logs) if name.endswith(".log")) if os.path.isdir(logs) else []
+        say(f"logs are in {logs}: {', '.join(names)} (proxymatic.log: the launcher and supervisord)")
 
 
 if __name__ == "__main__":
