@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from services.common.config import ConfigError, add_options, settings_environ, settings_from
-from services.launcher import render_supervisord_conf
+from services.launcher import program_environment, render_supervisord_conf
 
 
 def settings(argv, env=None):
@@ -91,3 +91,22 @@ def test_registrator_url_with_several_hosts():
 def test_run_dir_is_normalized():
     # one run dir, one lock, one instance marker, however it is spelled
     assert settings(["--run-dir", "/tmp/pm/"]).run_dir == settings([], {"RUN_DIR": "/tmp//pm"}).run_dir == "/tmp/pm"
+
+
+def test_log_format_reaches_every_program_by_environment():
+    s = settings(["--log-format", "JSON", "--services-file", "/x.json"])
+    assert s.log_format == "json"
+    assert settings_environ(s)["LOG_FORMAT"] == "json" and program_environment(s)["LOG_FORMAT"] == "json"
+    assert settings([], {"LOG_FORMAT": "json"}).log_format == "json" and settings([]).log_format == "text"
+    with pytest.raises(ConfigError, match="LOG_FORMAT must be text or json"):
+        settings([], {"LOG_FORMAT": "xml"})
+
+
+def test_plan_needs_a_source_and_tap_takes_diff():
+    no_source = run_cli("plan")
+    assert no_source.returncode == 1 and "at least one discovery source" in no_source.stderr
+    from services.cli import build_parser
+    args = build_parser("tap").parse_args(["--diff", "--json", "--topic", "plan"])
+    assert args.diff and args.json and args.topic == ["plan"]
+    args = build_parser("plan").parse_args(["--json", "--timeout", "5"])
+    assert args.json and args.timeout == 5.0
