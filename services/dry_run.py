@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import threading
 import time
@@ -195,11 +196,18 @@ def dry_run(settings: Settings, args: argparse.Namespace) -> int:
     if not timeout > 0:
         print("proxymatic plan: error: --timeout must be more than 0 seconds", file=sys.stderr)
         return 1
+    # What a source warns about is in the output (its warnings) or the error: not twice.
+    sources_log = logging.getLogger("proxymatic.collector")
+    level = sources_log.level
+    if not settings.verbose:
+        sources_log.setLevel(logging.ERROR)
     try:
         snapshots = read_sources(settings, timeout)
     except PlanError as error:
         print(f"proxymatic plan: error: {error}", file=sys.stderr)
         return 1
+    finally:
+        sources_log.setLevel(level)
     plan = make_plan(snapshots, settings)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2, sort_keys=True))
