@@ -49,9 +49,10 @@ def _one_line(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _causes(types: set[str], limit: int = 3) -> str:
-    """The event types behind a change, for the change log: "a, b and 2 more"."""
-    shown = sorted(types)
+def _causes(types: dict[str, None], limit: int = 6) -> str:
+    """The event types behind a change in the order they first came, for the change log:
+    "a, b and 2 more"."""
+    shown = list(types)
     text = ", ".join(shown[:limit])
     return text if len(shown) <= limit else f"{text} and {len(shown) - limit} more"
 
@@ -118,7 +119,7 @@ class MarathonSource(Source):
         # What the next current() reflects: the newest event's arrival (wall clock) and the
         # event types applied since the last current() (guarded by _cond).
         self._news_at = 0.0
-        self._news: set[str] = set()
+        self._news: dict[str, None] = {}  # an ordered set
         self._stream_failures_seen = 0
         self._closed = False
         self._failed = False  # the last current() raised: wait for news, not for pending work
@@ -137,7 +138,7 @@ class MarathonSource(Source):
             self._changed = False
             # What this call reflects, for the collector (changed_at, the change log's "why").
             news_at, news = self._news_at, self._news
-            self._news_at, self._news = 0.0, set()
+            self._news_at, self._news = 0.0, {}
             if news:
                 self.received_at, self.cause = news_at, _causes(news)
             else:
@@ -156,7 +157,7 @@ class MarathonSource(Source):
                 self._fetch(full, dirty)
             except BaseException:
                 with self._cond:  # not reflected yet: the next current() will
-                    self._news |= news
+                    self._news = {**news, **self._news}
                     self._news_at = max(self._news_at, news_at)
                 raise
             if full:
@@ -546,7 +547,7 @@ class MarathonSource(Source):
         """An event that may change the services arrived now (lock held)."""
         self._news_at = time.time()
         if len(self._news) < 16:  # a handful of types exist; never a set of hostile names
-            self._news.add(_one_line(event_type or "untyped", 80))
+            self._news.setdefault(_one_line(event_type or "untyped", 80))
 
     def _find_task(self, app_id: Any, task_id: Any = None, instance_id: Any = None) -> dict | None:
         tasks = self._tasks.get(app_id) if isinstance(app_id, str) else None

@@ -116,8 +116,8 @@ def make_plan(snapshots: dict[str, SourceSnapshot], settings: Settings, memo: Po
             notes.append(f"port {key}: service {service.name!r} collides with "
                          f"{reserved[service.port]}; not proxied")
             excluded.append(_planner_excluded(
-                "reserved_port", f"{service.source} service not proxied: port {service.port} is "
-                f"{reserved[service.port]}", service))
+                "reserved_port", f"{service.source} service not proxied: port {service.port} is proxymatic's own "
+                f"({reserved[service.port]})", service))
             continue
         services.append(memo.apply(service, settings))
     memo.rotate()
