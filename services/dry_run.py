@@ -100,10 +100,12 @@ def read_sources(settings: Settings, timeout: float) -> dict[str, SourceSnapshot
             failures.append(f"source {name}: no answer within {timeout:g} s")
         elif result.error:
             failures.append(f"source {name}: {result.error}")
-    for source in list(opened):
-        closer = threading.Thread(target=_close, args=(source,), daemon=True)
+    closers = [threading.Thread(target=_close, args=(source,), daemon=True) for source in list(opened)]
+    for closer in closers:
         closer.start()
-        closer.join(2.0)  # a close that hangs does not hold the exit: the threads are daemons
+    closed_by = time.monotonic() + 2.0  # a close that hangs does not hold the exit: the threads are daemons
+    for closer in closers:
+        closer.join(max(0.0, closed_by - time.monotonic()))
     if failures:
         raise PlanError(redact("; ".join(failures)))
     snapshots = {}
