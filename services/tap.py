@@ -113,7 +113,8 @@ def _show(value: object) -> str:
     if value is None:
         return "none"
     if isinstance(value, str):
-        return value if value and len(value) <= 200 else repr(value[:200])
+        # one line, no terminal escapes from a peer on the bus: anything unusual is quoted
+        return value if value and len(value) <= 200 and value.isprintable() else repr(value[:200])
     text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
     return text if len(text) <= 200 else text[:197] + "..."
 
