@@ -93,7 +93,7 @@ class Change:
 
     def text(self) -> str:
         if self.key:
-            subject = f"{self.key} {self.name}" + (f": {self.server}" if self.server else "")
+            subject = f"{_show(self.key)} {_show(self.name)}" + (f": {_show(self.server)}" if self.server else "")
         else:
             subject = self.field
         if self.op == "~":
