@@ -195,3 +195,48 @@ def test_diff_as_json_and_heartbeats_when_asked(pipeline):
     assert {"op": "-", "key": "11234/tcp", "name": "web", "server": "10.0.0.2:8080", "old": "weight 128"} \
         in plans[-1]["changes"]
     assert all("changes" not in d for d in documents if d["topic"].startswith("heartbeat"))
+
+
+def test_a_payload_it_cannot_diff_is_dropped_and_the_next_good_one_diffed(tmp_path):
+    """Hostile payloads in valid envelopes: the tap logs and skips each, remembers none of them,
+    and diffs the next good message against the last good one."""
+    import zmq
+
+    from services.common.bus import Endpoint, Publisher
+    endpoint = f"ipc://{tmp_path}/x.pub"
+    out, err = tmp_path / "tap.out", tmp_path / "tap.err"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        process = subprocess.Popen([*PROXYMATIC, "tap", "--run-dir", str(tmp_path), "--bus", endpoint, "--diff"],
+                                   stdout=stdout, stderr=stderr, start_new_session=True)
+    publisher = Publisher(zmq.Context.instance(), "planner@x", Endpoint.parse(endpoint), heartbeat_interval=0.2)
+
+    def printed(text: str) -> bool:
+        publisher.serve_snapshots()
+        publisher.heartbeat()
+        return text in out.read_text()
+
+    def plan(*addresses: str) -> dict:
+        return {"services": [service("web", 3000, [server(a, 80) for a in addresses])], "notes": [], "excluded": []}
+    try:
+        publisher.publish("plan", plan("10.0.0.1"))
+        wait(lambda: printed("+ 3000/tcp web: 10.0.0.1:80 weight 500"))
+        for payload in ({"services": 5}, {"services": [{"port": 1, "servers": 5}]}, {"services": [5]},
+                        {"services": [], "notes": 5}):
+            publisher.publish("plan", payload)
+        publisher.publish("plan", plan("10.0.0.1", "10.0.0.2"))
+        wait(lambda: printed("+ 3000/tcp web: 10.0.0.2:80 weight 500"))
+        assert process.poll() is None
+        assert err.read_text().count("cannot show it") == 4
+        last = out.read_text().split("seq=6")[1].splitlines()[1:]
+        assert last == ["  + 3000/tcp web: 10.0.0.2:80 weight 500"]  # against the last good plan
+    finally:
+        publisher.close()
+        process.kill()
+        process.wait(10)
+
+
+def wait(predicate, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
