@@ -132,6 +132,14 @@ class DiffTap:
         return list(self.lines)
 
 
+def read_tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as handle:
+            return "".join(handle.readlines()[-lines:]).rstrip()
+    except OSError:
+        return ""
+
+
 def port_free(port: int) -> bool:
     with socket.socket() as probe:
         try:
@@ -164,7 +172,11 @@ def main() -> int:
     output.close()
     diff_tap = None
     try:
-        wait_for("/status OK", lambda: fetch(f"http://127.0.0.1:{STATUS_PORT}/status")[0] == 200)
+        def status_ok() -> bool:
+            if proxymatic.poll() is not None:
+                raise SystemExit(f"demo: proxymatic exited with code {proxymatic.returncode}")
+            return fetch(f"http://127.0.0.1:{STATUS_PORT}/status")[0] == 200
+        wait_for("/status OK", status_ok)
         say(f"/status is OK; 30 requests to http://127.0.0.1:{SERVICE_PORT}/ (backends a and b)")
         show(traffic())
         diff_tap = DiffTap(run_dir)
@@ -190,6 +202,12 @@ def main() -> int:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
         return 0
+    except SystemExit:
+        # the demo failed: proxymatic's own last lines say why more often than not
+        tail = read_tail(os.path.join(logs, "proxymatic.log"))
+        if tail:
+            print("demo: the last lines of proxymatic.log:\n" + tail, file=sys.stderr, flush=True)
+        raise
     finally:
         if diff_tap is not None:
             diff_tap.stop(wanted_messages=0, timeout=0)
