@@ -17,6 +17,7 @@ default): what /metrics costs the pipeline shows as the difference from `--statu
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import statistics
 import threading
@@ -125,6 +126,16 @@ def haproxy_addresses(run_dir: str, backend: str) -> set[str]:
     return ready
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -190,6 +201,9 @@ def marathon_run(apps: int, changes: int, breakdown: bool = False, status: bool 
         samples = []
         hops: dict[str, list[float]] = {"source": [], "plan": [], "applied": []}
         verified = 0
+        stages = ("collector", "planner", "applier", *(("status",) if status else ()))
+        cpu_before = {name: cpu_seconds(pipeline.processes[name].pid) for name in stages}
+        measured_from = time.monotonic()
         for step in range(changes):
             alive = step % 2 == 1
             watch.forget()
@@ -206,6 +220,11 @@ def marathon_run(apps: int, changes: int, breakdown: bool = False, status: bool 
                 verified += 1
         if scraper is not None:
             scraped = {"metrics": {"every_s": scrape_every, **scraper.stop()}}
+        # CPU each stage spent while the changes were measured (what the status stage and its
+        # /metrics cost shows here directly, whatever else the machine runs)
+        scraped["measured_s"] = round(time.monotonic() - measured_from, 1)
+        scraped["cpu_s"] = {name: round(cpu_seconds(pipeline.processes[name].pid) - cpu_before[name], 2)
+                            for name in stages}
         return {"apps": apps, "tasks": apps * 5, "changes": changes, "initial_sync_s": round(initial, 2),
                 "status_stage": status, **scraped,
                 "p50_ms": round(statistics.median(samples), 1), "p99_ms": round(percentile(samples, 0.99), 1),
