@@ -21,12 +21,13 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from services.applier.haproxy_render import key_of_backend
 from services.common.model import Service
 
 _WHERE = re.compile(r"\[([^\[\]]+):(\d+)\]")
-# A service's proxy id in HAProxy's messages: svc_<port>_<tcp|udp>_<name> (haproxy_render.
+# A service's proxy id inside HAProxy's messages: svc_<port>_<tcp|udp>_<name> (haproxy_render.
 # backend_id; the name part is [a-z0-9_.-]), or svc_<port>_<tcp|udp> (older configs). Only port
-# and protocol are read: they are the service key.
+# and protocol are read: they are the service key (key_of_backend reads a whole id).
 _PROXY_ID = re.compile(r"(?<![A-Za-z0-9_.-])svc_(\d+)_(tcp|udp)(?:_[a-z0-9_.-]+)?(?![A-Za-z0-9_-])")
 # HAProxy 2.6: "Binding [haproxy.cfg:16] for proxy svc_10081_tcp_web: cannot bind socket (Address
 # already in use) for [0.0.0.0:10081]"; older: "Starting frontend svc_10081_tcp_web: cannot bind
@@ -69,8 +70,7 @@ def section_lines(header: str, sections: Sequence[tuple[str, str]]) -> list[Sect
 
 def key_of_proxy(proxy: str) -> str | None:
     """svc_10081_tcp_web (or svc_10081_tcp) -> 10081/tcp; None for HAProxy's own proxies (stats...)."""
-    match = _PROXY_ID.fullmatch(proxy.strip("'\""))
-    return f"{match.group(1)}/{match.group(2)}" if match else None
+    return key_of_backend(proxy.strip("'\""))
 
 
 def blame_alerts(alerts: Iterable[str], sections: Sequence[Section], config_name: str) -> dict[str, str]:

@@ -29,6 +29,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from services.applier.haproxy_render import key_of_backend
 from services.common.unix_socket import exchange
 
 log = logging.getLogger("proxymatic.applier.haproxy")
@@ -40,9 +41,6 @@ ADMIN_MAINT_MASK = 0x01 | 0x02 | 0x20
 # What `prompt` makes the master CLI print after each command (2.6: `master> `).
 _PROMPT_RE = re.compile(r"^master[^\n>]*> ", re.M)
 MAX_BATCH_LINE = 8192
-# A service listener's proxy: svc_<port>_tcp_<name> (haproxy_render.backend_id), or an older
-# svc_<port>_tcp (a HAProxy started by a previous version still holds those ports).
-_SERVICE_PROXY_RE = re.compile(r"svc_(\d+)_tcp(?:_[a-z0-9_.-]+)?")
 GONE_MARKER = "Can't find the target PID"
 
 
@@ -163,10 +161,12 @@ def parse_listener_ports(text: str) -> set[int]:
         raise CommandFailed(f"unexpected `show stat` answer: {text[:200]!r}")
     ports = set()
     for line in lines[1:]:
+        # svc_<port>_tcp_<name>, or an older svc_<port>_tcp (a HAProxy started by a previous
+        # version still holds those ports)
         name, _, rest = line.partition(",")
-        match = _SERVICE_PROXY_RE.fullmatch(name)
-        if match and rest.startswith("FRONTEND,"):
-            ports.add(int(match.group(1)))
+        key = key_of_backend(name)
+        if key is not None and key.endswith("/tcp") and rest.startswith("FRONTEND,"):
+            ports.add(int(key.split("/")[0]))
     return ports
 
 
