@@ -116,10 +116,11 @@ def match(query: str, described: dict) -> tuple[list[dict], list[dict]]:
 
 
 def _entry_line(entry: dict) -> str:
-    what = f"task {entry['task']}" if entry["task"] else (entry["app"] or "entry")
+    what = f"task {entry['task']}" if entry["task"] else (
+        entry["app"] or (f"service {entry['service']}" if entry["service"] else "entry"))
     if entry["task"] and entry["app"]:
         what += f" of {entry['app']}"
-    if entry["service"] and not entry["key"]:
+    if entry["service"] and not entry["key"] and (entry["task"] or entry["app"]):
         what += f" (service {entry['service']})"
     if entry["address"]:
         what += f" at {entry['address']}"

@@ -324,6 +324,16 @@ def section_text(driver, key: str) -> str:
     return driver.find_element(By.ID, "svc-" + key.replace("/", "-")).text
 
 
+def with_logs(pipeline: Pipeline, error: AssertionError) -> AssertionError:
+    tails = []
+    for name in pipeline.processes:
+        try:
+            tails.append(f"--- {name}.log ---\n" + pipeline.log(name)[-3000:])
+        except OSError:
+            pass
+    return AssertionError(f"{error}\n" + "\n".join(tails))
+
+
 def stopped(pipeline: Pipeline) -> None:
     run_dir = pipeline.run_dir
     pipeline.cleanup()
@@ -374,13 +384,23 @@ def test_the_page_in_chromium_through_the_real_pipeline(browser):
                    timeout=30, interval=0.5, message="the page showing the added server by itself")
 
         # The planner's own exclusion: a service on the status port is not proxied, and says why.
-        view = get_json(url + ".json")
-        if not service_in(view, f"{status}/tcp") and any("STATUS_ENDPOINT" in n for n in view["plan"]["notes"]):
-            pytest.skip("the planner does not put its exclusions in plan.excluded yet (only in notes)")
-        clash = service_in(view, f"{status}/tcp")
+        clash = service_in(get_json(url + ".json"), f"{status}/tcp")
         assert clash["state"] == "not_served" and clash["excluded"][0]["code"] == "reserved_port"
-        wait_until(lambda: "STATUS_ENDPOINT" in section_text(browser, f"{status}/tcp"), timeout=15, interval=0.5,
-                   message="the service on the status port shown as not served, with the reason")
+        text = section_text(browser, f"{status}/tcp")
+        assert "not served" in text and "clash" in text and "STATUS_ENDPOINT" in text
+
+        # A file naming a service with markup is rejected whole (the last good services stay);
+        # the page says so with the name as text, and runs nothing.
+        bad = free_port()
+        write_services(pipeline.services_file, [entry("web", web, backends[0].port),
+                                                entry(HOSTILE, bad, backends[1].port)])
+        wait_until(lambda: "the whole file is rejected" in browser.find_element(By.TAG_NAME, "body").text,
+                   timeout=30, interval=0.5, message="the rejected file shown by itself")
+        text = section_text(browser, f"{bad}/tcp")
+        assert "not served" in text and "the whole file is rejected" in text and HOSTILE in text
+        assert browser.find_elements(By.TAG_NAME, "script") == []
+        assert browser.execute_script("return typeof window.pwned") == "undefined"
+        assert added in section_text(browser, f"{web}/tcp")  # still the last good file's
     finally:
         squatter.close()
         stopped(pipeline)
@@ -418,8 +438,9 @@ HOSTILE = "<script>window.pwned = 1</script>"
 
 def hostile_plan(port: int, *servers: int) -> Plan:
     return Plan(
-        services=(Service("web", port, servers=tuple(Server("127.0.0.1", p, weight=100) for p in servers),
-                          health_check=HealthCheck(interval_seconds=1, timeout_seconds=1, fall=1)),),
+        # with_servers: sorted as from_dict sorts them, or the hash would not match once decoded
+        services=(Service("web", port, health_check=HealthCheck(interval_seconds=1, timeout_seconds=1, fall=1))
+                  .with_servers(Server("127.0.0.1", p, weight=100) for p in servers),),
         sources_ready=("marathon",),
         excluded=(
             Excluded("marathon", "health_failing", f"health check failing: {HOSTILE}", app="/shop/<b>web</b>",
@@ -445,8 +466,11 @@ def test_excluded_tasks_and_hostile_names_in_chromium(browser):
     try:
         planner.publish("plan", hostile_plan(port, live.port, dead).to_dict())
         pipeline.start()
-        wait_until(lambda: states(get_json(url + ".json"), key) == {up: "UP", down: "DOWN"}, timeout=40,
-                   message="HAProxy's checks: one server UP, one DOWN")
+        try:
+            wait_until(lambda: states(get_json(url + ".json"), key) == {up: "UP", down: "DOWN"}, timeout=40,
+                       message="HAProxy's checks: one server UP, one DOWN")
+        except AssertionError as error:
+            raise with_logs(pipeline, error) from None
         browser.get(url)
         text = section_text(browser, key)
         assert "some DOWN" in text and "1/2 UP" in text and "L4OK" in text and "L4CON" in text
