@@ -3,6 +3,7 @@ port and by name, exit 1 when nothing matches, and against stand-in publishers f
 file source cannot produce (app ids, excluded tasks, a service set aside, hostile text)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -47,7 +48,7 @@ def test_explain_against_the_real_pipeline():
         # weights as HAProxy has them (the planner scales 0..1000 to 0..256)
         assert f"127.0.0.1:{backends[0].port}  weight 128  UP" in out
         assert f"127.0.0.1:{backends[1].port}  weight 64  UP" in out
-        assert f"node {NODE} applied plan" in out and "NOT ok" not in out and "db" not in out
+        assert f"node {NODE} applied plan" in out and "NOT ok" not in out and f"{db}/tcp" not in out
 
         by_name = explain(pipeline.run_dir, "db")
         assert by_name.returncode == 0, by_name.stderr
@@ -107,6 +108,12 @@ def test_explain_names_excluded_tasks_set_aside_services_and_app_ids():
         assert aside.returncode == 0, aside.stderr
         assert "SET ASIDE by haproxy: port 6379 cannot be bound: in use (not served on this node)" in aside.stdout
         assert "port 6379/tcp went to registrator's cache [port_taken, from planner]" in aside.stdout
+        as_json = explain(run_dir, "6379/tcp", "--json")
+        assert as_json.returncode == 0, as_json.stderr
+        document = json.loads(as_json.stdout)
+        assert [s["key"] for s in document["services"]] == ["6379/tcp"] and document["plan"] == plan.hash
+        assert document["services"][0]["set_aside_reason"] == "port 6379 cannot be bound: in use"
+        assert [e["code"] for e in document["services"][0]["excluded"]] == ["port_taken"]
 
         keyless = explain(run_dir, "/shop/cron")
         assert keyless.returncode == 0, keyless.stderr
