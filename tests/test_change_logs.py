@@ -41,6 +41,18 @@ def test_changes_name_servers_added_removed_and_reweighted_and_services_added_an
                                    ("1236/tcp", "same", "service removed (1 servers)")]
 
 
+def test_a_service_replaced_by_another_at_the_same_place_is_one_removed_and_one_added():
+    a, b, c = service(1000, ("10.0.0.1", 80, 500)), service(2000, ("10.0.0.2", 80, 500)), service(3000)
+    changes = ChangeLog("file", log, (a, b))
+    assert changes.changes((a, b)) == []
+    assert changes.changes((a, c)) == [("3000/tcp", "web", "service added (0 servers)"),
+                                       ("2000/tcp", "web", "service removed (1 servers)")]
+    moved = service(3000, ("10.0.0.3", 80, 500))
+    assert changes.changes((a, moved)) == [("3000/tcp", "web", "+10.0.0.3:80")]
+    assert changes.changes((b, moved)) == [("2000/tcp", "web", "service added (1 servers): +10.0.0.2:80"),
+                                           ("1000/tcp", "web", "service removed (1 servers)")]
+
+
 def test_a_snapshot_logs_at_most_twenty_lines_then_how_many_more_with_fields(caplog):
     changes = ChangeLog("registrator", log)
     many = tuple(service(2000 + n, ("10.0.0.1", 3000 + n, 500), name=f"s{n}") for n in range(25))

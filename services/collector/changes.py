@@ -81,12 +81,31 @@ class ChangeLog:
 
     def changes(self, services: tuple[Service, ...]) -> list[tuple[str, str, str]]:
         """(key, name, change) per changed service, in key order of the new services then the
-        removed ones. Remembers `services` as the last ones."""
-        if services is self._last:
+        removed ones. Remembers `services` as the last ones.
+
+        Cheap when few services changed, which is the common case: sources reuse the Service
+        objects that did not change and keep them sorted by key, so the two tuples are compared
+        position by position, by identity; only when services were added or removed are they
+        matched by key."""
+        last = self._last
+        if services is last:
             return []
-        before = self._by_key
+        if last is not None and len(last) == len(services):
+            found: list[tuple[str, str, str]] = []
+            for old, new in zip(last, services):
+                if old is new:
+                    continue
+                if old.port != new.port or old.protocol != new.protocol:
+                    break  # keys moved: one added, one removed
+                if old.digest != new.digest:
+                    found.append((new.key, new.name, describe_change(old, new)))
+            else:
+                self._last = services
+                self._by_key = {}  # rebuilt only if the next call needs it
+                return found
+        before = self._by_key if last is None or self._by_key else {s.key: s for s in last}
         after: dict[str, Service] = {}
-        found: list[tuple[str, str, str]] = []
+        found = []
         for service in services:
             key = service.key
             after[key] = service
@@ -107,7 +126,11 @@ class ChangeLog:
     def report(self, services: tuple[Service, ...], cause: str) -> int:
         """Log the changes from the last services to these (INFO), bounded. Returns how many
         services changed."""
-        found = self.changes(services)
+        return self.log_changes(self.changes(services), cause)
+
+    def log_changes(self, found: list[tuple[str, str, str]], cause: str) -> int:
+        """Log changes found by `changes()` (INFO), at most MAX_LINES lines and then one line
+        saying how many more. Returns how many services changed."""
         cause = cause or "poll"
         for key, name, change in found[:MAX_LINES]:
             self.log.info("source %s: service %s (%s) %s [%s]", self.source, key, name, change, cause,

@@ -167,9 +167,14 @@ class SourceRunner:
         state, error = ("degraded", redact(discovery.degraded)) if discovery.degraded else ("ok", "")
         excluded = self._check_excluded(discovery.excluded)
         services = discovery.services
-        changed = self._services is None or (services is not self._services and
-                                             [s.digest for s in services] != [s.digest for s in self._services])
-        if changed:
+        # What changed in the services (cheap: the unchanged ones are the same objects)
+        try:
+            found = self._changes.changes(services)
+            changed = bool(found)
+        except Exception:  # noqa: BLE001 - a bug here must not cost the snapshot
+            log.error("source %s: cannot tell what changed\n%s", self.source.name, redact(traceback.format_exc()))
+            found, changed = [], services is not self._services
+        if changed or self._services is None:
             # When the collector received what changed the services: the origin of the
             # change-to-applied latency (docs/bus.md, Origin time).
             self.changed_at = received_at or time.time()
@@ -177,12 +182,12 @@ class SourceRunner:
         self.updates.put(SourceReport(SourceSnapshot(self.source.name, state, services, error=error,
                                                      warnings=warnings, excluded=excluded,
                                                      changed_at=self.changed_at), live=True))
-        if changed:  # after the report: the log never delays publishing
-            self._log_changes(services, cause)
+        if found:  # after the report: the log never delays publishing
+            self._log_changes(found, cause)
 
-    def _log_changes(self, services: tuple, cause: str) -> None:
+    def _log_changes(self, found: list, cause: str) -> None:
         try:
-            self._changes.report(services, redact(cause))
+            self._changes.log_changes(found, redact(cause))
         except Exception:  # noqa: BLE001 - a log line is never worth a round
             log.error("source %s: cannot log its changes\n%s", self.source.name, redact(traceback.format_exc()))
 
