@@ -309,6 +309,11 @@ def states(view: dict, key: str) -> dict[str, str]:
     return {s["address"]: s["state"] for s in service["servers"]}
 
 
+def checks(view: dict, key: str) -> dict[str, tuple[str, str]]:
+    service = service_in(view, key) or {"servers": []}
+    return {s["address"]: (s["state"], s["check"]) for s in service["servers"]}
+
+
 def write_services(path: str, services: list[dict]) -> None:
     with open(path + ".tmp", "w") as handle:
         json.dump({"services": services}, handle)
@@ -467,8 +472,8 @@ def test_excluded_tasks_and_hostile_names_in_chromium(browser):
         planner.publish("plan", hostile_plan(port, live.port, dead).to_dict())
         pipeline.start()
         try:
-            wait_until(lambda: states(get_json(url + ".json"), key) == {up: "UP", down: "DOWN"}, timeout=40,
-                       message="HAProxy's checks: one server UP, one DOWN")
+            wait_until(lambda: checks(get_json(url + ".json"), key) == {up: ("UP", "L4OK"), down: ("DOWN", "L4CON")},
+                       timeout=40, message="HAProxy's checks: one server UP, one DOWN")
         except AssertionError as error:
             raise with_logs(pipeline, error) from None
         browser.get(url)
