@@ -23,8 +23,7 @@ from services.common.bus import Endpoint, Publisher
 from services.common.config import Settings
 from services.common.model import ApplyResult, Excluded, HealthCheck, Plan, ProxySettings, Server, Service
 from services.status import services_page
-from services.status.haproxy_state import (HaproxyStateCache, backend_key, parse_show_stat, read_haproxy,
-                                           state_of)
+from services.status.haproxy_state import HaproxyStateCache, backend_key, parse_show_stat, state_of
 from services.status.services_page import describe, render_services_page, services_view
 from services.status.state import PipelineState
 from sim.pipeline import Pipeline
