@@ -503,3 +503,35 @@ def test_unhealthy_task_and_bad_label_reach_the_plan_while_the_rest_is_served(si
         watch.close()
         ctx.term()
         pipeline.cleanup()
+
+
+def test_the_planners_excluded_decoder_gives_what_a_full_decode_gives_and_refuses_the_same():
+    import random
+
+    from services.common.model import ModelError, excluded_from_list, excluded_to_list
+    from services.planner.main import ExcludedDecoder
+
+    rng = random.Random(9)
+    pool = [Excluded(source="marathon", code=rng.choice(["health_failing", "not_running", "bad_data"]),
+                     reason=f"reason {n % 7}", app=f"/a/app{n % 40}", task=f"t{n}", key=f"{10000 + n % 50}/tcp",
+                     address=f"10.0.0.{n % 200}:80") for n in range(300)]
+    decoder = ExcludedDecoder()
+    current = sorted(rng.sample(pool, 100), key=lambda e: (e.key, e.app, e.task))
+    for _ in range(60):
+        edit = rng.choice(["insert", "remove", "change", "same"])
+        if edit == "insert":
+            current.insert(rng.randrange(len(current) + 1), rng.choice(pool))
+        elif edit == "remove" and current:
+            current.pop(rng.randrange(len(current)))
+        elif edit == "change" and current:
+            at = rng.randrange(len(current))
+            current[at] = Excluded(**{**current[at].to_dict(), "reason": f"changed {rng.random()}"})
+        raw = json.loads(json.dumps(excluded_to_list(current)))  # fresh objects, as off the bus
+        assert decoder.decode(raw) == excluded_from_list(json.loads(json.dumps(raw))) == tuple(current)
+    good = excluded_to_list(current)
+    for bad in ({"x": 1}, [*good[:3], {**good[0], "code": "nope"}], [*good[:3], {**good[0], "reason": ["a"]}],
+                [*good[:3], "text"], [good[0]] * 2001):
+        with pytest.raises(ModelError):
+            excluded_from_list(bad)
+        with pytest.raises(ModelError):
+            decoder.decode(bad)

@@ -53,24 +53,28 @@ class ExcludedCheck:
 
     def __init__(self, source: str):
         self.source = source
-        self._checked: dict[Excluded, Excluded] = {}
+        # id(entry) -> (entry, its safe form): by identity, which is cheaper than hashing the
+        # entry, and the entries of unchanged apps are the same objects from one build to the next
+        self._checked: dict[int, tuple[Any, Excluded]] = {}
         self._last: tuple[Any, tuple[Excluded, ...]] | None = None
 
     def __call__(self, entries: Iterable[Excluded]) -> tuple[Excluded, ...]:
         if self._last is not None and self._last[0] is entries:
             return self._last[1]
-        checked: dict[Excluded, Excluded] = {}
+        known = self._checked
+        checked: dict[int, tuple[Any, Excluded]] = {}
         out = []
         for entry in entries:
-            try:
-                safe = self._checked.get(entry) or checked.get(entry) or self._check(entry)
-            except TypeError:  # not an Excluded at all (unhashable): a source bug
-                continue
-            if safe is None:
-                continue
-            checked[entry] = safe
+            hit = known.get(id(entry))
+            if hit is not None and hit[0] is entry:
+                safe = hit[1]
+            else:
+                safe = self._check(entry)
+                if safe is None:
+                    continue
+            checked[id(entry)] = (entry, safe)
             out.append(safe)
-            if len(checked) > 4 * MAX_EXCLUDED:
+            if len(out) >= 4 * MAX_EXCLUDED:
                 break  # a source gone mad: bounded_excluded keeps MAX_EXCLUDED anyway
         self._checked = checked
         result = bounded_excluded(out)

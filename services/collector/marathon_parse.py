@@ -714,7 +714,8 @@ class ServiceBuilder:
         if self._excluded_stale or self._excluded is None or self._excluded[0] != extra:
             entries = [e for entries in self._app_excluded.values() for e in entries]
             entries.extend(e for entries in self._port_excluded.values() for e in entries)
-            self._excluded = (extra, bounded_excluded(dict.fromkeys(list(extra) + entries)))
+            # each fragment's entries are distinct already, and apps' entries differ by app
+            self._excluded = (extra, bounded_excluded(list(extra) + entries))
             self._excluded_stale = False
         return self._excluded[1]
 
