@@ -22,9 +22,8 @@ from services.applier.haproxy_render import HaproxyPaths
 from services.common.bus import Endpoint, Publisher
 from services.common.config import Settings
 from services.common.model import ApplyResult, Excluded, HealthCheck, Plan, ProxySettings, Server, Service
-from services.status import services_page
 from services.status.haproxy_state import HaproxyStateCache, backend_key, parse_show_stat, state_of
-from services.status.services_page import describe, render_services_page, services_view
+from services.status.services_page import describe, haproxy_cache, render_services_page, services_view
 from services.status.state import PipelineState
 from sim.pipeline import Pipeline
 from tests.helpers import TcpBackend, free_port, wait_until
@@ -96,7 +95,7 @@ def state_with(plan: Plan, result: ApplyResult | None = None) -> PipelineState:
     state = PipelineState(configured_sources=("file",))
     state.plan, state.plan_hash = plan, plan.hash
     if result is not None:
-        state.applied[NODE] = result
+        state.applied[NODE], state.applied_at[NODE] = result, time.time()
     return state
 
 
@@ -117,10 +116,8 @@ def admin(tmp_path):
         "",
     ])
     server = FakeAdminSocket(paths.admin_socket, csv_text)
-    services_page._caches.clear()
     yield server
     server.close()
-    services_page._caches.clear()
 
 
 def test_backend_names_with_or_without_the_service_name():
@@ -194,13 +191,14 @@ def test_the_view_shows_live_state_set_aside_and_excluded_grouped_by_key(tmp_pat
 def test_haproxy_is_read_at_most_once_a_second_however_often_the_page_is_asked(tmp_path, admin):
     state = state_with(web_plan())
     settings = Settings(run_dir=str(tmp_path), node_name=NODE)
-    threads = [threading.Thread(target=services_view, args=(state, settings)) for _ in range(20)]
+    cache = haproxy_cache(settings)
+    threads = [threading.Thread(target=services_view, args=(state, settings, cache)) for _ in range(20)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert len(admin.requests) == 1
-    wait_until(lambda: (services_view(state, settings), len(admin.requests) == 2)[1], timeout=5,
+    wait_until(lambda: (services_view(state, settings, cache), len(admin.requests) == 2)[1], timeout=5,
                message="a new read once the cached one is a second old")
 
 

@@ -24,7 +24,7 @@ from services.common.unix_socket import exchange
 from services.status.health import ProbeStatus, Prober
 from services.status.metrics import METRICS_CONTENT_TYPE, render_metrics
 from services.status.probes import ProbeTargets
-from services.status.services_page import render_services_page, services_view
+from services.status.services_page import haproxy_cache, render_services_page, services_view
 from services.status.state import OK, PipelineState, StageLiveness
 
 log = logging.getLogger("proxymatic.status")
@@ -58,7 +58,9 @@ def absorb(state: PipelineState, pids: dict[str, int | None], message: Message,
         state.plan, state.plan_hash = plan, plan.hash
         state.plan_sources_ready, state.plan_notes = plan.sources_ready, plan.notes
     elif message.topic.startswith("applied."):
-        state.applied[message.topic[len("applied."):]] = applied_result(payload)
+        node = message.topic[len("applied."):]
+        state.applied[node] = applied_result(payload)
+        state.applied_at[node] = message.ts
 
 
 def strings(value: object) -> tuple[str, ...]:
@@ -139,6 +141,8 @@ def proxy_to_unix_http(path: str, request_line: bytes, headers: list[tuple[str, 
 
 
 def make_handler(settings: Settings, state: PipelineState):
+    haproxy_live = haproxy_cache(settings)
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
         server_version = "proxymatic"
@@ -158,7 +162,7 @@ def make_handler(settings: Settings, state: PipelineState):
                 body = render_metrics(state, settings)
                 self._reply(200, body, METRICS_CONTENT_TYPE, with_body)
             elif self.path in ("/services", "/services.json"):
-                view = services_view(state, settings)
+                view = services_view(state, settings, haproxy_live)
                 if self.path == "/services.json":
                     body = redact(json.dumps(view, indent=2, sort_keys=True)).encode() + b"\n"
                     self._reply(200, body, "application/json", with_body)

@@ -17,7 +17,6 @@ and needs no JavaScript.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections import defaultdict
 from typing import Iterable
@@ -183,45 +182,22 @@ def counts(services: list[dict], apart: list[dict]) -> dict:
     }
 
 
-# --- the status stage's side: reading its state, caching HAProxy's answer -----------------
+# --- the status stage's side ----------------------------------------------------------------
 
-_caches: dict[str, HaproxyStateCache] = {}
-_caches_lock = threading.Lock()
-# (node, id of the ApplyResult object) -> when this process first saw it: an approximation of
-# when it was applied, used while PipelineState does not record the message's time.
-_first_seen: dict[str, tuple[int, float]] = {}
-
-
-def haproxy_cache(run_dir: str) -> HaproxyStateCache:
-    path = HaproxyPaths.for_run_dir(run_dir).admin_socket
-    with _caches_lock:
-        cache = _caches.get(path)
-        if cache is None:
-            cache = _caches[path] = HaproxyStateCache(path)
-        return cache
+def haproxy_cache(settings: Settings) -> HaproxyStateCache:
+    """This node's HAProxy state reader; the status stage makes one and keeps it (its 1 s cache
+    is what spares the admin socket a page-refresh storm)."""
+    return HaproxyStateCache(HaproxyPaths.for_run_dir(settings.run_dir).admin_socket)
 
 
-def _applied_at(state: PipelineState, node: str, result: ApplyResult | None) -> float | None:
-    recorded = getattr(state, "applied_at", None)  # when the status stage records it
-    if isinstance(recorded, dict) and isinstance(recorded.get(node), (int, float)):
-        return float(recorded[node])
-    if result is None:
-        return None
-    with _caches_lock:
-        seen = _first_seen.get(node)
-        if seen is None or seen[0] != id(result):
-            seen = _first_seen[node] = (id(result), time.time())
-        return seen[1]
-
-
-def services_view(state: PipelineState, settings: Settings) -> dict:
+def services_view(state: PipelineState, settings: Settings, haproxy: HaproxyStateCache | None = None) -> dict:
     node = settings.node
     with state.lock:
         plan = state.plan
         result = state.applied.get(node)
-        applied_at = _applied_at(state, node, result)
+        applied_at = state.applied_at.get(node)
     uses_haproxy = plan is not None and plan.settings.haproxy and any(s.protocol == "tcp" for s in plan.services)
-    live = haproxy_cache(settings.run_dir).get() if uses_haproxy else None
+    live = (haproxy or haproxy_cache(settings)).get() if uses_haproxy else None
     described = describe(plan, result, live)
     return {
         "node": node,

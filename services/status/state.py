@@ -47,6 +47,7 @@ class PipelineState:
     # sender -> its newest heartbeat payload (the stages' counters for /metrics)
     heartbeat_payloads: dict[str, dict] = field(default_factory=dict)
     applied: dict[str, ApplyResult] = field(default_factory=dict)  # node -> last result
+    applied_at: dict[str, float] = field(default_factory=dict)  # node -> when it published that result
     # node -> sources of the newest plan its applier applied ok (from the applier's heartbeat)
     served_sources: dict[str, tuple[str, ...]] = field(default_factory=dict)
     heartbeats: dict[str, float] = field(default_factory=dict)  # sender -> seconds since heard
