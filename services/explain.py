@@ -53,9 +53,7 @@ def plain(value: object) -> str:
 def read_bus(endpoints: list[Endpoint], wait: float) -> tuple[Plan | None, dict[str, ApplyResult], list[str]]:
     """The newest plan and every node's newest ApplyResult heard within `wait` seconds (less
     once every publisher's snapshot is complete), and the problems met (undecodable messages)."""
-    # One prefix for everything: with several, each is a snapshot request of its own and the
-    # first END ("plan" from the applier: nothing) would count as the whole snapshot.
-    subscriber = Subscriber(zmq.Context.instance(), endpoints, [""])
+    subscriber = Subscriber(zmq.Context.instance(), endpoints, ["plan", "applied."])
     plan: Plan | None = None
     results: dict[str, ApplyResult] = {}
     problems: list[str] = []

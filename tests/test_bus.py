@@ -188,6 +188,30 @@ def test_snapshot_complete_only_after_the_end_marker(tmp_path):
         subscriber.close(); publisher.close(); ctx.term()
 
 
+def test_snapshot_complete_waits_for_the_end_of_every_prefix(tmp_path):
+    """One request per prefix, one END each: an empty answer for one prefix ("plan" before any
+    plan) must not say complete while the other prefix's answer is still to come."""
+    ctx = zmq.Context()
+    endpoint = Endpoint.parse(f"ipc://{tmp_path}/p.pub")
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(endpoint.snapshot)
+    subscriber = Subscriber(ctx, [endpoint], ["a.", "b."])
+    try:
+        requests = []
+        wait_until(lambda: (router.poll(50) and requests.append(router.recv_multipart()), len(requests) == 2)[1],
+                   message="both snapshot requests")
+        assert [frames[2] for frames in requests] == [b"a.", b"b."]
+        identity = requests[0][0]
+        router.send_multipart([identity, *SnapshotEnd("pub", "e1", 0).encode()])
+        wait_until(lambda: (subscriber.poll(0.02), subscriber._upstreams[0].ends_awaited == 1)[1],
+                   message="the first END read")
+        assert not subscriber.snapshot_complete()
+        router.send_multipart([identity, *SnapshotEnd("pub", "e1", 0).encode()])
+        wait_until(lambda: (subscriber.poll(0.02), subscriber.snapshot_complete())[1], message="complete")
+    finally:
+        subscriber.close(); router.close(0); ctx.term()
+
+
 def test_heartbeats_thread_beats_while_the_owner_is_busy(tmp_path):
     ctx = zmq.Context()
     endpoint = Endpoint.parse(f"ipc://{tmp_path}/p.pub")

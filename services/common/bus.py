@@ -340,7 +340,9 @@ class _Upstream:
     sub: zmq.Socket
     dealer: zmq.Socket
     snapshot_pending_since: float | None = None
-    # A whole snapshot (up to its END) arrived since this subscriber started.
+    # ENDs still to come for the pending request: one request (and one END) per prefix.
+    ends_awaited: int = 0
+    # A whole snapshot (up to its END for every prefix) arrived since this subscriber started.
     synced: bool = False
 
 
@@ -404,6 +406,7 @@ class Subscriber:
         for prefix in self.prefixes:
             upstream.dealer.send_multipart([SNAPSHOT_REQUEST, prefix.encode()])
         upstream.snapshot_pending_since = now
+        upstream.ends_awaited = len(self.prefixes)
 
     def sockets(self) -> list[zmq.Socket]:
         return [s for u in self._upstreams for s in (u.sub, u.dealer)]
@@ -491,6 +494,9 @@ class Subscriber:
         if state.epoch != end.epoch or state.seq < end.seq:
             state.epoch, state.seq = end.epoch, end.seq
         state.last_heard = time.monotonic()
+        upstream.ends_awaited -= 1
+        if upstream.ends_awaited > 0:
+            return  # the answer for another prefix is still to come
         upstream.snapshot_pending_since = None
         if not upstream.synced:
             log.debug("bus: snapshot from %s complete (seq %d)", end.sender, end.seq)
