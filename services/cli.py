@@ -19,11 +19,10 @@ import sys
 import threading
 
 from services.common.logs import configure_logging
-from services.common.config import STAGES, ConfigError, Settings, add_options, settings_from
+from services.common.config import STAGES, TOOLS, ConfigError, Settings, add_options, settings_from
 from services.common.pdeathsig import die_with
 
 PROXIES = ("haproxy", "nginx", "pen")
-TOOLS = ("tap", "explain", "plan")  # commands that read or compute, and start nothing
 COMMANDS = ("run", *STAGES, *PROXIES, *TOOLS)
 
 # command -> "module:function(settings[, stop])"

@@ -161,6 +161,7 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 STAGES = ("collector", "planner", "applier", "status")
+TOOLS = ("tap", "explain", "plan")  # commands that read or compute and start nothing
 
 
 @dataclass(frozen=True)

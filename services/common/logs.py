@@ -40,14 +40,12 @@ import threading
 
 from pythonjsonlogger.json import JsonFormatter
 
-from services.common.config import Settings
+from services.common.config import TOOLS, Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s {stage}[%(process)d] %(name)s: %(message)s"
 # Record attributes the JSON lines carry under these names (besides `ts` and `stage`).
 JSON_FIELDS = {"levelname": "level", "message": "msg", "name": "logger", "process": "pid"}
 FIRST_KEYS = ("ts", "level", "stage", "msg")
-# Commands that only read or compute: their stdout is their output, their stderr a terminal's.
-TOOLS = ("tap", "plan", "explain")
 
 
 def stage_name(command: str) -> str:
@@ -155,5 +153,6 @@ def configure_logging(settings: Settings, command: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if settings.verbose else logging.INFO)
+    # A tool's stdout is its output and its stderr a terminal's: only programs capture stray output.
     if settings.log_format == "json" and command not in TOOLS:
         _capture_stray_output(stream)
