@@ -196,7 +196,13 @@ def main() -> int:
         print("\n".join(changes or ["(the tap showed no change)"]), flush=True)
         say(f"the bus, as `proxymatic tap --run-dir {run_dir}` shows it (newest message of each topic):")
         print("\n".join(bus_excerpt(run_dir)), flush=True)
+        say(f"what `proxymatic explain {SERVICE_PORT} --run-dir {run_dir}` says:")
+        explained = subprocess.run(proxymatic_command("explain", str(SERVICE_PORT), "--run-dir", run_dir),
+                                   capture_output=True, text=True, timeout=15)
+        print((explained.stdout or explained.stderr).rstrip(), flush=True)
         say(f"HAProxy statistics: http://127.0.0.1:{STATUS_PORT}/   status: http://127.0.0.1:{STATUS_PORT}/status")
+        say(f"what is served and why: http://127.0.0.1:{STATUS_PORT}/services   metrics: "
+            f"http://127.0.0.1:{STATUS_PORT}/metrics")
         if not args.once:
             say(f"try: curl http://127.0.0.1:{SERVICE_PORT}/ ; edit {services_file} ; Ctrl-C stops everything")
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})

@@ -18,7 +18,7 @@ import zmq
 
 from services.common.bus import Message, Subscriber
 from services.common.config import Settings
-from services.common.model import ApplyResult, Plan, ServiceDecoder
+from services.common.model import ApplyResult
 from services.common.redact import redact
 from services.common.unix_socket import exchange
 from services.status.health import ProbeStatus, Prober
@@ -38,8 +38,7 @@ def haproxy_stats_socket(settings: Settings) -> str:
     return settings.path("haproxy", "stats.sock")
 
 
-def absorb(state: PipelineState, pids: dict[str, int | None], message: Message,
-           decoder: ServiceDecoder | None = None) -> None:
+def absorb(state: PipelineState, pids: dict[str, int | None], message: Message) -> None:
     """Take what /status needs from one bus message (call with the state's lock held)."""
     payload = message.payload
     if message.is_heartbeat:
@@ -54,9 +53,15 @@ def absorb(state: PipelineState, pids: dict[str, int | None], message: Message,
         elif payload.get("stage") == "applier" and message.sender.startswith("applier@"):
             state.served_sources[message.sender[len("applier@"):]] = strings(payload.get("served_sources", []))
     elif message.topic == "plan":
-        plan = Plan.from_dict(payload, decoder)
-        state.plan, state.plan_hash = plan, plan.hash
-        state.plan_sources_ready, state.plan_notes = plan.sources_ready, plan.notes
+        # Checked as far as /status and /metrics read it; decoded in full only when a page asks.
+        services = payload.get("services")
+        if not isinstance(payload.get("hash"), str) or not isinstance(services, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("servers"), list) for s in services):
+            raise ValueError("a plan needs a hash and a list of services with servers")
+        ready, notes = strings(payload.get("sources_ready", [])), strings(payload.get("notes", []))
+        state.plan_payload, state.plan_hash = payload, payload["hash"]
+        state.plan_sources_ready, state.plan_notes = ready, notes
+        state.plan_counts = (len(services), sum(len(s["servers"]) for s in services))
     elif message.topic.startswith("applied."):
         node = message.topic[len("applied."):]
         state.applied[node] = applied_result(payload)
@@ -91,7 +96,6 @@ def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) 
     subscriber = Subscriber(ctx, [settings.bus("collector"), settings.bus("planner"), settings.bus("applier")],
                             ["plan", "applied."])
     pids: dict[str, int | None] = {}
-    decoder = ServiceDecoder()
     own_name = f"status@{settings.node}"
     try:
         while not stop.is_set():
@@ -105,7 +109,7 @@ def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) 
                 state.heartbeats = subscriber.senders()
                 for message in messages:
                     try:
-                        absorb(state, pids, message, decoder)
+                        absorb(state, pids, message)
                     except Exception as error:  # one odd message must not stop following the bus
                         log.warning("status: ignoring %s from %s: %s: %s", message.topic, message.sender,
                                     type(error).__name__, error)

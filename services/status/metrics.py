@@ -25,7 +25,6 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from services.common.config import Settings
 from services.common.latency import LatencyHistogram
-from services.common.model import Plan
 from services.status.state import PipelineState
 
 log = logging.getLogger("proxymatic.status")
@@ -47,13 +46,14 @@ class _View:
     sources: dict[str, Any]
     payloads: dict[str, Any]
     ages: dict[str, float]
-    plan: Plan | None
+    plan_counts: tuple[int, int] | None  # services, servers; None before the first plan
 
     @classmethod
     def of(cls, state: PipelineState, settings: Settings) -> "_View":
         with state.lock:
             return cls(settings.node, tuple(state.configured_sources), dict(state.sources),
-                       dict(state.heartbeat_payloads), dict(state.heartbeats), state.plan)
+                       dict(state.heartbeat_payloads), dict(state.heartbeats),
+                       state.plan_counts if state.plan_payload is not None else None)
 
     def stage_payloads(self, stage: str) -> list[dict]:
         """The newest heartbeat payload of every sender of `stage`, by sender name."""
@@ -161,10 +161,9 @@ class PipelineCollector:
     def _plan_size(self) -> Iterable[Metric]:
         services = GaugeMetricFamily("proxymatic_services", "Services in the newest plan.")
         servers = GaugeMetricFamily("proxymatic_servers", "Servers (backends) in the newest plan.")
-        plan = self.view.plan
-        if plan is not None:
-            services.add_metric([], float(len(plan.services)))
-            servers.add_metric([], float(sum(len(service.servers) for service in plan.services)))
+        if self.view.plan_counts is not None:
+            services.add_metric([], float(self.view.plan_counts[0]))
+            servers.add_metric([], float(self.view.plan_counts[1]))
         yield services
         yield servers
 
