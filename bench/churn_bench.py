@@ -36,7 +36,7 @@ import time
 
 import zmq
 
-from services.applier.haproxy_render import HaproxyPaths
+from services.applier.haproxy_render import HaproxyPaths, key_of_backend
 from services.applier.haproxy_runtime import MasterCli, WorkerApi
 from services.common.bus import Endpoint, Subscriber
 from sim.backends import HttpBackend
@@ -67,14 +67,14 @@ class HaproxyView:
 
     def __init__(self, run_dir: str, port: int):
         self.master = MasterCli(HaproxyPaths.for_run_dir(run_dir).master_socket, timeout=3)
-        self.backend = f"svc_{port}_tcp"
+        self.key = f"{port}/tcp"
 
     def up(self) -> set[tuple[str, int]]:
         """ip:port of the servers HAProxy routes to now: RUNNING and not in maintenance."""
         proc = self.master.show_proc()
         states = WorkerApi(self.master, proc.worker).servers_state()
         return {(s.ip, s.port) for (b, _), s in states.items()
-                if b == self.backend and s.operational_state == SRV_RUNNING and not s.in_maintenance}
+                if key_of_backend(b) == self.key and s.operational_state == SRV_RUNNING and not s.in_maintenance}
 
     def reloads(self) -> int:
         return self.master.show_proc().reloads

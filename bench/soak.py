@@ -50,7 +50,7 @@ import traceback
 import zmq
 
 from bench.churn_bench import classify
-from services.applier.haproxy_render import HaproxyPaths
+from services.applier.haproxy_render import HaproxyPaths, key_of_backend
 from services.applier.haproxy_runtime import MasterCli, WorkerApi
 from services.common.bus import Endpoint, Subscriber
 from sim.backends import HttpBackend, UdpEcho
@@ -427,9 +427,9 @@ class Soak:
     def haproxy_up(self) -> set[int]:
         proc = self.master.show_proc()
         states = WorkerApi(self.master, proc.worker).servers_state()
-        backend = f"svc_{self.ports['web']}_tcp"
+        key = f"{self.ports['web']}/tcp"
         return {s.port for (b, _), s in states.items()
-                if b == backend and s.operational_state == SRV_RUNNING and not s.in_maintenance}
+                if key_of_backend(b) == key and s.operational_state == SRV_RUNNING and not s.in_maintenance}
 
     def web_may_take_down(self, target: HttpBackend) -> bool:
         others = [b for b, _ in self.web_active.values() if b is not target and b.healthy]

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 import threading
 import time
 from dataclasses import dataclass, field
 
+from services.applier.haproxy_render import key_of_backend
 from services.common.unix_socket import exchange
 
-# `svc_1234_tcp` and `svc_1234_tcp_<anything>` (a service name appended).
-BACKEND_RE = re.compile(r"svc_(\d{1,5})_(tcp|udp)(?:_.*)?\Z", re.S)
 READ_TIMEOUT = 1.0
 CACHE_SECONDS = 1.0
 MAX_ANSWER = 64 * 1024 * 1024  # a CSV larger than this is not HAProxy's answer to us
@@ -72,10 +70,8 @@ class HaproxyLive:
 
 def backend_key(name: str) -> str | None:
     """`svc_1234_tcp` or `svc_1234_tcp_shop.web` -> "1234/tcp"; anything else -> None."""
-    match = BACKEND_RE.match(name)
-    if not match or not 1 <= int(match.group(1)) <= 65535:
-        return None
-    return f"{int(match.group(1))}/{match.group(2)}"
+    key = key_of_backend(name)
+    return key if key is not None and 1 <= int(key.partition("/")[0]) <= 65535 else None
 
 
 def state_of(status: str) -> str:
