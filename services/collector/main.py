@@ -275,8 +275,8 @@ def _publish(report: SourceReport, publisher: Publisher, cache: SourceCache, las
         publisher.publish(f"source.{snapshot.source}", payload)
         last_published[snapshot.source] = payload
         summaries[snapshot.source] = summary
-        log.info("source %s: %s, %d services, hash %s", snapshot.source, snapshot.state,
-                 len(snapshot.services), payload["hash"])
+        log.info("source %s: %s, %d services, %d excluded, hash %s", snapshot.source, snapshot.state,
+                 len(snapshot.services), len(snapshot.excluded), payload["hash"])
 
 
 def run(settings: Settings, stop: threading.Event, sources: list[Source] | None = None) -> None:
