@@ -17,12 +17,12 @@ from services.collector import main as collector_main
 from services.collector.cache import SourceCache
 from services.collector.exclusions import ExcludedCheck
 from services.collector.file_source import FileSource
-from services.collector.main import SourceReport, SourceRunner, _publish
+from services.collector.main import SourceRunner, _publish
 from services.collector.marathon import MarathonSource
 from services.collector.marathon_parse import ServiceBuilder, build_services, parse_app
 from services.collector.registrator import RegistratorSource
 from services.collector.registrator_parse import parse_tree
-from services.collector.source import Discovery, Source, SourceError
+from services.collector.source import Discovery, Source
 from services.common.bus import Endpoint, Publisher, Subscriber
 from services.common.config import Settings
 from services.common.model import Excluded, Plan, Service, SourceSnapshot
@@ -509,7 +509,7 @@ def test_the_planners_excluded_decoder_gives_what_a_full_decode_gives_and_refuse
     import random
 
     from services.common.model import ModelError, excluded_from_list, excluded_to_list
-    from services.planner.main import ExcludedDecoder
+    from services.common.model import ExcludedDecoder
 
     rng = random.Random(9)
     pool = [Excluded(source="marathon", code=rng.choice(["health_failing", "not_running", "bad_data"]),

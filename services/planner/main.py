@@ -14,15 +14,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import replace
-from typing import Any
 
 import zmq
 
 from services.common.bus import HEARTBEAT_INTERVAL, Message, Publisher, Subscriber
 from services.common.config import Settings
-from services.common.model import (MAX_EXCLUDED, SCHEMA_VERSION, SOURCES, Excluded, ModelError, ServiceDecoder,
-                                   SourceSnapshot)
+from services.common.model import SCHEMA_VERSION, SOURCES, ModelError, ServiceDecoder, SourceSnapshot
 from services.planner.policy import PolicyMemo, absorb, make_plan
 
 log = logging.getLogger("proxymatic.planner")
@@ -31,60 +28,7 @@ QUIET_PERIOD = 0.002
 MAX_DELAY = 0.05
 
 
-class ExcludedDecoder:
-    """Decodes a snapshot's `excluded` list, reusing the Excluded decoded last time for an
-    entry equal to the one it came from: validating an entry costs ~10 µs, so 2,000 of them
-    (a broken cluster) would cost every snapshot 20-30 ms, while most do not change from one
-    snapshot to the next. The list is ordered, so an entry is first compared with the one at
-    the same place (shifted by what was inserted or removed before it), then looked up by
-    identity fields. Validates exactly like `excluded_from_list`. One per source."""
-
-    def __init__(self) -> None:
-        self._raw: list = []
-        self._decoded: tuple[Excluded, ...] = ()
-
-    @staticmethod
-    def _identity(raw: dict) -> tuple:
-        return (raw.get("task"), raw.get("key"), raw.get("code"), raw.get("app"), raw.get("address"))
-
-    def decode(self, data: Any, what: str = "snapshot.excluded") -> tuple[Excluded, ...]:
-        if not isinstance(data, list):
-            raise ModelError(f"{what} must be a list")
-        if len(data) > MAX_EXCLUDED:
-            raise ModelError(f"{what} has {len(data)} entries (at most {MAX_EXCLUDED})")
-        previous, decoded_before = self._raw, self._decoded
-        index: dict[tuple, int] | None = None
-        offset = 0
-        decoded = []
-        for position, item in enumerate(data):
-            at = position + offset
-            if 0 <= at < len(previous) and previous[at] == item:
-                decoded.append(decoded_before[at])
-                continue
-            if index is None:  # built once, at the first entry that moved or changed
-                index = {}
-                for number, raw in enumerate(previous):
-                    try:
-                        index.setdefault(self._identity(raw), number)
-                    except TypeError:
-                        pass
-            found = None
-            if type(item) is dict:
-                try:
-                    found = index.get(self._identity(item))
-                except TypeError:  # an unhashable value: from_dict says what is wrong
-                    found = None
-            if found is not None and previous[found] == item:
-                decoded.append(decoded_before[found])
-                offset = found - position
-            else:
-                decoded.append(Excluded.from_dict(item, f"{what}[{position}]"))
-        self._raw, self._decoded = data, tuple(decoded)
-        return self._decoded
-
-
-def decode_snapshot(message: Message, decoders: dict[str, ServiceDecoder],
-                    excluded_decoders: dict[str, ExcludedDecoder] | None = None) -> SourceSnapshot:
+def decode_snapshot(message: Message, decoders: dict[str, ServiceDecoder]) -> SourceSnapshot:
     """The snapshot in a `source.<name>` message; ModelError for anything else. One decoder per
     known source (never per name a message makes up), so memory stays bounded."""
     name = message.topic[len("source."):]
@@ -93,13 +37,7 @@ def decode_snapshot(message: Message, decoders: dict[str, ServiceDecoder],
     schema = message.payload.get("schema")
     if schema != SCHEMA_VERSION:
         raise ModelError(f"unknown schema version {schema!r:.20} (this is {SCHEMA_VERSION})")
-    if excluded_decoders is None:
-        snapshot = SourceSnapshot.from_dict(message.payload, decoders.setdefault(name, ServiceDecoder()))
-    else:
-        excluded = excluded_decoders.setdefault(name, ExcludedDecoder()).decode(message.payload.get("excluded", []))
-        snapshot = SourceSnapshot.from_dict({**message.payload, "excluded": []},
-                                            decoders.setdefault(name, ServiceDecoder()))
-        snapshot = replace(snapshot, excluded=excluded)
+    snapshot = SourceSnapshot.from_dict(message.payload, decoders.setdefault(name, ServiceDecoder()))
     if snapshot.source != name:
         raise ModelError(f"snapshot of source {snapshot.source!r} on topic {message.topic!r}")
     return snapshot
@@ -112,7 +50,6 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
     subscriber = Subscriber(ctx, [settings.bus("collector")], ["source."])
     snapshots: dict[str, SourceSnapshot] = {}
     decoders: dict[str, ServiceDecoder] = {}
-    excluded_decoders: dict[str, ExcludedDecoder] = {}
     memo = PolicyMemo()
     first_pending: float | None = None
     last_change = 0.0
@@ -137,7 +74,7 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
                 if message.is_heartbeat:
                     continue
                 try:
-                    snapshot = decode_snapshot(message, decoders, excluded_decoders)
+                    snapshot = decode_snapshot(message, decoders)
                 except Exception as error:  # any payload at all: never the end of the loop
                     subscriber.drop(message, f"{type(error).__name__}: {error}")
                     continue
