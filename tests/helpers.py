@@ -1,6 +1,8 @@
 """Shared test utilities: free ports, polling with a deadline, small real backends."""
 from __future__ import annotations
 
+import json
+import os
 import socket
 import threading
 import time
@@ -95,3 +97,59 @@ class RecordingDriver(ProxyDriver):
     def apply(self, plan: Plan) -> DriverResult:
         self.applied.append(plan.hash)
         return DriverResult(self.name, True, "runtime")
+
+
+def write_services(path: str, services: list[dict]) -> None:
+    """A services file replaced whole (rename), as an operator's tool would: the collector never
+    reads half a file."""
+    with open(path + ".tmp", "w") as handle:
+        json.dump({"services": services}, handle)
+    os.replace(path + ".tmp", path)
+
+
+def services_entry(name: str, port: int, *backends) -> dict:
+    """One services-file entry on 127.0.0.1: `backends` are ports or objects with a `.port`."""
+    return {"name": name, "port": port,
+            "servers": [{"host": "127.0.0.1", "port": getattr(b, "port", b)} for b in backends]}
+
+
+class FakeUnixServer:
+    """A unix socket answering every request with `answer` (Pen's `pid`, HAProxy's `show proc`,
+    `show info` or `show stat`) and recording the requests; `hung` makes it say nothing."""
+
+    def __init__(self, path: str, answer: str):
+        self.path = path
+        self.answer = answer
+        self.requests: list[bytes] = []
+        self.hung = threading.Event()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(16)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                self.requests.append(conn.recv(256))
+                if not self.hung.is_set():
+                    conn.sendall(self.answer.encode())
+                else:
+                    conn.settimeout(3)
+                    try:
+                        conn.recv(64)  # say nothing until the client gives up
+                    except OSError:
+                        pass
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        self.listener.close()
+        os.unlink(self.path)
+        self.thread.join(timeout=5)

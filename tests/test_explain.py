@@ -16,9 +16,9 @@ from services.applier import haproxy_launch
 from services.common.config import Settings
 from services.common.model import ApplyResult, Excluded, Plan, Server, Service
 from sim.pipeline import Pipeline
-from tests.helpers import TcpBackend, free_port, tcp_ask, wait_until
+from tests.helpers import TcpBackend, free_port, services_entry, tcp_ask, wait_until, write_services
 from tests.launcher_helpers import processes_of
-from tests.test_services_page import NODE, StandIn, entry, write_services
+from tests.test_services_page import NODE, StandIn
 
 
 def explain(run_dir: str, *args: str) -> subprocess.CompletedProcess:
@@ -33,7 +33,7 @@ def test_explain_against_the_real_pipeline():
     web, db = free_port(), free_port()
     pipeline = Pipeline(["--status-endpoint", "", "--node-name", NODE], services_file=True,
                         programs=("haproxy", "applier", "planner", "collector"))
-    services = [entry("web", web, backends[0].port, backends[1].port), entry("db", db)]
+    services = [services_entry("web", web, backends[0].port, backends[1].port), services_entry("db", db)]
     services[0]["servers"][1]["weight"] = 250
     write_services(pipeline.services_file, services)
     try:

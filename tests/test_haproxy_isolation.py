@@ -3,7 +3,6 @@ one service aside; every other service is served, changed and added as if it wer
 and the set-aside service is served once its port is free, without restarting anything."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import urllib.request
@@ -17,21 +16,11 @@ from services.common.bus import Subscriber
 from services.common.config import Settings
 from services.common.model import ApplyResult
 from sim.pipeline import Pipeline
-from tests.helpers import Load, TcpBackend, free_port, tcp_ask, wait_until
+from tests.helpers import Load, TcpBackend, free_port, services_entry, tcp_ask, wait_until, write_services
 
 pytestmark = pytest.mark.skipif(not os.path.exists(haproxy_launch.haproxy_binary()), reason="haproxy is not installed")
 
 NODE = "n1"
-
-
-def write_services(path: str, services: list[dict]) -> None:
-    with open(path + ".tmp", "w") as handle:
-        json.dump({"services": services}, handle)
-    os.replace(path + ".tmp", path)
-
-
-def entry(name: str, port: int, *backends: TcpBackend) -> dict:
-    return {"name": name, "port": port, "servers": [{"host": "127.0.0.1", "port": b.port} for b in backends]}
 
 
 class AppliedResults:
@@ -68,7 +57,7 @@ def test_a_squatted_port_sets_one_service_aside_and_never_stops_the_others():
     good, later, status = free_port(), free_port(), free_port()
     pipeline = Pipeline(["--status-endpoint", f"127.0.0.1:{status}", "--node-name", NODE], services_file=True,
                         programs=("haproxy", "pen", "applier", "planner", "collector", "status"))
-    write_services(pipeline.services_file, [entry("good", good, backends[0]), entry("squatted", squatted, backends[2])])
+    write_services(pipeline.services_file, [services_entry("good", good, backends[0]), services_entry("squatted", squatted, backends[2])])
     results = AppliedResults(pipeline.run_dir)
     load = Load(good)
     try:
@@ -95,14 +84,14 @@ def test_a_squatted_port_sets_one_service_aside_and_never_stops_the_others():
         assert pipeline.log("applier").count(f"haproxy: set aside service squatted ({squatted}/tcp)") == 1
 
         # A membership change to good is applied (at runtime).
-        write_services(pipeline.services_file, [entry("good", good, backends[0], backends[1]),
-                                                entry("squatted", squatted, backends[2])])
+        write_services(pipeline.services_file, [services_entry("good", good, backends[0], backends[1]),
+                                                services_entry("squatted", squatted, backends[2])])
         wait_until(lambda: answers(good) == {"b0", "b1"}, timeout=30, message="good served by b0 and b1")
 
         # A service added afterwards gets its listener.
-        write_services(pipeline.services_file, [entry("good", good, backends[0], backends[1]),
-                                                entry("squatted", squatted, backends[2]),
-                                                entry("later", later, backends[3])])
+        write_services(pipeline.services_file, [services_entry("good", good, backends[0], backends[1]),
+                                                services_entry("squatted", squatted, backends[2]),
+                                                services_entry("later", later, backends[3])])
         wait_until(lambda: tcp_ask(later) == "b3", timeout=30, message="the added service served")
         assert results.until(lambda r: r.details["haproxy"]["set_aside"] == {f"{squatted}/tcp": reason},
                              "squatted still set aside").ok

@@ -15,7 +15,8 @@ from services.applier.haproxy_runtime import parse_listener_ports
 from services.common.model import Service
 from services.common.unix_socket import exchange
 from tests.helpers import free_port
-from tests.test_haproxy_driver import HaproxyProcess, assert_serving, close_all, make_plan  # noqa: F401
+from tests.test_haproxy_driver import (  # noqa: F401  (haproxy, backends: fixtures)
+    assert_serving, backends, haproxy, make_plan)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(haproxy_launch.haproxy_binary()), reason="haproxy is not installed")
 
@@ -35,21 +36,6 @@ def show_stat(haproxy) -> list[dict]:
 
 def proxies(haproxy) -> set[str]:
     return {row["pxname"] for row in show_stat(haproxy) if row["pxname"] != "stats"}
-
-
-@pytest.fixture
-def haproxy():
-    process = HaproxyProcess().start()
-    yield process
-    process.cleanup()
-
-
-@pytest.fixture
-def backends():
-    from tests.helpers import TcpBackend
-    made = [TcpBackend(f"b{i}") for i in range(3)]
-    yield made
-    close_all(made)
 
 
 def test_names_are_reduced_lowercase_and_bounded():

@@ -2,7 +2,6 @@
 heartbeats"), through the real pipeline, and on hand-made states (malformed heartbeats)."""
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -15,7 +14,7 @@ from services.common.model import Plan, ProxySettings, Service
 from services.status.metrics import render_metrics
 from services.status.state import PipelineState
 from sim.pipeline import Pipeline
-from tests.helpers import TcpBackend, free_port, tcp_ask, wait_until
+from tests.helpers import TcpBackend, free_port, services_entry, tcp_ask, wait_until, write_services
 from tests.launcher_helpers import http_get, processes_of
 
 NODE = "m1"
@@ -143,23 +142,13 @@ def test_malformed_heartbeat_values_are_skipped(applier):
 
 # -- through the pipeline -----------------------------------------------------------------------
 
-def write_services(path: str, services: list[dict]) -> None:
-    with open(path + ".tmp", "w") as handle:
-        json.dump({"services": services}, handle)
-    os.replace(path + ".tmp", path)
-
-
-def entry(name: str, port: int, *backends: TcpBackend) -> dict:
-    return {"name": name, "port": port, "servers": [{"host": "127.0.0.1", "port": b.port} for b in backends]}
-
-
 @pytest.mark.skipif(not os.path.exists(haproxy_launch.haproxy_binary()), reason="haproxy is not installed")
 def test_metrics_through_the_pipeline_survive_a_restart_of_the_status_stage():
     backends = [TcpBackend(f"b{i}") for i in range(3)]
     port, status = free_port(), free_port()
     pipeline = Pipeline(["--status-endpoint", f"127.0.0.1:{status}", "--node-name", NODE], services_file=True,
                         programs=("haproxy", "pen", "applier", "planner", "collector", "status"))
-    write_services(pipeline.services_file, [entry("shop.web", port, backends[0])])
+    write_services(pipeline.services_file, [services_entry("shop.web", port, backends[0])])
 
     def scrape() -> Scrape:
         code, text = http_get(f"http://127.0.0.1:{status}/metrics")
@@ -194,7 +183,7 @@ def test_metrics_through_the_pipeline_survive_a_restart_of_the_status_stage():
         assert first.get("proxymatic_source_errors_total", source="file") == 0
 
         # A membership change: one more runtime apply, one more change→applied observation.
-        write_services(pipeline.services_file, [entry("shop.web", port, backends[0], backends[1])])
+        write_services(pipeline.services_file, [services_entry("shop.web", port, backends[0], backends[1])])
         runtime_before = first.get("proxymatic_applies_total", proxy="haproxy", action="runtime") or 0
         observed_before = first.get("proxymatic_change_to_applied_seconds_count") or 0
         second = scraped_when(

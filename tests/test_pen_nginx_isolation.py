@@ -5,7 +5,6 @@ service is served without restarting anything."""
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import pwd
 import shutil
@@ -19,17 +18,11 @@ from services.applier.pen_control import PenControl
 from services.common.bus import Subscriber
 from services.common.config import Settings
 from sim.pipeline import Pipeline
-from tests.helpers import HttpBackend, Load, UdpEcho, free_port, udp_ask, wait_until
+from tests.helpers import HttpBackend, Load, UdpEcho, free_port, udp_ask, wait_until, write_services
 
 pytestmark = pytest.mark.skipif(shutil.which("pen") is None or shutil.which("nginx") is None,
                                 reason="pen and nginx are needed")
 DOMAIN = "apps.test"
-
-
-def write_services(path: str, services: list[dict]) -> None:
-    with open(path + ".tmp", "w") as handle:
-        json.dump({"services": services}, handle)
-    os.replace(path + ".tmp", path)
 
 
 def http_get(port: int, host: str = "localhost") -> str:

@@ -2,17 +2,9 @@
 from __future__ import annotations
 
 import http.client
-import json
-import os
 
 from sim.pipeline import Pipeline
-from tests.helpers import HttpBackend, TcpBackend, free_port, tcp_ask, wait_until
-
-
-def write_services(path: str, services: list[dict]) -> None:
-    with open(path + ".tmp", "w") as handle:
-        json.dump({"services": services}, handle)
-    os.replace(path + ".tmp", path)
+from tests.helpers import HttpBackend, TcpBackend, free_port, tcp_ask, wait_until, write_services
 
 
 def vhost_get(port: int, host: str) -> tuple[int, str]:

@@ -26,7 +26,7 @@ from services.status.haproxy_state import HaproxyStateCache, backend_key, parse_
 from services.status.services_page import describe, haproxy_cache, render_services_page, services_view
 from services.status.state import PipelineState
 from sim.pipeline import Pipeline
-from tests.helpers import TcpBackend, free_port, wait_until
+from tests.helpers import FakeUnixServer, TcpBackend, free_port, services_entry, wait_until, write_services
 from tests.launcher_helpers import processes_of
 
 NODE = "n1"
@@ -36,47 +36,6 @@ HEADER = "# pxname,svname,qcur,qmax,scur,status,weight,check_status,check_desc,l
 def stat_row(backend: str, slot: str, address: str, status: str, check: str = "", weight: int = 128,
              last_check: str = "", desc: str = "") -> str:
     return f"{backend},{slot},0,0,0,{status},{weight},{check},{desc},{last_check},{address},"
-
-
-class FakeAdminSocket:
-    """A unix socket answering every command with `answer` (HAProxy's `show stat`), counting the
-    requests; `hung` makes it say nothing."""
-
-    def __init__(self, path: str, answer: str):
-        self.path, self.answer = path, answer
-        self.requests: list[bytes] = []
-        self.hung = threading.Event()
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(16)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with conn:
-                self.requests.append(conn.recv(256))
-                if self.hung.is_set():
-                    conn.settimeout(3)
-                    try:
-                        conn.recv(64)
-                    except OSError:
-                        pass
-                else:
-                    conn.sendall(self.answer.encode())
-
-    def close(self) -> None:
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
-        os.unlink(self.path)
-        self.thread.join(timeout=5)
 
 
 def web_plan(port: int = 1234, *, vhost_domain: str = "", excluded: tuple[Excluded, ...] = ()) -> Plan:
@@ -115,7 +74,7 @@ def admin(tmp_path):
         stat_row("stats", "FRONTEND", "", "OPEN"),
         "",
     ])
-    server = FakeAdminSocket(paths.admin_socket, csv_text)
+    server = FakeUnixServer(paths.admin_socket, csv_text)
     yield server
     server.close()
 
@@ -311,16 +270,6 @@ def checks(view: dict, key: str) -> dict[str, tuple[str, str]]:
     return {s["address"]: (s["state"], s["check"]) for s in service["servers"]}
 
 
-def write_services(path: str, services: list[dict]) -> None:
-    with open(path + ".tmp", "w") as handle:
-        json.dump({"services": services}, handle)
-    os.replace(path + ".tmp", path)
-
-
-def entry(name: str, port: int, *ports: int) -> dict:
-    return {"name": name, "port": port, "servers": [{"host": "127.0.0.1", "port": p} for p in ports]}
-
-
 def section_text(driver, key: str) -> str:
     from selenium.webdriver.common.by import By
     return driver.find_element(By.ID, "svc-" + key.replace("/", "-")).text
@@ -356,8 +305,8 @@ def test_the_page_in_chromium_through_the_real_pipeline(browser):
     web, squatted, status = free_port(), squatter.getsockname()[1], free_port()
     pipeline = Pipeline(["--status-endpoint", f"127.0.0.1:{status}", "--node-name", NODE], services_file=True,
                         programs=("haproxy", "applier", "planner", "collector", "status"))
-    write_services(pipeline.services_file, [entry("web", web, backends[0].port), entry("squatted", squatted, backends[1].port),
-                                            entry("clash", status, backends[2].port)])
+    write_services(pipeline.services_file, [services_entry("web", web, backends[0].port), services_entry("squatted", squatted, backends[1].port),
+                                            services_entry("clash", status, backends[2].port)])
     url = f"http://127.0.0.1:{status}/services"
     try:
         pipeline.start()
@@ -378,9 +327,9 @@ def test_the_page_in_chromium_through_the_real_pipeline(browser):
         assert "need" in browser.find_element(By.ID, "summary").text
 
         # The file changes; the page, left alone, shows it within a refresh or two.
-        write_services(pipeline.services_file, [entry("web", web, backends[0].port, backends[2].port),
-                                                entry("squatted", squatted, backends[1].port),
-                                                entry("clash", status, backends[2].port)])
+        write_services(pipeline.services_file, [services_entry("web", web, backends[0].port, backends[2].port),
+                                                services_entry("squatted", squatted, backends[1].port),
+                                                services_entry("clash", status, backends[2].port)])
         added = f"127.0.0.1:{backends[2].port}"
         wait_until(lambda: added in (text := section_text(browser, f"{web}/tcp")) and "2/2 UP" in text,
                    timeout=30, interval=0.5, message="the page showing the added server by itself")
@@ -394,8 +343,8 @@ def test_the_page_in_chromium_through_the_real_pipeline(browser):
         # A file naming a service with markup is rejected whole (the last good services stay);
         # the page says so with the name as text, and runs nothing.
         bad = free_port()
-        write_services(pipeline.services_file, [entry("web", web, backends[0].port),
-                                                entry(HOSTILE, bad, backends[1].port)])
+        write_services(pipeline.services_file, [services_entry("web", web, backends[0].port),
+                                                services_entry(HOSTILE, bad, backends[1].port)])
         wait_until(lambda: "the whole file is rejected" in browser.find_element(By.TAG_NAME, "body").text,
                    timeout=30, interval=0.5, message="the rejected file shown by itself")
         text = section_text(browser, f"{bad}/tcp")

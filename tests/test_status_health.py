@@ -2,7 +2,6 @@
 real unix sockets that stop answering."""
 from __future__ import annotations
 
-import os
 import socket
 import threading
 
@@ -17,7 +16,7 @@ from services.status.health import CONFIRM_AFTER, STALE_AFTER, Prober, ProbeStat
 from services.status.main import absorb
 from services.status.probes import NotAnswering, ProbeTargets, haproxy_probe, pen_keys, pen_probe, tcp_probe
 from services.status.state import INITIALIZING, OK, TERMINATING, PipelineState, StageLiveness
-from tests.helpers import wait_until
+from tests.helpers import FakeUnixServer, wait_until
 
 
 def converged_state() -> PipelineState:
@@ -89,47 +88,6 @@ def test_pen_probes_follow_the_applied_plan_minus_set_aside():
     settings = Settings(run_dir="/tmp/x", haproxy=True, vhost_domain="example.com", vhost_port=8088)
     assert set(ProbeTargets(settings).probes(result)) == {"haproxy", "pen 53-udp", "nginx"}
     assert set(ProbeTargets(Settings(run_dir="/tmp/x", haproxy=False)).probes(None)) == set()
-
-
-class FakeUnixServer:
-    """A unix socket answering every request with `answer` (Pen's `pid`, HAProxy's `show proc`
-    or `show info`), that can be silenced (hung) or closed."""
-
-    def __init__(self, path: str, answer: str):
-        self.path = path
-        self.answer = answer.encode()
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(16)
-        self.hung = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(256)
-                if not self.hung.is_set():
-                    conn.sendall(self.answer)
-                else:
-                    conn.settimeout(3)
-                    try:
-                        conn.recv(64)  # say nothing until the prober gives up
-                    except OSError:
-                        pass
-
-    def close(self) -> None:
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-        except OSError:
-            pass
-        self.listener.close()
-        os.unlink(self.path)
-        self.thread.join(timeout=5)
 
 
 def test_prober_reports_a_pen_that_stops_answering_and_recovers(tmp_path):
