@@ -199,7 +199,8 @@ def main() -> int:
         say(f"what `proxymatic explain {SERVICE_PORT} --run-dir {run_dir}` says:")
         explained = subprocess.run(proxymatic_command("explain", str(SERVICE_PORT), "--run-dir", run_dir),
                                    capture_output=True, text=True, timeout=15)
-        print((explained.stdout or explained.stderr).rstrip(), flush=True)
+        print("\n".join("    " + line for line in (explained.stdout or explained.stderr).rstrip().splitlines()),
+              flush=True)
         say(f"HAProxy statistics: http://127.0.0.1:{STATUS_PORT}/   status: http://127.0.0.1:{STATUS_PORT}/status")
         say(f"what is served and why: http://127.0.0.1:{STATUS_PORT}/services   metrics: "
             f"http://127.0.0.1:{STATUS_PORT}/metrics")

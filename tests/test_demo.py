@@ -32,9 +32,14 @@ def test_demo_shows_traffic_following_the_change():
     assert re.search(r"^  - \d+/tcp demo-web: 127\.0\.0\.1:\d+ weight 128$", changed, re.M)
     assert re.search(r"^  \+ \d+/tcp demo-web: 127\.0\.0\.1:\d+ weight 128$", changed, re.M)
     # the bus excerpt in time order
-    excerpt = after.split("==> the bus")[1].split("==> HAProxy")[0]
+    excerpt = after.split("==> the bus")[1].split("==> what `proxymatic explain")[0]
     stamps = [m.group(1) for m in map(TAP_LINE.match, excerpt.splitlines()) if m]
     assert len(stamps) == 3 and stamps == sorted(stamps)
+    # what `proxymatic explain PORT` says: the service, its two servers UP
+    explained = after.split("==> what `proxymatic explain")[1].split("==> HAProxy")[0]
+    port = env["DEMO_PORT"]
+    assert f"    {port}/tcp demo-web (http, from file): served by haproxy on port {port}" in explained
+    assert "2 servers, 2 UP" in explained
     # it ends by saying where the logs are, and they are there
     last = result.stdout.splitlines()[-1]
     match = re.match(r"^==> logs are in (\S+): (.*)$", last)
