@@ -30,7 +30,7 @@ import time
 
 import zmq
 
-from services.common.bus import FULL_STATE_HWM, Endpoint, Publisher, Subscriber
+from services.common.bus import QUEUE_HWM, Endpoint, Publisher, Subscriber
 from services.common.model import Plan, ProxySettings, Server, Service
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--stop", type=float, default=60, help="seconds the tap stays stopped")
     parser.add_argument("--rate", type=float, default=10, help="plan changes per second")
     parser.add_argument("--settle", type=float, default=10, help="seconds measured before and after the stop")
-    parser.add_argument("--hwm", type=int, default=FULL_STATE_HWM, help="the publisher's send high-water mark")
+    parser.add_argument("--hwm", type=int, default=QUEUE_HWM, help="the publisher's send high-water mark")
     parser.add_argument("--json", help="also write the result here")
     parser.add_argument("--publish", metavar="ENDPOINT", help=argparse.SUPPRESS)  # the publisher process
     args = parser.parse_args()

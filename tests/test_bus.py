@@ -5,7 +5,7 @@ import orjson
 import pytest
 import zmq
 
-from services.common.bus import (BUS_VERSION, FULL_STATE_HWM, HEARTBEAT_INTERVAL, SNAPSHOT_END, BusError, Endpoint,
+from services.common.bus import (BUS_VERSION, QUEUE_HWM, HEARTBEAT_INTERVAL, SNAPSHOT_END, BusError, Endpoint,
                                  Heartbeats, Publisher, SnapshotEnd, Subscriber, heartbeat_interval)
 from tests.helpers import wait_until
 
@@ -238,8 +238,8 @@ def test_send_and_receive_high_water_marks_are_sized_for_full_state(tmp_path):
     publisher = Publisher(ctx, "pub", endpoint)
     subscriber = Subscriber(ctx, [endpoint], ["t."])
     try:
-        assert publisher.pub.getsockopt(zmq.SNDHWM) == FULL_STATE_HWM <= 16
-        assert all(s.getsockopt(zmq.RCVHWM) == FULL_STATE_HWM for s in subscriber.sockets()[::2])
+        assert publisher.pub.getsockopt(zmq.SNDHWM) == QUEUE_HWM <= 1000
+        assert all(s.getsockopt(zmq.RCVHWM) == QUEUE_HWM for s in subscriber.sockets()[::2])
     finally:
         subscriber.close(); publisher.close(); ctx.term()
 

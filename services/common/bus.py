@@ -41,15 +41,16 @@ HEARTBEAT_LIVENESS = 3
 SNAPSHOT_REQUEST = b"SNAPSHOT"
 SNAPSHOT_END = b"END"
 SNAPSHOT_TIMEOUT = 2.0
-# Messages queued per subscriber (ZeroMQ counts messages, not bytes). A full-state message is
-# up to ~0.5 MB (1,000 services), so a stalled subscriber costs its publisher at most a few MB;
-# beyond that ZeroMQ drops that subscriber's messages, and the heartbeat's seq makes it ask
-# for a snapshot once it reads again. Every topic is full state, so only the latest matters.
-FULL_STATE_HWM = 8
-# A snapshot answer is one message per topic plus END; an answer that does not fit is not
-# sent at all (the subscriber asks again after SNAPSHOT_TIMEOUT), so END never follows a
-# partial answer.
-SNAPSHOT_HWM = 32
+# Messages queued per subscriber (ZeroMQ counts messages, not bytes). Messages are one key of a
+# keyed state (~1 kB, services/common/keyed.py) or a small summary, so a stalled subscriber
+# costs its publisher at most ~1 MB; beyond that ZeroMQ drops that subscriber's messages, and
+# the heartbeat's seq (or a summary's hash) makes it ask for a snapshot once it reads again.
+QUEUE_HWM = 1000
+# A snapshot answer is one message per topic (every key of every keyed state, tombstones
+# included) plus END; an answer that does not fit is not sent at all (the subscriber asks again
+# after SNAPSHOT_TIMEOUT), so END never follows a partial answer. 10,000 apps with two ports
+# each are ~20,000 keys (~20 MB held at most for a requester that does not read).
+SNAPSHOT_HWM = 50_000
 
 
 class BusError(ValueError):
@@ -194,6 +195,12 @@ def _socket(ctx: zmq.Context, kind: int, address: str) -> zmq.Socket:
     return socket
 
 
+def snapshot_order(topic: str) -> tuple:
+    """`plan:...` keys, then `plan`; topics otherwise in name order."""
+    prefix, separator, key = topic.partition(":")
+    return (prefix, 0 if separator else 1, key)
+
+
 class Publisher:
     """Publishes full-state messages and answers snapshot requests for them.
 
@@ -201,7 +208,7 @@ class Publisher:
     (see Heartbeats) may send while the owner publishes."""
 
     def __init__(self, ctx: zmq.Context, sender: str, endpoint: Endpoint,
-                 heartbeat_interval: float = HEARTBEAT_INTERVAL, send_hwm: int = FULL_STATE_HWM):
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL, send_hwm: int = QUEUE_HWM):
         self.sender = sender
         self.epoch = uuid.uuid4().hex[:12]
         self.seq = 0
@@ -279,7 +286,10 @@ class Publisher:
                     log.warning("bus %s: ignoring malformed snapshot request (%d frames)", self.sender, len(frames))
                     continue
                 identity, prefix = frames[0], frames[2].decode(errors="replace")
-                answer = [self._last[topic].encode() for topic in sorted(self._last) if topic.startswith(prefix)]
+                # A keyed state's key messages (`plan:1234/tcp`) before its summary (`plan`): a
+                # subscriber checks its mirror against the summary's hash when it arrives.
+                topics = sorted((t for t in self._last if t.startswith(prefix)), key=snapshot_order)
+                answer = [self._last[topic].encode() for topic in topics]
                 answer.append(SnapshotEnd(self.sender, self.epoch, self.seq).encode())
                 try:
                     for frames_out in answer:
@@ -370,7 +380,7 @@ class Subscriber:
     ctx: zmq.Context
     endpoints: list[Endpoint]
     prefixes: list[str] = field(default_factory=lambda: [""])
-    receive_hwm: int = FULL_STATE_HWM
+    receive_hwm: int = QUEUE_HWM
     # Messages dropped as malformed, of another bus version, or refused by the stage (drop()).
     dropped: int = field(default=0, init=False)
     _upstreams: list[_Upstream] = field(default_factory=list, init=False)
@@ -419,6 +429,16 @@ class Subscriber:
         for socket in (*self.sockets(), *extra):
             poller.register(socket, zmq.POLLIN)
         return poller
+
+    def resync(self, prefix: str) -> None:
+        """Ask every upstream for a new snapshot and accept its messages under `prefix` even if
+        not newer than what was delivered: for a subscriber whose own copy disagrees with the
+        publisher's hash (services/common/keyed.py), which must be rebuilt whole."""
+        for topic_key in [k for k in self._topic_seq if k[1].startswith(prefix)]:
+            del self._topic_seq[topic_key]
+        for upstream in self._upstreams:
+            upstream.snapshot_pending_since = None  # a pending request may predate the loss
+            self._request_snapshot(upstream)
 
     def snapshot_complete(self, endpoint: Endpoint | None = None) -> bool:
         """Whether a whole snapshot (every topic, up to END) arrived from this upstream (from

@@ -284,9 +284,22 @@ def services_to_list(services: Iterable[Service]) -> list[dict]:
     return [s.to_dict() for s in _by_key(services)]
 
 
+def xor_hash(digests: Iterable[str]) -> str:
+    """The XOR of 16-hex-digit digests: order-free, so a keyed state's hash is kept up to date
+    one key at a time (services/common/keyed.py) and equals this over the whole state."""
+    value = 0
+    for digest in digests:
+        value ^= int(digest, 16)
+    return f"{value:016x}"
+
+
 def services_hash(services: Iterable[Service], *extra: Any) -> str:
-    """Hash of the per-service hashes (cheap when services are reused) and any extra data."""
-    return content_hash([s.digest for s in _by_key(services)] + list(extra))
+    """The XOR of the per-service digests (each cached on its Service), and of `extra`'s
+    content hash when given: what a keyed mirror of these services computes incrementally."""
+    digests = [s.digest for s in services]
+    if extra:
+        digests.append(content_hash(list(extra)))
+    return xor_hash(digests)
 
 
 class ServiceDecoder:

@@ -1,0 +1,239 @@
+"""Source snapshots and plans on the bus as keyed states (services/common/keyed.py).
+
+    source.<name>:<port>/<protocol>   one service of that source, and the entries it does not serve
+    source.<name>                     the source's summary: state, error, warnings, count, hash...
+    plan:<port>/<protocol>            one service of the plan, and the entries not served there
+    plan                              the plan's summary: hash, settings, sources_ready, notes...
+
+A key's payload is `{"schema": 2, "service": {...} | null, "excluded": [...]}`: `service` is null
+for a key that only has excluded entries (every task failing its health check). Excluded entries
+without a key ride on the summary. The summary's `hash` is the XOR of the services' digests
+(model.xor_hash), plus the settings' for a plan: `SourceSnapshot.hash` and `Plan.hash` exactly.
+
+Publishers use `SnapshotSender` / `PlanSender`; subscribers `SnapshotFollower` / `PlanFollower`,
+which rebuild the SourceSnapshot / Plan the stages work with from the keys and hand it out when
+a summary arrives and matches. A follower that disagrees with a summary says so
+(`needs_resync`): the stage then calls `Subscriber.resync(prefix)` and `follower.reset()`.
+See docs/bus.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Generic, Iterable, TypeVar
+
+from services.common.bus import Message, Publisher
+from services.common.keyed import KEYED_SCHEMA, KeyedMirror, KeyedSender, split_topic
+from services.common.model import (SOURCE_STATES, SOURCES, Excluded, ModelError, Plan, ProxySettings,
+                                   Service, SourceSnapshot, _choice, _inputs, _require_dict,
+                                   _str_list, _timestamp, bounded_excluded, content_hash, excluded_from_list,
+                                   excluded_to_list, xor_hash)
+
+NO_SERVICE = "0" * 16  # the digest of a key without a service: XOR-neutral
+PLAN_PREFIX = "plan"
+SOURCE_PREFIX = "source."
+
+
+def source_prefix(name: str) -> str:
+    return f"{SOURCE_PREFIX}{name}"
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """What one key holds: its service (None when only excluded entries name the key) and the
+    entries not served under it."""
+
+    service: Service | None
+    excluded: tuple[Excluded, ...] = ()
+
+    @property
+    def digest(self) -> str:
+        return self.service.digest if self.service is not None else NO_SERVICE
+
+    def to_payload(self) -> dict:
+        return {"schema": KEYED_SCHEMA, "service": self.service.to_dict() if self.service is not None else None,
+                "excluded": excluded_to_list(self.excluded)}
+
+
+def entry_digest(entry: KeyEntry) -> str:
+    return entry.digest
+
+
+def entry_payload(entry: KeyEntry) -> dict:
+    return entry.to_payload()
+
+
+class EntryDecoder:
+    """Decodes key payloads; one per follower (reuses nothing across keys: only changed keys
+    arrive)."""
+
+    def __call__(self, payload: dict, key: str) -> KeyEntry:
+        _require_dict(payload, f"key {key!r}")
+        if payload.get("schema") != KEYED_SCHEMA:
+            raise ModelError(f"key {key!r}: unknown schema {payload.get('schema')!r:.20} (this is {KEYED_SCHEMA})")
+        raw = payload.get("service")
+        service = None if raw is None else Service.from_dict(raw, f"key {key!r}")
+        if service is not None and service.key != key:
+            raise ModelError(f"key {key!r} carries service {service.key}")
+        excluded = excluded_from_list(payload.get("excluded", []), f"key {key!r}.excluded")
+        return KeyEntry(service, excluded)
+
+
+def entries_by_key(services: Iterable[Service], excluded: Iterable[Excluded]) -> tuple[dict[str, KeyEntry], tuple[Excluded, ...]]:
+    """Services and excluded entries grouped by key, and the excluded entries without a key."""
+    grouped: dict[str, list[Excluded]] = {}
+    keyless: list[Excluded] = []
+    for item in excluded:
+        (grouped.setdefault(item.key, []) if item.key else keyless).append(item)
+    entries = {service.key: KeyEntry(service, tuple(grouped.pop(service.key, ()))) for service in services}
+    for key, items in grouped.items():
+        entries[key] = KeyEntry(None, tuple(items))
+    return entries, tuple(keyless)
+
+
+def _services_and_excluded(entries: Iterable[KeyEntry], keyless: Iterable[Excluded]) -> tuple[tuple[Service, ...], tuple[Excluded, ...]]:
+    services = tuple(sorted((e.service for e in entries if e.service is not None), key=lambda s: (s.port, s.protocol)))
+    excluded = bounded_excluded([item for e in entries for item in e.excluded] + list(keyless))
+    return services, excluded
+
+
+# -- publishers ---------------------------------------------------------------------------------
+
+@dataclass
+class SnapshotSender:
+    """Publishes one source's snapshots as a keyed state."""
+
+    publisher: Publisher
+    source: str
+    sender: KeyedSender = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sender = KeyedSender(self.publisher, source_prefix(self.source), entry_payload, entry_digest)
+
+    def publish(self, snapshot: SourceSnapshot):
+        entries, keyless = entries_by_key(snapshot.services, snapshot.excluded)
+        return self.sender.send(entries, lambda hash_: {
+            "schema": KEYED_SCHEMA, "source": snapshot.source, "state": snapshot.state, "error": snapshot.error,
+            "warnings": list(snapshot.warnings), "count": len(snapshot.services), "hash": hash_,
+            "changed_at": snapshot.changed_at, "excluded": excluded_to_list(keyless)})
+
+
+@dataclass
+class PlanSender:
+    """Publishes plans as a keyed state (the planner; tests and tools that stand in for it)."""
+
+    publisher: Publisher
+    sender: KeyedSender = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sender = KeyedSender(self.publisher, PLAN_PREFIX, entry_payload, entry_digest)
+
+    def publish(self, plan: Plan):
+        entries, keyless = entries_by_key(plan.services, plan.excluded)
+        settings = plan.settings.to_dict()
+        return self.sender.send(entries, lambda services_hash: {
+            "schema": KEYED_SCHEMA, "hash": plan_hash(services_hash, settings), "services_hash": services_hash,
+            "count": len(plan.services), "settings": settings, "inputs": dict(plan.inputs),
+            "sources_ready": list(plan.sources_ready), "notes": list(plan.notes), "changed_at": plan.changed_at,
+            "excluded": excluded_to_list(keyless)})
+
+
+def plan_hash(services_hash: str, settings: dict) -> str:
+    """Plan.hash from the services' XOR and the settings (the same as model.services_hash)."""
+    return xor_hash([services_hash, content_hash([settings])])
+
+
+# -- followers ----------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Follower(Generic[T]):
+    """Mirrors one keyed state per sender and builds the stage's object on a matching summary."""
+
+    prefix: str
+    mirrors: dict[str, KeyedMirror] = field(default_factory=dict)
+    # Set when a summary disagreed with the mirror: the stage resyncs (Subscriber.resync, reset).
+    needs_resync: bool = False
+    mismatches: int = 0
+
+    def owns(self, topic: str) -> bool:
+        prefix, _key = split_topic(topic)
+        return prefix == self.prefix
+
+    def _mirror(self, sender: str) -> KeyedMirror:
+        mirror = self.mirrors.get(sender)
+        if mirror is None:
+            mirror = self.mirrors[sender] = KeyedMirror(self.prefix, EntryDecoder(), entry_digest)
+        return mirror
+
+    def absorb(self, message: Message) -> T | None:
+        """One message of this prefix: a key (None), or a summary (the rebuilt object when the
+        mirror matches its hash, else None and `needs_resync`). Raises ModelError/ValueError for
+        a payload that does not decode (the caller drops it and counts it)."""
+        mirror = self._mirror(message.sender)
+        _prefix, key = split_topic(message.topic)
+        if key is not None:
+            mirror.absorb(message)
+            return None
+        summary = _require_dict(message.payload, f"{self.prefix} summary")
+        if summary.get("schema") != KEYED_SCHEMA:
+            raise ModelError(f"{self.prefix}: unknown schema {summary.get('schema')!r:.20} (this is {KEYED_SCHEMA})")
+        if not mirror.matches(self._services_hash(summary)):
+            self.needs_resync = True
+            self.mismatches += 1
+            return None
+        return self.build(mirror, summary)
+
+    def _services_hash(self, summary: dict) -> Any:
+        return summary.get("hash")
+
+    def build(self, mirror: KeyedMirror, summary: dict) -> T:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Before a resync: forget every mirror (the snapshot brings the whole state again)."""
+        for mirror in self.mirrors.values():
+            mirror.clear()
+        self.needs_resync = False
+
+
+@dataclass
+class SnapshotFollower(_Follower[SourceSnapshot]):
+    """The planner's view of one source."""
+
+    def build(self, mirror: KeyedMirror, summary: dict) -> SourceSnapshot:
+        services, excluded = _services_and_excluded(
+            mirror.values.values(), excluded_from_list(summary.get("excluded", []), "summary.excluded"))
+        return SourceSnapshot(
+            source=_choice(summary.get("source"), SOURCES, "snapshot.source"),
+            state=_choice(summary.get("state"), SOURCE_STATES, "snapshot.state"),
+            services=services, error=str(summary.get("error", "")),
+            warnings=_str_list(summary.get("warnings", []), "snapshot.warnings"), excluded=excluded,
+            changed_at=_timestamp(summary.get("changed_at", 0.0), "snapshot.changed_at"))
+
+
+@dataclass
+class PlanFollower(_Follower[Plan]):
+    """The applier's (and the status stage's, explain's, a test's) view of the plan."""
+
+    prefix: str = PLAN_PREFIX
+
+    def _services_hash(self, summary: dict) -> Any:
+        return summary.get("services_hash")
+
+    def build(self, mirror: KeyedMirror, summary: dict) -> Plan:
+        services, excluded = _services_and_excluded(
+            mirror.values.values(), excluded_from_list(summary.get("excluded", []), "plan.excluded"))
+        plan = Plan(services=services, settings=ProxySettings.from_dict(summary.get("settings", {})),
+                    inputs=_inputs(summary.get("inputs", {})),
+                    sources_ready=_str_list(summary.get("sources_ready", []), "plan.sources_ready"),
+                    notes=_str_list(summary.get("notes", []), "plan.notes"), excluded=excluded,
+                    changed_at=_timestamp(summary.get("changed_at", 0.0), "plan.changed_at"))
+        if plan.hash != summary.get("hash"):
+            raise ModelError(f"plan summary hash {summary.get('hash')!r:.20} is not its content's {plan.hash}")
+        return plan
+
+
+def snapshot_follower(name: str) -> SnapshotFollower:
+    return SnapshotFollower(source_prefix(name))
