@@ -19,7 +19,7 @@ See docs/bus.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Generic, Iterable, TypeVar
+from typing import Any, Generic, Iterable, Mapping, TypeVar
 
 from services.common.bus import Message, Publisher
 from services.common.keyed import KEYED_SCHEMA, KeyedMirror, KeyedSender, split_topic
@@ -78,15 +78,29 @@ class EntryDecoder:
         return KeyEntry(service, excluded)
 
 
-def entries_by_key(services: Iterable[Service], excluded: Iterable[Excluded]) -> tuple[dict[str, KeyEntry], tuple[Excluded, ...]]:
-    """Services and excluded entries grouped by key, and the excluded entries without a key."""
+def entries_by_key(services: Iterable[Service], excluded: Iterable[Excluded],
+                   previous: Mapping[str, KeyEntry] | None = None) -> tuple[dict[str, KeyEntry], tuple[Excluded, ...]]:
+    """Services and excluded entries grouped by key, and the excluded entries without a key.
+    An entry of `previous` (what a sender last sent) is reused when its service is the same
+    object and its excluded entries are equal: building a KeyEntry costs microseconds, so at
+    10,000 services a change would otherwise cost every publisher tens of milliseconds, and the
+    sender tells an unchanged key by identity."""
     grouped: dict[str, list[Excluded]] = {}
     keyless: list[Excluded] = []
     for item in excluded:
         (grouped.setdefault(item.key, []) if item.key else keyless).append(item)
-    entries = {service.key: KeyEntry(service, tuple(grouped.pop(service.key, ()))) for service in services}
+    previous = previous or {}
+    entries: dict[str, KeyEntry] = {}
+    for service in services:
+        key = service.key
+        items = tuple(grouped.pop(key, ())) if grouped else ()
+        old = previous.get(key)
+        entries[key] = (old if old is not None and old.service is service and old.excluded == items
+                        else KeyEntry(service, items))
     for key, items in grouped.items():
-        entries[key] = KeyEntry(None, tuple(items))
+        items = tuple(items)
+        old = previous.get(key)
+        entries[key] = old if old is not None and old.service is None and old.excluded == items else KeyEntry(None, items)
     return entries, tuple(keyless)
 
 
@@ -110,7 +124,7 @@ class SnapshotSender:
         self.sender = KeyedSender(self.publisher, source_prefix(self.source), entry_payload, entry_digest)
 
     def publish(self, snapshot: SourceSnapshot):
-        entries, keyless = entries_by_key(snapshot.services, snapshot.excluded)
+        entries, keyless = entries_by_key(snapshot.services, snapshot.excluded, self.sender.last)
         return self.sender.send(entries, lambda hash_: {
             "schema": KEYED_SCHEMA, "source": snapshot.source, "state": snapshot.state, "error": snapshot.error,
             "warnings": list(snapshot.warnings), "count": len(snapshot.services), "hash": hash_,
@@ -128,7 +142,7 @@ class PlanSender:
         self.sender = KeyedSender(self.publisher, PLAN_PREFIX, entry_payload, entry_digest)
 
     def publish(self, plan: Plan):
-        entries, keyless = entries_by_key(plan.services, plan.excluded)
+        entries, keyless = entries_by_key(plan.services, plan.excluded, self.sender.last)
         settings = plan.settings.to_dict()
         return self.sender.send(entries, lambda services_hash: {
             "schema": KEYED_SCHEMA, "hash": plan_hash(services_hash, settings), "services_hash": services_hash,
