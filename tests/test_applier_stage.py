@@ -18,6 +18,7 @@ from services.common.bus import Publisher, Subscriber
 from services.common.config import Settings
 from services.common.latency import LatencyHistogram
 from services.common.model import ApplyResult, Plan, ProxySettings, Service
+from services.common.wire import PlanSender
 from tests.helpers import RecordingDriver, TcpBackend, free_port, tcp_ask, wait_until
 from tests.test_haproxy_driver import HaproxyProcess, pytestmark  # noqa: F401  (skip without haproxy)
 
@@ -29,6 +30,7 @@ class Stage:
         self.settings = settings
         self.ctx = zmq.Context.instance()
         self.planner = Publisher(self.ctx, "planner@test", settings.bus("planner"), heartbeat_interval=0.2)
+        self.plans = PlanSender(self.planner)  # one per publisher: a service gone is a tombstone
         self.results = Subscriber(self.ctx, [settings.bus("applier")], ["applied."])
         self.received: list[tuple[str, ApplyResult]] = []
         self.beats: list[dict] = []  # the applier's heartbeat payloads, oldest first
@@ -39,7 +41,7 @@ class Stage:
         self.thread.start()
 
     def publish(self, plan: Plan) -> None:
-        self.planner.publish("plan", plan.to_dict())
+        self.plans.publish(plan)
 
     def result_for(self, plan: Plan, ok: bool = True, timeout: float = 15.0) -> ApplyResult:
         def poll():
@@ -321,3 +323,57 @@ def test_heartbeat_counts_applies_and_change_to_applied_latency(recording_stage,
     assert beat["change_to_applied"]["count"] == 1
     record = next(r for r in caplog.records if getattr(r, "plan_hash", None) == unknown.hash)
     assert record.change_to_applied_seconds is None
+
+
+def ports_plan(*ports: int) -> Plan:
+    return Plan(tuple(Service.from_dict({"name": f"web{port}", "port": port, "servers": [{"ip": "10.0.0.1", "port": 80}]})
+                      for port in ports), ProxySettings(), sources_ready=("file",))
+
+
+def test_a_lost_key_message_makes_the_applier_resync_and_never_apply_a_partial_plan(recording_stage):
+    """The summary of a plan arrives, one of its key messages does not: the applier's mirror
+    disagrees with the summary's hash, so it applies nothing, asks for a snapshot and converges
+    from it (no heartbeat here: the resync comes from the hash alone)."""
+    stage, driver = recording_stage
+    first = ports_plan(3001)
+    stage.publish(first)
+    stage.result_for(first)
+    served: list[int] = []
+
+    def applied(plan: Plan):
+        def poll():
+            served.append(stage.planner.serve_snapshots())
+            stage._collect()
+            return any(r.plan_hash == plan.hash and r.ok for _t, r in stage.received)
+        wait_until(poll, message=f"plan {plan.hash} applied")
+
+    second = ports_plan(3001, 3002, 3003)
+    real_send = stage.planner._send
+
+    def lossy(frames: list[bytes]) -> None:  # the key 3002/tcp is lost on the way
+        if frames[0] != b"plan:3002/tcp":
+            real_send(frames)
+    stage.planner._send = lossy
+    try:
+        stage.publish(second)
+    finally:
+        stage.planner._send = real_send
+    served.clear()
+    applied(second)
+    assert sum(served) >= 1  # the plan came from a snapshot
+    # Never the plan without 3002/tcp, nor anything else in between.
+    assert driver.applied == [first.hash, second.hash]
+    assert stage.heartbeat(lambda b: b["plan"] == second.hash)["plan_resyncs"] == 1
+
+    # A summary whose hash matches no content at all (through a raw publisher): nothing applied,
+    # and the next real plan is applied (the sender's tombstone for 3001/tcp included).
+    bogus = {"schema": 2, "hash": "0" * 16, "services_hash": "1" * 16,
+             "count": 9, "settings": ProxySettings().to_dict(), "inputs": {}, "sources_ready": ["file"],
+             "notes": [], "changed_at": 0.0, "excluded": []}
+    stage.planner.publish("plan", bogus)
+    wait_until(lambda: (stage.planner.serve_snapshots(), stage._collect(),
+                        stage.beats and stage.beats[-1]["plan_resyncs"] >= 2)[2], message="a second resync")
+    third = ports_plan(3002, 3003)
+    stage.publish(third)
+    applied(third)
+    assert driver.applied == [first.hash, second.hash, third.hash]

@@ -1,8 +1,12 @@
 """The applier stage: converges this node's proxies to the newest plan.
 
-Subscribes to topic `plan` on the planner's bus and publishes, for every plan it applies, an
-ApplyResult on `applied.<node>` (one entry per driver in `details`). Plans queued while a plan is
-being applied are coalesced: only the newest is applied.
+Subscribes to the plan on the planner's bus (a keyed state: one `plan:<port>/<protocol>` message
+per changed service, then the `plan` summary; docs/bus.md) and publishes, for every plan it
+applies, an ApplyResult on `applied.<node>` (one entry per driver in `details`). A PlanFeed
+(plan_feed.py) mirrors the keys and hands out the plan when a summary's hash matches the mirror;
+when it does not (a key message lost), it asks for a snapshot (`Subscriber.resync`) and nothing
+is applied meanwhile: never a partial plan. Plans queued while a plan is being applied are
+coalesced: only the newest is built and applied.
 
 A driver that cannot reach its proxy (not started yet, restarting) reports a not-ok result; the
 stage publishes it and retries with exponential backoff, and never exits for it. A rejected plan
@@ -10,8 +14,9 @@ stage publishes it and retries with exponential backoff, and never exits for it.
 next plan. Every RESYNC_INTERVAL the current plan is applied again, a cheap no-op unless a proxy
 was restarted or changed behind the applier's back.
 
-A plan that lacks a source the served plan had is held, not applied (completeness.py); a
-payload that is not a valid plan is logged, counted (`dropped` in the heartbeat) and dropped.
+A plan that lacks a source the served plan had is held, not applied (completeness.py); a key
+or summary that does not decode (or a summary whose hash does not match its content) is logged,
+counted (`dropped` in the heartbeat) and dropped.
 Heartbeats come from a thread of their own, so a driver blocked for seconds (a reload, `haproxy
 -c`, a Pen start) never makes a live applier look dead.
 
@@ -20,7 +25,8 @@ status stage turns into /metrics: `applies` ({proxy: {action: count}}: one per d
 every apply, resyncs and retries included, and `held` for every proxy each time a new plan is
 held), `haproxy_reloads` (reloads HAProxy was asked for, failed ones included) and
 `change_to_applied` (a LatencyHistogram of now - plan.changed_at, observed once per plan, at the
-first apply that changed something). They restart at 0 only when this stage does.
+first apply that changed something). They restart at 0 only when this stage does. Beside them,
+`plan_resyncs` counts the snapshots asked for because a plan summary disagreed with the keys.
 """
 from __future__ import annotations
 
@@ -36,10 +42,12 @@ from services.applier.driver import DriverResult, ProxyDriver
 from services.applier.haproxy_driver import HaproxyDriver
 from services.applier.nginx_driver import NginxDriver
 from services.applier.pen_driver import PenDriver
-from services.common.bus import HEARTBEAT_INTERVAL, Heartbeats, Message, Publisher, Subscriber
+from services.applier.plan_feed import PlanFeed
+from services.common.bus import HEARTBEAT_INTERVAL, Heartbeats, Publisher, Subscriber
 from services.common.config import Settings
 from services.common.latency import LatencyHistogram
-from services.common.model import SCHEMA_VERSION, ApplyResult, ModelError, Plan, ServiceDecoder
+from services.common.model import ApplyResult, Plan
+from services.common.wire import PLAN_PREFIX
 
 log = logging.getLogger("proxymatic.applier")
 
@@ -108,29 +116,6 @@ def should_retry(result: ApplyResult) -> bool:
                for d in result.details.values())
 
 
-def decode_plan(payload: dict, decoder: ServiceDecoder) -> Plan:
-    """The plan in a `plan` payload; ModelError for anything else (unknown schema, a hash that
-    does not match the content, any invalid field)."""
-    schema = payload.get("schema")
-    if schema != SCHEMA_VERSION:
-        raise ModelError(f"unknown schema version {schema!r:.20} (this is {SCHEMA_VERSION})")
-    plan = Plan.from_dict(payload, decoder)
-    if payload.get("hash") != plan.hash:
-        raise ModelError(f"hash {payload.get('hash')!r:.20} does not match the content ({plan.hash})")
-    return plan
-
-
-def newest_plan(messages: list[Message], subscriber: Subscriber, decoder: ServiceDecoder) -> Plan | None:
-    """The newest plan among `messages` that decodes (older queued plans are obsolete: they are
-    decoded only when a newer one is not a valid plan); every invalid one is dropped."""
-    for message in reversed(messages):
-        try:
-            return decode_plan(message.payload, decoder)
-        except Exception as error:  # any payload at all: never the end of the loop
-            subscriber.drop(message, f"{type(error).__name__}: {error}")
-    return None
-
-
 def result_payload(result: ApplyResult) -> dict:
     """The wire form of a result; a held plan's note also as `notes` (docs/bus.md)."""
     payload = result.to_dict()
@@ -154,6 +139,7 @@ class Health:
     # while the loop is inside a driver, so a driver stuck for good shows as a growing number.
     busy_since: float | None = None
     subscriber: Subscriber | None = None
+    plans: PlanFeed | None = None  # its `resyncs`: snapshots asked for because a summary disagreed
     # The counters (see the module's docstring), written by the loop under `counters_lock`.
     applies: dict[str, dict[str, int]] = field(default_factory=dict)
     haproxy_reloads: int = 0
@@ -190,7 +176,8 @@ class Health:
         return {"stage": "applier", "plan": self.plan, "ok": self.ok, "held": self.held,
                 "served_sources": list(self.served_sources),
                 "busy_seconds": round(time.monotonic() - busy_since, 1) if busy_since is not None else 0.0,
-                "dropped": self.subscriber.dropped if self.subscriber else 0, **counters}
+                "dropped": self.subscriber.dropped if self.subscriber else 0,
+                "plan_resyncs": self.plans.resyncs if self.plans else 0, **counters}
 
 
 def changed_something(result: ApplyResult) -> bool:
@@ -220,13 +207,13 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
     drivers = build_drivers(settings) if drivers is None else drivers
     topic = f"applied.{settings.node}"
     publisher = Publisher(ctx, f"applier@{settings.node}", settings.bus("applier"), heartbeat_interval)
-    subscriber = Subscriber(ctx, [settings.bus("planner")], ["plan"])
-    health = Health(subscriber=subscriber)
+    subscriber = Subscriber(ctx, [settings.bus("planner")], [PLAN_PREFIX])
+    plans = PlanFeed(subscriber, "applier")
+    health = Health(subscriber=subscriber, plans=plans)
     heartbeats = Heartbeats(publisher, health.payload).start()
     log.info("applier: plans from %s, results on %s as %s, drivers: %s", settings.bus("planner").pub,
              settings.bus("applier").pub, topic, ", ".join(d.name for d in drivers) or "none")
 
-    decoder = ServiceDecoder()
     pending: Plan | None = None  # the newest plan not applied yet
     current: Plan | None = None  # the plan the proxies were last converged to (or tried)
     held: Plan | None = None  # the newest plan held back for lacking a source of `current`
@@ -246,8 +233,7 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
             ready = dict(subscriber.poller(publisher.snapshot).poll(int(timeout * 1000)))
             if publisher.snapshot in ready:
                 publisher.serve_snapshots()
-            plans = [m for m in subscriber.drain(ready) if m.topic == "plan"]
-            pending = newest_plan(plans, subscriber, decoder) or pending
+            pending = plans.feed(subscriber.drain(ready)) or pending
 
             now = time.monotonic()
             if flush_at is not None and now >= flush_at and (pending is None or now - unflushed_since >= FLUSH_MAX):
