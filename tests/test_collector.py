@@ -14,6 +14,7 @@ from services.common.config import Settings
 from services.common.model import Service, SourceSnapshot
 from sim.pipeline import Pipeline
 from tests.helpers import wait_until
+from tests.keyed_watch import KeyedWatch
 
 WEB = Service.from_dict({"name": "web", "port": 1234, "servers": [{"ip": "10.0.0.1", "port": 80}]})
 
@@ -177,35 +178,33 @@ def test_collector_process_with_bad_source_urls_serves_the_file_source(tmp_path)
         json.dump({"services": [{"name": "web", "port": 1234, "servers": [{"host": "10.0.0.1", "port": 80}]}]},
                   handle)
     ctx = zmq.Context()
-    subscriber = Subscriber(ctx, [Settings(run_dir=pipeline.run_dir).bus("collector")], ["source."])
-    latest: dict[str, dict] = {}
+    watch = KeyedWatch([Settings(run_dir=pipeline.run_dir).bus("collector")], ["source."], ctx)
 
-    def heard() -> dict[str, dict]:
-        latest.update({m.topic: m.payload for m in subscriber.poll(0.05) if m.topic.startswith("source.")})
-        return latest
+    def heard() -> dict[str, SourceSnapshot]:
+        return watch.poll(0.05).snapshots
 
     try:
         pipeline.start()
-        wait_until(lambda: {"source.file", "source.marathon", "source.registrator"} <= heard().keys()
-                   and latest["source.file"]["state"] == "ok", timeout=30, message="every source published")
-        assert [(s["name"], s["port"]) for s in latest["source.file"]["services"]] == [("web", 1234)]
-        registrator, marathon = latest["source.registrator"], latest["source.marathon"]
-        assert (registrator["state"], registrator["services"]) == ("degraded", [])
-        assert registrator["error"] == ("cannot start: REGISTRATOR_URL: registrator URL "
-                                        "'etcd://u:***@h:99999/services': bad port '99999'")
-        assert (marathon["state"], marathon["services"]) == ("degraded", [])
-        assert marathon["error"].startswith("cannot start: MARATHON_URL: ")
+        wait_until(lambda: {"file", "marathon", "registrator"} <= heard().keys()
+                   and watch.snapshots["file"].state == "ok", timeout=30, message="every source published")
+        assert [(s.name, s.port) for s in watch.snapshots["file"].services] == [("web", 1234)]
+        registrator, marathon = watch.snapshots["registrator"], watch.snapshots["marathon"]
+        assert (registrator.state, registrator.services) == ("degraded", ())
+        assert registrator.error == ("cannot start: REGISTRATOR_URL: registrator URL "
+                                     "'etcd://u:***@h:99999/services': bad port '99999'")
+        assert (marathon.state, marathon.services) == ("degraded", ())
+        assert marathon.error.startswith("cannot start: MARATHON_URL: ")
         # the file source still follows changes: the collector is alive and well
         with open(pipeline.services_file + ".tmp", "w") as handle:
             json.dump({"services": [{"name": "api", "port": 2345, "servers": [{"host": "10.0.0.2", "port": 80}]}]},
                       handle)
         os.replace(pipeline.services_file + ".tmp", pipeline.services_file)
-        wait_until(lambda: [s["name"] for s in heard()["source.file"]["services"]] == ["api"], timeout=30,
+        wait_until(lambda: [s.name for s in heard()["file"].services] == ["api"], timeout=30,
                    message="the file change published")
-        assert pipeline.processes["collector"].poll() is None
-        assert "s3cret" not in json.dumps(latest) and "s3cret" not in pipeline.log("collector")
+        assert pipeline.processes["collector"].poll() is None and watch.errors == [] and watch.resyncs == 0
+        assert "s3cret" not in json.dumps(watch.summaries) and "s3cret" not in pipeline.log("collector")
     finally:
-        subscriber.close()
+        watch.close()
         ctx.term()
         pipeline.cleanup()
 
@@ -246,11 +245,11 @@ def test_the_publish_loop_survives_a_bug_with_one_message(tmp_path, monkeypatch,
 
     real_summarize, calls = main.summarize, []
 
-    def summarize_once_broken(payload):
-        calls.append(payload["source"] if "source" in payload else payload)
+    def summarize_once_broken(snapshot, hash_):
+        calls.append(snapshot.source)
         if len(calls) == 1:
             raise RuntimeError("a bug with this message")
-        return real_summarize(payload)
+        return real_summarize(snapshot, hash_)
 
     monkeypatch.setattr(main, "summarize", summarize_once_broken)
     settings = Settings(run_dir=str(tmp_path))

@@ -17,19 +17,21 @@ from services.collector import main as collector_main
 from services.collector.cache import SourceCache
 from services.collector.exclusions import ExcludedCheck
 from services.collector.file_source import FileSource
-from services.collector.main import SourceRunner, _publish
+from services.collector.main import SourceReport, SourceRunner, _publish
 from services.collector.marathon import MarathonSource
 from services.collector.marathon_parse import ServiceBuilder, build_services, parse_app
 from services.collector.registrator import RegistratorSource
 from services.collector.registrator_parse import parse_tree
 from services.collector.source import Discovery, Source
-from services.common.bus import Endpoint, Publisher, Subscriber
+from services.common.bus import Endpoint, Message, Publisher, Subscriber
 from services.common.config import Settings
-from services.common.model import Excluded, Plan, Service, SourceSnapshot
+from services.common.model import Excluded, Plan, Server, Service, SourceSnapshot
+from services.common.wire import SnapshotSender, snapshot_follower
 from services.planner import main as planner
 from services.planner.policy import make_plan
 from sim.pipeline import Pipeline
 from tests.helpers import free_port, wait_until
+from tests.keyed_watch import KeyedWatch
 from tests.marathon_helpers import FAST, drive_until, servers, sim  # noqa: F401  (sim: a fixture)
 
 LABEL = "com.meltwater.proxymatic.port.0."
@@ -295,11 +297,19 @@ class Scripted(Source):
 
 
 class FakePublisher:
-    def __init__(self):
+    """Records what a collector publishes, and follows it as the planner would."""
+
+    def __init__(self, source: str = "file"):
         self.sent: list[tuple[str, dict]] = []
+        self.follower = snapshot_follower(source)
+        self.snapshots: list[SourceSnapshot] = []
 
     def publish(self, topic: str, payload: dict) -> None:
         self.sent.append((topic, payload))
+        built = self.follower.absorb(Message(topic, len(self.sent), 0.0, "collector@t", "e", payload))
+        assert not self.follower.needs_resync
+        if built is not None:
+            self.snapshots.append(built)
 
 
 def test_changed_at_moves_with_the_services_only_and_an_exclusion_alone_is_published(tmp_path):
@@ -308,17 +318,43 @@ def test_changed_at_moves_with_the_services_only_and_an_exclusion_alone_is_publi
                       (300.0, Discovery((moved,))))
     updates: queue.Queue = queue.Queue()
     runner = SourceRunner(source, 60, updates, threading.Event())
-    publisher, cache, last, summaries = FakePublisher(), SourceCache(str(tmp_path)), {}, {}
+    publisher, cache, channels, summaries = FakePublisher(), SourceCache(str(tmp_path)), {}, {}
     for _ in range(3):
         runner._round()
-        _publish(updates.get_nowait(), publisher, cache, last, summaries)
-    assert [(p["changed_at"], [e["code"] for e in p["excluded"]]) for _, p in publisher.sent] == [
+        _publish(updates.get_nowait(), publisher, cache, channels, summaries)
+    assert [(s.changed_at, [e.code for e in s.excluded]) for s in publisher.snapshots] == [
         (100.0, ["health_unknown"]), (100.0, []), (300.0, [])]
+    assert [s.services for s in publisher.snapshots] == [(WEB,), (WEB,), (moved,)]
+    # each change is the key that changed, then the summary
+    assert [topic for topic, _ in publisher.sent] == ["source.file:1234/tcp", "source.file"] * 3
+    assert summaries["file"] == {"state": "ok", "error": "", "services": 1, "hash": moved.digest, "warnings": []}
     # the same answer again: nothing new on the bus
     source.answers.append((400.0, Discovery((moved,))))
     runner._round()
-    _publish(updates.get_nowait(), publisher, cache, last, summaries)
-    assert len(publisher.sent) == 3
+    _publish(updates.get_nowait(), publisher, cache, channels, summaries)
+    assert len(publisher.sent) == 6
+
+
+def test_a_change_costs_one_key_whatever_the_number_of_services(tmp_path):
+    """Keyed states: one service changed among 1,000 is one key message and the summary; a
+    service gone is a tombstone; a restarted collector (a new channel) sends every key."""
+    services = [Service.from_dict({"name": f"app{i}", "port": 10000 + i, "servers": [{"ip": "10.0.0.1", "port": 80}]})
+                for i in range(1000)]
+    publisher, cache, channels, summaries = FakePublisher(), SourceCache(str(tmp_path)), {}, {}
+
+    def publish(services_now) -> list[str]:
+        before = len(publisher.sent)
+        snapshot = SourceSnapshot("file", "ok", tuple(services_now), changed_at=1.0)
+        _publish(SourceReport(snapshot, live=True), publisher, cache, channels, summaries)
+        return [topic for topic, _ in publisher.sent[before:]]
+
+    assert len(publish(services)) == 1001
+    changed = services[500].with_servers([Server("10.0.0.2", 80)])
+    assert publish([*services[:500], changed, *services[501:]]) == ["source.file:10500/tcp", "source.file"]
+    assert publish([*services[:500], changed, *services[501:999]]) == ["source.file:10999/tcp", "source.file"]
+    assert publisher.sent[-2][1] == {"deleted": True}
+    latest = publisher.snapshots[-1]
+    assert len(latest.services) == 999 and changed in latest.services and latest.hash == summaries["file"]["hash"]
 
 
 def test_hostile_exclusions_are_made_safe_before_the_bus():
@@ -404,45 +440,45 @@ def test_planner_publishes_when_only_exclusions_change_never_for_changed_at_alon
     settings = Settings(run_dir=tempfile.mkdtemp(prefix="pm"), services_file="/x", node_name="t")
     ctx = zmq.Context.instance()
     collector = Publisher(ctx, "collector@t", settings.bus("collector"), heartbeat_interval=0.1)
-    plans = Subscriber(ctx, [settings.bus("planner")], ["plan", "heartbeat.planner"])
+    sender = SnapshotSender(collector, "file")
+    watch = KeyedWatch([settings.bus("planner")], ["plan", "heartbeat.planner"], ctx)
     stop = threading.Event()
     thread = threading.Thread(target=planner.run, args=(settings, stop), kwargs={"heartbeat_interval": 0.1},
                               daemon=True)
     thread.start()
-    received: list[Plan] = []
-    beats: list[dict] = []
+    received = watch.plans
 
     def pump():
         collector.serve_snapshots()
         collector.heartbeat()
-        for message in plans.poll(0.02):
-            if message.is_heartbeat:
-                beats.append(message.payload)
-            elif message.topic == "plan":
-                received.append(Plan.from_dict(message.payload))
+        watch.poll(0.02)
         return received
 
+    def beat() -> dict:
+        return watch.beats.get("planner@t", {})
+
     def snapshot(excluded=(), changed_at=10.0):
-        return SourceSnapshot("file", "ok", (WEB,), excluded=excluded, changed_at=changed_at).to_dict()
+        return SourceSnapshot("file", "ok", (WEB,), excluded=excluded, changed_at=changed_at)
 
     try:
-        collector.publish("source.file", snapshot())
+        sender.publish(snapshot())
         wait_until(pump, message="first plan")
         assert received[-1].changed_at == 10.0 and received[-1].excluded == ()
-        collector.publish("source.file", snapshot(excluded=(WAITING,)))
+        sender.publish(snapshot(excluded=(WAITING,)))
         wait_until(lambda: pump() and received[-1].excluded == (WAITING,), message="a plan for the exclusion alone")
         assert len({p.hash for p in received}) == 1
         count = len(received)
-        collector.publish("source.file", snapshot(excluded=(WAITING,), changed_at=20.0))  # when, not what
-        collector.publish("source.file", snapshot())  # a marker: this one is published
+        sender.publish(snapshot(excluded=(WAITING,), changed_at=20.0))  # when, not what
+        sender.publish(snapshot())  # a marker: this one is published
         wait_until(lambda: pump() and received[-1].excluded == (), message="the marker plan")
         assert len(received) == count + 1
-        wait_until(lambda: pump() is not None and beats and beats[-1].get("plans_published") == len(received),
+        wait_until(lambda: pump() is not None and beat().get("plans_published") == len(received),
                    message="plans_published in the heartbeat")
+        assert watch.resyncs == 0 and beat()["resyncs"] == 0 and watch.errors == []
     finally:
         stop.set()
         thread.join(5)
-        plans.close()
+        watch.close()
         collector.close()
 
 
@@ -456,17 +492,14 @@ def test_unhealthy_task_and_bad_label_reach_the_plan_while_the_rest_is_served(si
     first, second, third = sim.task_ids("/shop/web")
     pipeline = Pipeline(["--marathon", sim.url, "--status-endpoint", ""], programs=("planner", "collector"))
     ctx = zmq.Context()
-    watch = Subscriber(ctx, [Endpoint.parse(f"ipc://{pipeline.run_dir}/bus/{stage}.pub")
-                             for stage in ("collector", "planner")], ["plan", "heartbeat."])
-    latest: dict = {}
+    watch = KeyedWatch([Endpoint.parse(f"ipc://{pipeline.run_dir}/bus/{stage}.pub")
+                        for stage in ("collector", "planner")], ["plan", "heartbeat."], ctx)
 
     def newest(key: str):
-        for message in watch.poll(0.05):
-            if message.is_heartbeat:
-                latest[message.payload.get("stage")] = message.payload
-            else:
-                latest["plan"] = Plan.from_dict(message.payload)
-        return latest.get(key)
+        watch.poll(0.05)
+        if key == "plan":
+            return watch.plan
+        return next((beat for beat in watch.beats.values() if beat.get("stage") == key), None)
 
     try:
         pipeline.start()

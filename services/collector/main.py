@@ -1,5 +1,6 @@
-"""The collector stage: runs every configured discovery source and publishes one snapshot per
-source on the bus (topic `source.<name>`).
+"""The collector stage: runs every configured discovery source and publishes each source's
+snapshot on the bus as a keyed state: one message per changed service on `source.<name>:<key>`,
+then the source's summary on `source.<name>` (docs/bus.md, Keyed states).
 
 Each source runs in its own thread, so one that fails or hangs never delays another. A source
 that fails keeps its last good services in the published snapshot, marked `degraded`: a
@@ -26,6 +27,7 @@ from services.collector.source import BrokenSource, Discovery, Source, SourceBro
 from services.common.bus import Publisher
 from services.common.config import Settings
 from services.common.model import SourceSnapshot
+from services.common.wire import SnapshotSender, entries_by_key
 from services.common.redact import redact
 
 log = logging.getLogger("proxymatic.collector")
@@ -229,10 +231,11 @@ class SourceRunner:
         self.updates.put(SourceReport(snapshot, live=False))
 
 
-def summarize(payload: dict) -> dict:
-    """A source snapshot in brief, for heartbeats and /status/details."""
-    return {"state": payload["state"], "error": payload["error"], "services": len(payload["services"]),
-            "hash": payload["hash"], "warnings": payload["warnings"][:50]}
+def summarize(snapshot: SourceSnapshot, hash_: str) -> dict:
+    """A source snapshot in brief, for heartbeats and /status/details (`hash_`: its hash, as the
+    sender keeps it up to date, never recomputed over every service)."""
+    return {"state": snapshot.state, "error": snapshot.error, "services": len(snapshot.services),
+            "hash": hash_, "warnings": list(snapshot.warnings[:50])}
 
 
 def with_counters(summaries: dict[str, dict], sources: list[Source]) -> dict[str, dict]:
@@ -263,20 +266,37 @@ def _check_runners(runners: list[tuple[SourceRunner, threading.Thread]]) -> None
             runners[index] = (runner, _start(runner))
 
 
-def _publish(report: SourceReport, publisher: Publisher, cache: SourceCache, last_published: dict[str, dict],
+@dataclass
+class SourceChannel:
+    """One source on the bus for the collector's life: its keyed sender (services/common/wire.py)
+    and what its last summary said besides the keys."""
+
+    sender: SnapshotSender
+    head: tuple | None = None
+
+
+def _publish(report: SourceReport, publisher: Publisher, cache: SourceCache, channels: dict[str, SourceChannel],
              summaries: dict[str, dict]) -> None:
+    """Publish a source's snapshot as a keyed state: only the services (and excluded entries)
+    that changed, then its summary. Sources re-report after every wake-up; only real changes go
+    on the bus (a new `changed_at` alone is one: the summary carries it)."""
     snapshot = report.snapshot
     if report.live:
         cache.remember(snapshot)
-    payload = snapshot.to_dict()
-    # Sources re-report after every wake-up; only real changes go on the bus.
-    if last_published.get(snapshot.source) != payload:
-        summary = summarize(payload)
-        publisher.publish(f"source.{snapshot.source}", payload)
-        last_published[snapshot.source] = payload
-        summaries[snapshot.source] = summary
-        log.info("source %s: %s, %d services, %d excluded, hash %s", snapshot.source, snapshot.state,
-                 len(snapshot.services), len(snapshot.excluded), payload["hash"])
+    channel = channels.get(snapshot.source)
+    if channel is None:
+        channel = channels[snapshot.source] = SourceChannel(SnapshotSender(publisher, snapshot.source))
+    entries, keyless = entries_by_key(snapshot.services, snapshot.excluded, channel.sender.sender.last)
+    head = (snapshot.state, snapshot.error, snapshot.warnings, snapshot.changed_at, keyless)
+    changed, gone = channel.sender.sender.changes(entries)
+    if head == channel.head and not changed and not gone:
+        return
+    sent = channel.sender.publish(snapshot)
+    channel.head = head
+    summaries[snapshot.source] = summarize(snapshot, sent.hash)
+    log.info("source %s: %s, %d services, %d excluded, hash %s (%d keys changed, %d gone)", snapshot.source,
+             snapshot.state, len(snapshot.services), len(snapshot.excluded), sent.hash, len(sent.changed),
+             len(sent.gone))
 
 
 def run(settings: Settings, stop: threading.Event, sources: list[Source] | None = None) -> None:
@@ -296,9 +316,10 @@ def run(settings: Settings, stop: threading.Event, sources: list[Source] | None 
                               Discovery(saved.services) if saved else None)
         runners.append((runner, _start(runner)))
     log.info("collector: sources %s, publishing on %s", [s.name for s in sources], settings.bus("collector").pub)
-    last_published: dict[str, dict] = {}
+    # One keyed sender per source, for the process's life (it knows what the bus was told).
+    channels: dict[str, SourceChannel] = {}
     # Each source's state in a few fields, on every heartbeat: the status stage reads it there
-    # instead of decoding every full snapshot.
+    # instead of following every source's keys.
     summaries: dict[str, dict] = {s.name: {"state": "initializing"} for s in sources}
     try:
         while not stop.is_set():
@@ -314,7 +335,7 @@ def run(settings: Settings, stop: threading.Event, sources: list[Source] | None 
                 except queue.Empty:
                     cache.flush()  # only when idle: saving never delays publishing a change
                     continue
-                _publish(report, publisher, cache, last_published, summaries)
+                _publish(report, publisher, cache, channels, summaries)
             except Exception:  # noqa: BLE001
                 log.error("collector: error in the publish loop\n%s", redact(traceback.format_exc()))
                 stop.wait(0.05)  # a fault that repeats is not a hot loop
