@@ -3,12 +3,18 @@
 A message it cannot show (malformed frames, another bus version, a payload of unexpected
 shape) is logged as a warning on stderr, counted and skipped: the tap never dies on one.
 
-`--diff`: every data message is a full state, so the tap remembers the last one per topic and
-prints, under the message's line, what changed since it: one line per service or server added
-(`+`), removed (`-`) or changed (`~`, old → new), each naming the service key and name and the
-server's `ip:port`:
+Sources and the plan are keyed states (docs/bus.md): one message per service that changed, on
+`plan:<port>/<protocol>` (`source.<name>:<port>/<protocol>`), then the summary on `plan`
+(`source.<name>`). A key message shows its service (`web 2 servers`, `deleted` for a
+tombstone), a summary the hash, the count of services, the sources ready and the notes.
 
-    12:48:31.957 source.file   seq=2   collector@vm   ok services=1 hash=812ee0ac095e4316
+`--diff`: the tap remembers the last message per topic and prints, under the message's line,
+what changed since it: for a key message, the service and its servers added (`+`), removed
+(`-`) or changed (`~`, old → new), each naming the service key and name and the server's
+`ip:port` (a tombstone removes the service); for a summary, its fields (sources ready, notes,
+settings, state, error...):
+
+    12:48:31.957 source.file:10080/tcp seq=2   collector@vm   demo-web 2 servers
       - 10080/tcp demo-web: 127.0.0.1:40001 weight 500
       + 10080/tcp demo-web: 127.0.0.1:40003 weight 500
       ~ 10080/tcp demo-web: 127.0.0.1:40002 weight 500 → 250
@@ -32,12 +38,27 @@ import zmq
 
 from services.common.bus import Endpoint, Message, Subscriber
 from services.common.config import Settings
+from services.common.keyed import is_tombstone, split_topic
 
 log = logging.getLogger("proxymatic.tap")
 
 #: A first message whose full state takes more lines than this is summed up in one line.
 FIRST_STATE_LINES = 40
 ARROW = "\u2192"
+
+
+def _service_text(payload: dict) -> str:
+    """A key message: `web 2 servers`, `deleted`, `no service, 3 excluded`."""
+    if is_tombstone(payload):
+        return "deleted"
+    service, excluded = payload.get("service"), payload.get("excluded") or []
+    if service is None:
+        text = "no service"
+    elif not isinstance(service, dict):
+        raise ValueError(f"service is a {type(service).__name__}")
+    else:
+        text = f"{_show(str(service.get('name', '')))} {_count(service)}"
+    return text + (f", {len(excluded)} excluded" if excluded else "")
 
 
 def summarize(message: Message) -> str:
@@ -48,16 +69,19 @@ def summarize(message: Message) -> str:
             return ",".join(f"{k}:{v.get('state')}" for k, v in sorted(value.items())) if isinstance(value, dict) else value
         extra = " ".join(f"{k}={brief(v)}" for k, v in sorted(p.items()) if k not in ("interval",))
         return f"alive {extra}"
+    prefix, key = split_topic(message.topic)
+    if key is not None and (prefix == "plan" or prefix.startswith("source.")):
+        return _service_text(p)
     if message.topic.startswith("source."):
-        text = f"{p.get('state')} services={len(p.get('services', []))} hash={p.get('hash')}"
+        text = f"{p.get('state')} services={p.get('count')} hash={p.get('hash')}"
         if p.get("error"):
             text += f" error={p['error']!r}"
         if p.get("warnings"):
             text += f" warnings={len(p['warnings'])}"
         return text
     if message.topic == "plan":
-        ports = ",".join(f"{s['port']}/{s['protocol']}:{len(s['servers'])}" for s in p.get("services", []))
-        return f"hash={p.get('hash')} services=[{ports}] ready={p.get('sources_ready')} notes={len(p.get('notes', []))}"
+        return (f"hash={p.get('hash')} services={p.get('count')} ready={p.get('sources_ready')} "
+                f"notes={len(p.get('notes') or [])}")
     if message.topic.startswith("applied."):
         text = f"plan={p.get('plan_hash')} ok={p.get('ok')} action={p.get('action')}"
         if p.get("errors"):
@@ -161,10 +185,6 @@ def _count(service: dict) -> str:
     return f"{count} server" + ("" if count == 1 else "s")
 
 
-def _services(payload: dict) -> dict[str, dict]:
-    return {f"{s['port']}/{s.get('protocol', 'tcp')}": s for s in payload.get("services") or []}
-
-
 def _item_text(item: object) -> str:
     if isinstance(item, dict) and "code" in item:  # an Excluded entry
         where = " ".join(str(item[k]) for k in ("key", "service", "address", "app", "task") if item.get(k))
@@ -181,53 +201,77 @@ def _added_service(key: str, service: dict) -> list[Change]:
     return changes
 
 
+def _service_of(payload: dict | None) -> dict | None:
+    """The service a key message carries (None for a tombstone or a key with none)."""
+    if payload is None or is_tombstone(payload):
+        return None
+    service = payload.get("service")
+    if service is not None and not isinstance(service, dict):
+        raise ValueError(f"service is a {type(service).__name__}")
+    return service
+
+
+def _diff_service(key: str, was: dict | None, now: dict | None) -> list[Change]:
+    if now is None:
+        return [] if was is None else [Change("-", key, str(was.get("name", "")), old=f"({_count(was)})")]
+    if was is None:
+        return _added_service(key, now)
+    changes: list[Change] = []
+    name = str(now.get("name", ""))
+    for field in SERVICE_FIELDS:
+        if was.get(field) != now.get(field):
+            changes.append(Change("~", key, name, field=field, old=was.get(field), new=now.get(field)))
+    old_servers, new_servers = _servers(was), _servers(now)
+    for address in sorted(set(old_servers) | set(new_servers)):
+        if address not in new_servers:
+            changes.append(Change("-", key, name, address, old=_server_text(old_servers[address])))
+        elif address not in old_servers:
+            changes.append(Change("+", key, name, address, new=_server_text(new_servers[address])))
+        else:
+            for field in SERVER_FIELDS:
+                a, b = old_servers[address].get(field), new_servers[address].get(field)
+                if a != b:
+                    changes.append(Change("~", key, name, address, field, a, b))
+    return changes
+
+
+def _list_changes(field: str, old: dict | None, new: dict | None) -> list[Change]:
+    """Items of the list `field` removed (-) and added (+), shown one by one."""
+    before = [_item_text(i) for i in (old or {}).get(field) or []]
+    after = [_item_text(i) for i in (new or {}).get(field) or []]
+    label = field[:-1] if field.endswith("s") else field  # one warning, one note, one error
+    return ([Change("-", field=label, old=i) for i in before if i not in set(after)]
+            + [Change("+", field=label, new=i) for i in after if i not in set(before)])
+
+
+def is_key_topic(topic: str) -> bool:
+    """`plan:1234/tcp`, `source.file:1234/tcp`: one service of a keyed state."""
+    prefix, key = split_topic(topic)
+    return key is not None and _kind(prefix) in ("source", "plan")
+
+
 def diff_payloads(topic: str, old: dict | None, new: dict) -> list[Change]:
     """What changed from `old` to `new` (both payloads of `topic`); everything in `new` as
-    additions when `old` is None."""
+    additions when `old` is None. A key message is compared with the previous one of its key
+    (a tombstone removes the service); a summary field by field."""
+    if is_key_topic(topic):
+        key = split_topic(topic)[1] or ""
+        old_entry = None if old is None or is_tombstone(old) else old
+        new_entry = None if is_tombstone(new) else new
+        return (_diff_service(key, _service_of(old_entry), _service_of(new_entry))
+                + _list_changes("excluded", old_entry, new_entry))
     kind = _kind(topic)
     changes: list[Change] = []
     if old is not None:
         for field in SCALARS.get(kind, ()):
             if old.get(field) != new.get(field):
                 changes.append(Change("~", field=field, old=old.get(field), new=new.get(field)))
-    if kind in ("source", "plan"):
-        before = _services(old) if old is not None else {}
-        after = _services(new)
-        for key in sorted(set(before) | set(after), key=lambda k: (int(k.split("/")[0]), k)):
-            if key not in after:
-                service = before[key]
-                changes.append(Change("-", key, str(service.get("name", "")),
-                                      old=f"({_count(service)})"))
-                continue
-            if key not in before:
-                changes += _added_service(key, after[key])
-                continue
-            was, now = before[key], after[key]
-            name = str(now.get("name", ""))
-            for field in SERVICE_FIELDS:
-                if was.get(field) != now.get(field):
-                    changes.append(Change("~", key, name, field=field, old=was.get(field), new=now.get(field)))
-            old_servers, new_servers = _servers(was), _servers(now)
-            for address in sorted(set(old_servers) | set(new_servers)):
-                if address not in new_servers:
-                    changes.append(Change("-", key, name, address, old=_server_text(old_servers[address])))
-                elif address not in old_servers:
-                    changes.append(Change("+", key, name, address, new=_server_text(new_servers[address])))
-                else:
-                    for field in SERVER_FIELDS:
-                        a, b = old_servers[address].get(field), new_servers[address].get(field)
-                        if a != b:
-                            changes.append(Change("~", key, name, address, field, a, b))
-    elif kind not in SCALARS and old is not None:  # a topic of some other kind: its top-level fields
+    if kind not in SCALARS and old is not None:  # a topic of some other kind: its top-level fields
         for field in sorted(set(old) | set(new)):
             if old.get(field) != new.get(field):
                 changes.append(Change("~", field=field, old=old.get(field), new=new.get(field)))
     for field in LISTS.get(kind, ()):
-        before_items = [_item_text(i) for i in (old or {}).get(field) or []]
-        after_items = [_item_text(i) for i in new.get(field) or []]
-        label = field[:-1] if field.endswith("s") else field  # one warning, one note, one error
-        changes += [Change("-", field=label, old=i) for i in before_items if i not in set(after_items)]
-        changes += [Change("+", field=label, new=i) for i in after_items if i not in set(before_items)]
+        changes += _list_changes(field, old, new)
     return changes
 
 
@@ -244,16 +288,18 @@ class Differ:
         changes = diff_payloads(message.topic, old, message.payload)
         self.previous[message.topic] = message.payload
         if old is None and len(changes) > self.first_state_lines:
-            services = message.payload.get("services") or []
-            servers = sum(len(s.get("servers") or []) for s in services)
-            return changes, (f"first message on {message.topic}: {len(services)} services, {servers} servers "
-                             f"({len(changes)} lines not shown); changes follow")
-        if old is not None and not changes:
+            what = _service_text(message.payload) if is_key_topic(message.topic) else "its fields"
+            return changes, (f"first message on {message.topic}: {what} ({len(changes)} lines not shown); "
+                             "changes follow")
+        # A summary whose keys changed but not its own fields needs no line of its own.
+        summary = not is_key_topic(message.topic) and _kind(message.topic) in ("source", "plan")
+        if old is not None and not changes and not summary:
             return changes, "no change in content"
         return changes, ""
 
     def render(self, message: Message, as_json: bool) -> str:
         first = message.topic not in self.previous
+        line = "" if as_json else format_line(message)  # first: a payload it cannot show is not remembered
         changes, summary = self.changes(message)
         if as_json:
             document = {"topic": message.topic, "seq": message.seq, "ts": message.ts, "sender": message.sender,
@@ -261,7 +307,7 @@ class Differ:
             if summary:
                 document["summary"] = summary
             return json.dumps(document, sort_keys=True, default=str)
-        lines = [format_line(message)]
+        lines = [line]
         lines += [f"  ({summary})"] if summary else [f"  {change.text()}" for change in changes]
         return "\n".join(lines)
 

@@ -18,6 +18,7 @@ from services.applier import main as applier
 from services.common.bus import Endpoint, Publisher, Subscriber
 from services.common.config import Settings
 from services.common.model import Plan, ProxySettings, Service, SourceSnapshot
+from services.common.wire import PlanSender
 from services.planner import main as planner
 from tests.helpers import RecordingDriver, wait_until
 from tests.test_bus import HOSTILE_FRAMES, raw_body
@@ -31,41 +32,63 @@ def service(port: int, servers: int = 1, source: str = "file") -> Service:
         {"ip": f"10.0.0.{i + 1}", "port": 80} for i in range(servers)]})
 
 
-def snapshot(servers: int, source: str = "file") -> dict:
-    return SourceSnapshot(source, "ok", (service(1234, servers, source),)).to_dict()
+def snapshot(servers: int, source: str = "file") -> SourceSnapshot:
+    return SourceSnapshot(source, "ok", (service(1234, servers, source),))
 
 
-def good_plan(port: int) -> dict:
-    return Plan((service(port),), ProxySettings(), sources_ready=("file",)).to_dict()
+def good_plan(port: int) -> Plan:
+    return Plan((service(port),), ProxySettings(), sources_ready=("file",))
 
 
-# Payloads with a valid envelope that are not snapshots / plans.
-BAD_SNAPSHOTS = [
-    ("source.file", {**snapshot(1), "schema": 2}),
-    ("source.file", {k: v for k, v in snapshot(1).items() if k != "schema"}),
-    ("source.file", {**snapshot(1), "services": "x"}),
-    ("source.file", {**snapshot(1), "services": [5, None]}),
-    ("source.file", {**snapshot(1), "state": 5}),
-    ("source.file", {**snapshot(1), "warnings": 3}),
-    ("source.file", {**snapshot(1), "source": None}),
-    ("source.file", snapshot(1, source="marathon")),            # topic and source disagree
-    ("source.nope", {**snapshot(1), "source": "nope"}),
-    ("source.file", {"schema": 1}),                             # missing fields
-    ("source.file", {**snapshot(1), "services": [{**snapshot(1)["services"][0], "servers": [{"ip": 7}]}]}),
-    ("source.file", {**snapshot(1), "services": [{"nested": [[[[[]]]]]}]}),
-]
-BAD_PLANS = [
-    {**good_plan(2000), "schema": 99},
-    {**good_plan(2000), "hash": "0000000000000000"},             # does not match the content
-    {**good_plan(2000), "services": "x"},
-    {**good_plan(2000), "services": [1]},
-    {**good_plan(2000), "settings": {"max_connections": "many"}},
-    {**good_plan(2000), "settings": []},
-    {**good_plan(2000), "sources_ready": 5},
-    {**good_plan(2000), "inputs": ["x"]},
-    {**good_plan(2000), "notes": {"a": 1}},
-    {"schema": 1},
-]
+def bad_snapshot_messages(source_hash: str) -> list[tuple[str, dict]]:
+    """Keyed source messages with a valid envelope that do not decode, or name an unknown
+    source: keys, and summaries that carry the right hash (one that did not would make the
+    planner resync, not drop)."""
+    summary = {"schema": 2, "source": "file", "state": "ok", "error": "", "warnings": [], "count": 1,
+               "hash": source_hash, "changed_at": 0.0, "excluded": []}
+    key = {"schema": 2, "service": service(1234).to_dict(), "excluded": []}
+    return [
+        ("source.file:1234/tcp", {**key, "schema": 1}),
+        ("source.file:1234/tcp", {k: v for k, v in key.items() if k != "schema"}),
+        ("source.file:1234/tcp", {**key, "service": "x"}),
+        ("source.file:1234/tcp", {**key, "service": {**key["service"], "servers": [{"ip": 7}]}}),
+        ("source.file:1234/tcp", {**key, "service": service(2001).to_dict()}),  # another key's service
+        ("source.file:1234/tcp", {**key, "excluded": 5}),
+        ("source.file:1234/tcp", {"schema": 2, "service": {"nested": [[[[[]]]]]}}),
+        ("source.file", {**summary, "schema": 1}),
+        ("source.file", {k: v for k, v in summary.items() if k != "schema"}),
+        ("source.file", {**summary, "state": 5}),
+        ("source.file", {**summary, "warnings": 3}),
+        ("source.file", {**summary, "source": None}),
+        ("source.file", {**summary, "source": "marathon"}),                  # topic and source disagree
+        ("source.file", {**summary, "excluded": "x"}),
+        ("source.file", {**summary, "changed_at": "soon"}),
+        ("source.nope", {**summary, "source": "nope"}),
+        ("source.nope:1234/tcp", key),
+    ]
+def bad_plan_messages(services_hash: str) -> list[tuple[str, dict]]:
+    """Keyed plan messages with a valid envelope that do not decode: keys, and summaries that
+    carry the right services_hash (one that did not would make the applier resync, not drop)."""
+    good = {"schema": 2, "hash": Plan((service(2000),), ProxySettings(), sources_ready=("file",)).hash,
+            "services_hash": services_hash, "count": 1, "settings": ProxySettings().to_dict(), "inputs": {},
+            "sources_ready": ["file"], "notes": [], "changed_at": 0.0, "excluded": []}
+    key = {"schema": 2, "service": service(2000).to_dict(), "excluded": []}
+    return [
+        ("plan:2000/tcp", {**key, "schema": 99}),
+        ("plan:2000/tcp", {**key, "service": "x"}),
+        ("plan:2000/tcp", {**key, "service": {**key["service"], "servers": [{"ip": 7}]}}),
+        ("plan:2000/tcp", {**key, "service": service(2001).to_dict()}),   # another key's service
+        ("plan:2000/tcp", {**key, "excluded": 5}),
+        ("plan:2000/tcp", {"schema": 2, "service": {"nested": [[[[[]]]]]}}),
+        ("plan", {**good, "schema": 99}),
+        ("plan", {**good, "hash": "0000000000000000"}),               # does not match the content
+        ("plan", {**good, "settings": {"max_connections": "many"}}),
+        ("plan", {**good, "settings": []}),
+        ("plan", {**good, "sources_ready": 5}),
+        ("plan", {**good, "inputs": ["x"]}),
+        ("plan", {**good, "notes": {"a": 1}}),
+        ("plan", {**good, "excluded": "x"}),
+    ]
 
 
 class Beats:
@@ -105,9 +128,12 @@ def feed(upstream: Publisher, beats: Beats, hostile: list, expected_dropped: int
 
 
 def test_planner_survives_any_message_and_plans_the_next_good_one(caplog):
+    from services.common.wire import SnapshotSender
+
     settings = Settings(run_dir=tempfile.mkdtemp(prefix="pm"), services_file="/x", node_name="t")
     ctx = zmq.Context.instance()
     collector = Publisher(ctx, "collector@t", settings.bus("collector"), heartbeat_interval=BEAT)
+    sender = SnapshotSender(collector, "file")
     beats = Beats(ctx, settings, "planner", "plan")
     stop = threading.Event()
     thread = threading.Thread(target=planner.run, args=(settings, stop), kwargs={"heartbeat_interval": BEAT},
@@ -118,20 +144,23 @@ def test_planner_survives_any_message_and_plans_the_next_good_one(caplog):
         collector.serve_snapshots()
         collector.heartbeat()
         beats.poll()
-        return [Plan.from_dict(m.payload) for m in beats.data if m.topic == "plan"]
+        return [m.payload for m in beats.data if m.topic == "plan"]
 
     try:
-        collector.publish("source.file", snapshot(1))
+        first = sender.publish(snapshot(1))
         wait_until(plans, message="first plan")
-        hostile = on_topic(b"source.file") + BAD_SNAPSHOTS
+        hostile = on_topic(b"source.file") + on_topic(b"source.file:1234/tcp") + bad_snapshot_messages(first.hash)
         dropped = feed(collector, beats, hostile, 0)
         # Hostile heartbeats are not dropped (their bad fields are ignored), and kill nothing.
         collector.send_frames([b"heartbeat.evil", raw_body(sender="evil", payload={"interval": "x"})])
-        collector.publish("source.file", snapshot(3))
-        wait_until(lambda: len(plans()[-1].services[0].servers) == 3, message="the good snapshot planned")
+        sender.publish(snapshot(3))
+        good = Plan((service(1234, 3),), ProxySettings()).hash
+        wait_until(lambda: plans()[-1]["hash"] == good, message="the good snapshot planned")
         assert thread.is_alive() and beats.latest["dropped"] == dropped == len(hostile)
-        assert "unknown schema version 2" in caplog.text and "from collector@t" in caplog.text
+        assert beats.latest["resyncs"] == 0 and len(plans()) == 2
+        assert "unknown schema 1 (this is 2)" in caplog.text and "from collector@t" in caplog.text
         assert "snapshot of source 'marathon' on topic 'source.file'" in caplog.text
+        assert "unknown source 'nope'" in caplog.text and "carries service 2001/tcp" in caplog.text
     finally:
         stop.set()
         thread.join(10)
@@ -145,6 +174,7 @@ def test_applier_survives_any_message_and_applies_the_next_good_one(caplog):
     settings = Settings(run_dir=tempfile.mkdtemp(prefix="pm"), node_name="n")
     ctx = zmq.Context.instance()
     planner_stand_in = Publisher(ctx, "planner@n", settings.bus("planner"), heartbeat_interval=BEAT)
+    plans = PlanSender(planner_stand_in)
     beats = Beats(ctx, settings, "applier", "applied.")
     driver = RecordingDriver()
     stop = threading.Event()
@@ -160,16 +190,19 @@ def test_applier_survives_any_message_and_applies_the_next_good_one(caplog):
 
     try:
         first = good_plan(2000)
-        planner_stand_in.publish("plan", first)
-        wait_until(lambda: first["hash"] in applied(), message="first plan applied")
-        hostile = on_topic(b"plan") + [("plan", p) for p in BAD_PLANS]
+        report = plans.publish(first)
+        wait_until(lambda: first.hash in applied(), message="first plan applied")
+        hostile = on_topic(b"plan") + on_topic(b"plan:2000/tcp") + bad_plan_messages(report.hash)
         dropped = feed(planner_stand_in, beats, hostile, 0)
-        assert driver.applied == [first["hash"]]
+        assert driver.applied == [first.hash]
         second = good_plan(2001)
-        planner_stand_in.publish("plan", second)
-        wait_until(lambda: second["hash"] in applied(), message="the good plan applied")
+        plans.publish(second)
+        wait_until(lambda: second.hash in applied(), message="the good plan applied")
+        assert driver.applied == [first.hash, second.hash]
         assert thread.is_alive() and beats.latest["dropped"] == dropped == len(hostile)
-        assert "unknown schema version 99" in caplog.text and "does not match the content" in caplog.text
+        assert beats.latest["plan_resyncs"] == 0
+        assert "unknown schema 99" in caplog.text and "is not its content's" in caplog.text
+        assert "carries service 2001/tcp" in caplog.text
     finally:
         stop.set()
         thread.join(10)
@@ -205,20 +238,24 @@ def test_tap_survives_any_message_and_prints_the_next_good_one(tap_process):
             publisher.heartbeat()
             return text in out.read_text()
 
-        publisher.publish("plan", good_plan(3000))
-        wait_until(lambda: printed("3000/tcp:1"), timeout=30, message="tap running")
+        plans = PlanSender(publisher)
+        plans.publish(good_plan(3000))
+        wait_until(lambda: printed("plan:3000/tcp"), timeout=30, message="tap running")
         hostile = on_topic(b"plan")
         # A valid envelope whose payload the summary cannot read.
-        hostile_payloads = [("plan", {"services": 5}), ("plan", {"services": [{"port": 1}]}),
-                            ("source.file", {"services": 7}), ("heartbeat.x", {"sources": {"a": 5}})]
+        hostile_payloads = [("plan:1/tcp", {"service": 5}), ("plan", {"notes": 5}),
+                            ("source.file", {"warnings": 7}), ("heartbeat.x", {"sources": {"a": 5}})]
         for number, frames in enumerate(hostile, 1):
             publisher.send_frames(frames)
             wait_until(lambda: printed("") and err.read_text().count("dropped message") == number, timeout=30,
                        message=f"hostile message {number} logged")
         for topic, payload in hostile_payloads:
             publisher.publish(topic, payload)
-        publisher.publish("plan", good_plan(3001))
-        wait_until(lambda: printed("3001/tcp:1"), timeout=30, message="the good message after them")
+        plans.publish(good_plan(3001))
+        wait_until(lambda: printed("plan:3001/tcp"), timeout=30, message="the good message after them")
+        lines = out.read_text().splitlines()
+        assert any(line.split()[1] == "plan:3001/tcp" and line.endswith(" web 1 server") for line in lines)
+        assert any(line.split()[1] == "plan:3000/tcp" and line.endswith(" deleted") for line in lines)
         assert process.poll() is None
         assert err.read_text().count("dropped message") == len(hostile) + 3  # the heartbeat is hidden
         assert "cannot show it" in err.read_text()

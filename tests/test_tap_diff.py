@@ -26,9 +26,18 @@ def server(ip: str, port: int, weight: int = 500, maxconn: int | None = None) ->
     return {"ip": ip, "port": port, "hostname": "", "weight": weight, "maxconn": maxconn}
 
 
-def snapshot(*services: dict, **fields) -> dict:
-    return {"schema": 1, "source": "file", "state": "ok", "error": "", "warnings": [], "excluded": [], "hash": "h",
-            "services": list(services), **fields}
+def summary(**fields) -> dict:
+    """A source's summary (source.<name>)."""
+    return {"schema": 2, "source": "file", "state": "ok", "error": "", "warnings": [], "excluded": [], "hash": "h",
+            "count": 1, **fields}
+
+
+def entry(service: dict | None, excluded: list | None = None) -> dict:
+    """One key's payload (plan:<key>, source.<name>:<key>)."""
+    return {"schema": 2, "service": service, "excluded": excluded or []}
+
+
+DELETED = {"deleted": True}
 
 
 def texts(topic: str, old, new) -> list[str]:
@@ -36,52 +45,70 @@ def texts(topic: str, old, new) -> list[str]:
 
 
 def test_services_and_servers_added_removed_changed():
-    old = snapshot(service("web", 1234, [server("10.0.0.1", 8080, 128), server("10.0.0.2", 8080)]),
-                   service("db", 5432, [server("10.0.0.9", 5432)]))
-    new = snapshot(service("web", 1234, [server("10.0.0.1", 8080, 256), server("10.0.0.3", 8080, maxconn=10)],
-                           mode="http"),
-                   service("cache", 6379, [server("10.0.0.5", 6379)]), state="degraded", error="etcd down",
-                   warnings=["entry x skipped"])
-    assert texts("source.file", old, new) == [
-        f"~ state: ok {ARROW} degraded",
-        f"~ error: '' {ARROW} etcd down",
+    old_web = service("web", 1234, [server("10.0.0.1", 8080, 128), server("10.0.0.2", 8080)])
+    new_web = service("web", 1234, [server("10.0.0.1", 8080, 256), server("10.0.0.3", 8080, maxconn=10)],
+                      mode="http")
+    assert texts("source.file:1234/tcp", entry(old_web), entry(new_web)) == [
         f"~ 1234/tcp web mode tcp {ARROW} http",
         f"~ 1234/tcp web: 10.0.0.1:8080 weight 128 {ARROW} 256",
         "- 1234/tcp web: 10.0.0.2:8080 weight 500",
         "+ 1234/tcp web: 10.0.0.3:8080 weight 500 maxconn 10",
-        "- 5432/tcp db (1 server)",
+    ]
+    # a tombstone removes the service; a key heard for the first time is all additions
+    assert texts("source.file:5432/tcp", entry(service("db", 5432, [server("10.0.0.9", 5432)])), DELETED) == [
+        "- 5432/tcp db (1 server)"]
+    assert texts("source.file:6379/tcp", None, entry(service("cache", 6379, [server("10.0.0.5", 6379)]))) == [
         "+ 6379/tcp cache (tcp, mode tcp, 1 server)",
         "+ 6379/tcp cache: 10.0.0.5:6379 weight 500",
+    ]
+    assert texts("source.file:5432/tcp", None, DELETED) == []  # gone before the tap came: nothing to say
+    # the source's summary: its own fields
+    assert texts("source.file", summary(), summary(state="degraded", error="etcd down", warnings=["entry x skipped"],
+                                                     hash="g", count=2)) == [
+        f"~ state: ok {ARROW} degraded",
+        f"~ error: '' {ARROW} etcd down",
         "+ warning: entry x skipped",
     ]
-    assert texts("source.file", new, new) == []
+    assert texts("source.file:1234/tcp", entry(new_web), entry(new_web)) == []
 
 
 def test_plan_notes_excluded_and_applied_fields():
     excluded = {"source": "marathon", "code": "health_failing", "reason": "health check failing", "app": "/shop/web",
                 "task": "t1", "service": "web.shop", "key": "1234/tcp", "address": "10.0.0.7:31002"}
-    old = {"services": [], "notes": ["a"], "excluded": [], "sources_ready": ["file"]}
-    new = {"services": [], "notes": ["b"], "excluded": [excluded], "sources_ready": ["file", "marathon"]}
+    old = {"schema": 2, "hash": "a", "count": 0, "notes": ["a"], "excluded": [], "sources_ready": ["file"]}
+    new = {"schema": 2, "hash": "b", "count": 0, "notes": ["b"], "excluded": [], "sources_ready": ["file", "marathon"]}
     assert texts("plan", old, new) == [
         f"~ sources_ready: [\"file\"] {ARROW} [\"file\", \"marathon\"]",
         "- note: a", "+ note: b",
-        "+ excluded: 1234/tcp web.shop 10.0.0.7:31002 /shop/web t1: health check failing (marathon)",
     ]
+    # the entries not served under a key ride on that key's message
+    web = service("web.shop", 1234, [])
+    assert texts("plan:1234/tcp", entry(web), entry(web, [excluded])) == [
+        "+ excluded: 1234/tcp web.shop 10.0.0.7:31002 /shop/web t1: health check failing (marathon)"]
+    assert texts("plan:1234/tcp", entry(web, [excluded]), entry(None, [excluded])) == ["- 1234/tcp web.shop (0 servers)"]
     assert texts("applied.vm", {"plan_hash": "x", "ok": True, "action": "none", "errors": []},
                  {"plan_hash": "y", "ok": False, "action": "rejected", "errors": ["bad"]}) == [
         f"~ plan_hash: x {ARROW} y", f"~ ok: True {ARROW} False", f"~ action: none {ARROW} rejected", "+ error: bad"]
 
 
 def test_first_message_in_full_or_in_one_line():
-    small = snapshot(service("web", 1234, [server("10.0.0.1", 8080)]))
+    small = entry(service("web", 1234, [server("10.0.0.1", 8080)]))
     differ = Differ(first_state_lines=5)
-    text = differ.render(Message("source.file", 1, time.time(), "collector@n", "e", small), False)
+    text = differ.render(Message("source.file:1234/tcp", 1, time.time(), "collector@n", "e", small), False)
+    assert text.splitlines()[0].endswith("web 1 server")
     assert text.splitlines()[1:] == ["  + 1234/tcp web (tcp, mode tcp, 1 server)", "  + 1234/tcp web: 10.0.0.1:8080 weight 500"]
-    big = snapshot(*[service(f"s{i}", 2000 + i, [server("10.0.0.1", 3000 + i)]) for i in range(10)])
-    text = differ.render(Message("plan", 1, time.time(), "planner@n", "e", big), False)
-    assert len(text.splitlines()) == 2 and "first message on plan: 10 services, 10 servers" in text
-    document = json.loads(differ.render(Message("plan", 2, time.time(), "planner@n", "e", big), True))
-    assert document["changes"] == [] and document["first"] is False
+    big = entry(service("s", 2000, [server("10.0.0.1", 3000 + i) for i in range(10)]))
+    text = differ.render(Message("plan:2000/tcp", 1, time.time(), "planner@n", "e", big), False)
+    assert len(text.splitlines()) == 2 and "first message on plan:2000/tcp: s 10 servers (11 lines not shown)" in text
+    document = json.loads(differ.render(Message("plan:2000/tcp", 2, time.time(), "planner@n", "e", big), True))
+    assert document["changes"] == [] and document["first"] is False and document["summary"] == "no change in content"
+    # a summary whose keys changed but not its own fields: its line alone
+    plan_summary = {"schema": 2, "hash": "a", "count": 1, "sources_ready": ["file"], "notes": []}
+    differ.render(Message("plan", 3, time.time(), "planner@n", "e", plan_summary), False)
+    text = differ.render(Message("plan", 4, time.time(), "planner@n", "e", {**plan_summary, "hash": "b"}), False)
+    assert text.splitlines() == [text.splitlines()[0]] and "hash=b services=1 ready=['file'] notes=0" in text
+    deleted = differ.render(Message("plan:2000/tcp", 5, time.time(), "planner@n", "e", DELETED), False)
+    assert deleted.splitlines()[0].endswith(" deleted") and deleted.splitlines()[1:] == ["  - 2000/tcp s (10 servers)"]
 
 
 def test_heartbeats_only_when_asked():
@@ -169,14 +196,15 @@ def test_diff_through_a_running_pipeline(pipeline):
     finally:
         tap.close()
     assert not any("heartbeat" in line for line in lines)
-    first_source, *later_source = blocks(lines, "source.file")
+    first_source, *later_source = blocks(lines, "source.file:11234/tcp")
     assert "+ 11234/tcp web: 10.0.0.1:8080 weight 500" in first_source
     assert later_source[-1] == ["- 11234/tcp web: 10.0.0.1:8080 weight 500",
                                 f"~ 11234/tcp web: 10.0.0.2:8080 weight 500 {ARROW} 1000",
                                 "+ 11234/tcp web: 10.0.0.3:8080 weight 500"]
-    assert blocks(lines, "plan")[-1] == ["- 11234/tcp web: 10.0.0.1:8080 weight 128",
+    assert blocks(lines, "plan:11234/tcp")[-1] == ["- 11234/tcp web: 10.0.0.1:8080 weight 128",
                                          f"~ 11234/tcp web: 10.0.0.2:8080 weight 128 {ARROW} 256",
                                          "+ 11234/tcp web: 10.0.0.3:8080 weight 128"]
+    assert blocks(lines, "plan")[-1] == []  # the summary: its fields did not change
 
 
 def test_diff_as_json_and_heartbeats_when_asked(pipeline):
@@ -190,7 +218,7 @@ def test_diff_as_json_and_heartbeats_when_asked(pipeline):
     finally:
         tap.close()
     documents = [json.loads(line) for line in lines]
-    plans = [d for d in documents if d["topic"] == "plan"]
+    plans = [d for d in documents if d["topic"] == "plan:11234/tcp"]
     assert plans[0]["first"] is True
     assert {"op": "-", "key": "11234/tcp", "name": "web", "server": "10.0.0.2:8080", "old": "weight 128"} \
         in plans[-1]["changes"]
@@ -215,20 +243,20 @@ def test_a_payload_it_cannot_diff_is_dropped_and_the_next_good_one_diffed(tmp_pa
         publisher.heartbeat()
         return text in out.read_text()
 
-    def plan(*addresses: str) -> dict:
-        return {"services": [service("web", 3000, [server(a, 80) for a in addresses])], "notes": [], "excluded": []}
+    def web(*addresses: str) -> dict:
+        return entry(service("web", 3000, [server(a, 80) for a in addresses]))
     try:
-        publisher.publish("plan", plan("10.0.0.1"))
+        publisher.publish("plan:3000/tcp", web("10.0.0.1"))
         wait(lambda: printed("+ 3000/tcp web: 10.0.0.1:80 weight 500"))
-        for payload in ({"services": 5}, {"services": [{"port": 1, "servers": 5}]}, {"services": [5]},
-                        {"services": [], "notes": 5}):
-            publisher.publish("plan", payload)
-        publisher.publish("plan", plan("10.0.0.1", "10.0.0.2"))
+        for payload in ({"service": 5}, {"service": {"port": 1, "servers": 5}}, {"service": {"servers": [5]}},
+                        {"service": None, "excluded": 5}):
+            publisher.publish("plan:3000/tcp", payload)
+        publisher.publish("plan:3000/tcp", web("10.0.0.1", "10.0.0.2"))
         wait(lambda: printed("+ 3000/tcp web: 10.0.0.2:80 weight 500"))
         assert process.poll() is None
         assert err.read_text().count("cannot show it") == 4
         last = out.read_text().split("seq=6")[1].splitlines()[1:]
-        assert last == ["  + 3000/tcp web: 10.0.0.2:80 weight 500"]  # against the last good plan
+        assert last == ["  + 3000/tcp web: 10.0.0.2:80 weight 500"]  # against the last good one
     finally:
         publisher.close()
         process.kill()
