@@ -15,11 +15,11 @@ from services.collector.marathon import MarathonSource
 from services.collector.marathon_client import EventStream, parse_replicas
 from services.collector.registrator import BadEvent, RegistratorSource
 from services.collector.source import DroppedEvents
-from services.common.bus import Subscriber
 from services.common.config import Settings
 from sim.marathon import MarathonSim
 from sim.pipeline import Pipeline
 from tests.helpers import wait_until
+from tests.keyed_watch import KeyedWatch
 from tests.marathon_helpers import FAST, servers, sim  # noqa: F401  (sim: a fixture)
 from tests.test_registrator_protocol import FakeEtcd
 
@@ -158,15 +158,18 @@ def test_the_stream_thread_survives_any_exception_and_reconnects(sim):  # noqa: 
 # Marathon through the real collector process
 
 class CollectorWatch:
-    """The collector's published `source.marathon` snapshots, as they arrive."""
+    """The collector's published `source.marathon` snapshots, as they arrive (rebuilt from its
+    keyed messages as the planner does; each in the SourceSnapshot's dict form)."""
 
     def __init__(self, run_dir: str):
         self.ctx = zmq.Context()
-        self.subscriber = Subscriber(self.ctx, [Settings(run_dir=run_dir).bus("collector")], ["source.marathon"])
+        self.watch = KeyedWatch([Settings(run_dir=run_dir).bus("collector")], ["source.marathon"], self.ctx)
         self.seen: list[dict] = []
 
     def latest(self) -> dict | None:
-        self.seen.extend(m.payload for m in self.subscriber.poll(0.02) if m.topic == "source.marathon")
+        before = len(self.watch.history)
+        self.watch.poll(0.02)
+        self.seen.extend(snapshot.to_dict() for snapshot in self.watch.history[before:])
         return self.seen[-1] if self.seen else None
 
     def servers(self) -> list[str]:
@@ -175,7 +178,7 @@ class CollectorWatch:
                       for s in service["servers"])
 
     def close(self) -> None:
-        self.subscriber.close()
+        self.watch.close()
         self.ctx.term()
 
 
