@@ -11,63 +11,56 @@ import os
 import pytest
 import zmq
 
-from services.common.bus import Publisher, Subscriber
+from services.common.bus import Publisher
 from services.common.config import Settings
-from services.common.model import Plan, Service, SourceSnapshot
+from services.common.model import Service, SourceSnapshot
+from services.common.wire import SnapshotSender
 from sim.marathon import MarathonSim
 from sim.pipeline import Pipeline
 from tests.helpers import Load, TcpBackend, free_port, tcp_ask, wait_until
+from tests.keyed_watch import KeyedWatch
 from tests.test_haproxy_driver import pytestmark  # noqa: F401  (skip without haproxy)
 
 
-def source_snapshot(source: str, port: int, ip: str) -> dict:
+def source_snapshot(source: str, port: int, ip: str) -> SourceSnapshot:
     service = Service.from_dict({"name": source, "port": port, "source": source,
                                  "servers": [{"ip": ip, "port": 80}]})
-    return SourceSnapshot(source, "ok", (service,)).to_dict()
+    return SourceSnapshot(source, "ok", (service,))
 
 
-class Listener:
-    """Every message (heartbeats apart from the latest per sender) on some stages' buses."""
+class Listener(KeyedWatch):
+    """Every plan (rebuilt from its keys), every other message and the latest heartbeat per
+    sender, on some stages' buses."""
 
     def __init__(self, settings: Settings, stages: tuple[str, ...], prefixes: list[str]):
-        self.subscriber = Subscriber(zmq.Context.instance(), [settings.bus(s) for s in stages], prefixes)
-        self.messages = []
-        self.beats: dict[str, dict] = {}
+        super().__init__([settings.bus(s) for s in stages], prefixes)
 
-    def poll(self) -> "Listener":
-        for message in self.subscriber.poll(0.05):
-            if message.is_heartbeat:
-                self.beats[message.sender] = message.payload
-            else:
-                self.messages.append(message)
+    def poll(self, timeout: float = 0.05) -> "Listener":
+        super().poll(timeout)
         return self
-
-    def payloads(self, topic_prefix: str) -> list[dict]:
-        return [m.payload for m in self.messages if m.topic.startswith(topic_prefix)]
-
-    def close(self) -> None:
-        self.subscriber.close()
 
 
 def test_restarted_planner_waits_for_the_collectors_whole_snapshot():
     pipeline = Pipeline([], programs=("planner",))
     settings = Settings(run_dir=pipeline.run_dir)
     collector = Publisher(zmq.Context.instance(), "collector@t", settings.bus("collector"))
+    marathon, file = SnapshotSender(collector, "marathon"), SnapshotSender(collector, "file")
     # The collector knows both sources; only its snapshot socket can tell a new planner so.
-    collector.publish("source.marathon", source_snapshot("marathon", 2000, "10.0.0.1"))
-    collector.publish("source.file", source_snapshot("file", 2001, "10.0.0.2"))
+    marathon.publish(source_snapshot("marathon", 2000, "10.0.0.1"))
+    file.publish(source_snapshot("file", 2001, "10.0.0.2"))
     listener = Listener(settings, ("planner",), ["plan"])
+    flip = iter(range(3, 10_000))
     try:
         pipeline.start()
         # Slow to answer snapshots: live updates of the file source flow, the snapshot does not.
-        wait_until(lambda: (collector.publish("source.file", source_snapshot("file", 2001, "10.0.0.3")),
+        wait_until(lambda: (file.publish(source_snapshot("file", 2001, f"10.0.0.{next(flip) % 250 + 3}")),
                             listener.poll().beats.get(f"planner@{settings.node}", {}).get("sources") == ["file"])[1],
                    timeout=30, message="the planner got a live update of one source")
         assert listener.beats[f"planner@{settings.node}"]["synced"] is False
-        assert listener.payloads("plan") == []  # it would have been sent before that heartbeat
-        wait_until(lambda: (collector.serve_snapshots(), listener.poll().payloads("plan"))[1],
+        assert listener.plans == [] and listener.messages == []  # it would have been sent before that heartbeat
+        wait_until(lambda: (collector.serve_snapshots(), listener.poll().plans)[1],
                    timeout=30, message="a plan once the snapshot is answered")
-        plans = [Plan.from_dict(p) for p in listener.payloads("plan")]
+        plans = listener.plans
         assert plans[0].sources_ready == ("file", "marathon")
         assert [s.port for s in plans[0].services] == [2000, 2001]
     finally:
@@ -119,8 +112,8 @@ def test_applier_holds_plans_lacking_a_source_until_it_reports(backends):
         assert tcp_ask(marathon_port) == "m"
 
         sim.replicas[0].start()  # Marathon back: a complete plan, applied at once
-        wait_until(lambda: any(p["sources_ready"] == ["file", "marathon"] and p["hash"] == r["plan_hash"] and r["ok"]
-                               for r in listener.poll().payloads("applied.") for p in listener.payloads("plan")
+        wait_until(lambda: any(p.sources_ready == ("file", "marathon") and p.hash == r["plan_hash"] and r["ok"]
+                               for r in listener.poll().payloads("applied.") for p in listener.plans
                                if r is not held), timeout=60, message="the complete plan applied")
         assert tcp_ask(marathon_port) == "m" and tcp_ask(file_port) == "f"
     finally:
@@ -131,6 +124,6 @@ def test_applier_holds_plans_lacking_a_source_until_it_reports(backends):
         sim.stop()
     assert load.failures == [] and load.ok > 0
     # No plan lacking Marathon was ever applied.
-    sources = {p["hash"]: p["sources_ready"] for p in listener.payloads("plan")}
+    sources = {p.hash: list(p.sources_ready) for p in listener.plans}
     applied = [r for r in listener.payloads("applied.") if r["action"] != "held"]
     assert applied and all("marathon" in sources.get(r["plan_hash"], ["marathon"]) for r in applied)
