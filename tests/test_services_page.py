@@ -22,6 +22,7 @@ from services.applier.haproxy_render import HaproxyPaths
 from services.common.bus import Endpoint, Publisher
 from services.common.config import Settings
 from services.common.model import ApplyResult, Excluded, HealthCheck, Plan, ProxySettings, Server, Service
+from services.common.wire import PlanSender
 from services.status.haproxy_state import HaproxyStateCache, backend_key, parse_show_stat, state_of
 from services.status.services_page import describe, haproxy_cache, render_services_page, services_view
 from services.status.state import PipelineState
@@ -365,6 +366,7 @@ class StandIn:
     def __init__(self, sender: str, endpoint: Endpoint):
         self.ctx = zmq.Context()
         self.publisher = Publisher(self.ctx, sender, endpoint, heartbeat_interval=0.2)
+        self.plans = PlanSender(self.publisher)  # one per publisher: a service gone is a tombstone
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -376,6 +378,9 @@ class StandIn:
 
     def publish(self, topic: str, payload: dict) -> None:
         self.publisher.publish(topic, payload)
+
+    def publish_plan(self, plan: Plan) -> None:
+        self.plans.publish(plan)
 
     def close(self) -> None:
         self.stop.set()
@@ -415,7 +420,7 @@ def test_excluded_tasks_and_hostile_names_in_chromium(browser):
     url = f"http://127.0.0.1:{status}/services"
     key, up, down = f"{port}/tcp", f"127.0.0.1:{live.port}", f"127.0.0.1:{dead}"
     try:
-        planner.publish("plan", hostile_plan(port, live.port, dead).to_dict())
+        planner.publish_plan(hostile_plan(port, live.port, dead))
         pipeline.start()
         try:
             wait_until(lambda: checks(get_json(url + ".json"), key) == {up: ("UP", "L4OK"), down: ("DOWN", "L4CON")},
@@ -433,7 +438,7 @@ def test_excluded_tasks_and_hostile_names_in_chromium(browser):
         assert browser.execute_script("return typeof window.pwned") == "undefined"
 
         # A new plan (the dead server gone, another added): the page follows by itself.
-        planner.publish("plan", hostile_plan(port, live.port, other.port).to_dict())
+        planner.publish_plan(hostile_plan(port, live.port, other.port))
         added = f"127.0.0.1:{other.port}"
         wait_until(lambda: added in (text := section_text(browser, key)) and down not in text and "all UP" in text,
                    timeout=30, interval=0.5, message="the page showing the new plan by itself")

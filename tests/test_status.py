@@ -1,8 +1,10 @@
 import pytest
 
 from services.common.bus import Message
-from services.common.model import ApplyResult, ModelError
-from services.status.main import absorb
+from services.applier.plan_feed import PlanFeed
+from services.common.model import ApplyResult, ModelError, Plan, ProxySettings, Service
+from services.common.wire import PlanSender
+from services.status.main import absorb, follow_plan
 from services.status.state import INITIALIZING, OK, TERMINATING, PipelineState
 
 
@@ -66,10 +68,63 @@ def test_a_malformed_applied_result_is_dropped_and_breaks_nothing(payload):
     assert state.details("n1", False)["set_aside"] == {"pen": {"10053/udp": "service dns: port taken"}}
 
 
-def test_a_malformed_plan_or_heartbeat_is_dropped():
-    state = PipelineState(configured_sources=("file",))
-    with pytest.raises(ValueError):
-        absorb(state, {}, heard("plan", {"hash": "p1", "sources_ready": "file"}, "planner@n1"))
+class StandIn:
+    """A publisher (what PlanSender sends, as Messages) and a subscriber (what the feed drops
+    and resyncs) without sockets."""
+
+    def __init__(self):
+        self.sent: list[Message] = []
+        self.dropped: list[str] = []
+        self.resyncs: list[str] = []
+
+    def publish(self, topic: str, payload: dict) -> Message:
+        self.sent.append(Message(topic, len(self.sent) + 1, 0.0, "planner@n1", "e", payload))
+        return self.sent[-1]
+
+    def take(self) -> list[Message]:
+        sent, self.sent = self.sent, []
+        return sent
+
+    def drop(self, message: Message, reason: str) -> None:
+        self.dropped.append(reason)
+
+    def resync(self, prefix: str) -> None:
+        self.resyncs.append(prefix)
+
+
+def plan_of(*servers: int) -> Plan:
+    return Plan(tuple(Service.from_dict({"name": f"s{port}", "port": port, "servers": [
+        {"ip": "10.0.0.1", "port": 80 + i} for i in range(count)]}) for port, count in
+        zip((1000, 2000, 3000), servers)), ProxySettings(), sources_ready=("file",))
+
+
+def test_the_plan_is_rebuilt_from_its_keys_and_a_malformed_plan_or_heartbeat_is_dropped():
+    state, bus = PipelineState(configured_sources=("file",)), StandIn()
+    plans, sender = PlanFeed(bus, "status"), PlanSender(bus)
+    sender.publish(plan_of(2, 1))
+    follow_plan(state, plans, bus.take())
+    assert (state.plan_hash, state.plan_sources_ready, state.plan_counts) == (plan_of(2, 1).hash, ("file",), (2, 3))
+    assert state.plan == plan_of(2, 1)
+    sender.publish(plan_of(2, 3, 1))  # one key changed, one new: two key messages and the summary
+    assert len(sent := bus.take()) == 3
+    follow_plan(state, plans, sent)
+    assert state.plan == plan_of(2, 3, 1) and state.plan_counts == (3, 6)
+
+    # Malformed: dropped and counted by the subscriber; the plan stays.
+    follow_plan(state, plans, [heard("plan", {"hash": "p1", "sources_ready": "file"}, "planner@n1"),
+                               heard("plan:1000/tcp", {"schema": 2, "service": 5}, "planner@n1")])
+    assert len(bus.dropped) == 2 and "unknown schema" in bus.dropped[0]
+    assert state.plan == plan_of(2, 3, 1) and not bus.resyncs
+    # A summary the keys do not add up to (a key message lost): a resync, the plan stays.
+    sender.publish(plan_of(1, 3, 1))
+    follow_plan(state, plans, [m for m in bus.take() if m.topic != "plan:1000/tcp"])
+    assert bus.resyncs == ["plan"] and state.plan == plan_of(2, 3, 1)
+
     with pytest.raises(ValueError):
         absorb(state, {}, heard("heartbeat.applier@n1", {"stage": "applier", "served_sources": 7}))
-    assert state.served_sources == {} and (state.plan_hash, state.plan_sources_ready) == ("", ())
+    assert state.served_sources == {}
+
+
+def test_before_any_plan():
+    state = PipelineState(configured_sources=("file",))
+    assert state.plan is None and (state.plan_hash, state.plan_sources_ready, state.plan_counts) == ("", (), (0, 0))

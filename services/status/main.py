@@ -1,8 +1,9 @@
 """The status stage: `GET /status` for upstream load balancers, `/status/details` (JSON) for
 operators, and every other path proxied to HAProxy's statistics page, all on STATUS_ENDPOINT.
 
-It listens to the whole bus (plan, applied results, heartbeats, which carry the sources' states
-and each stage's pid) and probes this node's proxies about once a second (health.py, probes.py).
+It listens to the whole bus (the plan, rebuilt from its key messages by a PlanFeed; applied
+results; heartbeats, which carry the sources' states and each stage's pid) and probes this
+node's proxies about once a second (health.py, probes.py).
 TERMINATING comes from the marker file the launcher writes on SIGTERM (`<run_dir>/terminating`),
 so it survives a restart of this stage. `/status/details` is redacted: no URL password leaves.
 """
@@ -16,11 +17,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import zmq
 
+from services.applier.plan_feed import PlanFeed
 from services.common.bus import Message, Subscriber
 from services.common.config import Settings
 from services.common.model import ApplyResult
 from services.common.redact import redact
 from services.common.unix_socket import exchange
+from services.common.wire import PLAN_PREFIX
 from services.status.health import ProbeStatus, Prober
 from services.status.metrics import METRICS_CONTENT_TYPE, render_metrics
 from services.status.probes import ProbeTargets
@@ -39,7 +42,8 @@ def haproxy_stats_socket(settings: Settings) -> str:
 
 
 def absorb(state: PipelineState, pids: dict[str, int | None], message: Message) -> None:
-    """Take what /status needs from one bus message (call with the state's lock held)."""
+    """Take what /status needs from one bus message other than the plan's (call with the
+    state's lock held)."""
     payload = message.payload
     if message.is_heartbeat:
         state.heartbeat_payloads[message.sender] = payload
@@ -52,20 +56,20 @@ def absorb(state: PipelineState, pids: dict[str, int | None], message: Message) 
                                   if isinstance(name, str) and isinstance(summary, dict)})
         elif payload.get("stage") == "applier" and message.sender.startswith("applier@"):
             state.served_sources[message.sender[len("applier@"):]] = strings(payload.get("served_sources", []))
-    elif message.topic == "plan":
-        # Checked as far as /status and /metrics read it; decoded in full only when a page asks.
-        services = payload.get("services")
-        if not isinstance(payload.get("hash"), str) or not isinstance(services, list) or not all(
-                isinstance(s, dict) and isinstance(s.get("servers"), list) for s in services):
-            raise ValueError("a plan needs a hash and a list of services with servers")
-        ready, notes = strings(payload.get("sources_ready", [])), strings(payload.get("notes", []))
-        state.plan_payload, state.plan_hash = payload, payload["hash"]
-        state.plan_sources_ready, state.plan_notes = ready, notes
-        state.plan_counts = (len(services), sum(len(s["servers"]) for s in services))
     elif message.topic.startswith("applied."):
         node = message.topic[len("applied."):]
         state.applied[node] = applied_result(payload)
         state.applied_at[node] = message.ts
+
+
+def follow_plan(state: PipelineState, plans: PlanFeed, messages: list[Message]) -> None:
+    """The plan's messages among `messages`: the plan rebuilt from its keys when a summary
+    matches (built outside the state's lock; a message that does not decode is dropped and
+    counted by the subscriber; a summary that disagrees makes the feed resync)."""
+    plan = plans.feed(messages)
+    if plan is not None:
+        with state.lock:
+            state.plan = plan
 
 
 def strings(value: object) -> tuple[str, ...]:
@@ -94,7 +98,8 @@ def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) 
     # Sources are followed through the collector's heartbeats (a summary per source), not its
     # full snapshots, which would cost a large decode here on every change.
     subscriber = Subscriber(ctx, [settings.bus("collector"), settings.bus("planner"), settings.bus("applier")],
-                            ["plan", "applied."])
+                            [PLAN_PREFIX, "applied."])
+    plans = PlanFeed(subscriber, "status")
     pids: dict[str, int | None] = {}
     own_name = f"status@{settings.node}"
     try:
@@ -105,9 +110,15 @@ def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) 
                 log.exception("status: reading the bus failed; going on")
                 stop.wait(0.2)
                 continue
+            try:
+                follow_plan(state, plans, messages)
+            except Exception:  # the bus thread must outlive anything
+                log.exception("status: following the plan failed; going on")
             with state.lock:
                 state.heartbeats = subscriber.senders()
                 for message in messages:
+                    if plans.owns(message):
+                        continue
                     try:
                         absorb(state, pids, message)
                     except Exception as error:  # one odd message must not stop following the bus

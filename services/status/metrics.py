@@ -53,7 +53,7 @@ class _View:
         with state.lock:
             return cls(settings.node, tuple(state.configured_sources), dict(state.sources),
                        dict(state.heartbeat_payloads), dict(state.heartbeats),
-                       state.plan_counts if state.plan_payload is not None else None)
+                       state.plan_counts if state.plan is not None else None)
 
     def stage_payloads(self, stage: str) -> list[dict]:
         """The newest heartbeat payload of every sender of `stage`, by sender name."""

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from services.common.model import ApplyResult, ModelError, Plan, ServiceDecoder
+from services.common.model import ApplyResult, Plan
 from services.status.health import CONFIRM_AFTER, STALE_AFTER, ProbeStatus
 
 log = logging.getLogger("proxymatic.status")
@@ -46,9 +46,6 @@ class PipelineState:
     plan_hash: str = ""
     plan_sources_ready: tuple[str, ...] = ()
     plan_notes: tuple[str, ...] = ()
-    # The newest plan as received: decoded only when a page asks for it (see `plan`), since a
-    # full decode on every plan would cost this stage as much CPU as the collector at 1,000 apps.
-    plan_payload: dict | None = None
     plan_counts: tuple[int, int] = (0, 0)  # services, servers in the newest plan (for /metrics)
     # sender -> its newest heartbeat payload (the stages' counters for /metrics)
     heartbeat_payloads: dict[str, dict] = field(default_factory=dict)
@@ -65,32 +62,20 @@ class PipelineState:
     initialized_at: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    _decoded_plan: tuple[int, Plan | None] | None = field(default=None, init=False, repr=False)
-    _plan_decoder: ServiceDecoder = field(default_factory=ServiceDecoder, init=False, repr=False)
+    # The newest plan, rebuilt from the plan's key messages by the bus thread's PlanFeed (only
+    # the services that changed cross the bus); set through `plan`, which keeps the fields above.
+    _plan: Plan | None = field(default=None, init=False, repr=False)
 
     @property
     def plan(self) -> Plan | None:
-        """The newest plan, decoded once per plan received (call with the lock held); None before
-        the first or when it does not decode (logged once)."""
-        payload = self.plan_payload
-        if payload is None:
-            return None
-        if self._decoded_plan is None or self._decoded_plan[0] != id(payload):
-            try:
-                plan = Plan.from_dict(payload, self._plan_decoder)
-            except (ModelError, ValueError, TypeError) as error:
-                log.warning("status: the plan %s does not decode: %s", self.plan_hash, error)
-                plan = None
-            self._decoded_plan = (id(payload), plan)
-        return self._decoded_plan[1]
+        """The newest plan (read with the lock held); None before the first."""
+        return self._plan
 
     @plan.setter
     def plan(self, plan: Plan) -> None:
-        """Set a decoded plan directly (tests, tools)."""
-        self.plan_payload = payload = plan.to_dict()
+        self._plan = plan
         self.plan_hash, self.plan_sources_ready, self.plan_notes = plan.hash, plan.sources_ready, plan.notes
         self.plan_counts = (len(plan.services), sum(len(s.servers) for s in plan.services))
-        self._decoded_plan = (id(payload), plan)
 
     def converged(self, node: str) -> bool:
         result = self.applied.get(node)
