@@ -133,12 +133,14 @@ def test_pipeline_serves_follows_survives_and_drains(stack):
     assert load.failures == [], load.failures[:5]
     assert load.ok > 50
 
-    # The bus can be tapped.
+    # The bus can be tapped: every stage's snapshot (the service's key and the summary from the
+    # collector and the planner, the applier's result).
     tap = subprocess.run([os.path.join(BIN, "proxymatic"), "tap", "--run-dir", stack.run_dir, "--no-heartbeats",
-                          "--count", "3"], capture_output=True, text=True, timeout=30)
+                          "--count", "5"], capture_output=True, text=True, timeout=30)
     assert tap.returncode == 0
     topics = {line.split()[1] for line in tap.stdout.splitlines()}
-    assert {"source.file", "plan"} <= topics and any(t.startswith("applied.") for t in topics)
+    assert {"source.file", f"source.file:{stack.service_port}/tcp", "plan", f"plan:{stack.service_port}/tcp"} <= topics
+    assert any(t.startswith("applied.") for t in topics)
 
     # SIGTERM: TERMINATING while still forwarding; a second SIGTERM stops.
     stack.process.send_signal(signal.SIGTERM)
