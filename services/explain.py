@@ -1,8 +1,8 @@
 """`proxymatic explain PORT|NAME|APP_ID`: what is served there and what is not, and why, read
 from the live bus.
 
-It subscribes to the planner's `plan` and the appliers' `applied.*` (the snapshot answers with
-the newest of each at once), waits until both publishers' snapshots are complete (at most
+It subscribes to the planner's plan (rebuilt from its key messages by a PlanFeed) and the
+appliers' `applied.*` (the snapshot answers with every key and the newest of each at once), waits until both publishers' snapshots are complete (at most
 `--wait` seconds, 5 by default), reads HAProxy's server states from this run dir's admin socket
 when it can, and prints, in plain words, the services matching the query with their servers,
 weights and states, whether the applier set them aside and why, and every task or entry not
@@ -22,9 +22,11 @@ import time
 import zmq
 
 from services.applier.haproxy_render import HaproxyPaths
+from services.applier.plan_feed import PlanFeed
 from services.common.bus import Endpoint, Subscriber
 from services.common.config import Settings
 from services.common.model import ApplyResult, ModelError, Plan
+from services.common.wire import PLAN_PREFIX
 from services.status.haproxy_state import HaproxyLive, read_haproxy
 from services.status.services_page import describe
 
@@ -53,20 +55,22 @@ def plain(value: object) -> str:
 def read_bus(endpoints: list[Endpoint], wait: float) -> tuple[Plan | None, dict[str, ApplyResult], list[str]]:
     """The newest plan and every node's newest ApplyResult heard within `wait` seconds (less
     once every publisher's snapshot is complete), and the problems met (undecodable messages)."""
-    subscriber = Subscriber(zmq.Context.instance(), endpoints, ["plan", "applied."])
+    subscriber = Subscriber(zmq.Context.instance(), endpoints, [PLAN_PREFIX, "applied."])
+    problems: list[str] = []
+    plans = PlanFeed(subscriber, "explain",
+                     on_drop=lambda message, reason: problems.append(f"{message.topic} from {message.sender}: {reason}"))
     plan: Plan | None = None
     results: dict[str, ApplyResult] = {}
-    problems: list[str] = []
     deadline = time.monotonic() + max(0.0, wait)
     try:
         while True:
-            for message in subscriber.poll(min(0.2, max(0.0, deadline - time.monotonic()))):
-                if message.is_heartbeat:
+            messages = subscriber.poll(min(0.2, max(0.0, deadline - time.monotonic())))
+            plan = plans.feed(messages) or plan
+            for message in messages:
+                if message.is_heartbeat or plans.owns(message):
                     continue
                 try:
-                    if message.topic == "plan":
-                        plan = Plan.from_dict(message.payload)
-                    elif message.topic.startswith("applied."):
+                    if message.topic.startswith("applied."):
                         results[message.topic[len("applied."):]] = ApplyResult.from_dict(message.payload)
                 except (ModelError, ValueError, TypeError) as error:
                     problems.append(f"{message.topic} from {message.sender}: {error}")

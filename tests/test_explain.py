@@ -88,7 +88,7 @@ def test_explain_names_excluded_tasks_set_aside_services_and_app_ids():
             Excluded("planner", "port_taken", "port 6379/tcp went to registrator's cache", app="cache-old",
                      service="cache-old", key="6379/tcp"),
         ))
-    planner.publish("plan", plan.to_dict())
+    planner.publish_plan(plan)
     applier.publish(f"applied.{NODE}", ApplyResult(plan.hash, True, "reload", details={
         "haproxy": {"ok": True, "set_aside": {"6379/tcp": "port 6379 cannot be bound: in use"}}}).to_dict())
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from services.common.bus import Message, Subscriber
 from services.common.keyed import split_topic
@@ -35,6 +36,9 @@ class PlanFeed:
     who: str  # for the log: "applier", "status", "explain"
     follower: PlanFollower = field(default_factory=PlanFollower)
     resync_min_interval: float = RESYNC_MIN_INTERVAL
+    # What to do with a message that does not decode (message, reason): Subscriber.drop (logged,
+    # counted) unless given (`proxymatic explain` lists them for its user).
+    on_drop: Callable[[Message, str], None] | None = None
     resyncs: int = 0  # snapshots asked for because a summary disagreed
     _last_resync: float = field(default=float("-inf"), init=False)
     _streak: int = field(default=0, init=False)  # resyncs since the last plan that matched
@@ -54,7 +58,7 @@ class PlanFeed:
             try:
                 built = self.follower.absorb(message)
             except Exception as error:  # any payload at all: never the end of the caller's loop
-                self.subscriber.drop(message, f"{type(error).__name__}: {error}")
+                (self.on_drop or self.subscriber.drop)(message, f"{type(error).__name__}: {error}")
                 continue
             if built is not None:  # the mirror matches: whatever disagreed before is settled
                 plan, self._streak, self.follower.needs_resync = built, 0, False
