@@ -17,18 +17,22 @@ default): what /metrics costs the pipeline shows as the difference from `--statu
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import socket
 import statistics
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 
 import zmq
 
 from services.applier.haproxy_render import HaproxyPaths, backend_id
-from services.common.model import Service
 from services.common.bus import Endpoint, Subscriber
+from services.common.keyed import split_topic
+from services.common.model import Service
+from services.common.wire import PLAN_PREFIX, PlanFollower
 from sim.marathon import MarathonSim
 from sim.pipeline import Pipeline
 from tests.helpers import free_port, wait_until
@@ -50,28 +54,61 @@ def free_port_range(count: int, start: int = 20000) -> int:
     raise RuntimeError("no free port range")
 
 
+@dataclass(frozen=True)
+class View:
+    """A keyed state as a summary arrived that matched: the summary and the entries by key (a
+    shallow copy of the follower's mirror, never a rebuilt Plan: the benchmark process must not
+    take CPU from the pipeline it measures)."""
+
+    summary: dict
+    entries: dict
+
+    @property
+    def hash(self) -> str:
+        return self.summary["hash"]
+
+    def services(self) -> list[Service]:
+        return [entry.service for entry in self.entries.values() if entry.service is not None]
+
+
+class PlanView(PlanFollower):
+    def build(self, mirror, summary: dict) -> View:
+        return View(summary, dict(mirror.values))
+
+
 class BusWatch:
-    """Follows plan and applied messages: which plan hash holds which servers, and when each
-    plan hash was applied."""
+    """Follows the keyed plan and the applied messages: which plan hash holds which servers, and
+    when each plan hash was applied."""
 
     def __init__(self, run_dir: str, breakdown: bool = False):
-        # The breakdown also decodes every source snapshot here, which takes CPU from the
-        # pipeline on a 2-core machine: off unless asked for.
+        # The breakdown also follows the source summaries (their publishing times only).
         self.subscriber = Subscriber(zmq.Context.instance(), [
             Endpoint.parse(f"ipc://{run_dir}/bus/{stage}.pub") for stage in ("collector", "planner", "applier")],
             ["source.", "plan", "applied."] if breakdown else ["plan", "applied."])
-        self.plans: dict[str, dict] = {}
+        self.follower = PlanView()
+        self.plans: dict[str, View] = {}
         self.applied: dict[str, float] = {}
         self.last_plan = ""
-        # wall-clock publishing times of the latest messages, for the per-stage breakdown
+        self.resyncs = 0
+        # wall-clock publishing times of the latest summaries, for the per-stage breakdown
         self.stamps: dict[str, float] = {}
 
     def pump(self, timeout: float = 0.001) -> None:
         for message in self.subscriber.poll(timeout):
-            self.stamps[message.topic.split(".")[0]] = message.ts
-            if message.topic == "plan":
-                self.plans[message.payload["hash"]] = message.payload
-                self.last_plan = message.payload["hash"]
+            if message.is_heartbeat:
+                continue
+            prefix, key = split_topic(message.topic)
+            if key is None:  # a stage's change ends with its summary
+                self.stamps[prefix.split(".")[0]] = message.ts
+            if prefix == PLAN_PREFIX:
+                view = self.follower.absorb(message)
+                if self.follower.needs_resync:
+                    self.subscriber.resync(PLAN_PREFIX)
+                    self.follower.reset()
+                    self.resyncs += 1
+                if view is not None:
+                    self.plans[view.hash] = view
+                    self.last_plan = view.hash
             elif message.topic.startswith("applied.") and message.payload["ok"]:
                 # The applier's own publishing time (same host clock): the benchmark process
                 # receiving and decoding messages late must not count against the pipeline.
@@ -92,19 +129,85 @@ class BusWatch:
         self.applied.clear()
 
 
-def servers_of(plan: dict, port: int) -> set[tuple[str, int]]:
-    for service in plan["services"]:
-        if service["port"] == port and service["protocol"] == "tcp":
-            return {(s["ip"], s["port"]) for s in service["servers"]}
-    return set()
+class BusBytes(threading.Thread):
+    """Bytes every stage publishes (raw SUB sockets on every topic; heartbeats apart), counted
+    while `counting`: what a change costs the bus."""
+
+    def __init__(self, run_dir: str, stages: tuple[str, ...] = ("collector", "planner", "applier")):
+        super().__init__(daemon=True)
+        self.endpoints = {stage: f"ipc://{run_dir}/bus/{stage}.pub" for stage in stages}
+        self.counting = False
+        self.bytes: collections.Counter = collections.Counter()
+        self.messages: collections.Counter = collections.Counter()
+        self.ready = threading.Event()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        ctx = zmq.Context.instance()
+        sockets = {}
+        poller = zmq.Poller()
+        for stage, endpoint in self.endpoints.items():
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.RCVHWM, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(endpoint)
+            sockets[sub] = stage
+            poller.register(sub, zmq.POLLIN)
+        self.ready.set()
+        try:
+            while not self.done.is_set():
+                for sub, _event in poller.poll(100):
+                    stage = sockets[sub]
+                    while True:
+                        try:
+                            frames = sub.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        if self.counting and not frames[0].startswith(b"heartbeat."):
+                            self.bytes[stage] += sum(len(frame) for frame in frames)
+                            self.messages[stage] += 1
+        finally:
+            for sub in sockets:
+                sub.close()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(timeout=5)
 
 
-def backend_of(plan: dict, port: int) -> str:
+def servers_of(plan: View, port: int) -> set[tuple[str, int]]:
+    entry = plan.entries.get(f"{port}/tcp")
+    if entry is None or entry.service is None:
+        return set()
+    return {(s.ip, s.port) for s in entry.service.servers}
+
+
+def backend_of(plan: View, port: int) -> str:
     """HAProxy's name for the TCP service on `port` in `plan` (svc_<port>_tcp_<name>)."""
-    for service in plan["services"]:
-        if service["port"] == port and service["protocol"] == "tcp":
-            return backend_id(Service.from_dict(service))
-    raise KeyError(f"no TCP service on port {port}")
+    entry = plan.entries.get(f"{port}/tcp")
+    if entry is None or entry.service is None:
+        raise KeyError(f"no TCP service on port {port}")
+    return backend_id(entry.service)
+
+
+def all_listening(ports: range, deadline: float) -> float:
+    """Monotonic time when every port accepts a connection on loopback (HAProxy serving them)."""
+    pending = set(ports)
+    while pending:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(pending)} ports never listened")
+        for port in sorted(pending):
+            with socket.socket() as conn:
+                conn.settimeout(0.5)
+                try:
+                    conn.connect(("127.0.0.1", port))
+                except OSError:
+                    continue
+            pending.discard(port)
+        if pending:
+            time.sleep(0.05)
+    return time.monotonic()
 
 
 def haproxy_addresses(run_dir: str, backend: str) -> set[str]:
@@ -183,14 +286,19 @@ def marathon_run(apps: int, changes: int, breakdown: bool = False, status: bool 
                          "-i", "3600"],
                         programs=("haproxy", "applier", "planner", "collector", *(("status",) if status else ())))
     watch = BusWatch(pipeline.run_dir, breakdown)
+    counter = BusBytes(pipeline.run_dir)
+    counter.start()
+    counter.ready.wait(10)
     scraper = MetricsScraper(f"http://127.0.0.1:{status_port}/metrics", scrape_every) if scrape_every > 0 else None
     scraped: dict = {}
     try:
         started = time.monotonic()
         pipeline.start()
-        watch.wait_applied(lambda plan: len(plan["services"]) == apps and all(
-            len(s["servers"]) == 5 for s in plan["services"]), timeout=180)
+        watch.wait_applied(lambda plan: plan.summary["count"] == apps and all(
+            len(s.servers) == 5 for s in plan.services()), timeout=600)
         initial = time.monotonic() - started
+        # Cold start: from starting the pipeline to every service's listener accepting connections.
+        cold_start = all_listening(range(base, base + apps), time.monotonic() + 300) - started
         probe_port = base + apps // 2
         probe_backend = backend_of(watch.plans[watch.last_plan], probe_port)
         task = sim.task_ids(f"/bench/app{apps // 2}")[0]
@@ -203,7 +311,9 @@ def marathon_run(apps: int, changes: int, breakdown: bool = False, status: bool 
         verified = 0
         stages = ("collector", "planner", "applier", *(("status",) if status else ()))
         cpu_before = {name: cpu_seconds(pipeline.processes[name].pid) for name in stages}
+        watch.pump(0.2)
         measured_from = time.monotonic()
+        counter.counting = True
         for step in range(changes):
             alive = step % 2 == 1
             watch.forget()
@@ -218,14 +328,20 @@ def marathon_run(apps: int, changes: int, breakdown: bool = False, status: bool 
                 wait_until(lambda: len(haproxy_addresses(pipeline.run_dir, probe_backend)) == expected, timeout=5,
                            message="HAProxy's own state to agree")
                 verified += 1
+        time.sleep(0.2)  # the last change's messages still on their way to the counter
+        counter.counting = False
         if scraper is not None:
             scraped = {"metrics": {"every_s": scrape_every, **scraper.stop()}}
+        scraped["bus_bytes_per_change"] = round(sum(counter.bytes.values()) / changes)
+        scraped["bus_bytes_per_change_by_stage"] = {stage: round(n / changes) for stage, n in counter.bytes.items()}
+        scraped["bus_messages_per_change"] = round(sum(counter.messages.values()) / changes, 1)
         # CPU each stage spent while the changes were measured (what the status stage and its
         # /metrics cost shows here directly, whatever else the machine runs)
         scraped["measured_s"] = round(time.monotonic() - measured_from, 1)
         scraped["cpu_s"] = {name: round(cpu_seconds(pipeline.processes[name].pid) - cpu_before[name], 2)
                             for name in stages}
         return {"apps": apps, "tasks": apps * 5, "changes": changes, "initial_sync_s": round(initial, 2),
+                "cold_start_all_listening_s": round(cold_start, 2), "resyncs_seen": watch.resyncs,
                 "status_stage": status, **scraped,
                 "p50_ms": round(statistics.median(samples), 1), "p99_ms": round(percentile(samples, 0.99), 1),
                 "max_ms": round(max(samples), 1), "checked_against_haproxy": verified,
@@ -234,6 +350,7 @@ def marathon_run(apps: int, changes: int, breakdown: bool = False, status: bool 
     finally:
         if scraper is not None and scraper.is_alive():
             scraper.stop()
+        counter.stop()
         pipeline.cleanup()
         sim.stop()
 
@@ -251,7 +368,7 @@ def registrator_run(changes: int) -> dict:
     watch = BusWatch(pipeline.run_dir)
     try:
         pipeline.start()
-        watch.wait_applied(lambda plan: len(plan["services"]) == 100, timeout=120)
+        watch.wait_applied(lambda plan: plan.summary["count"] == 100, timeout=120)
         probe_port, key = base + 50, f"/services/svc50@{base + 50}/h0:c0:80"
         samples = []
         for step in range(changes):
