@@ -81,9 +81,10 @@ def proxymatic_command(*args: str) -> list[str]:
     return [os.path.join(os.path.dirname(sys.executable), "proxymatic"), *args]
 
 
-def bus_excerpt(run_dir: str, count: int = 3) -> list[str]:
+def bus_excerpt(run_dir: str, count: int = 5) -> list[str]:
     """The newest data message of each topic, as `proxymatic tap` shows them, in time order (a
-    tap gets them from three publishers' snapshots, in whatever order those answer)."""
+    tap gets them from three publishers' snapshots, in whatever order those answer): the
+    source's one service and its summary, the plan's one service and its summary, the result."""
     result = subprocess.run(proxymatic_command("tap", "--run-dir", run_dir, "--no-heartbeats", "--json",
                                                "--count", str(count)),
                             capture_output=True, text=True, timeout=15)
@@ -112,13 +113,16 @@ class DiffTap:
         for line in self.process.stdout:
             self.lines.append(line.rstrip("\n"))
 
-    def messages(self) -> int:
-        return sum(1 for line in list(self.lines) if not line.startswith(" "))
+    def messages(self, topic: str | None = None) -> int:
+        """Message lines shown so far (of `topic` only, when given)."""
+        return sum(1 for line in list(self.lines)
+                   if not line.startswith(" ") and (topic is None or line.split()[1:2] == [topic]))
 
-    def stop(self, wanted_messages: int, timeout: float = 5.0) -> list[str]:
-        """The lines once `wanted_messages` messages were shown (or `timeout` passed)."""
+    def stop(self, wanted_summaries: int, timeout: float = 5.0) -> list[str]:
+        """The lines once `wanted_summaries` plan summaries were shown (or `timeout` passed):
+        a plan's change is its key messages, then its summary."""
         deadline = time.monotonic() + timeout
-        while self.messages() < wanted_messages and time.monotonic() < deadline:
+        while self.messages("plan") < wanted_summaries and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.1)  # the change lines under the last message
         self.process.terminate()
@@ -180,7 +184,9 @@ def main() -> int:
         say(f"/status is OK; 30 requests to http://127.0.0.1:{SERVICE_PORT}/ (backends a and b)")
         show(traffic())
         diff_tap = DiffTap(run_dir)
-        wait_for("the tap", lambda: diff_tap.messages() >= 1, timeout=10)
+        # the plan as it is, from the snapshot: its service's key message, then its summary
+        wait_for("the tap", lambda: diff_tap.messages("plan") >= 1, timeout=10)
+        before = len(diff_tap.lines)
         say("editing the services file: backend-a removed, backend-c added")
         write_services(services_file, [backends["backend-b"], backends["backend-c"]])
         wait_for("traffic to follow", lambda: set(traffic(6)) == {"backend-b", "backend-c"})
@@ -190,9 +196,9 @@ def main() -> int:
         if set(counts) != {"backend-b", "backend-c"}:
             raise SystemExit(f"demo: unexpected backends {sorted(counts)}")
         say("what the edit changed in the plan, as `proxymatic tap --diff --topic plan` showed it:")
-        lines = diff_tap.stop(wanted_messages=2)
+        lines = diff_tap.stop(wanted_summaries=2)
         diff_tap = None
-        changes = lines[next((i for i, line in enumerate(lines[1:], 1) if not line.startswith(" ")), len(lines)):]
+        changes = lines[before:]
         print("\n".join(changes or ["(the tap showed no change)"]), flush=True)
         say(f"the bus, as `proxymatic tap --run-dir {run_dir}` shows it (newest message of each topic):")
         print("\n".join(bus_excerpt(run_dir)), flush=True)
@@ -217,7 +223,7 @@ def main() -> int:
         raise
     finally:
         if diff_tap is not None:
-            diff_tap.stop(wanted_messages=0, timeout=0)
+            diff_tap.stop(wanted_summaries=0, timeout=0)
         say("stopping")
         proxymatic.send_signal(signal.SIGINT)
         try:

@@ -34,7 +34,11 @@ def test_demo_shows_traffic_following_the_change():
     # the bus excerpt in time order
     excerpt = after.split("==> the bus")[1].split("==> what `proxymatic explain")[0]
     stamps = [m.group(1) for m in map(TAP_LINE.match, excerpt.splitlines()) if m]
-    assert len(stamps) == 3 and stamps == sorted(stamps)
+    assert len(stamps) == 5 and stamps == sorted(stamps)  # a source's key and summary, the plan's, the result
+    topics = sorted(line.split()[1] for line in excerpt.splitlines() if TAP_LINE.match(line))
+    key = f"{env['DEMO_PORT']}/tcp"
+    assert topics[0].startswith("applied.") and topics[1:] == ["plan", f"plan:{key}", "source.file", f"source.file:{key}"], \
+        topics
     # what `proxymatic explain PORT` says: the service, its two servers UP
     explained = after.split("==> what `proxymatic explain")[1].split("==> HAProxy")[0]
     port = env["DEMO_PORT"]
