@@ -83,3 +83,50 @@ def test_a_restarted_collector_saying_initializing_does_not_wipe_a_source():
     assert absorb(None, snap("marathon", state="initializing")).state == "initializing"
     fresh = snap("marathon", svc("m", 1001, "marathon"))
     assert absorb(known, fresh) is fresh
+
+
+def test_the_incremental_plan_builder_gives_what_make_plan_gives():
+    """The planner stage's PlanBuilder, fed random changes one source at a time (with and
+    without the changed keys), gives make_plan's plan every time: services (in key order),
+    notes in make_plan's order, excluded entries, hash, inputs."""
+    import random
+
+    from services.common.model import Excluded
+    from services.planner.policy import PlanBuilder
+
+    rng = random.Random(11)
+    settings = Settings(status_endpoint="0.0.0.0:9090", services_file="/x", group_size=2)
+    builder = PlanBuilder(settings)
+    current: dict[str, dict[str, Service]] = {"marathon": {}, "registrator": {}, "file": {}}
+    snapshots: dict[str, SourceSnapshot] = {}
+    ports = [80, 9090, *range(10000, 10012)]
+    for step in range(300):
+        source = rng.choice(list(current))
+        services = current[source]
+        before = dict(services)
+        for _ in range(rng.randint(1, 3)):
+            port = rng.choice(ports)
+            key = f"{port}/tcp"
+            if key in services and rng.random() < 0.3:
+                del services[key]
+            else:
+                services[key] = svc(f"{source[0]}{port}-{step}", port, source, host_network=rng.random() < 0.1,
+                                    servers=[(f"10.0.0.{rng.randint(1, 9)}", 80, rng.choice([1, 500, 1000]), 10)])
+        excluded = tuple(Excluded(source=source, code="health_failing", reason="failing", key=key, task=f"t{step}")
+                         for key in list(services)[:rng.randint(0, 2)])
+        # in key order, as a snapshot decoded from the bus was (make_plan's notes follow that order)
+        ordered = tuple(sorted(services.values(), key=lambda s: (s.port, s.protocol)))
+        snapshot = SourceSnapshot(source, rng.choice(["ok", "ok", "degraded"]), ordered,
+                                  excluded=excluded, changed_at=float(step))
+        snapshots[source] = snapshot
+        changed = None if rng.random() < 0.3 else {k for k in before.keys() | services.keys()
+                                                   if before.get(k) is not services.get(k)}
+        builder.update(snapshot, dict(services), changed, snapshot.hash)
+        if rng.random() < 0.5:
+            continue
+        expected, got = make_plan(snapshots, settings), builder.plan()
+        assert sorted(got.services, key=lambda s: (s.port, s.protocol)) == list(expected.services)
+        assert (got.notes, got.excluded, got.inputs, got.sources_ready, got.changed_at, got.settings) == (
+            expected.notes, expected.excluded, expected.inputs, expected.sources_ready, expected.changed_at,
+            expected.settings)
+        assert builder.hash == got.hash == expected.hash

@@ -19,15 +19,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 import zmq
 
 from services.common.bus import HEARTBEAT_INTERVAL, SNAPSHOT_TIMEOUT, Message, Publisher, Subscriber
 from services.common.config import Settings
-from services.common.keyed import split_topic
-from services.common.model import SOURCES, ModelError, SourceSnapshot
-from services.common.wire import SOURCE_PREFIX, PlanSender, SnapshotFollower, snapshot_follower
-from services.planner.policy import PolicyMemo, absorb, make_plan
+from services.common.keyed import KeyedMirror, split_topic
+from services.common.model import (SOURCE_STATES, SOURCES, ModelError, SourceSnapshot, _choice, _str_list,
+                                   _timestamp, bounded_excluded, excluded_from_list)
+from services.common.wire import SOURCE_PREFIX, PlanSender, SnapshotFollower, source_prefix
+from services.planner.policy import PlanBuilder, absorb
 
 log = logging.getLogger("proxymatic.planner")
 
@@ -39,18 +41,59 @@ MAX_DELAY = 0.05
 RESYNC_INTERVAL = SNAPSHOT_TIMEOUT
 
 
+@dataclass(frozen=True)
+class SourceUpdate:
+    """A source's snapshot as its follower rebuilt it, with what the PlanBuilder needs to plan
+    only what changed: the services by key, the keys changed since the follower's previous
+    snapshot (None: any may have), and the source's hash (the mirror's, equal to its summary's)."""
+
+    snapshot: SourceSnapshot
+    by_key: dict
+    changed: set | None
+    hash: str
+
+
+@dataclass
+class PlannerFollower(SnapshotFollower):
+    """A SnapshotFollower that hands out a SourceUpdate: the services unsorted (a plan is keyed,
+    and sorting 10,000 services per change is most of what the rebuild costs) and the keys
+    changed since last time (KeyedMirror.take_changed)."""
+
+    # The mirror the previous update came from; `full`: the next update must say "any key may
+    # have changed" (the first one, another sender's mirror, an update the stage did not use).
+    last_mirror: KeyedMirror | None = None
+    full: bool = True
+
+    def build(self, mirror: KeyedMirror, summary: dict) -> SourceUpdate:
+        by_key = {key: entry.service for key, entry in mirror.values.items() if entry.service is not None}
+        keyless = excluded_from_list(summary.get("excluded", []), "summary.excluded")
+        excluded = [item for entry in mirror.values.values() if entry.excluded for item in entry.excluded]
+        snapshot = SourceSnapshot(
+            source=_choice(summary.get("source"), SOURCES, "snapshot.source"),
+            state=_choice(summary.get("state"), SOURCE_STATES, "snapshot.state"),
+            services=tuple(by_key.values()), error=str(summary.get("error", "")),
+            warnings=_str_list(summary.get("warnings", []), "snapshot.warnings"),
+            excluded=bounded_excluded(excluded + list(keyless)) if excluded or keyless else (),
+            changed_at=_timestamp(summary.get("changed_at", 0.0), "snapshot.changed_at"))
+        changed = mirror.take_changed()
+        if self.full or mirror is not self.last_mirror:
+            changed = None
+        self.last_mirror, self.full = mirror, False
+        return SourceUpdate(snapshot, by_key, changed, mirror.hash)
+
+
 class SourceFollowers:
-    """One `SnapshotFollower` per known source (never per name a message makes up, so memory
-    stays bounded): each mirrors its source's keys and hands out the source's SourceSnapshot
-    when a summary arrives that its mirror agrees with."""
+    """One `PlannerFollower` per known source (never per name a message makes up, so memory
+    stays bounded): each mirrors its source's keys and hands out the source's snapshot when a
+    summary arrives that its mirror agrees with."""
 
     def __init__(self) -> None:
-        self.followers: dict[str, SnapshotFollower] = {name: snapshot_follower(name) for name in SOURCES}
+        self.followers: dict[str, PlannerFollower] = {name: PlannerFollower(source_prefix(name)) for name in SOURCES}
         self.resynced_at: dict[str, float] = {}
         self.resyncs = 0
 
-    def absorb(self, message: Message) -> tuple[SnapshotFollower, SourceSnapshot | None]:
-        """The follower of the message's source, and the snapshot when the message is a summary
+    def absorb(self, message: Message) -> tuple[PlannerFollower, SourceUpdate | None]:
+        """The follower of the message's source, and its update when the message is a summary
         its mirror matches. ModelError/ValueError for a message that does not decode (or names
         an unknown source, or a summary of another source than its topic's)."""
         prefix, _key = split_topic(message.topic)
@@ -58,12 +101,13 @@ class SourceFollowers:
         follower = self.followers.get(name)
         if follower is None:
             raise ModelError(f"unknown source {name!r:.40}")
-        snapshot = follower.absorb(message)
-        if snapshot is not None:
-            if snapshot.source != name:
-                raise ModelError(f"snapshot of source {snapshot.source!r} on topic {message.topic!r:.80}")
+        update = follower.absorb(message)
+        if update is not None:
+            if update.snapshot.source != name:
+                follower.full = True  # its changed keys were taken: the next update compares all
+                raise ModelError(f"snapshot of source {update.snapshot.source!r} on topic {message.topic!r:.80}")
             follower.needs_resync = False  # its mirror agrees again
-        return follower, snapshot
+        return follower, update
 
     def resync(self, subscriber: Subscriber, now: float) -> None:
         """Resync every source whose mirror disagreed with its summary (Subscriber.resync, then
@@ -85,7 +129,9 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
     plans = PlanSender(publisher)
     snapshots: dict[str, SourceSnapshot] = {}
     followers = SourceFollowers()
-    memo = PolicyMemo()
+    # The plan, kept up to date one changed key at a time (make_plan's result, without
+    # re-planning every service per change).
+    builder = PlanBuilder(settings)
     first_pending: float | None = None
     last_change = 0.0
     last_planned = 0.0
@@ -110,13 +156,20 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
                 if message.is_heartbeat:
                     continue
                 try:
-                    follower, snapshot = followers.absorb(message)
+                    follower, update = followers.absorb(message)
                 except Exception as error:  # any payload at all: never the end of the loop
                     subscriber.drop(message, f"{type(error).__name__}: {error}")
                     continue
-                if snapshot is None:
+                if update is None:
                     continue
-                snapshots[snapshot.source] = absorb(snapshots.get(snapshot.source), snapshot)
+                name = update.snapshot.source
+                kept = absorb(snapshots.get(name), update.snapshot)
+                snapshots[name] = kept
+                if kept is update.snapshot:
+                    builder.update(kept, update.by_key, update.changed, update.hash)
+                else:  # the source's last word kept, degraded: its services as they were
+                    builder.update(kept, builder.by_source.get(name), (), builder.hashes.get(name))
+                    follower.full = True
                 last_change = time.monotonic()
                 first_pending = first_pending or last_change
             # A mirror that disagreed with its summary: forget it, take the whole source again.
@@ -134,12 +187,12 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
                 continue
             first_pending, last_planned = None, now
             try:
-                plan = make_plan(snapshots, settings, memo)
+                plan = builder.plan()
             except Exception:  # a policy bug must not end the stage: the last plan stays out
                 log.exception("planner: could not make a plan from sources %s", sorted(snapshots))
                 continue
             # Never for changed_at alone: it is when, not what.
-            identity = (plan.hash, plan.sources_ready, plan.notes, plan.excluded)
+            identity = (builder.hash, plan.sources_ready, plan.notes, plan.excluded)
             if identity == last_published:
                 continue
             notes_before = last_published[2] if last_published is not None else ()
@@ -147,10 +200,11 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
             for note in plan.notes:
                 if note not in notes_before:  # each note once, not again with every plan
                     log.warning("planner: %s", note)
-            plans.publish(plan)
+            sent = plans.publish(plan)
             plans_published += 1
-            log.info("planner: plan %s, %d services, %d excluded, sources ready %s", plan.hash, len(plan.services),
-                     len(plan.excluded), list(plan.sources_ready))
+            log.info("planner: plan %s, %d services, %d excluded, sources ready %s (%d keys changed, %d gone)",
+                     builder.hash, len(plan.services), len(plan.excluded), list(plan.sources_ready),
+                     len(sent.changed), len(sent.gone))
     finally:
         subscriber.close()
         publisher.close()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Iterable
 
 from services.common.config import Settings, reserved_ports
-from services.common.model import MAX_WEIGHT, Excluded, Plan, Service, SourceSnapshot, bounded_excluded
+from services.common.model import (MAX_WEIGHT, Excluded, Plan, Service, SourceSnapshot, bounded_excluded,
+                                   content_hash)
 
 PRECEDENCE = ("marathon", "registrator", "file")
 PROXY_MAX_WEIGHT = 256
@@ -143,3 +145,133 @@ def plan_excluded(snapshots: dict[str, SourceSnapshot], own: list[Excluded]) -> 
     everything.extend(own)
     return bounded_excluded(everything) if everything else ()
 
+
+
+class PlanBuilder:
+    """`make_plan`, kept up to date one changed key at a time (the planner stage's way).
+
+    The stage tells it, per source, the services by key and which keys may have changed (the
+    keyed mirror knows: KeyedMirror.take_changed); only those keys are merged and run through
+    the policies again. What is left per plan is a few passes at C speed (the services tuple)
+    and the plan's hash, kept as an XOR like the sources'. Gives the same plan as `make_plan`
+    over the same snapshots (services in another order: a plan is keyed; tests/test_planner.py
+    checks it on random changes)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.proxy_settings = settings.proxy_settings()
+        self._settings_digest = content_hash([self.proxy_settings.to_dict()])
+        self.reserved = reserved_ports(settings)
+        self.snapshots: dict[str, SourceSnapshot] = {}
+        self.hashes: dict[str, str] = {}  # each source's hash, as its summary said
+        self.by_source: dict[str, dict[str, Service]] = {}
+        self.planned: dict[str, Service] = {}
+        self._winners: dict[str, Service] = {}  # key -> the source service behind planned[key]
+        self._merge_notes: dict[str, list[tuple[int, str, Excluded]]] = {}  # key -> (loser's rank, note, excluded)
+        self._policy_notes: dict[str, tuple[str, Excluded]] = {}
+        self._xor = 0
+        self._dirty: set[str] = set()
+        self._excluded_key: tuple | None = None
+        self._excluded: tuple[Excluded, ...] = ()
+
+    def update(self, snapshot: SourceSnapshot, by_key: dict[str, Service] | None = None,
+               changed: Iterable[str] | None = None, hash_: str | None = None) -> None:
+        """A source's snapshot to plan from. `by_key`: its services by key (built here when
+        None); `changed`: the keys that may differ from the previous update (every key when
+        None); `hash_`: its hash (SourceSnapshot.hash, computed here when None)."""
+        name = snapshot.source
+        old = self.by_source.get(name, {})
+        if by_key is None:
+            by_key = {service.key: service for service in snapshot.services}
+        keys = (old.keys() | by_key.keys()) if changed is None else changed
+        for key in keys:
+            if old.get(key) is not by_key.get(key):
+                self._dirty.add(key)
+        self.by_source[name] = by_key
+        self.snapshots[name] = snapshot
+        self.hashes[name] = snapshot.hash if hash_ is None else hash_
+
+    def _replan(self, key: str) -> None:
+        winner: Service | None = None
+        losers: list[tuple[int, str, Excluded]] = []
+        for rank, source in enumerate(PRECEDENCE):
+            service = self.by_source.get(source, {}).get(key)
+            if service is None:
+                continue
+            if winner is None:
+                winner = service
+                continue
+            losers.append((rank, f"port {key}: {source} service {service.name!r} ignored, "
+                                 f"claimed by {winner.source} service {winner.name!r}",
+                           _planner_excluded("port_taken", f"{source} service ignored: port {key} is taken by "
+                                             f"{winner.source} service {winner.name!r} ({' > '.join(PRECEDENCE)})",
+                                             service)))
+        if losers:
+            self._merge_notes[key] = losers
+        else:
+            self._merge_notes.pop(key, None)
+        self._policy_notes.pop(key, None)
+        planned = None
+        if winner is not None:
+            if winner.host_network and not self.settings.expose_host:
+                self._policy_notes[key] = (
+                    f"port {key}: service {winner.name!r} uses host networking; "
+                    "not proxied (set EXPOSE_HOST=true to proxy it)",
+                    _planner_excluded("host_network", f"{winner.source} service uses host networking; not proxied "
+                                      "(set EXPOSE_HOST=true to proxy it)", winner))
+            elif winner.protocol == "tcp" and winner.port in self.reserved:
+                self._policy_notes[key] = (
+                    f"port {key}: service {winner.name!r} collides with {self.reserved[winner.port]}; not proxied",
+                    _planner_excluded("reserved_port", f"{winner.source} service not proxied: port {winner.port} is "
+                                      f"proxymatic's own ({self.reserved[winner.port]})", winner))
+            elif self._winners.get(key) is winner:
+                planned = self.planned[key]
+            else:
+                planned = apply_policies(winner, self.settings)
+        old = self.planned.pop(key, None)
+        self._winners.pop(key, None)
+        if old is not None:
+            self._xor ^= int(old.digest, 16)
+        if planned is not None:
+            self.planned[key] = planned
+            self._winners[key] = winner
+            self._xor ^= int(planned.digest, 16)
+
+    @property
+    def hash(self) -> str:
+        """Plan.hash of the plan `plan()` gives, kept up to date as an XOR."""
+        return f"{self._xor ^ int(self._settings_digest, 16):016x}"
+
+    def _notes(self) -> tuple[tuple[str, ...], list[Excluded]]:
+        """make_plan's notes in its order: the merge's (by losing source, then key), then the
+        policies' (by key); and the planner's own excluded entries."""
+        merge = sorted(((rank, _key_order(key), note, excluded) for key, losers in self._merge_notes.items()
+                        for rank, note, excluded in losers), key=lambda item: item[:2])
+        policy = sorted((_key_order(key), note, excluded) for key, (note, excluded) in self._policy_notes.items())
+        notes = tuple([item[2] for item in merge] + [item[1] for item in policy])
+        return notes, [item[3] for item in merge] + [item[2] for item in policy]
+
+    def plan(self) -> Plan:
+        for key in self._dirty:
+            self._replan(key)
+        self._dirty.clear()
+        notes, own = self._notes()
+        snapshots = self.snapshots
+        # The sources' excluded entries and the planner's: sorted again only when they changed.
+        identity = (tuple((name, s.excluded) for name, s in snapshots.items()), tuple(own))
+        if identity != self._excluded_key:
+            self._excluded_key, self._excluded = identity, plan_excluded(snapshots, own)
+        return Plan(
+            services=tuple(self.planned.values()),
+            settings=self.proxy_settings,
+            inputs=tuple(sorted(self.hashes.items())),
+            sources_ready=tuple(sorted(name for name, s in snapshots.items() if s.state != "initializing")),
+            notes=notes,
+            excluded=self._excluded,
+            changed_at=max((s.changed_at for s in snapshots.values()), default=0.0),
+        )
+
+
+def _key_order(key: str) -> tuple:
+    port, _, protocol = key.partition("/")
+    return (int(port), protocol)
