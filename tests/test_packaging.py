@@ -15,10 +15,13 @@ def test_only_the_runtime_package_and_its_templates_are_installed():
     packages = find_packages(ROOT, include=tool["packages"]["find"]["include"])
     assert packages and {name.split(".")[0] for name in packages} == {"services"}, packages
     data = tool["package-data"]["*"]
-    for template in ("services/applier/templates/haproxy.cfg.j2", "services/status/templates/services.html.j2"):
-        assert os.path.dirname(template).replace("/", ".") in packages or os.path.dirname(
-            os.path.dirname(template)).replace("/", ".") in packages
-        assert any(fnmatch.fnmatch(os.path.basename(template), pattern) for pattern in data), template
+    for package, template in (("services.applier", "templates/haproxy.cfg.j2"),
+                              ("services.applier", "templates/nginx.conf.j2"),
+                              ("services.status", "templates/services.html.j2")):
+        assert package in packages
+        assert os.path.exists(os.path.join(ROOT, *package.split("."), template))
+        # package-data patterns are relative to the package's directory
+        assert any(fnmatch.fnmatch(template, pattern) for pattern in data), template
 
 
 def test_the_image_copies_no_test_or_demo_tool():
