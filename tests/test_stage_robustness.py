@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 from services.applier import main as applier
-from services.common.bus import Endpoint, Publisher, Subscriber
+from services.common.bus import QUEUE_HWM, Endpoint, Publisher, Subscriber
 from services.common.config import Settings
 from services.common.model import Plan, ProxySettings, Service, SourceSnapshot
 from services.common.wire import PlanSender
@@ -270,17 +270,22 @@ def rss_bytes(pid: int | str = "self") -> int:
 
 
 def test_a_stopped_subscriber_costs_little_and_catches_up_after_sigcont(tap_process):
+    """Key-sized messages (keyed states: ~1 kB each) at twenty times the high-water mark to a tap
+    stopped with SIGSTOP: the publisher holds at most QUEUE_HWM of them for it (~2 MB here, not
+    the 40 MB sent), the rest of the pipeline goes on, and the tap catches up from a snapshot
+    after SIGCONT."""
     process, endpoint, out, _err = tap_process
     ctx = zmq.Context.instance()
     publisher = Publisher(ctx, "planner@x", Endpoint.parse(endpoint), heartbeat_interval=0.1)
     healthy = Subscriber(ctx, [Endpoint.parse(endpoint)], ["t."])  # the rest of the pipeline
-    blob = "x" * 256 * 1024  # full-state sized messages
+    blob = "x" * 2048  # a key message with a few servers
+    count = 20 * QUEUE_HWM  # 40 MB for a subscriber that reads nothing
     seen: list[int] = []
 
-    def pump() -> list[int]:
+    def pump(timeout: float = 0.01) -> list[int]:
         publisher.serve_snapshots()
         publisher.heartbeat()
-        seen.extend(m.payload["a_n"] for m in healthy.poll(0.01) if m.topic == "t.big")
+        seen.extend(m.payload["a_n"] for m in healthy.poll(timeout) if m.topic == "t.big")
         return seen
 
     try:
@@ -288,16 +293,17 @@ def test_a_stopped_subscriber_costs_little_and_catches_up_after_sigcont(tap_proc
         wait_until(lambda: pump() and '"a_n": -1' in out.read_text(), timeout=30, message="tap and subscriber running")
         os.kill(process.pid, signal.SIGSTOP)
         before = rss_bytes()
-        for n in range(300):  # 75 MB for a subscriber that reads nothing
+        for n in range(count):
             publisher.publish("t.big", {"a_n": n, "blob": blob})
-            pump()
-        wait_until(lambda: pump()[-1] == 299, timeout=30, message="the pipeline goes on while the tap is stopped")
+            if n % 100 == 99:  # the healthy subscriber reads well within its high-water mark
+                pump(0)
+        wait_until(lambda: pump()[-1] == count - 1, timeout=30, message="the pipeline goes on while the tap is stopped")
         grown = rss_bytes() - before
         os.kill(process.pid, signal.SIGCONT)
         # Everything past the high-water mark was dropped for the tap: the heartbeat's seq makes
         # it ask for a snapshot, which has the last state.
-        wait_until(lambda: pump() and '"a_n": 299' in out.read_text(), timeout=30, message="tap caught up")
-        assert grown < 40 * 1024 * 1024, grown
+        wait_until(lambda: pump() and f'"a_n": {count - 1}' in out.read_text(), timeout=30, message="tap caught up")
+        assert grown < 16 * 1024 * 1024, grown
         assert process.poll() is None
     finally:
         os.kill(process.pid, signal.SIGCONT)
