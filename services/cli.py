@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(command)
     args = parser.parse_args(rest)
     try:
-        settings = settings_from(args, os.environ, command)
+        settings = settings_from(args, os.environ)
     except ConfigError as error:
         print(f"proxymatic: error: {error}", file=sys.stderr)
         return 1

@@ -81,7 +81,7 @@ def namespace(*argv: str) -> tuple:
     add_options(parser)
     add_arguments(parser)
     args = parser.parse_args(list(argv))
-    return settings_from(args, {}, "plan"), args
+    return settings_from(args, {}), args
 
 
 def test_starts_no_process_and_writes_nothing(tmp_path, services_file, monkeypatch, capsys):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from services.common.bus import Endpoint
@@ -188,8 +188,6 @@ class Settings:
     applier_bus: str = ""
     node_name: str = ""
     shutdown_grace: int = 0
-    command: str = "run"
-    extra: dict = field(default_factory=dict)
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -230,7 +228,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*option.flags, dest=option.dest, default=None, help=text)
 
 
-def settings_from(args: argparse.Namespace, environ: Mapping[str, str], command: str = "run") -> Settings:
+def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
     values: dict[str, object] = {}
     for option in OPTIONS:
         raw = getattr(args, option.dest, None)
@@ -241,7 +239,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str], command:
         if raw is None:
             raw = option.default
         values[option.dest] = option.parse(raw, name)
-    settings = Settings(command=command, **values)  # type: ignore[arg-type]
+    settings = Settings(**values)  # type: ignore[arg-type]
     check(settings)
     return settings
 
