@@ -24,6 +24,7 @@ from typing import Collection, Iterable, Mapping
 import jinja2
 
 from services.common.model import Plan, ProxySettings, Server, Service, content_hash
+from services.common.validate import is_check_path
 
 MIN_SLOTS = 16  # disabled slots are cheap; each growth costs a reload
 MAX_HAPROXY_WEIGHT = 256
@@ -39,7 +40,6 @@ FD_RESERVE = 1024
 # What a slot layout is: backend id -> one entry per slot, a Server or None (empty).
 Slots = Mapping[str, tuple["Server | None", ...]]
 
-_PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,1023}\Z")  # \Z: `$` would let a final newline in
 _ACCOUNT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 
 
@@ -250,7 +250,7 @@ def quote_path(path: str, what: str = "health check path") -> str:
     than `'`, no backslash, no control characters); inside single quotes HAProxy expands
     nothing (`#`, `$` are literal), and a `'` is written as `'\\''`.
     """
-    if not isinstance(path, str) or not _PATH_RE.match(path):
+    if not is_check_path(path):
         raise RenderError(f"{what} {path!r} is not a valid URL path")
     return "'" + path.replace("'", "'\\''") + "'"
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Mapping
 from services.collector.exclusions import address as address_text, excluded as make_excluded
 from services.common.model import (clip as clip_value, DEFAULT_WEIGHT, MAX_WEIGHT, Excluded, HealthCheck, ModelError, Server,
                                    Service, bounded_excluded, validate_ip, validate_name)
+from services.common.validate import integer, is_hostname
 
 LABEL_PREFIX = "com.meltwater.proxymatic.port."
 # States in which a task is serving. `state` is absent from old Marathon (1.1 and the 1.4 docs).
@@ -23,8 +24,6 @@ TERMINAL_STATES = frozenset({
     "TASK_FINISHED", "TASK_FAILED", "TASK_KILLED", "TASK_LOST", "TASK_ERROR", "TASK_DROPPED",
     "TASK_GONE", "TASK_GONE_BY_OPERATOR", "TASK_UNKNOWN",
 })
-_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_.:-]{0,255}\Z")  # \Z: `$` would let a final newline through
-_DIGITS_RE = re.compile(r"[0-9]{1,12}\Z")
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]+")
 MAX_WARNINGS = 200
 # Marathon health check protocols HAProxy can reproduce from outside the task (plain HTTP or a
@@ -153,16 +152,8 @@ def _label_int(labels: Mapping, key: str, low: int, high: int, app_id: str, warn
     if key not in labels:
         return None
     value = labels[key]
-    number: int | None = None
-    if isinstance(value, bool):
-        number = None
-    elif isinstance(value, int):
-        number = value
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
-    elif isinstance(value, str) and _DIGITS_RE.match(value.strip()):  # not isdigit(): "²" is a digit
-        number = int(value.strip())
-    if number is None or not low <= number <= high:
+    number = integer(value, low, high, floats=True)
+    if number is None:
         warnings.append(f"app {clip(app_id)}: label {key}={clip(value)} ignored "
                         f"(expected an integer {low}..{high})")
         if problems is not None:
@@ -410,7 +401,7 @@ def task_address(task: Mapping, spec: AppSpec, route: PortRoute) -> str:
     ports = task.get("ports")
     port = ports[route.index] if isinstance(ports, list) and route.index < len(ports) else None
     host = task.get("host")
-    return address_text(host, port) if isinstance(host, str) and _HOSTNAME_RE.match(host) else ""
+    return address_text(host, port) if is_hostname(host) else ""
 
 
 def task_excluded(task: Mapping, spec: AppSpec, code: str, reason: str,
@@ -457,7 +448,7 @@ def task_backends(task: Mapping, spec: AppSpec, resolve: Callable[[str], str | N
             warnings.append(f"app {clip(spec.app_id)}: task {task_id} host {clip(host)} does not resolve; skipped")
             excluded.extend(task_excluded(task, spec, "unresolvable", f"host {clip(host)} does not resolve"))
             return []
-    hostname = host if isinstance(host, str) and _HOSTNAME_RE.match(host) else ""
+    hostname = host if is_hostname(host) else ""
     ports = task.get("ports") if isinstance(task.get("ports"), list) else []
     backends: list[Backend] = []
     seen: set[int] = set()

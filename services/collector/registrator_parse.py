@@ -25,6 +25,7 @@ from services.collector.exclusions import excluded as make_excluded
 from services.collector.resolve import lookup_address
 from services.common.model import Excluded, ModelError, clip as clip_value, Server, Service, validate_name
 from services.common.redact import redact
+from services.common.validate import is_hostname, port_text as parse_port
 
 SOURCE = "registrator"
 DEFAULT_ETCD_PORT = 2379  # registrator's own default (etcd/etcd.go Factory.New)
@@ -34,8 +35,6 @@ DEFAULT_ETCD_PORT = 2379  # registrator's own default (etcd/etcd.go Factory.New)
 # (str.isdigit() is true for "²", which int() refuses, and for "٨٠", which it reads as 80).
 _ID_RE = re.compile(r"^(?P<host>.+?):(?P<container>[a-zA-Z0-9][a-zA-Z0-9_.-]+):(?P<port>[0-9]{1,10})(?::(?P<udp>udp))?\Z")
 _HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
-_SERVER_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,255}\Z")
-_PORT_RE = re.compile(r"[0-9]{1,5}\Z")
 _ADDRESS_RE = re.compile(r"[A-Za-z0-9_.:\[\]-]{1,260}:[0-9]{1,5}\Z")  # what an Excluded shows as its address
 
 Resolver = Callable[[str], str]
@@ -184,11 +183,11 @@ def _parse_host_port(text: str, url: str, raw: str) -> tuple[str, int]:
         host, colon, port_text = text.partition(":")
         if colon and not port_text:
             raise ValueError(f"registrator URL {url!r}: missing port after {piece(host)}")
-    if not host or not re.match(r"^[A-Za-z0-9_.:-]+$", host):
+    if not host or not is_hostname(host):
         raise ValueError(f"registrator URL {url!r}: bad host {piece(text)}")
     if not port_text:
         return host, DEFAULT_ETCD_PORT
-    if not _PORT_RE.match(port_text) or not 0 < int(port_text) < 65536:
+    if parse_port(port_text) is None:
         raise ValueError(f"registrator URL {url!r}: bad port {piece(port_text)}")
     return host, int(port_text)
 
@@ -249,7 +248,7 @@ def parse_backend(value: Any, resolve: Resolver = resolve_host) -> tuple[str, in
             raise ValueError(f"value {value!r} is not <ip>:<port>")
         if ":" in host:
             raise ValueError(f"value {value!r}: an IPv6 address must be written [addr]:port")
-    if not _PORT_RE.match(port_text) or not 0 < int(port_text) < 65536:
+    if parse_port(port_text) is None:
         raise ValueError(f"value {value!r} has a bad port {port_text!r} (1-65535)")
     try:
         ip = str(ipaddress.ip_address(host))
@@ -305,7 +304,7 @@ def _parse_entry(prefix: str, key: str, value: Any, resolve: Resolver, understoo
         raise ValueError("expected <prefix>/<service-name>/<host>:<container>:<port>[:udp]")
     service, service_id = parts
     name, at, port_override = service.partition("@")
-    if at and (not _PORT_RE.match(port_override) or not 0 < int(port_override) < 65536):
+    if at and parse_port(port_override) is None:
         raise ValueError(f"service port override {port_override!r} in {service!r} is not a port (1-65535)")
     try:
         validate_name(name, "service name")
@@ -317,7 +316,7 @@ def _parse_entry(prefix: str, key: str, value: Any, resolve: Resolver, understoo
 
     match = _ID_RE.match(service_id)
     if match:
-        hostname = match["host"] if _SERVER_HOSTNAME_RE.match(match["host"]) else ""
+        hostname = match["host"] if is_hostname(match["host"]) else ""
         protocol = "udp" if match["udp"] else "tcp"
         id_port = int(match["port"])
         if not at and not 0 < id_port < 65536:

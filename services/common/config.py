@@ -14,6 +14,7 @@ from typing import Callable, Mapping
 from services.common.bus import Endpoint
 from services.common.model import ProxySettings
 from services.common.redact import redact
+from services.common.validate import integer, is_domain
 
 
 class ConfigError(ValueError):
@@ -31,10 +32,9 @@ def parse_bool(value: str, name: str) -> bool:
 
 def parse_int(low: int, high: int) -> Callable[[str, str], int]:
     def parse(value: str, name: str) -> int:
-        try:
-            number = int(value.strip())
-        except ValueError:
-            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+        number = integer(value, 0, 10**12)  # ASCII digits only: int() also reads "٣" and "1_000"
+        if number is None:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
         if not low <= number <= high:
             raise ConfigError(f"{name}: must be between {low} and {high}, got {number}")
         return number
@@ -86,7 +86,7 @@ def parse_path(value: str, name: str) -> str:
 
 def parse_domain(value: str, name: str) -> str:
     value = value.strip().strip(".")
-    if value and not re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$", value):
+    if value and not is_domain(value):
         raise ConfigError(f"{name}: {value!r} is not a valid domain name")
     return value.lower()
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable
+
+from services.common.validate import integer, is_check_path, is_domain, is_hostname, is_name
 
 SCHEMA_VERSION = 1
 
@@ -24,15 +25,6 @@ SOURCE_STATES = ("initializing", "ok", "degraded")
 DEFAULT_WEIGHT = 500  # the original's scale: 1..1000
 MAX_WEIGHT = 1000
 
-# A service name is a DNS-ish label sequence: it becomes a virtual host name and appears in
-# logs, so anything that could break a config line or a Host header is refused.
-# `\Z`, never `$`: `$` also matches before a trailing newline ("web\n" would pass).
-_NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,253}[A-Za-z0-9])?\Z")
-_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_.:-]{0,255}\Z")
-# A URL path for `option httpchk`: printable, no spaces, no quotes but `'`, no `#`.
-_PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,1023}\Z")
-# Integers written as strings ("8080"): ASCII digits only, short enough for int().
-_DIGITS_RE = re.compile(r"[0-9]{1,12}\Z")
 
 
 class ModelError(ValueError):
@@ -66,12 +58,10 @@ def content_hash(data: Any) -> str:
 def _int_in(value: Any, low: int, high: int, what: str) -> int:
     # bool is an int in Python; a JSON `true` is never a valid port or weight.
     if isinstance(value, bool) or not isinstance(value, int):
-        # str.isdigit() is true for "²" and other Unicode digits that int() refuses or reads
-        # differently: only ASCII digits count.
-        if isinstance(value, str) and _DIGITS_RE.match(value.strip()):
-            value = int(value.strip())
-        else:
+        number = integer(value, 0, 10**12)  # ASCII digits only (validate.py)
+        if number is None:
             raise ModelError(f"{what} must be an integer, got {clip(value)}")
+        value = number
     if not low <= value <= high:
         # str() of an integer over 4300 digits raises ValueError: never print one whole
         shown = value if value.bit_length() <= 64 else f"a {value.bit_length()}-bit number"
@@ -90,7 +80,7 @@ def _choice(value: Any, choices: tuple[str, ...], what: str) -> str:
 
 
 def validate_name(value: Any, what: str = "name") -> str:
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+    if not isinstance(value, str) or not is_name(value):
         raise ModelError(
             f"{what} {clip(value)} is not a valid service name "
             "(letters, digits, '.', '_', '-'; at most 255 characters)"
@@ -146,7 +136,7 @@ class Server:
         data = _require_dict(data, what)
         _reject_unknown(data, ("ip", "port", "hostname", "weight", "maxconn"), what)
         hostname = data.get("hostname", "") or ""
-        if not isinstance(hostname, str) or not _HOSTNAME_RE.match(hostname):
+        if not is_hostname(hostname):
             raise ModelError(f"{what}.hostname {clip(hostname)} is not a valid host name")
         return cls(
             ip=validate_ip(data.get("ip"), f"{what}.ip"),
@@ -176,7 +166,7 @@ class HealthCheck:
         _reject_unknown(data, ("protocol", "path", "interval_seconds", "timeout_seconds", "fall"), what)
         path = data.get("path", "/")
         # The path ends up in an `option httpchk` line: printable, no spaces, no quotes.
-        if not isinstance(path, str) or not _PATH_RE.match(path):
+        if not is_check_path(path):
             raise ModelError(f"{what}.path {clip(path)} is not a valid URL path")
         return cls(
             protocol=_choice(data.get("protocol", "tcp"), ("tcp", "http"), f"{what}.protocol"),
@@ -514,7 +504,6 @@ class SourceSnapshot:
 
 _SETTINGS_INTS = {"max_connections": (1, 1_000_000), "pen_servers": (1, 10000), "pen_clients": (1, 1_000_000),
                   "vhost_port": (1, 65535)}
-_DOMAIN_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\Z")
 
 
 def _str_list(value: Any, what: str) -> tuple[str, ...]:
@@ -555,7 +544,7 @@ class ProxySettings:
                 values[key] = data[key]
         if "vhost_domain" in data:
             domain = data["vhost_domain"]
-            if not isinstance(domain, str) or (domain and not _DOMAIN_RE.match(domain)):
+            if not isinstance(domain, str) or (domain and not is_domain(domain)):
                 raise ModelError(f"settings.vhost_domain {clip(domain)} is not a valid domain name")
             values["vhost_domain"] = domain
         return cls(**values)
