@@ -79,9 +79,11 @@ class KeyedSender(Generic[V]):
         gone = [key for key in last if key not in values]
         return sorted(changed), sorted(gone)
 
-    def send(self, values: Mapping[str, V], summary: Callable[[str], dict]) -> "SendReport":
-        """Publish the changes, then `summary(hash)` on the prefix's own topic."""
-        changed, gone = self.changes(values)
+    def send(self, values: Mapping[str, V], summary: Callable[[str], dict],
+             changes: tuple[list[str], list[str]] | None = None) -> "SendReport":
+        """Publish the changes, then `summary(hash)` on the prefix's own topic. `changes`: what
+        `self.changes(values)` just said, when the caller asked already (not asked twice)."""
+        changed, gone = self.changes(values) if changes is None else changes
         for key in gone:
             self.hash ^= digest_int(self.digest(self.last.pop(key)))
             self.publisher.publish(key_topic(self.prefix, key), TOMBSTONE)

@@ -119,16 +119,23 @@ class SnapshotSender:
     publisher: Publisher
     source: str
     sender: KeyedSender = field(init=False)
+    last_summary: dict | None = field(default=None, init=False)  # the last summary sent, but its hash
 
     def __post_init__(self) -> None:
         self.sender = KeyedSender(self.publisher, source_prefix(self.source), entry_payload, entry_digest)
 
-    def publish(self, snapshot: SourceSnapshot):
+    def publish(self, snapshot: SourceSnapshot, if_changed: bool = False):
+        """Publish the keys that changed, then the summary; with `if_changed`, nothing at all
+        (None) when no key changed and the summary would say what the last one said."""
         entries, keyless = entries_by_key(snapshot.services, snapshot.excluded, self.sender.last)
-        return self.sender.send(entries, lambda hash_: {
-            "schema": KEYED_SCHEMA, "source": snapshot.source, "state": snapshot.state, "error": snapshot.error,
-            "warnings": list(snapshot.warnings), "count": len(snapshot.services), "hash": hash_,
-            "changed_at": snapshot.changed_at, "excluded": excluded_to_list(keyless)})
+        changes = self.sender.changes(entries)
+        summary = {"schema": KEYED_SCHEMA, "source": snapshot.source, "state": snapshot.state,
+                   "error": snapshot.error, "warnings": list(snapshot.warnings), "count": len(snapshot.services),
+                   "changed_at": snapshot.changed_at, "excluded": excluded_to_list(keyless)}
+        if if_changed and not changes[0] and not changes[1] and summary == self.last_summary:
+            return None
+        self.last_summary = summary
+        return self.sender.send(entries, lambda hash_: {**summary, "hash": hash_}, changes)
 
 
 @dataclass
