@@ -27,7 +27,7 @@ from services.collector.source import BrokenSource, Discovery, Source, SourceBro
 from services.common.bus import Publisher
 from services.common.config import Settings
 from services.common.model import SourceSnapshot
-from services.common.wire import SnapshotSender, entries_by_key
+from services.common.wire import SnapshotSender
 from services.common.redact import redact
 
 log = logging.getLogger("proxymatic.collector")
@@ -266,16 +266,7 @@ def _check_runners(runners: list[tuple[SourceRunner, threading.Thread]]) -> None
             runners[index] = (runner, _start(runner))
 
 
-@dataclass
-class SourceChannel:
-    """One source on the bus for the collector's life: its keyed sender (services/common/wire.py)
-    and what its last summary said besides the keys."""
-
-    sender: SnapshotSender
-    head: tuple | None = None
-
-
-def _publish(report: SourceReport, publisher: Publisher, cache: SourceCache, channels: dict[str, SourceChannel],
+def _publish(report: SourceReport, publisher: Publisher, cache: SourceCache, senders: dict[str, SnapshotSender],
              summaries: dict[str, dict]) -> None:
     """Publish a source's snapshot as a keyed state: only the services (and excluded entries)
     that changed, then its summary. Sources re-report after every wake-up; only real changes go
@@ -283,16 +274,12 @@ def _publish(report: SourceReport, publisher: Publisher, cache: SourceCache, cha
     snapshot = report.snapshot
     if report.live:
         cache.remember(snapshot)
-    channel = channels.get(snapshot.source)
-    if channel is None:
-        channel = channels[snapshot.source] = SourceChannel(SnapshotSender(publisher, snapshot.source))
-    entries, keyless = entries_by_key(snapshot.services, snapshot.excluded, channel.sender.sender.last)
-    head = (snapshot.state, snapshot.error, snapshot.warnings, snapshot.changed_at, keyless)
-    changed, gone = channel.sender.sender.changes(entries)
-    if head == channel.head and not changed and not gone:
+    sender = senders.get(snapshot.source)
+    if sender is None:
+        sender = senders[snapshot.source] = SnapshotSender(publisher, snapshot.source)
+    sent = sender.publish(snapshot, if_changed=True)
+    if sent is None:
         return
-    sent = channel.sender.publish(snapshot)
-    channel.head = head
     summaries[snapshot.source] = summarize(snapshot, sent.hash)
     log.info("source %s: %s, %d services, %d excluded, hash %s (%d keys changed, %d gone)", snapshot.source,
              snapshot.state, len(snapshot.services), len(snapshot.excluded), sent.hash, len(sent.changed),
@@ -317,7 +304,7 @@ def run(settings: Settings, stop: threading.Event, sources: list[Source] | None 
         runners.append((runner, _start(runner)))
     log.info("collector: sources %s, publishing on %s", [s.name for s in sources], settings.bus("collector").pub)
     # One keyed sender per source, for the process's life (it knows what the bus was told).
-    channels: dict[str, SourceChannel] = {}
+    senders: dict[str, SnapshotSender] = {}
     # Each source's state in a few fields, on every heartbeat: the status stage reads it there
     # instead of following every source's keys.
     summaries: dict[str, dict] = {s.name: {"state": "initializing"} for s in sources}
@@ -335,7 +322,7 @@ def run(settings: Settings, stop: threading.Event, sources: list[Source] | None 
                 except queue.Empty:
                     cache.flush()  # only when idle: saving never delays publishing a change
                     continue
-                _publish(report, publisher, cache, channels, summaries)
+                _publish(report, publisher, cache, senders, summaries)
             except Exception:  # noqa: BLE001
                 log.error("collector: error in the publish loop\n%s", redact(traceback.format_exc()))
                 stop.wait(0.05)  # a fault that repeats is not a hot loop
