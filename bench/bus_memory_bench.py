@@ -1,7 +1,8 @@
 """A stalled subscriber on the bus: what it costs its publisher, and whether it catches up.
 
 A planner-sized publisher (a separate process publishing the plan of --services services with
-3 servers each, ~0.5 MB at 1,000; one server changes --rate times a second; heartbeats every
+3 servers each as a keyed state, PlanSender: per change the changed key and the summary
+(`message_kb` is the summary's size); one server changes --rate times a second; heartbeats every
 second; snapshots answered) feeds a healthy subscriber (the applier's part, in this process)
 and a `proxymatic tap`. The tap is stopped with SIGSTOP for --stop seconds while the changes
 flow, then continued. Reported: the publisher's RSS before, during (highest) and after the
@@ -32,6 +33,7 @@ import zmq
 
 from services.common.bus import QUEUE_HWM, Endpoint, Publisher, Subscriber
 from services.common.model import Plan, ProxySettings, Server, Service
+from services.common.wire import PlanSender
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = re.compile(r" seq=(\d+) ")
@@ -52,6 +54,7 @@ def publish_forever(endpoint: str, count: int, rate: float, hwm: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGUSR1, lambda *_: paused.pop() if paused else paused.append(1))
     publisher = Publisher(zmq.Context.instance(), "planner@bench", Endpoint.parse(endpoint), send_hwm=hwm)
+    plans = PlanSender(publisher)
     services = [Service(f"app-{i}", 10000 + i, source="marathon",
                         servers=tuple(Server(f"10.{i // 250}.{i % 250}.{k + 1}", 31000 + k) for k in range(3)))
                 for i in range(count)]
@@ -66,7 +69,7 @@ def publish_forever(endpoint: str, count: int, rate: float, hwm: int) -> None:
             servers = list(service.servers)
             servers[0] = Server(servers[0].ip, 31000 + (change % 1000) + 3)
             services[index] = service.with_servers(servers)
-            publisher.publish("plan", plan_of(services).to_dict())
+            plans.publish(plan_of(services))
             # No catching up on a schedule missed (a busy machine): the rate is an upper bound.
             change, next_change = change + 1, max(next_change + 1 / rate, now)
         publisher.heartbeat({"stage": "bench"})

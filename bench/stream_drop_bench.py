@@ -24,8 +24,10 @@ import time
 
 import zmq
 
-from bench.pipeline_bench import free_port_range, haproxy_addresses, servers_of
+from bench.pipeline_bench import PlanView, View, backend_of, free_port_range, haproxy_addresses, servers_of
 from services.common.bus import Endpoint, Subscriber
+from services.common.keyed import split_topic
+from services.common.wire import SnapshotFollower
 from sim.marathon import MarathonSim
 from sim.pipeline import Pipeline
 from tests.helpers import wait_until
@@ -33,24 +35,43 @@ from tests.helpers import wait_until
 STREAM_AGE = 1.5  # seconds a stream lives before the next drop (longer than MIN_STREAM_LIFE)
 
 
+class SourceView(SnapshotFollower):
+    """The Marathon source's summary and entries by key (no SourceSnapshot rebuilt here)."""
+
+    def build(self, mirror, summary: dict) -> View:
+        return View(summary, dict(mirror.values))
+
+
 class Watch:
     """When the collector published a snapshot, and the applier applied a plan, matching a
-    predicate (the publishers' own timestamps)."""
+    predicate (the publishers' own timestamps), both followed as keyed states."""
 
     def __init__(self, run_dir: str):
         self.subscriber = Subscriber(zmq.Context.instance(), [
             Endpoint.parse(f"ipc://{run_dir}/bus/{stage}.pub") for stage in ("collector", "planner", "applier")],
             ["source.marathon", "plan", "applied."])
-        self.snapshots: list[tuple[float, dict]] = []
-        self.plans: dict[str, dict] = {}
+        self.followers = {"source.marathon": SourceView("source.marathon"), "plan": PlanView()}
+        self.snapshots: list[tuple[float, View]] = []
+        self.plans: dict[str, View] = {}
         self.applied: list[tuple[float, str]] = []
 
     def pump(self, timeout: float = 0.005) -> None:
         for message in self.subscriber.poll(timeout):
-            if message.topic == "source.marathon":
-                self.snapshots.append((message.ts, message.payload))
-            elif message.topic == "plan":
-                self.plans[message.payload["hash"]] = message.payload
+            if message.is_heartbeat:
+                continue
+            prefix, _key = split_topic(message.topic)
+            follower = self.followers.get(prefix)
+            if follower is not None:
+                view = follower.absorb(message)
+                if follower.needs_resync:
+                    self.subscriber.resync(prefix)
+                    follower.reset()
+                if view is None:
+                    continue
+                if prefix == "plan":
+                    self.plans[view.hash] = view
+                else:
+                    self.snapshots.append((message.ts, view))
             elif message.topic.startswith("applied.") and message.payload["ok"]:
                 self.applied.append((message.ts, message.payload["plan_hash"]))
 
@@ -65,7 +86,7 @@ class Watch:
         while time.monotonic() < deadline and (collected is None or applied is None):
             self.pump()
             if collected is None:
-                collected = next((ts for ts, payload in self.snapshots if snapshot_ok(payload)), None)
+                collected = next((ts for ts, view in self.snapshots if snapshot_ok(view)), None)
             if applied is None:
                 applied = next((ts for ts, plan_hash in self.applied
                                 if plan_hash in self.plans and plan_ok(self.plans[plan_hash])), None)
@@ -91,9 +112,10 @@ def run(apps: int, drops: int) -> dict:
     probe_port, task = base + probe, sim.task_ids(f"/bench/app{probe}")[0]
     try:
         pipeline.start()
-        watch.wait(lambda p: len(p["services"]) == apps,
-                   lambda plan: len(plan["services"]) == apps and all(len(s["servers"]) == 5
-                                                                      for s in plan["services"]), timeout=300)
+        watch.wait(lambda view: view.summary["count"] == apps,
+                   lambda plan: plan.summary["count"] == apps and all(len(s.servers) == 5
+                                                                      for s in plan.services()), timeout=300)
+        probe_backend = backend_of(watch.plans[next(iter(watch.plans))], probe_port)
         rounds = {"reconnect": [], "collector": [], "applied": []}
         states: set[str] = set()
         for step in range(drops):
@@ -109,16 +131,16 @@ def run(apps: int, drops: int) -> dict:
                 sim.drop_streams()
                 sim.set_health(task, alive)
 
-            def shows(payload: dict) -> bool:
-                return any(s["port"] == probe_port and len(s["servers"]) == expected for s in payload["services"])
+            def shows(view: View) -> bool:
+                return len(servers_of(view, probe_port)) == expected
 
             collected, applied = watch.wait(shows, lambda plan: len(servers_of(plan, probe_port)) == expected)
             wait_until(lambda: len(replica.stream_opens) > opens, timeout=60, message="stream reopened")
             rounds["reconnect"].append(replica.stream_opens[opens] - dropped)
             rounds["collector"].append(collected - dropped)
             rounds["applied"].append(applied - dropped)
-            states |= {payload["state"] for _, payload in watch.snapshots}
-            wait_until(lambda: len(haproxy_addresses(pipeline.run_dir, probe_port)) == expected, timeout=10,
+            states |= {view.summary["state"] for _, view in watch.snapshots}
+            wait_until(lambda: len(haproxy_addresses(pipeline.run_dir, probe_backend)) == expected, timeout=10,
                        message="HAProxy's own state to agree")
         return {"apps": apps, "tasks": apps * 5, "drops": drops,
                 **{name: summary(values) for name, values in rounds.items()},
