@@ -19,6 +19,7 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Collection, Iterable, Mapping
 
 import jinja2
@@ -125,13 +126,14 @@ def backend_id(service: Service) -> str:
     """`svc_<port>_<tcp|udp>_<name>`, e.g. `svc_1234_tcp_shop.web`: the port and protocol make it
     unique (and are all the driver reads back, see key_of_backend), the name makes the
     statistics page readable. A service renamed on the same port gets a new id (a reload)."""
-    cached = service.__dict__.get("_backend_id")
-    if cached is None:
-        base = f"svc_{int(service.port)}_{'udp' if service.protocol == 'udp' else 'tcp'}"
-        name = name_part(service.name)
-        cached = f"{base}_{name}" if name else base
-        object.__setattr__(service, "_backend_id", cached)
-    return cached
+    return _backend_id(service.port, service.protocol, service.name)
+
+
+@lru_cache(maxsize=65536)
+def _backend_id(port: int, protocol: str, name: str) -> str:
+    base = f"svc_{int(port)}_{'udp' if protocol == 'udp' else 'tcp'}"
+    reduced = name_part(name)
+    return f"{base}_{reduced}" if reduced else base
 
 
 def key_of_backend(backend: str) -> str | None:
