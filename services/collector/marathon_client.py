@@ -415,7 +415,3 @@ def decode_event(data: bytes) -> dict | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return event if isinstance(event, dict) else None
-
-
-def now() -> float:
-    return time.monotonic()
