@@ -27,6 +27,7 @@ FAMILIES = {  # family name (as the parser gives it) -> type
     "proxymatic_servers": "gauge",
     "proxymatic_applies": "counter",
     "proxymatic_haproxy_reloads": "counter",
+    "proxymatic_plan_resyncs": "counter",
     "proxymatic_change_to_applied_seconds": "histogram",
     "proxymatic_stage_heartbeat_age_seconds": "gauge",
 }
@@ -93,7 +94,7 @@ def test_values_come_from_the_heartbeats_and_the_plan():
             "marathon": {"state": "degraded", "events": {"status_update_event": 7}, "errors": 4}}},
         "planner@c": {"stage": "planner", "plans_published": 9},
         f"applier@{NODE}": {"stage": "applier", "applies": {"haproxy": {"reload": 1, "runtime": 5}, "pen": {"none": 6}},
-                            "haproxy_reloads": 2, "change_to_applied": latency.to_dict()},
+                            "haproxy_reloads": 2, "plan_resyncs": 1, "change_to_applied": latency.to_dict()},
         "applier@other": {"stage": "applier", "applies": {"haproxy": {"reload": 100}}, "haproxy_reloads": 100},
     }, sources={"file": {"state": "ok"}, "marathon": {"state": "degraded"}},
         plan=Plan((udp, service), ProxySettings()), heartbeats={f"applier@{NODE}": 0.25, "planner@c": 1.5})
@@ -108,7 +109,7 @@ def test_values_come_from_the_heartbeats_and_the_plan():
     assert scraped.series("proxymatic_applies_total") == {
         frozenset({("proxy", "haproxy"), ("action", "reload")}): 1, frozenset({("proxy", "haproxy"), ("action", "runtime")}): 5,
         frozenset({("proxy", "pen"), ("action", "none")}): 6}
-    assert scraped.get("proxymatic_haproxy_reloads_total") == 2
+    assert scraped.get("proxymatic_haproxy_reloads_total") == 2 and scraped.get("proxymatic_plan_resyncs_total") == 1
     assert scraped.get("proxymatic_change_to_applied_seconds_count") == 4
     assert scraped.get("proxymatic_change_to_applied_seconds_sum") == pytest.approx(7.073)
     assert scraped.get("proxymatic_change_to_applied_seconds_bucket", le="0.005") == 1

@@ -95,7 +95,7 @@ class PipelineCollector:
 
     def collect(self) -> Iterator[Metric]:
         for build in (self._sources, self._source_events, self._source_errors, self._plans_published,
-                      self._plan_size, self._applies, self._haproxy_reloads, self._change_to_applied,
+                      self._plan_size, self._applies, self._haproxy_reloads, self._plan_resyncs, self._change_to_applied,
                       self._heartbeat_ages):
             try:
                 yield from build()
@@ -188,6 +188,16 @@ class PipelineCollector:
                                      "HAProxy reloads this node's applier asked for (failed ones included).")
         applier = self.view.applier
         count = _count(applier.get("haproxy_reloads")) if applier else None
+        if count is not None:
+            family.add_metric([], count)
+        yield family
+
+    def _plan_resyncs(self) -> Iterable[Metric]:
+        family = CounterMetricFamily("proxymatic_plan_resyncs_total",
+                                     "Snapshots of the plan this node's applier asked for because a plan summary "
+                                     "disagreed with the services it had received (a message lost).")
+        applier = self.view.applier
+        count = _count(applier.get("plan_resyncs")) if applier else None
         if count is not None:
             family.add_metric([], count)
         yield family
