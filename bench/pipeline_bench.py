@@ -80,7 +80,8 @@ class BusWatch:
     """Follows the keyed plan and the applied messages: which plan hash holds which servers, and
     when each plan hash was applied."""
 
-    def __init__(self, run_dir: str, breakdown: bool = False):
+    def __init__(self, run_dir: str, breakdown: bool = False, until_plan: bool = False):
+        self.until_plan = until_plan
         # The breakdown also follows the source summaries (their publishing times only).
         self.subscriber = Subscriber(zmq.Context.instance(), [
             Endpoint.parse(f"ipc://{run_dir}/bus/{stage}.pub") for stage in ("collector", "planner", "applier")],
@@ -109,6 +110,8 @@ class BusWatch:
                 if view is not None:
                     self.plans[view.hash] = view
                     self.last_plan = view.hash
+                    if self.until_plan:  # the planner's publishing time stops the clock
+                        self.applied.setdefault(view.hash, message.ts)
             elif message.topic.startswith("applied.") and message.payload["ok"]:
                 # The applier's own publishing time (same host clock): the benchmark process
                 # receiving and decoding messages late must not count against the pipeline.
@@ -275,7 +278,9 @@ class MetricsScraper(threading.Thread):
 
 
 def marathon_run(apps: int, changes: int, breakdown: bool = False, status: bool = False,
-                 scrape_every: float = 0.0) -> dict:
+                 scrape_every: float = 0.0, until_plan: bool = False) -> dict:
+    """`until_plan`: no applier nor HAProxy; the clock stops when the planner publishes the plan
+    (for sizes whose HAProxy config needs more file descriptors than the machine allows)."""
     sim = MarathonSim().start()
     base = free_port_range(apps)
     for i in range(apps):
@@ -284,9 +289,10 @@ def marathon_run(apps: int, changes: int, breakdown: bool = False, status: bool 
     status_port = free_port() if status else 0
     pipeline = Pipeline(["--marathon", sim.url, "--status-endpoint", f"127.0.0.1:{status_port}" if status else "",
                          "-i", "3600"],
-                        programs=("haproxy", "applier", "planner", "collector", *(("status",) if status else ())))
-    watch = BusWatch(pipeline.run_dir, breakdown)
-    counter = BusBytes(pipeline.run_dir)
+                        programs=(*(() if until_plan else ("haproxy", "applier")), "planner", "collector",
+                                  *(("status",) if status else ())))
+    watch = BusWatch(pipeline.run_dir, breakdown, until_plan)
+    counter = BusBytes(pipeline.run_dir, ("collector", "planner") if until_plan else ("collector", "planner", "applier"))
     counter.start()
     counter.ready.wait(10)
     scraper = MetricsScraper(f"http://127.0.0.1:{status_port}/metrics", scrape_every) if scrape_every > 0 else None
@@ -298,18 +304,18 @@ def marathon_run(apps: int, changes: int, breakdown: bool = False, status: bool 
             len(s.servers) == 5 for s in plan.services()), timeout=600)
         initial = time.monotonic() - started
         # Cold start: from starting the pipeline to every service's listener accepting connections.
-        cold_start = all_listening(range(base, base + apps), time.monotonic() + 300) - started
+        cold_start = None if until_plan else all_listening(range(base, base + apps), time.monotonic() + 300) - started
         probe_port = base + apps // 2
-        probe_backend = backend_of(watch.plans[watch.last_plan], probe_port)
+        probe_backend = None if until_plan else backend_of(watch.plans[watch.last_plan], probe_port)
         task = sim.task_ids(f"/bench/app{apps // 2}")[0]
         if scraper is not None:
             wait_until(lambda: b"proxymatic_applies_total{" in urllib.request.urlopen(
                 scraper.url, timeout=5).read(), timeout=30, message="/metrics with the applier's counters")
             scraper.start()
         samples = []
-        hops: dict[str, list[float]] = {"source": [], "plan": [], "applied": []}
+        hops: dict[str, list[float]] = {"source": [], "plan": [], **({} if until_plan else {"applied": []})}
         verified = 0
-        stages = ("collector", "planner", "applier", *(("status",) if status else ()))
+        stages = ("collector", "planner", *(() if until_plan else ("applier",)), *(("status",) if status else ()))
         cpu_before = {name: cpu_seconds(pipeline.processes[name].pid) for name in stages}
         watch.pump(0.2)
         measured_from = time.monotonic()
@@ -323,7 +329,7 @@ def marathon_run(apps: int, changes: int, breakdown: bool = False, status: bool 
             samples.append((at - flipped_wall) * 1000)
             for hop in hops:  # when each stage published its part, from the publisher's clock
                 hops[hop].append((watch.stamps.get(hop, flipped_wall) - flipped_wall) * 1000)
-            if step % 50 == 0:
+            if step % 50 == 0 and not until_plan:
                 expected = 5 if alive else 4
                 wait_until(lambda: len(haproxy_addresses(pipeline.run_dir, probe_backend)) == expected, timeout=5,
                            message="HAProxy's own state to agree")
@@ -341,7 +347,8 @@ def marathon_run(apps: int, changes: int, breakdown: bool = False, status: bool 
         scraped["cpu_s"] = {name: round(cpu_seconds(pipeline.processes[name].pid) - cpu_before[name], 2)
                             for name in stages}
         return {"apps": apps, "tasks": apps * 5, "changes": changes, "initial_sync_s": round(initial, 2),
-                "cold_start_all_listening_s": round(cold_start, 2), "resyncs_seen": watch.resyncs,
+                "cold_start_all_listening_s": None if cold_start is None else round(cold_start, 2),
+                "clock_stops_at": "plan published" if until_plan else "applied", "resyncs_seen": watch.resyncs,
                 "status_stage": status, **scraped,
                 "p50_ms": round(statistics.median(samples), 1), "p99_ms": round(percentile(samples, 0.99), 1),
                 "max_ms": round(max(samples), 1), "checked_against_haproxy": verified,
@@ -395,12 +402,16 @@ def main() -> None:
     parser.add_argument("--registrator", action="store_true", help="also measure etcd change → traffic")
     parser.add_argument("--breakdown", action="store_true", help="also report when each stage published")
     parser.add_argument("--status", action="store_true", help="also run the status stage (Marathon runs)")
+    parser.add_argument("--until-plan", action="store_true",
+                        help="no applier nor HAProxy: stop the clock when the plan is published (10,000 apps "
+                             "need more file descriptors for HAProxy than this machine allows)")
     parser.add_argument("--scrape-metrics", type=float, default=0.0, metavar="SECONDS",
                         help="run the status stage and GET /metrics every SECONDS during the measurement")
     args = parser.parse_args()
     for apps in (int(a) for a in args.apps.split(",") if a):
-        print("marathon event → applied:", marathon_run(apps, args.changes, args.breakdown, args.status,
-                                                          args.scrape_metrics), flush=True)
+        print("marathon event → plan published:" if args.until_plan else "marathon event → applied:",
+              marathon_run(apps, args.changes, args.breakdown, args.status, args.scrape_metrics, args.until_plan),
+              flush=True)
     if args.registrator:
         print("registrator change → applied:", registrator_run(args.changes), flush=True)
 
