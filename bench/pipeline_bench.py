@@ -278,13 +278,14 @@ class MetricsScraper(threading.Thread):
 
 
 def marathon_run(apps: int, changes: int, breakdown: bool = False, status: bool = False,
-                 scrape_every: float = 0.0, until_plan: bool = False) -> dict:
+                 scrape_every: float = 0.0, until_plan: bool = False, tasks: int = 5) -> dict:
     """`until_plan`: no applier nor HAProxy; the clock stops when the planner publishes the plan
     (for sizes whose HAProxy config needs more file descriptors than the machine allows)."""
     sim = MarathonSim().start()
     base = free_port_range(apps)
     for i in range(apps):
-        sim.deploy_app(f"/bench/app{i}", network="BRIDGE", service_ports=[base + i], instances=5, health_check=True)
+        sim.deploy_app(f"/bench/app{i}", network="BRIDGE", service_ports=[base + i], instances=tasks,
+                       health_check=True)
     status = status or scrape_every > 0
     status_port = free_port() if status else 0
     pipeline = Pipeline(["--marathon", sim.url, "--status-endpoint", f"127.0.0.1:{status_port}" if status else "",
@@ -301,7 +302,7 @@ def marathon_run(apps: int, changes: int, breakdown: bool = False, status: bool 
         started = time.monotonic()
         pipeline.start()
         watch.wait_applied(lambda plan: plan.summary["count"] == apps and all(
-            len(s.servers) == 5 for s in plan.services()), timeout=600)
+            len(s.servers) == tasks for s in plan.services()), timeout=600)
         initial = time.monotonic() - started
         # Cold start: from starting the pipeline to every service's listener accepting connections.
         cold_start = None if until_plan else all_listening(range(base, base + apps), time.monotonic() + 300) - started
@@ -325,12 +326,12 @@ def marathon_run(apps: int, changes: int, breakdown: bool = False, status: bool 
             watch.forget()
             flipped_wall = time.time()
             sim.set_health(task, alive)
-            at = watch.wait_applied(lambda plan: (len(servers_of(plan, probe_port)) == 5) == alive)
+            at = watch.wait_applied(lambda plan: (len(servers_of(plan, probe_port)) == tasks) == alive)
             samples.append((at - flipped_wall) * 1000)
             for hop in hops:  # when each stage published its part, from the publisher's clock
                 hops[hop].append((watch.stamps.get(hop, flipped_wall) - flipped_wall) * 1000)
             if step % 50 == 0 and not until_plan:
-                expected = 5 if alive else 4
+                expected = tasks if alive else tasks - 1
                 wait_until(lambda: len(haproxy_addresses(pipeline.run_dir, probe_backend)) == expected, timeout=5,
                            message="HAProxy's own state to agree")
                 verified += 1
@@ -346,7 +347,7 @@ def marathon_run(apps: int, changes: int, breakdown: bool = False, status: bool 
         scraped["measured_s"] = round(time.monotonic() - measured_from, 1)
         scraped["cpu_s"] = {name: round(cpu_seconds(pipeline.processes[name].pid) - cpu_before[name], 2)
                             for name in stages}
-        return {"apps": apps, "tasks": apps * 5, "changes": changes, "initial_sync_s": round(initial, 2),
+        return {"apps": apps, "tasks": apps * tasks, "changes": changes, "initial_sync_s": round(initial, 2),
                 "cold_start_all_listening_s": None if cold_start is None else round(cold_start, 2),
                 "clock_stops_at": "plan published" if until_plan else "applied", "resyncs_seen": watch.resyncs,
                 "status_stage": status, **scraped,
@@ -402,6 +403,8 @@ def main() -> None:
     parser.add_argument("--registrator", action="store_true", help="also measure etcd change → traffic")
     parser.add_argument("--breakdown", action="store_true", help="also report when each stage published")
     parser.add_argument("--status", action="store_true", help="also run the status stage (Marathon runs)")
+    parser.add_argument("--tasks", type=int, default=5,
+                        help="tasks per app (the simulator's host ports run out past ~34,000 tasks)")
     parser.add_argument("--until-plan", action="store_true",
                         help="no applier nor HAProxy: stop the clock when the plan is published (10,000 apps "
                              "need more file descriptors for HAProxy than this machine allows)")
@@ -410,7 +413,8 @@ def main() -> None:
     args = parser.parse_args()
     for apps in (int(a) for a in args.apps.split(",") if a):
         print("marathon event → plan published:" if args.until_plan else "marathon event → applied:",
-              marathon_run(apps, args.changes, args.breakdown, args.status, args.scrape_metrics, args.until_plan),
+              marathon_run(apps, args.changes, args.breakdown, args.status, args.scrape_metrics, args.until_plan,
+                           args.tasks),
               flush=True)
     if args.registrator:
         print("registrator change → applied:", registrator_run(args.changes), flush=True)
