@@ -144,18 +144,67 @@ class PlanSender:
 
     publisher: Publisher
     sender: KeyedSender = field(init=False)
+    # The excluded entries last published, and the same grouped by key (for `changed`).
+    _excluded: tuple | None = field(default=None, init=False)
+    _grouped: dict = field(default_factory=dict, init=False)
+    _keyless: tuple = field(default=(), init=False)
 
     def __post_init__(self) -> None:
         self.sender = KeyedSender(self.publisher, PLAN_PREFIX, entry_payload, entry_digest)
 
-    def publish(self, plan: Plan):
-        entries, keyless = entries_by_key(plan.services, plan.excluded, self.sender.last)
+    def publish(self, plan: Plan, by_key: Mapping[str, Service] | None = None, changed: Iterable[str] | None = None):
+        """Publish what changed since the last plan, then the summary. A planner that knows
+        which keys may have changed passes `by_key` (the plan's services by key) and `changed`:
+        then only those keys, and the keys whose excluded entries changed, are compared (a
+        change costs the same whatever the number of services)."""
+        if by_key is not None and changed is not None and self._excluded is not None:
+            entries, keyless, changes = self._changed_entries(plan, by_key, changed)
+        else:
+            entries, keyless = entries_by_key(plan.services, plan.excluded, self.sender.last)
+            changes = self.sender.changes(entries)
+            self._grouped = {key: entry.excluded for key, entry in entries.items() if entry.excluded}
+        self._excluded, self._keyless = plan.excluded, keyless
         settings = plan.settings.to_dict()
         return self.sender.send(entries, lambda services_hash: {
             "schema": KEYED_SCHEMA, "hash": plan_hash(services_hash, settings), "services_hash": services_hash,
             "count": len(plan.services), "settings": settings, "inputs": dict(plan.inputs),
             "sources_ready": list(plan.sources_ready), "notes": list(plan.notes), "changed_at": plan.changed_at,
-            "excluded": excluded_to_list(keyless)})
+            "excluded": excluded_to_list(keyless)}, changes)
+
+    def _changed_entries(self, plan: Plan, by_key: Mapping[str, Service], changed: Iterable[str]):
+        """(entries of the keys that changed, keyless excluded entries, (changed, gone)), from
+        `changed` and the excluded entries (at most MAX_EXCLUDED, grouped again only when the
+        tuple is not the one last published)."""
+        if plan.excluded is self._excluded:
+            grouped, keyless, keys = self._grouped, self._keyless, set(changed)
+        else:
+            lists: dict[str, list[Excluded]] = {}
+            rest: list[Excluded] = []
+            for item in plan.excluded:
+                (lists.setdefault(item.key, []) if item.key else rest).append(item)
+            grouped = {key: tuple(items) for key, items in lists.items()}
+            keyless = tuple(rest)
+            old = self._grouped
+            keys = set(changed) | {key for key in old.keys() | grouped.keys() if old.get(key) != grouped.get(key)}
+            self._grouped = grouped
+        last = self.sender.last
+        entries: dict[str, KeyEntry] = {}
+        changed_keys, gone = [], []
+        for key in keys:
+            service, items = by_key.get(key), grouped.get(key, ())
+            previous = last.get(key)
+            if service is None and not items:
+                if previous is not None:
+                    gone.append(key)
+                continue
+            if previous is not None and previous.service is service and previous.excluded == items:
+                continue
+            entry = KeyEntry(service, items)
+            if previous is not None and previous == entry:
+                continue
+            entries[key] = entry
+            changed_keys.append(key)
+        return entries, keyless, (sorted(changed_keys), sorted(gone))
 
 
 def plan_hash(services_hash: str, settings: dict) -> str:
