@@ -85,6 +85,24 @@ def test_a_restarted_collector_saying_initializing_does_not_wipe_a_source():
     assert absorb(known, fresh) is fresh
 
 
+class FollowingPublisher:
+    """Follows what a PlanSender publishes, as the applier would (PlanFollower)."""
+
+    def __init__(self):
+        from services.common.wire import PlanFollower
+
+        self.follower, self.plans, self.seq = PlanFollower(), [], 0
+
+    def publish(self, topic: str, payload: dict) -> None:
+        from services.common.bus import Message
+
+        self.seq += 1
+        plan = self.follower.absorb(Message(topic, self.seq, 0.0, "planner@t", "e", payload))
+        assert not self.follower.needs_resync
+        if plan is not None:
+            self.plans.append(plan)
+
+
 def test_the_incremental_plan_builder_gives_what_make_plan_gives():
     """The planner stage's PlanBuilder, fed random changes one source at a time (with and
     without the changed keys), gives make_plan's plan every time: services (in key order),
@@ -92,11 +110,14 @@ def test_the_incremental_plan_builder_gives_what_make_plan_gives():
     import random
 
     from services.common.model import Excluded
+    from services.common.wire import PlanSender
     from services.planner.policy import PlanBuilder
 
     rng = random.Random(11)
     settings = Settings(status_endpoint="0.0.0.0:9090", services_file="/x", group_size=2)
     builder = PlanBuilder(settings)
+    keyed_bus, full_bus = FollowingPublisher(), FollowingPublisher()
+    keyed, full = PlanSender(keyed_bus), PlanSender(full_bus)
     current: dict[str, dict[str, Service]] = {"marathon": {}, "registrator": {}, "file": {}}
     snapshots: dict[str, SourceSnapshot] = {}
     ports = [80, 9090, *range(10000, 10012)]
@@ -125,6 +146,13 @@ def test_the_incremental_plan_builder_gives_what_make_plan_gives():
         if rng.random() < 0.5:
             continue
         expected, got = make_plan(snapshots, settings), builder.plan()
+        # the plan on the bus: the changed keys alone (as the stage publishes it) give the same
+        # key messages as comparing every key, and a follower rebuilds the same plan
+        by_changed = keyed.publish(got, builder.planned, builder.unpublished)
+        builder.unpublished = set()
+        by_all = full.publish(got)
+        assert (by_changed.changed, by_changed.gone, by_changed.hash) == (by_all.changed, by_all.gone, by_all.hash)
+        assert keyed_bus.plans[-1] == full_bus.plans[-1] and keyed_bus.plans[-1].hash == expected.hash
         assert sorted(got.services, key=lambda s: (s.port, s.protocol)) == list(expected.services)
         assert (got.notes, got.excluded, got.inputs, got.sources_ready, got.changed_at, got.settings) == (
             expected.notes, expected.excluded, expected.inputs, expected.sources_ready, expected.changed_at,

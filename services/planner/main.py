@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 
@@ -63,23 +63,49 @@ class PlannerFollower(SnapshotFollower):
     # have changed" (the first one, another sender's mirror, an update the stage did not use).
     last_mirror: KeyedMirror | None = None
     full: bool = True
+    # The services and the excluded entries of the last update, by key, kept up to date from the
+    # mirror's changed keys (not rebuilt over every key per change).
+    by_key: dict = field(default_factory=dict)
+    excluded_by_key: dict = field(default_factory=dict)
+    keyless: tuple = ()
+    excluded: tuple = ()
 
     def build(self, mirror: KeyedMirror, summary: dict) -> SourceUpdate:
-        by_key = {key: entry.service for key, entry in mirror.values.items() if entry.service is not None}
+        source = _choice(summary.get("source"), SOURCES, "snapshot.source")
+        state = _choice(summary.get("state"), SOURCE_STATES, "snapshot.state")
+        warnings = _str_list(summary.get("warnings", []), "snapshot.warnings")
+        changed_at = _timestamp(summary.get("changed_at", 0.0), "snapshot.changed_at")
         keyless = excluded_from_list(summary.get("excluded", []), "summary.excluded")
-        excluded = [item for entry in mirror.values.values() if entry.excluded for item in entry.excluded]
-        snapshot = SourceSnapshot(
-            source=_choice(summary.get("source"), SOURCES, "snapshot.source"),
-            state=_choice(summary.get("state"), SOURCE_STATES, "snapshot.state"),
-            services=tuple(by_key.values()), error=str(summary.get("error", "")),
-            warnings=_str_list(summary.get("warnings", []), "snapshot.warnings"),
-            excluded=bounded_excluded(excluded + list(keyless)) if excluded or keyless else (),
-            changed_at=_timestamp(summary.get("changed_at", 0.0), "snapshot.changed_at"))
-        changed = mirror.take_changed()
+        changed: set | None = mirror.take_changed()
+        values = mirror.values
+        excluded_moved = keyless != self.keyless
         if self.full or mirror is not self.last_mirror:
-            changed = None
-        self.last_mirror, self.full = mirror, False
-        return SourceUpdate(snapshot, by_key, changed, mirror.hash)
+            self.by_key = {key: entry.service for key, entry in values.items() if entry.service is not None}
+            self.excluded_by_key = {key: entry.excluded for key, entry in values.items() if entry.excluded}
+            changed, excluded_moved = None, True
+        else:  # the same dict, changed in place: the PlanBuilder takes `changed` as it is
+            for key in changed:
+                entry = values.get(key)
+                service = entry.service if entry is not None else None
+                if service is None:
+                    self.by_key.pop(key, None)
+                else:
+                    self.by_key[key] = service
+                items = entry.excluded if entry is not None else ()
+                if items != self.excluded_by_key.get(key, ()):
+                    excluded_moved = True
+                    if items:
+                        self.excluded_by_key[key] = items
+                    else:
+                        del self.excluded_by_key[key]
+        if excluded_moved:
+            everything = [item for items in self.excluded_by_key.values() for item in items] + list(keyless)
+            self.excluded = bounded_excluded(everything) if everything else ()
+        self.keyless, self.last_mirror, self.full = keyless, mirror, False
+        snapshot = SourceSnapshot(source=source, state=state, services=tuple(self.by_key.values()),
+                                  error=str(summary.get("error", "")), warnings=warnings, excluded=self.excluded,
+                                  changed_at=changed_at)
+        return SourceUpdate(snapshot, self.by_key, changed, mirror.hash)
 
 
 class SourceFollowers:
@@ -200,7 +226,8 @@ def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_P
             for note in plan.notes:
                 if note not in notes_before:  # each note once, not again with every plan
                     log.warning("planner: %s", note)
-            sent = plans.publish(plan)
+            sent = plans.publish(plan, builder.planned, builder.unpublished)
+            builder.unpublished = set()
             plans_published += 1
             log.info("planner: plan %s, %d services, %d excluded, sources ready %s (%d keys changed, %d gone)",
                      builder.hash, len(plan.services), len(plan.excluded), list(plan.sources_ready),

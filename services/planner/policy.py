@@ -171,6 +171,9 @@ class PlanBuilder:
         self._policy_notes: dict[str, tuple[str, Excluded]] = {}
         self._xor = 0
         self._dirty: set[str] = set()
+        # Keys re-planned since the plan was last published (PlanSender.publish compares only
+        # those); the stage empties it after publishing.
+        self.unpublished: set[str] = set()
         self._excluded_key: tuple | None = None
         self._excluded: tuple[Excluded, ...] = ()
 
@@ -183,10 +186,13 @@ class PlanBuilder:
         old = self.by_source.get(name, {})
         if by_key is None:
             by_key = {service.key: service for service in snapshot.services}
-        keys = (old.keys() | by_key.keys()) if changed is None else changed
-        for key in keys:
-            if old.get(key) is not by_key.get(key):
-                self._dirty.add(key)
+        if by_key is old and changed is not None:
+            self._dirty.update(changed)  # the same dict, changed in place: nothing to compare with
+        else:
+            keys = (old.keys() | by_key.keys()) if changed is None else changed
+            for key in keys:
+                if old.get(key) is not by_key.get(key):
+                    self._dirty.add(key)
         self.by_source[name] = by_key
         self.snapshots[name] = snapshot
         self.hashes[name] = snapshot.hash if hash_ is None else hash_
@@ -254,7 +260,8 @@ class PlanBuilder:
     def plan(self) -> Plan:
         for key in self._dirty:
             self._replan(key)
-        self._dirty.clear()
+        self.unpublished |= self._dirty
+        self._dirty = set()
         notes, own = self._notes()
         snapshots = self.snapshots
         # The sources' excluded entries and the planner's: sorted again only when they changed.
