@@ -50,6 +50,16 @@ class Pipeline:
         with open(os.path.join(self.run_dir, "logs", f"{name}.log"), errors="replace") as handle:
             return handle.read()
 
+    def log_tails(self, limit: int = 3000) -> str:
+        """The end of every running program's log, for a test's failure message."""
+        tails = []
+        for name in self.processes:
+            try:
+                tails.append(f"--- {name}.log ---\n" + self.log(name)[-limit:])
+            except OSError:
+                pass
+        return "\n".join(tails)
+
     def stop(self) -> None:
         for name in reversed(STAGE_ORDER):
             if name in self.processes:

@@ -38,7 +38,10 @@ def test_explain_against_the_real_pipeline():
     write_services(pipeline.services_file, services)
     try:
         pipeline.start()
-        wait_until(lambda: tcp_ask(web) == "b0" or tcp_ask(web) == "b1", timeout=40, message="web served")
+        try:
+            wait_until(lambda: tcp_ask(web) in ("b0", "b1"), timeout=60, message="web served")
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{pipeline.log_tails()}") from None
 
         by_port = explain(pipeline.run_dir, str(web))
         assert by_port.returncode == 0, by_port.stderr

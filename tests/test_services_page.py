@@ -277,13 +277,7 @@ def section_text(driver, key: str) -> str:
 
 
 def with_logs(pipeline: Pipeline, error: AssertionError) -> AssertionError:
-    tails = []
-    for name in pipeline.processes:
-        try:
-            tails.append(f"--- {name}.log ---\n" + pipeline.log(name)[-3000:])
-        except OSError:
-            pass
-    return AssertionError(f"{error}\n" + "\n".join(tails))
+    return AssertionError(f"{error}\n{pipeline.log_tails()}")
 
 
 def stopped(pipeline: Pipeline) -> None:
