@@ -242,6 +242,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of one process now, in MB (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            kb = next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return 0.0
+    return round(kb / 1024, 1)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -347,6 +357,7 @@ def marathon_run(apps: int, changes: int, breakdown: bool = False, status: bool 
         scraped["measured_s"] = round(time.monotonic() - measured_from, 1)
         scraped["cpu_s"] = {name: round(cpu_seconds(pipeline.processes[name].pid) - cpu_before[name], 2)
                             for name in stages}
+        scraped["rss_mb"] = {name: rss_mb(pipeline.processes[name].pid) for name in stages}
         return {"apps": apps, "tasks": apps * tasks, "changes": changes, "initial_sync_s": round(initial, 2),
                 "cold_start_all_listening_s": None if cold_start is None else round(cold_start, 2),
                 "clock_stops_at": "plan published" if until_plan else "applied", "resyncs_seen": watch.resyncs,

@@ -452,7 +452,9 @@ class ConfigRenderer:
                 block = self._render_block(service, bid, before, max_connections, block)
             blocks[bid] = block
         self._blocks = blocks
-        header = self._header_text(max_connections, extra_fds(services, {bid: b.slots for bid, b in blocks.items()}))
+        # extra_fds() from the blocks (no second pass over backend ids)
+        reserved = sum(1 + (len(b.slots) if b.service.health_check else 0) for b in blocks.values())
+        header = self._header_text(max_connections, reserved)
         text = header + "".join([b.text for b in blocks.values()]) + "\n"
         key = (max_connections, header, tuple([b.key for b in blocks.values()]))
         if self._skeleton is None or self._skeleton[0] != key:

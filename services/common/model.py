@@ -195,7 +195,7 @@ class Service:
     # same host network would collide with them. Dropped unless EXPOSE_HOST.
     host_network: bool = False
 
-    @property
+    @cached_property
     def key(self) -> str:
         return f"{self.port}/{self.protocol}"
 
