@@ -284,17 +284,52 @@ class SnapshotFollower(_Follower[SourceSnapshot]):
 
 
 @dataclass
+class _Ordered:
+    """A plan's services in (port, protocol) order and its excluded entries, kept up to date from
+    the keys that changed: a change to services already there replaces them in place (one copy
+    of the tuple) instead of sorting every service again, and the excluded entries are sorted
+    again only when a changed key has some (before or after) or the keyless ones changed."""
+
+    services: tuple[Service, ...] = ()
+    position: dict[str, int] = field(default_factory=dict)  # key -> index in `services`
+    excluded: tuple[Excluded, ...] = ()
+    excluded_keys: frozenset[str] = frozenset()  # keys whose entry has excluded entries
+    keyless: tuple[Excluded, ...] = ()
+
+    def update(self, values: dict[str, KeyEntry], changed: set[str],
+               keyless: tuple[Excluded, ...]) -> tuple[tuple[Service, ...], tuple[Excluded, ...]]:
+        in_place = bool(self.position) and all(
+            key in self.position and key in values and values[key].service is not None for key in changed)
+        if in_place:
+            services = list(self.services)
+            for key in changed:
+                services[self.position[key]] = values[key].service
+            self.services = tuple(services)
+        else:
+            self.services, _ = _services_and_excluded(values.values(), ())
+            self.position = {service.key: index for index, service in enumerate(self.services)}
+        excluded_now = {key for key in changed if key in values and values[key].excluded}
+        if not in_place or changed & self.excluded_keys or excluded_now or keyless != self.keyless:
+            self.excluded = bounded_excluded([item for e in values.values() for item in e.excluded] + list(keyless))
+            self.excluded_keys = frozenset(key for key, entry in values.items() if entry.excluded)
+            self.keyless = keyless
+        return self.services, self.excluded
+
+
+@dataclass
 class PlanFollower(_Follower[Plan]):
     """The applier's (and the status stage's, explain's, a test's) view of the plan."""
 
     prefix: str = PLAN_PREFIX
+    _ordered: dict[int, _Ordered] = field(default_factory=dict)  # id(mirror) -> its order
 
     def _services_hash(self, summary: dict) -> Any:
         return summary.get("services_hash")
 
     def build(self, mirror: KeyedMirror, summary: dict) -> Plan:
-        services, excluded = _services_and_excluded(
-            mirror.values.values(), excluded_from_list(summary.get("excluded", []), "plan.excluded"))
+        keyless = excluded_from_list(summary.get("excluded", []), "plan.excluded")
+        ordered = self._ordered.setdefault(id(mirror), _Ordered())  # mirrors live as long as the follower
+        services, excluded = ordered.update(mirror.values, mirror.take_changed(), keyless)
         plan = Plan(services=services, settings=ProxySettings.from_dict(summary.get("settings", {})),
                     inputs=_inputs(summary.get("inputs", {})),
                     sources_ready=_str_list(summary.get("sources_ready", []), "plan.sources_ready"),
