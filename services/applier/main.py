@@ -43,6 +43,7 @@ from services.applier.haproxy_driver import HaproxyDriver
 from services.applier.nginx_driver import NginxDriver
 from services.applier.pen_driver import PenDriver
 from services.applier.plan_feed import PlanFeed
+from services.common.backoff import Backoff
 from services.common.bus import HEARTBEAT_INTERVAL, Heartbeats, Publisher, Subscriber
 from services.common.config import Settings
 from services.common.latency import LatencyHistogram
@@ -220,7 +221,7 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
     last: ApplyResult | None = None
     observed = ""  # the hash of the last plan whose change→applied latency was observed
     retry_at: float | None = None
-    backoff = RETRY_MIN
+    backoff = Backoff(RETRY_MIN, RETRY_MAX)
     next_resync = float("inf")
     flush_at: float | None = None  # when the drivers' files are due (see FLUSH_QUIET)
     unflushed_since = 0.0
@@ -297,14 +298,15 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
                 unflushed_since = now
             flush_at = min(now + FLUSH_QUIET, unflushed_since + FLUSH_MAX)
             if should_retry(result):
-                retry_at = time.monotonic() + backoff
                 # At the backoff's cap (a service waiting for its port, a proxy down for long) the
                 # retries go to debug: the drivers log each reason once, not every 5 s.
-                (log.info if backoff < RETRY_MAX else log.debug)(
-                    "applier: retrying plan %s in %.1fs", plan.hash, backoff)
-                backoff = min(backoff * 2, RETRY_MAX)
+                quiet = backoff.at_maximum
+                delay = backoff.next()
+                retry_at = time.monotonic() + delay
+                (log.debug if quiet else log.info)("applier: retrying plan %s in %.1fs", plan.hash, delay)
             else:
-                retry_at, backoff = None, RETRY_MIN
+                retry_at = None
+                backoff.reset()
             next_resync = time.monotonic() + RESYNC_INTERVAL
     finally:
         heartbeats.stop()

@@ -24,6 +24,7 @@ from services.collector.cache import SourceCache
 from services.collector.changes import ChangeLog
 from services.collector.exclusions import ExcludedCheck
 from services.collector.source import BrokenSource, Discovery, Source, SourceBroken, SourceError
+from services.common.backoff import Backoff
 from services.common.bus import Publisher
 from services.common.config import Settings
 from services.common.model import SourceSnapshot
@@ -103,7 +104,7 @@ class SourceRunner:
 
     def __post_init__(self) -> None:
         self.last_good: Discovery | None = self.saved
-        self._backoff = BACKOFF_START
+        self._backoff = Backoff(BACKOFF_START, BACKOFF_MAX)
         self.counters = self.source.counters  # created here, before any thread of the source runs
         # When the services last changed (SourceSnapshot.changed_at), and what they were then.
         self.changed_at = 0.0
@@ -122,8 +123,7 @@ class SourceRunner:
                 log.error("source %s: collector error\n%s", self.source.name, redact(traceback.format_exc()))
                 self.counters.error()
                 self._report_failure(f"internal error in the collector: {error!r}", self.last_good)
-                self._back_off(self._backoff)
-                self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+                self._back_off(self._backoff.next())
 
     def _round(self) -> None:
         """Ask the source, report, wait for a change (or back off after a failure)."""
@@ -137,12 +137,11 @@ class SourceRunner:
             self._report_failure(str(error) if isinstance(error, SourceError) else f"internal error: {error!r}",
                                  self.last_good, broken=isinstance(error, SourceBroken),
                                  excluded=getattr(error, "excluded", ()) if isinstance(error, SourceError) else ())
-            self._back_off(self._backoff)
-            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+            self._back_off(self._backoff.next())
             return
         self._report(discovery, self.last_good, getattr(self.source, "received_at", 0.0) or asked_at,
                      getattr(self.source, "cause", "") or "poll")
-        self._backoff = BACKOFF_START
+        self._backoff.reset()
         self.last_good = discovery
         try:
             self.source.wait_for_change(self.refresh_interval, self.stop)
@@ -152,7 +151,7 @@ class SourceRunner:
                           redact(traceback.format_exc()))
                 self.counters.error()
             self._report_failure(str(error), self.last_good)
-            self._back_off(self._backoff)
+            self._back_off(self._backoff.current)
 
     def _report(self, discovery: Discovery, previous: Discovery | None, received_at: float | None = None,
                 cause: str = "poll") -> None:

@@ -26,6 +26,7 @@ from urllib.parse import quote, unquote, urlencode, urlsplit
 import requests
 
 from services.collector.source import SourceError
+from services.common.backoff import Backoff
 from services.common.redact import redact
 
 log = logging.getLogger("proxymatic.collector.marathon")
@@ -337,7 +338,7 @@ class EventStream:
             # Streams that keep ending at once (a proxy closing them) count as failing too.
             self._stream_down(reason, attempt_failed=not connected or short_streams >= 2)
             if failures:
-                self._closing.wait(min(self.backoff_initial * 2 ** (failures - 1), self.backoff_max))
+                self._closing.wait(Backoff(self.backoff_initial, self.backoff_max).after(failures))
 
     def _describe(self, error: Exception, replica: Replica) -> str:
         if isinstance(error, (socket.timeout, TimeoutError)) and self.connected.is_set():

@@ -37,6 +37,7 @@ from services.collector.registrator_parse import (
     parse_etcd_url, parse_tree, relative_key, resolve_host,
 )
 from services.collector.source import Discovery, DroppedEvents, Source, SourceError
+from services.common.backoff import Backoff
 from services.common.config import ConfigError, Settings
 from services.common.redact import redact
 
@@ -486,28 +487,28 @@ class RegistratorSource(Source):
     def _run(self) -> None:
         need_full_read = True
         resync = False  # the next full read follows a failure (the change log says "resync")
-        delay = self.backoff_start
+        delay = Backoff(self.backoff_start, self.backoff_max)  # while etcd is down
         # Long polls that end at once without progress (empty bodies, broken watches while
         # full reads work) are retried at once the first time, then with a growing pause, so
         # a misbehaving server never makes this thread spin.
-        idle_polls, idle_delay = 0, self.backoff_start
+        idle_polls, idle_delay = 0, Backoff(self.backoff_start, self.backoff_max)
         while not self._stop.is_set():
             if idle_polls > 1:
-                self._stop.wait(idle_delay)
-                idle_delay = min(idle_delay * 2, self.backoff_max)
+                self._stop.wait(idle_delay.next())
             try:
                 if need_full_read or (self.refresh_interval > 0 and
                                       time.monotonic() - self._last_full_read >= self.refresh_interval):
                     self._full_read("resync" if resync else "poll")
                     need_full_read = resync = False
-                    delay = self.backoff_start
+                    delay.reset()
                     self._set_error("")
                 if self._before_watch is not None:
                     self._before_watch()
                 if self._stop.is_set():
                     break
                 if self._watch():
-                    idle_polls, idle_delay = 0, self.backoff_start
+                    idle_polls = 0
+                    idle_delay.reset()
                 else:
                     idle_polls += 1
             except _Resync as reason:
@@ -524,9 +525,9 @@ class RegistratorSource(Source):
                 self._set_error(f"cannot read etcd prefix {self.prefix or '/'}: {error}")
                 need_full_read = True
                 resync = True  # what changed meanwhile shows as a resync
-                idle_polls, idle_delay = 0, self.backoff_start  # paced by `delay` instead
-                self._stop.wait(delay)
-                delay = min(delay * 2, self.backoff_max)
+                idle_polls = 0  # paced by `delay` instead
+                idle_delay.reset()
+                self._stop.wait(delay.next())
             except (etcd.EtcdException, ValueError, *_NETWORK_ERRORS) as error:
                 # The long poll broke (etcd stopped, connection reset, garbage): read everything
                 # again, failing over if needed; only that read decides whether we are down.
@@ -542,8 +543,7 @@ class RegistratorSource(Source):
                 self._watch_broken(f"internal error: {_describe(error)}")
                 need_full_read = True
                 resync = True  # what changed meanwhile shows as a resync
-                self._stop.wait(delay)
-                delay = min(delay * 2, self.backoff_max)
+                self._stop.wait(delay.next())
 
 
 class _Preloaded:
