@@ -12,6 +12,8 @@ import logging
 import os
 import time
 
+import orjson
+
 from services.common.files import write_atomic
 from services.common.model import ModelError, SourceSnapshot, services_from_list, services_to_list
 
@@ -56,7 +58,10 @@ class SourceCache:
             if force or now - self._saved_at.get(source, 0.0) >= SAVE_INTERVAL:
                 document = {"saved_at": time.time(), "services": services_to_list(snapshot.services)}
                 try:
-                    write_atomic(self._path(source), json.dumps(document, sort_keys=True))
+                    # orjson: the stdlib took ~50 ms for 1,000 services, time a change arriving
+                    # meanwhile waited for (the publish loop saves when idle, not in a thread)
+                    write_atomic(self._path(source), orjson.dumps(document, option=orjson.OPT_SORT_KEYS).decode(),
+                                 skip_if_same=False)
                 except OSError as error:
                     log.warning("source %s: cannot save state: %s", source, error)
                 self._saved_at[source] = now
