@@ -22,7 +22,7 @@ Only the keys that changed cross the bus, so a change costs the same at 10 servi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Iterable, Mapping, TypeVar
+from typing import Callable, Generic, Mapping, TypeVar
 
 from services.common.bus import Message, Publisher
 
@@ -168,7 +168,3 @@ class KeyedMirror(Generic[V]):
     def take_changed(self) -> set[str]:
         changed, self.changed = self.changed, set()
         return changed
-
-
-def sorted_values(values: Iterable[V], key: Callable[[V], object]) -> tuple[V, ...]:
-    return tuple(sorted(values, key=key))
