@@ -147,7 +147,8 @@ def test_a_planner_whose_mirror_disagrees_resyncs_and_converges():
                           and stage.plans[-1], timeout=30, message="the lost key recovered by a resync")
         assert [len(s.servers) for s in plan.services] == [3, 1]
         assert plan.inputs == (("file", SourceSnapshot("file", "ok", (web(3), web(1, 2000))).hash),)
-        wait_until(lambda: stage.pump() is not None and stage.planner_beat().get("resyncs") == 1, timeout=30,
+        # at least one: under load a snapshot can cross a live summary and take a second round
+        wait_until(lambda: stage.pump() is not None and stage.planner_beat().get("resyncs", 0) >= 1, timeout=30,
                    message="the resync counted in the planner's heartbeat")
         # and no plan was ever made from the disagreeing mirror
         assert all([len(s.servers) for s in p.services] in ([1, 1], [3, 1]) for p in stage.plans)
