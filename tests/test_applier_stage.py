@@ -363,7 +363,8 @@ def test_a_lost_key_message_makes_the_applier_resync_and_never_apply_a_partial_p
     assert sum(served) >= 1  # the plan came from a snapshot
     # Never the plan without 3002/tcp, nor anything else in between.
     assert driver.applied == [first.hash, second.hash]
-    assert stage.heartbeat(lambda b: b["plan"] == second.hash)["plan_resyncs"] == 1
+    # at least one resync (under load a snapshot can cross a live summary and take a second round)
+    assert stage.heartbeat(lambda b: b["plan"] == second.hash)["plan_resyncs"] >= 1
 
     # A summary whose hash matches no content at all (through a raw publisher): nothing applied,
     # and the next real plan is applied (the sender's tombstone for 3001/tcp included).
