@@ -184,23 +184,22 @@ class PipelineCollector:
         yield family
 
     def _haproxy_reloads(self) -> Iterable[Metric]:
-        family = CounterMetricFamily("proxymatic_haproxy_reloads_total",
-                                     "HAProxy reloads this node's applier asked for (failed ones included).")
-        applier = self.view.applier
-        count = _count(applier.get("haproxy_reloads")) if applier else None
-        if count is not None:
-            family.add_metric([], count)
-        yield family
+        yield self._applier_counter("proxymatic_haproxy_reloads_total", "haproxy_reloads",
+                                    "HAProxy reloads this node's applier asked for (failed ones included).")
 
     def _plan_resyncs(self) -> Iterable[Metric]:
-        family = CounterMetricFamily("proxymatic_plan_resyncs_total",
-                                     "Snapshots of the plan this node's applier asked for because a plan summary "
-                                     "disagreed with the services it had received (a message lost).")
+        yield self._applier_counter("proxymatic_plan_resyncs_total", "plan_resyncs",
+                                    "Snapshots of the plan this node's applier asked for because a plan summary "
+                                    "disagreed with the services it had received (a message lost).")
+
+    def _applier_counter(self, name: str, field: str, help_text: str) -> Metric:
+        """One counter of this node's applier's heartbeat (left out until heard, see above)."""
+        family = CounterMetricFamily(name, help_text)
         applier = self.view.applier
-        count = _count(applier.get("plan_resyncs")) if applier else None
+        count = _count(applier.get(field)) if applier else None
         if count is not None:
             family.add_metric([], count)
-        yield family
+        return family
 
     def _change_to_applied(self) -> Iterable[Metric]:
         name = "proxymatic_change_to_applied_seconds"
