@@ -29,8 +29,8 @@ def test_demo_shows_traffic_following_the_change():
             f"not a line of the demo: {line!r}"
     # what the edit changed, as tap --diff showed it: backend-a's server out, backend-c's in
     changed = after.split("what the edit changed")[1].split("==> the bus")[0]
-    assert re.search(r"^  - \d+/tcp demo-web: 127\.0\.0\.1:\d+ weight 128$", changed, re.M)
-    assert re.search(r"^  \+ \d+/tcp demo-web: 127\.0\.0\.1:\d+ weight 128$", changed, re.M)
+    assert re.search(r"^  - \d+/tcp demo-web: 127\.0\.0\.1:\d+ weight 500$", changed, re.M)
+    assert re.search(r"^  \+ \d+/tcp demo-web: 127\.0\.0\.1:\d+ weight 500$", changed, re.M)
     # the bus excerpt in time order
     excerpt = after.split("==> the bus")[1].split("==> what `proxymatic explain")[0]
     stamps = [m.group(1) for m in map(TAP_LINE.match, excerpt.splitlines()) if m]

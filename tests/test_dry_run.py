@@ -53,7 +53,7 @@ def test_services_file_plan_and_configs(tmp_path, services_file):
                       "--vhost-port", "18080")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "11234/tcp web (mode http, from file): 10.0.0.1:8080 weight 256, 10.0.0.2:8080 weight 128" in out
+    assert "11234/tcp web (mode http, from file): 10.0.0.1:8080 weight 1000, 10.0.0.2:8080 weight 500" in out
     assert "15353/udp dns" in out
     assert "uses host networking" in out  # the planner's note
     # HAProxy: the TCP service with its servers in slots; Pen: the UDP one; nginx: the vhost

@@ -514,7 +514,7 @@ def test_unhealthy_task_and_bad_label_reach_the_plan_while_the_rest_is_served(si
         plan = wait_until(unhealthy_excluded, timeout=30, message="the failing task in plan.excluded")
         (service,) = plan.services
         assert service.name == "web.shop" and len(service.servers) == 2  # the rest is served
-        assert {s.weight for s in service.servers} == {128}  # the default 500, scaled: the bad label ignored
+        assert {s.weight for s in service.servers} == {500}  # the default: the bad label ignored
         failing = next(e for e in plan.excluded if e.code == "health_failing")
         assert (failing.source, failing.app, failing.service, failing.key) == ("marathon", "/shop/web", "web.shop",
                                                                                f"{port}/tcp")

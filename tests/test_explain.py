@@ -48,9 +48,9 @@ def test_explain_against_the_real_pipeline():
         out = by_port.stdout
         assert f"{web}/tcp web (tcp, from file): served by haproxy on port {web}" in out
         assert "2 servers, 2 UP:" in out
-        # weights as HAProxy has them (the planner scales 0..1000 to 0..256)
-        assert f"127.0.0.1:{backends[0].port}  weight 128  UP" in out
-        assert f"127.0.0.1:{backends[1].port}  weight 64  UP" in out
+        # the user's weights (HAProxy is told them on its 0..256 scale)
+        assert f"127.0.0.1:{backends[0].port}  weight 500  UP" in out
+        assert f"127.0.0.1:{backends[1].port}  weight 250  UP" in out
         assert f"node {NODE} applied plan" in out and "NOT ok" not in out and f"{db}/tcp" not in out
 
         by_name = explain(pipeline.run_dir, "db")

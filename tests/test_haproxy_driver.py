@@ -19,7 +19,7 @@ from services.applier import haproxy_runtime as runtime
 from services.applier.haproxy_driver import HaproxyDriver
 from services.applier.haproxy_runtime import MasterCli, WorkerApi
 from services.common.config import Settings
-from services.common.model import Plan, ProxySettings, Service
+from services.common.model import Plan, ProxySettings, Server, Service
 from tests.helpers import EchoBackend, HttpBackend, Load, TcpBackend, free_port, tcp_ask, wait_until
 
 pytestmark = pytest.mark.skipif(not os.path.exists(haproxy_launch.haproxy_binary()), reason="haproxy is not installed")
@@ -71,7 +71,7 @@ def group_alive(pgid: int) -> bool:
 
 def tcp_service(port, backends, weights=None, maxconn=None, **extra) -> Service:
     return Service.from_dict({"name": f"svc-{port}", "port": port, **extra, "servers": [
-        {"ip": "127.0.0.1", "port": b.port, "weight": (weights or {}).get(b.name, 10),
+        {"ip": "127.0.0.1", "port": b.port, "weight": (weights or {}).get(b.name, 40),  # 10 on HAProxy's scale
          "maxconn": (maxconn or {}).get(b.name)} for b in backends]})
 
 
@@ -312,8 +312,11 @@ def test_render_refusal_is_rejected(haproxy, backends):
     driver = HaproxyDriver(haproxy.settings)
     port = free_port()
     assert driver.apply(make_plan(tcp_service(port, backends[:1]))).ok
-    result = driver.apply(make_plan(tcp_service(port, backends[:1], weights={"b0": 300})))
-    assert not result.ok and result.action == "rejected" and "weight" in result.errors[0]
+    service = tcp_service(port, backends[:1])
+    # built directly, past the decoder's checks: the renderer checks again
+    bad = service.with_servers([Server("127.0.0.1", backends[0].port, maxconn=2_000_000)])
+    result = driver.apply(make_plan(bad))
+    assert not result.ok and result.action == "rejected" and "maxconn" in result.errors[0]
     assert tcp_ask(port) == "b0"
 
 

@@ -1,6 +1,7 @@
 from services.common.config import Settings
 from services.common.model import Service, SourceSnapshot
-from services.planner.policy import divide_maxconn, make_plan, scale_weight
+from services.common.model import proxy_weight
+from services.planner.policy import divide_maxconn, make_plan
 
 
 def svc(name, port, source, servers=(("10.0.0.1", 80, 500, None),), **extra):
@@ -12,12 +13,19 @@ def snap(source, *services, state="ok"):
     return SourceSnapshot(source, state, services)
 
 
-def test_weight_scaling_keeps_proportions():
-    assert scale_weight(1000) == 256
-    assert scale_weight(500) == 128
-    assert abs(scale_weight(500) / scale_weight(100) - 5) < 0.1
-    assert scale_weight(1) == 1  # never 0: that would drain the server
-    assert scale_weight(0) == 0
+def test_proxy_weight_scaling_keeps_proportions():
+    assert proxy_weight(1000) == 256
+    assert proxy_weight(500) == 128
+    assert abs(proxy_weight(500) / proxy_weight(100) - 5) < 0.1
+    assert proxy_weight(1) == 1  # never 0: that would drain the server
+    assert proxy_weight(0) == 0
+
+
+def test_plan_keeps_the_users_weight():
+    plan = make_plan({"file": snap("file", svc("web", 1234, "file", servers=(("10.0.0.1", 80, 1000, None),)))},
+                     Settings())
+    [server] = plan.services[0].servers
+    assert (server.weight, server.proxy_weight) == (1000, 256)
 
 
 def test_maxconn_divided_by_group_size_rounding_up():
@@ -60,7 +68,7 @@ def test_policies_applied_to_servers():
     plan = make_plan({"file": snap("file", svc("s", 3000, "file", servers=[("10.0.0.1", 80, 1000, 10)]))},
                      Settings(status_endpoint="", group_size=2))
     server = plan.services[0].servers[0]
-    assert (server.weight, server.maxconn) == (256, 5)
+    assert (server.weight, server.proxy_weight, server.maxconn) == (1000, 256, 5)
 
 
 def test_plan_is_deterministic_and_tracks_ready_sources():

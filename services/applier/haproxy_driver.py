@@ -77,7 +77,7 @@ class SlotView:
     def of(cls, server: Server | None) -> "SlotView":
         if server is None:
             return cls(None, None, None, None, True)
-        return cls(server.ip, server.port, server.weight, server.maxconn or 0, False)
+        return cls(server.ip, server.port, server.proxy_weight, server.maxconn or 0, False)
 
 
 def _same_ip(a: str | None, b: str | None) -> bool:
@@ -557,13 +557,13 @@ class HaproxyDriver(ProxyDriver):
             maint = True
         if moved:
             out.append(runtime.set_addr(bid, slot, server.ip, server.port))
-        if view.weight != server.weight or moved:
-            out.append(runtime.set_weight(bid, slot, server.weight))
+        if view.weight != server.proxy_weight or moved:
+            out.append(runtime.set_weight(bid, slot, server.proxy_weight))
         if view.maxconn != (server.maxconn or 0) or moved:
             out.append(runtime.set_maxconn(bid, slot, server.maxconn))
         if maint:
             out.append(runtime.set_state(bid, slot, "ready"))
-        return (f"{_key(bid)}: server {server.address} in slot {slot}: weight {server.weight}, "
+        return (f"{_key(bid)}: server {server.address} in slot {slot}: weight {server.proxy_weight}, "
                 f"maxconn {server.maxconn or 'unlimited'}{' (added)' if moved else ''}")
 
     # -- adopting a running HAProxy -----------------------------------------------------------
@@ -608,7 +608,7 @@ class HaproxyDriver(ProxyDriver):
                 if server is None and view.maint:
                     continue
                 if server is not None and not view.maint and _same_ip(view.ip, server.ip) and \
-                        (view.port, view.weight, view.maxconn) == (server.port, server.weight, server.maxconn or 0):
+                        (view.port, view.weight, view.maxconn) == (server.port, server.proxy_weight, server.maxconn or 0):
                     continue
                 fixes += 1
                 messages.append(self._slot_commands(commands, bid, index, view, server))

@@ -24,11 +24,11 @@ from typing import Collection, Iterable, Mapping
 
 import jinja2
 
-from services.common.model import Plan, ProxySettings, Server, Service, content_hash
+from services.common.model import PROXY_MAX_WEIGHT, Plan, ProxySettings, Server, Service, content_hash
 from services.common.validate import is_check_path
 
 MIN_SLOTS = 16  # disabled slots are cheap; each growth costs a reload
-MAX_HAPROXY_WEIGHT = 256
+
 TIMEOUT_CONNECT = 5
 DEFAULT_TIMEOUT_CLIENT = 300
 DEFAULT_TIMEOUT_SERVER = 300
@@ -280,7 +280,7 @@ def service_context(service: Service, slots: tuple[Server | None, ...], max_conn
         servers.append({
             "name": slot_name(index),
             "address": _address(server, what),
-            "weight": _checked_int(server.weight, 0, MAX_HAPROXY_WEIGHT, f"{what}: weight"),
+            "weight": _checked_int(server.proxy_weight, 0, PROXY_MAX_WEIGHT, f"{what}: weight"),
             "maxconn": None if server.maxconn is None
             else _checked_int(server.maxconn, 1, 1_000_000, f"{what}: maxconn"),
             "enabled": True,

@@ -44,7 +44,7 @@ class Slot:
         address = ipaddress.ip_address(server.ip)
         if getattr(address, "scope_id", None) is not None:
             raise ValueError(f"an address with a zone is not supported: {server.ip!r}")
-        return cls(ip=str(address), port=int(server.port), weight=int(server.weight),
+        return cls(ip=str(address), port=int(server.port), weight=int(server.proxy_weight),
                    maxconn=int(server.maxconn or 0))
 
     def command(self, index: int, moved: bool) -> str:

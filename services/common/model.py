@@ -25,6 +25,7 @@ SOURCE_STATES = ("initializing", "ok", "degraded")
 
 DEFAULT_WEIGHT = 500  # the original's scale: 1..1000
 MAX_WEIGHT = 1000
+PROXY_MAX_WEIGHT = 256  # HAProxy's and Pen's weight scale
 
 
 
@@ -113,10 +114,19 @@ def _require_dict(data: Any, what: str) -> dict:
     return data
 
 
+def proxy_weight(weight: int) -> int:
+    """1..1000 onto HAProxy's and Pen's 0..256 keeping proportions; a positive weight never
+    becomes 0 (that would drain the server)."""
+    if weight <= 0:
+        return 0
+    return max(1, min(PROXY_MAX_WEIGHT, round(weight * PROXY_MAX_WEIGHT / MAX_WEIGHT)))
+
+
 @dataclass(frozen=True)
 class Server:
-    """One backend instance. `weight` is on the 1..1000 scale in snapshots and on HAProxy's
-    0..256 scale in a plan (the planner scales it)."""
+    """One backend instance. `weight` is always the user's weight on the 1..1000 scale (labels,
+    registrator, the file); `proxy_weight` is the same weight on the proxies' 0..256 scale,
+    computed where a proxy is told, so the one field never changes meaning along the way."""
 
     ip: str
     port: int
@@ -127,6 +137,10 @@ class Server:
     @property
     def address(self) -> str:
         return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+    @property
+    def proxy_weight(self) -> int:
+        return proxy_weight(self.weight)
 
     def to_dict(self) -> dict:
         return {"ip": self.ip, "port": self.port, "hostname": self.hostname, "weight": self.weight,

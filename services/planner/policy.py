@@ -2,7 +2,7 @@
 
 Rules (interface.md): Marathon wins a service port over registrator, which wins over the file;
 host-network services only with EXPOSE_HOST; per-container maxconn divided by GROUP_SIZE;
-weights scaled from 1..1000 to HAProxy's 0..256 keeping proportions; ports proxymatic itself
+weights stay on the user's 1..1000 scale (the drivers tell the proxies `Server.proxy_weight`); ports proxymatic itself
 listens on are never given to a service. Every rule that drops something says so in `notes`.
 """
 from __future__ import annotations
@@ -12,19 +12,10 @@ from dataclasses import replace
 from typing import Iterable
 
 from services.common.config import Settings, reserved_ports
-from services.common.model import (MAX_WEIGHT, Excluded, Plan, Service, SourceSnapshot, bounded_excluded,
+from services.common.model import (Excluded, Plan, Service, SourceSnapshot, bounded_excluded,
                                    content_hash)
 
 PRECEDENCE = ("marathon", "registrator", "file")
-PROXY_MAX_WEIGHT = 256
-
-
-def scale_weight(weight: int) -> int:
-    """1..1000 onto 0..256; a positive weight never becomes 0 (that would drain the server)."""
-    if weight <= 0:
-        return 0
-    return max(1, min(PROXY_MAX_WEIGHT, round(weight * PROXY_MAX_WEIGHT / MAX_WEIGHT)))
-
 
 def divide_maxconn(maxconn: int | None, group_size: int) -> int | None:
     # Rounded up: with 3 instances and maxconn 10 each instance allows 4, never 0.
@@ -73,8 +64,7 @@ def merge(snapshots: dict[str, SourceSnapshot], excluded: list[Excluded] | None 
 
 def apply_policies(service: Service, settings: Settings) -> Service:
     servers = tuple(
-        replace(server, weight=scale_weight(server.weight),
-                maxconn=divide_maxconn(server.maxconn, settings.group_size))
+        replace(server, maxconn=divide_maxconn(server.maxconn, settings.group_size))
         for server in service.servers
     )
     return service.with_servers(servers)
