@@ -142,6 +142,9 @@ class Server:
     def proxy_weight(self) -> int:
         return proxy_weight(self.weight)
 
+    def with_maxconn(self, maxconn: int | None) -> "Server":
+        return replace(self, maxconn=maxconn)
+
     def to_dict(self) -> dict:
         return {"ip": self.ip, "port": self.port, "hostname": self.hostname, "weight": self.weight,
                 "maxconn": self.maxconn}

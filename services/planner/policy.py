@@ -8,7 +8,6 @@ listens on are never given to a service. Every rule that drops something says so
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Iterable
 
 from services.common.config import Settings, reserved_ports
@@ -64,7 +63,7 @@ def merge(snapshots: dict[str, SourceSnapshot], excluded: list[Excluded] | None 
 
 def apply_policies(service: Service, settings: Settings) -> Service:
     servers = tuple(
-        replace(server, maxconn=divide_maxconn(server.maxconn, settings.group_size))
+        server.with_maxconn(divide_maxconn(server.maxconn, settings.group_size))
         for server in service.servers
     )
     return service.with_servers(servers)
