@@ -21,7 +21,8 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import orjson
@@ -51,6 +52,15 @@ QUEUE_HWM = 1000
 # after SNAPSHOT_TIMEOUT), so END never follows a partial answer. 10,000 apps with two ports
 # each are ~20,000 keys (~20 MB held at most for a requester that does not read).
 SNAPSHOT_HWM = 50_000
+# A change of more keys than this in one keyed state (a cold start: the first plan of 10,000
+# services) is not sent live, where it would overflow a subscriber's QUEUE_HWM and cost it a
+# resync: its key messages are kept for snapshot answers only (Publisher.keep) and the summary
+# goes out marked `catch_up`, on which a subscriber takes that state's snapshot (see docs/bus.md,
+# Bulk changes). Half the high-water mark: a change below it fits a reading subscriber's queue.
+BULK_KEYS = QUEUE_HWM // 2
+# Live messages of a state under catch-up that a subscriber holds until its snapshot arrives;
+# beyond that it drops them and resyncs the state when the snapshot comes.
+CATCH_UP_BUFFER = 10 * QUEUE_HWM
 
 
 class BusError(ValueError):
@@ -81,10 +91,15 @@ class Message:
     sender: str
     epoch: str
     payload: dict
+    # A live summary whose state's key messages were kept for snapshots only (a bulk change):
+    # the subscriber takes the state's snapshot instead of delivering it (docs/bus.md).
+    catch_up: bool = False
 
     def encode(self) -> list[bytes]:
         body = {"v": BUS_VERSION, "seq": self.seq, "ts": self.ts, "sender": self.sender,
                 "epoch": self.epoch, "payload": self.payload}
+        if self.catch_up:
+            body["catch_up"] = True
         # orjson: a full snapshot of 1,000 services is ~0.5 MB; the stdlib takes 10 ms a hop for it.
         return [self.topic.encode(), orjson.dumps(body, option=orjson.OPT_SORT_KEYS)]
 
@@ -116,7 +131,7 @@ class Message:
                 raise ValueError(f"payload must be an object, got {type(payload).__name__}")
             return cls(topic=topic, seq=_count(body.get("seq"), "seq"), ts=float(ts),
                        sender=_text(body.get("sender"), "sender"), epoch=_text(body.get("epoch"), "epoch"),
-                       payload=payload)
+                       payload=payload, catch_up=body.get("catch_up") is True)
         except ValueError as error:
             raise BusError(str(error), topic, sender) from None
 
@@ -232,12 +247,25 @@ class Publisher:
             self.snapshot.close()
             raise
 
-    def publish(self, topic: str, payload: dict) -> Message:
+    def publish(self, topic: str, payload: dict, catch_up: bool = False) -> Message:
+        """Send a message live and keep it for snapshot answers. `catch_up`: the message is the
+        summary of a keyed state whose key messages went to `keep` only; live subscribers take
+        the state's snapshot on it (the kept copy, for snapshot answers, is unmarked)."""
+        with self._lock:
+            self.seq += 1
+            message = Message(topic, self.seq, time.time(), self.sender, self.epoch, payload, catch_up)
+            self._last[topic] = replace(message, catch_up=False) if catch_up else message
+            self._send(message.encode())
+        return message
+
+    def keep(self, topic: str, payload: dict) -> Message:
+        """Take a seq and keep the message as its topic's newest for snapshot answers, without
+        sending it live: the key messages of a bulk change (BULK_KEYS), announced by a summary
+        published with `catch_up`."""
         with self._lock:
             self.seq += 1
             message = Message(topic, self.seq, time.time(), self.sender, self.epoch, payload)
             self._last[topic] = message
-            self._send(message.encode())
         return message
 
     def heartbeat(self, payload: dict | None = None, now: float | None = None) -> bool:
@@ -344,16 +372,42 @@ class Heartbeats:
             self._thread.join(timeout=5)
 
 
+@dataclass(eq=False)
+class _CatchUp:
+    """A keyed state (`prefix`, one sender's) whose bulk change is being taken from a snapshot:
+    its live messages wait in `held` until the snapshot's END, then go through as usual (those
+    not newer than the snapshot's are dropped)."""
+
+    sender: str
+    prefix: str
+    held: list = field(default_factory=list)
+    overflowed: bool = False
+
+    def covers(self, message: "Message") -> bool:
+        topic = message.topic
+        return message.sender == self.sender and (
+            topic == self.prefix or (topic.startswith(self.prefix) and topic[len(self.prefix):].startswith(":")))
+
+
+_FULL = "full"  # the END of one prefix of a whole snapshot request
+
+
 @dataclass
 class _Upstream:
     endpoint: Endpoint
     sub: zmq.Socket
     dealer: zmq.Socket
     snapshot_pending_since: float | None = None
-    # ENDs still to come for the pending request: one request (and one END) per prefix.
-    ends_awaited: int = 0
+    # What each END still to come closes, in request order (one END per request): _FULL for
+    # each prefix of a whole snapshot request, or a _CatchUp.
+    awaited: deque = field(default_factory=deque)
+    catch_ups: list = field(default_factory=list)
     # A whole snapshot (up to its END for every prefix) arrived since this subscriber started.
     synced: bool = False
+
+    @property
+    def ends_awaited(self) -> int:
+        return len(self.awaited)
 
 
 @dataclass
@@ -383,6 +437,8 @@ class Subscriber:
     receive_hwm: int = QUEUE_HWM
     # Messages dropped as malformed, of another bus version, or refused by the stage (drop()).
     dropped: int = field(default=0, init=False)
+    # Snapshots of one keyed state taken for a bulk change (a summary marked `catch_up`).
+    catch_ups: int = field(default=0, init=False)
     _upstreams: list[_Upstream] = field(default_factory=list, init=False)
     _senders: dict[str, _SenderState] = field(default_factory=dict, init=False)
     _topic_seq: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict, init=False)
@@ -413,10 +469,34 @@ class Subscriber:
             # The publisher was gone when we asked: a fresh socket drops the stale request.
             upstream.dealer.close()
             upstream.dealer = self._new_dealer(upstream.endpoint)
+            upstream.awaited.clear()
+            for catch_up in upstream.catch_ups:  # their answers are lost with the old socket
+                upstream.dealer.send_multipart([SNAPSHOT_REQUEST, catch_up.prefix.encode()])
+                upstream.awaited.append(catch_up)
         for prefix in self.prefixes:
             upstream.dealer.send_multipart([SNAPSHOT_REQUEST, prefix.encode()])
+            upstream.awaited.append(_FULL)
         upstream.snapshot_pending_since = now
-        upstream.ends_awaited = len(self.prefixes)
+
+    def _start_catch_up(self, upstream: _Upstream, summary: Message) -> None:
+        """A live summary marked `catch_up`: ask for its state's snapshot (which has the summary
+        too) and hold that state's live messages until it arrives."""
+        catch_up = _CatchUp(summary.sender, summary.topic)
+        upstream.catch_ups.append(catch_up)
+        upstream.dealer.send_multipart([SNAPSHOT_REQUEST, summary.topic.encode()])
+        upstream.awaited.append(catch_up)
+        if upstream.snapshot_pending_since is None:
+            upstream.snapshot_pending_since = time.monotonic()
+        self.catch_ups += 1
+        self._heard(summary)
+
+    def _heard(self, message: Message) -> None:
+        """A data message not delivered yet (held for a catch-up): its seq is known, so a
+        heartbeat showing it is no gap."""
+        state = self._senders.setdefault(message.sender, _SenderState())
+        if state.epoch == message.epoch:
+            state.seq = max(state.seq, message.seq)
+        state.last_heard = time.monotonic()
 
     def sockets(self) -> list[zmq.Socket]:
         return [s for u in self._upstreams for s in (u.sub, u.dealer)]
@@ -488,8 +568,24 @@ class Subscriber:
             if message.is_heartbeat:
                 self._on_heartbeat(upstream, message)
                 out.append(message)
-            elif self._accept(message):
-                out.append(message)
+            else:
+                self._live(upstream, message, out)
+
+    def _live(self, upstream: _Upstream, message: Message, out: list[Message]) -> None:
+        """A live data message: held while its state catches up, a catch-up started by a
+        `catch_up` summary, or delivered if newer than what was."""
+        for catch_up in upstream.catch_ups:
+            if catch_up.covers(message):
+                if len(catch_up.held) < CATCH_UP_BUFFER:
+                    catch_up.held.append(message)
+                    self._heard(message)
+                else:
+                    catch_up.overflowed = True
+                return
+        if message.catch_up:
+            self._start_catch_up(upstream, message)
+        elif self._accept(message):
+            out.append(message)
 
     def _read_snapshot(self, upstream: _Upstream, out: list[Message]) -> None:
         while True:
@@ -498,13 +594,13 @@ class Subscriber:
             except zmq.Again:
                 return
             if frames and frames[0] == SNAPSHOT_END:
-                self._on_snapshot_end(upstream, frames)
+                self._on_snapshot_end(upstream, frames, out)
                 continue
             message = self._decode(upstream, frames)
             if message is not None and self._accept(message):
                 out.append(message)
 
-    def _on_snapshot_end(self, upstream: _Upstream, frames: list[bytes]) -> None:
+    def _on_snapshot_end(self, upstream: _Upstream, frames: list[bytes], out: list[Message]) -> None:
         try:
             end = SnapshotEnd.decode(frames)
         except BusError as error:
@@ -514,10 +610,18 @@ class Subscriber:
         if state.epoch != end.epoch or state.seq < end.seq:
             state.epoch, state.seq = end.epoch, end.seq
         state.last_heard = time.monotonic()
-        upstream.ends_awaited -= 1
-        if upstream.ends_awaited > 0:
+        closed = upstream.awaited.popleft() if upstream.awaited else _FULL
+        if not upstream.awaited:
+            upstream.snapshot_pending_since = None
+        if isinstance(closed, _CatchUp):
+            upstream.catch_ups.remove(closed)
+            for message in closed.held:  # what came live meanwhile, in order, if newer
+                self._live(upstream, message, out)
+            if closed.overflowed:  # live messages lost meanwhile: take the state again whole
+                self.resync(closed.prefix)
+            return
+        if _FULL in upstream.awaited:
             return  # the answer for another prefix is still to come
-        upstream.snapshot_pending_since = None
         if not upstream.synced:
             log.debug("bus: snapshot from %s complete (seq %d)", end.sender, end.seq)
         upstream.synced = True

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Mapping, TypeVar
 
-from services.common.bus import Message, Publisher
+from services.common.bus import BULK_KEYS, Message, Publisher
 
 KEY_SEPARATOR = ":"
 TOMBSTONE = {"deleted": True}
@@ -62,7 +62,9 @@ class KeyedSender(Generic[V]):
     changed since the last call (compared by identity, then equality: values that did not
     change are usually the very same objects), a tombstone for every key gone, then the summary.
 
-    `encode(value)` gives a key's payload; `digest(value)` its 16-hex-digit digest for the hash."""
+    `encode(value)` gives a key's payload; `digest(value)` its 16-hex-digit digest for the hash.
+    A change of more than `bulk_keys` keys goes to the publisher's snapshots only, announced by
+    a summary marked `catch_up` (bus.BULK_KEYS; with a publisher that has no `keep`, live)."""
 
     publisher: Publisher
     prefix: str
@@ -70,6 +72,7 @@ class KeyedSender(Generic[V]):
     digest: Callable[[V], str]
     last: dict[str, V] = field(default_factory=dict)
     hash: int = 0
+    bulk_keys: int = BULK_KEYS
 
     def changes(self, values: Mapping[str, V]) -> tuple[list[str], list[str]]:
         """(keys changed or new, keys gone), each sorted."""
@@ -83,10 +86,20 @@ class KeyedSender(Generic[V]):
              changes: tuple[list[str], list[str]] | None = None) -> "SendReport":
         """Publish the changes, then `summary(hash)` on the prefix's own topic. `changes`: what
         `self.changes(values)` just said, when the caller asked already (not asked twice)."""
+        keys, report = self.commit(values, changes)
+        send_keyed(self.publisher, keys, (self.prefix, summary(report.hash)), self.bulk_keys)
+        return report
+
+    def commit(self, values: Mapping[str, V], changes: tuple[list[str], list[str]] | None = None
+               ) -> tuple[list[tuple[str, dict]], "SendReport"]:
+        """What `send` publishes, without publishing it: the key messages (topic, payload) of the
+        changes, tombstones first, and the report with the new hash. `last` and `hash` now say
+        they were sent: the caller sends them (`send_keyed`), then the summary."""
         changed, gone = self.changes(values) if changes is None else changes
+        keys: list[tuple[str, dict]] = []
         for key in gone:
             self.hash ^= digest_int(self.digest(self.last.pop(key)))
-            self.publisher.publish(key_topic(self.prefix, key), TOMBSTONE)
+            keys.append((key_topic(self.prefix, key), TOMBSTONE))
         for key in changed:
             old = self.last.get(key, _MISSING)
             if old is not _MISSING:
@@ -94,9 +107,30 @@ class KeyedSender(Generic[V]):
             value = values[key]
             self.hash ^= digest_int(self.digest(value))
             self.last[key] = value
-            self.publisher.publish(key_topic(self.prefix, key), self.encode(value))
-        self.publisher.publish(self.prefix, summary(hash_hex(self.hash)))
-        return SendReport(changed=tuple(changed), gone=tuple(gone), hash=hash_hex(self.hash))
+            keys.append((key_topic(self.prefix, key), self.encode(value)))
+        return keys, SendReport(changed=tuple(changed), gone=tuple(gone), hash=hash_hex(self.hash))
+
+
+def is_bulk(publisher: Publisher, keys: int, bulk_keys: int = BULK_KEYS) -> bool:
+    """Whether a change of `keys` key messages goes to snapshots only (see bus.BULK_KEYS)."""
+    return keys > bulk_keys and hasattr(publisher, "keep")
+
+
+def send_keyed(publisher: Publisher, keys: list[tuple[str, dict]], summary: tuple[str, dict],
+               bulk_keys: int = BULK_KEYS) -> bool:
+    """Publish a change of a keyed state: its key messages, then its summary (topic, payload).
+    A bulk change (more than `bulk_keys` keys) is kept for snapshot answers (Publisher.keep)
+    and only its summary goes live, marked `catch_up`: a subscriber then takes the state's
+    snapshot, instead of losing keys past its QUEUE_HWM and resyncing. True when bulk."""
+    bulk = is_bulk(publisher, len(keys), bulk_keys)
+    emit = publisher.keep if bulk else publisher.publish
+    for topic, payload in keys:
+        emit(topic, payload)
+    if bulk:
+        publisher.publish(*summary, catch_up=True)
+    else:
+        publisher.publish(*summary)
+    return bulk
 
 
 @dataclass(frozen=True)
