@@ -10,7 +10,6 @@ import subprocess
 import tempfile
 import threading
 import urllib.request
-from dataclasses import replace
 
 import pytest
 
@@ -222,7 +221,7 @@ def bogus_global_section(driver, monkeypatch):
         def update(self, plan, previous, set_aside=()):
             real = real_renderer.update(plan, previous, set_aside)
             bogus = "    master-worker\n    bogus_keyword 1\n"
-            return replace(real, text=real.text.replace("    master-worker\n", bogus), skeleton_hash="bogus",
+            return real.replace(text=real.text.replace("    master-worker\n", bogus), skeleton_hash="bogus",
                            header=real.header.replace("    master-worker\n", bogus))
 
     monkeypatch.setattr(driver, "_renderer", Bogus())

@@ -25,15 +25,14 @@ Invariants:
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import Collection
 
 from services.applier import culprits
-from services.applier import haproxy_runtime as runtime
 from services.applier.bindable import bind_error, unbindable_reason
 from services.applier.driver import DriverResult, ProxyDriver
 from services.applier.haproxy_isolation import (
@@ -41,9 +40,11 @@ from services.applier.haproxy_isolation import (
 )
 from services.applier.haproxy_launch import check_config_alerts, fd_limit, run_as, summary
 from services.applier.haproxy_render import (
-    ConfigRenderer, HaproxyPaths, RenderError, Rendering, Slots, backend_id, haproxy_services, key_of_backend,
+    ConfigRenderer, HaproxyPaths, RenderError, Rendering, Slots, backend_id, haproxy_services,
     section_skeleton, slot_name, split_sections,
 )
+from services.applier import haproxy_steps as steps
+from services.applier.haproxy_steps import SlotView, runtime_commands, same_ip, slot_commands
 from services.applier.haproxy_runtime import (
     Command, CommandFailed, HaproxyUnavailable, MasterCli, ProcInfo, WorkerApi,
 )
@@ -61,35 +62,6 @@ RELOAD_LOG_WAIT = 2.0
 # the first one that failed (subsets, then the configs without the culprits found) counts.
 MAX_ISOLATION_CHECKS = culprits.MAX_RUNS
 MAX_ISOLATION_SECONDS = culprits.MAX_SECONDS
-
-
-@dataclass(frozen=True)
-class SlotView:
-    """What one slot currently serves, as far as the runtime is concerned."""
-
-    ip: str | None
-    port: int | None
-    weight: int | None
-    maxconn: int | None  # 0: no limit
-    maint: bool
-
-    @classmethod
-    def of(cls, server: Server | None) -> "SlotView":
-        if server is None:
-            return cls(None, None, None, None, True)
-        return cls(server.ip, server.port, server.proxy_weight, server.maxconn or 0, False)
-
-
-def _same_ip(a: str | None, b: str | None) -> bool:
-    try:
-        return a is not None and b is not None and ipaddress.ip_address(a) == ipaddress.ip_address(b)
-    except ValueError:
-        return False
-
-
-def _key(backend: str) -> str:
-    """svc_1234_tcp_web -> 1234/tcp, for log messages."""
-    return key_of_backend(backend) or backend
 
 
 class _PlanHash:
@@ -154,7 +126,9 @@ class HaproxyDriver(ProxyDriver):
         self._worker: int | None = None
         self._trusted = False
         self._slots: dict[str, tuple[Server | None, ...]] = {}
-        self._config_text: str | None = None
+        # haproxy.cfg as last converged to: the Rendering it came from (assembled on demand, see
+        # Rendering.text) or the text read back from the file.
+        self._config_text: Rendering | str | None = None
         self._skeleton_hash: str | None = None
         self._renderer = ConfigRenderer(self.paths, self.fd_limit, run_as())
         # Services left out of the config (listener cannot be bound, section rejected), by key;
@@ -235,23 +209,19 @@ class HaproxyDriver(ProxyDriver):
                 log.error("haproxy: plan %s rejected: %s", _PlanHash(plan), error)
                 return DriverResult(self.name, False, "rejected", errors=(f"cannot render HAProxy config: {error}",),
                                     details=self._details(fixes))
-            text, slots = rendering.text, rendering.slots
-            unchanged = self._trusted and text == self._config_text
-            runtime_only = self._trusted and rendering.skeleton_hash == self._skeleton_hash
-            if proc is None and (unchanged or not runtime_only):
-                # Nothing to send (a resync) or a reload ahead: first see whether HAProxy was
-                # restarted or reloaded behind our back, then decide again.
+            action = steps.step(self._state(), rendering, proc is not None)
+            if isinstance(action, steps.CheckWorker):
                 proc = self.master.show_proc()
                 fixes += self._sync_worker(proc)
                 continue
-            if unchanged:
+            if isinstance(action, steps.Unchanged):
                 return DriverResult(self.name, True, "runtime" if fixes else "none", details=self._details(fixes))
-            if not runtime_only:
+            if not isinstance(action, steps.RuntimeChange):
                 break
             # Only slot contents differ from a config HAProxy already accepted, and those are typed
             # values (re-parsed addresses, checked integers): no `haproxy -c`. The commands go out
             # first (with `show proc` on the same line when not seen yet), the files follow.
-            seen, changes, errors = self._runtime_update(slots, show_proc=proc is None)
+            seen, errors = WorkerApi(self.master, self._worker).run(list(action.commands), show_proc=action.show_proc)
             if seen is not None:
                 proc = seen
                 if seen.worker != self._worker:
@@ -259,12 +229,15 @@ class HaproxyDriver(ProxyDriver):
                     fixes += self._sync_worker(seen)
                     continue
             if not errors:
-                self._commit_runtime(text, slots, rendering.skeleton_hash)
-                log.info("haproxy: plan %s applied at runtime (%d changes, no reload)", _PlanHash(plan), changes)
-                return DriverResult(self.name, True, "runtime", details=self._details(fixes + changes))
+                for message in action.messages:
+                    log.info("haproxy: %s", message)
+                self._commit_runtime(rendering, rendering.slots, rendering.skeleton_hash)
+                log.info("haproxy: plan %s applied at runtime (%d changes, no reload)", _PlanHash(plan), action.changes)
+                return DriverResult(self.name, True, "runtime", details=self._details(fixes + action.changes, rendering))
             reload_reason = "; ".join(errors[:3])
             log.warning("haproxy: runtime update failed (%s); reloading instead", reload_reason)
             self._trusted = False
+            action = steps.step(self._state(), rendering, True)
             break
         else:
             raise HaproxyUnavailable("HAProxy changed workers during every attempt to apply the plan")
@@ -275,8 +248,8 @@ class HaproxyDriver(ProxyDriver):
         unbindable = self._unbindable(new_listeners)
         if unbindable:
             return unbindable
-        digest = content_hash(text)
-        if self._rejected is not None and self._rejected[0] == digest:
+        text, digest, slots = rendering.text, action.digest, rendering.slots
+        if isinstance(action, steps.RejectedBefore) and self._rejected is not None:
             # Rejected as a whole before (a resync of the same plan): not validated nor logged again.
             return replace(self._rejected[1], details=self._details(fixes))
         try:
@@ -310,7 +283,7 @@ class HaproxyDriver(ProxyDriver):
         waiting for the reload, and a reload HAProxy refuses leaves them applied."""
         if not self._trusted or self._config_text is None or self._worker is None:
             return
-        header, running = split_sections(self._config_text)
+        header, running = split_sections(self._config_str())
         new = {backend_id(services[key]): text for key, text in rendering.sections if key in services}
         moved = {bid: rendering.slots[bid] for bid, text in new.items()
                  if bid in running and text != running[bid]
@@ -348,15 +321,8 @@ class HaproxyDriver(ProxyDriver):
     def _still_set_aside(self, services: dict[str, Service]) -> dict[str, SetAside]:
         """The services set aside before that still cannot be served: a listener still not
         bindable (probed again: a freed port is served now), a rejected section unchanged."""
-        out = {}
-        for key, entry in self._set_aside.items():
-            service = services.get(key)
-            if service is None or backend_id(service) in self._slots:
-                continue
-            if entry.kind == "config":
-                if service == entry.service:
-                    out[key] = entry
-                continue
+        out, probe = steps.carry_set_aside(self._set_aside, services, self._slots)
+        for key, service in probe.items():
             error = bind_error(LISTEN_HOST, service.port, service.protocol)
             if error is not None:
                 out[key] = SetAside(service, unbindable_reason(service, error), "bind")
@@ -435,12 +401,20 @@ class HaproxyDriver(ProxyDriver):
             log.info("haproxy: service %s (%s) is no longer set aside", self._set_aside[key].service.name, key)
         self._set_aside = aside
 
-    def _commit_runtime(self, text: str, slots: Slots, skeleton_hash: str) -> None:
+    def _state(self) -> steps.HaproxyState:
+        return steps.HaproxyState(self._worker, self._trusted, self._slots, self._config_text, self._skeleton_hash,
+                                  self._rejected[0] if self._rejected is not None else None)
+
+    def _config_str(self) -> str | None:
+        config = self._config_text
+        return config.text if isinstance(config, Rendering) else config
+
+    def _commit_runtime(self, text: Rendering | str, slots: Slots, skeleton_hash: str) -> None:
         """After runtime changes: haproxy.cfg (no validation needed, see _apply) and slots.json
         are written by `flush`, once the result is out (the writes and their fsyncs are the
         slowest part of a membership change). A restarted applier re-adopts from the files."""
         self._unwritten = (text, slots, skeleton_hash)
-        self._slots = dict(slots)
+        self._slots = slots  # layouts are never changed in place
         if not self._defer_writes:
             self.flush()
         self._config_text = text
@@ -449,8 +423,9 @@ class HaproxyDriver(ProxyDriver):
     def flush(self) -> None:
         """Write the config and slot layout of the last runtime change, if not written yet."""
         if self._unwritten is not None:
-            text, slots, skeleton_hash = self._unwritten
+            config, slots, skeleton_hash = self._unwritten
             self._unwritten = None
+            text = config.text if isinstance(config, Rendering) else config
             write_atomic(self.paths.config, text, skip_if_same=False)
             self._write_state(text, slots, skeleton_hash, True)
 
@@ -459,7 +434,7 @@ class HaproxyDriver(ProxyDriver):
         os.replace(self.paths.candidate, self.paths.config)
         fsync_directory(self.paths.dir)
         self._write_state(text, slots, skeleton_hash, confirmed)
-        self._slots = dict(slots)
+        self._slots = slots
         self._config_text = text
         self._skeleton_hash = skeleton_hash
 
@@ -512,59 +487,18 @@ class HaproxyDriver(ProxyDriver):
 
     # -- runtime changes ----------------------------------------------------------------------
 
-    def _runtime_update(self, slots: Slots, show_proc: bool) -> tuple[ProcInfo | None, int, list[str]]:
+    def _runtime_update(self, slots: Slots, show_proc: bool,
+                        only: Collection[str] | None = None) -> tuple[ProcInfo | None, int, list[str]]:
         """Move every slot from its known state to `slots`, in one batch of runtime API commands
         to the current worker. Returns `show proc` (taken first on the same line when asked), the
         number of slots changed and the failed commands. Additions first, removals last, so a
         service never has fewer ready servers than before or after the change."""
-        work = []
-        known = self._slots
-        for bid, wanted in slots.items():
-            current = known.get(bid, ())
-            if current is wanted:  # unchanged services keep their layout objects
-                continue
-            for index, server in enumerate(wanted):
-                old = current[index] if index < len(current) else None
-                if old != server:
-                    work.append((bid, index, SlotView.of(old), server))
-        work.sort(key=lambda item: (item[3] is None, not item[2].maint))
-        commands: list[Command] = []
-        messages = []
-        for bid, index, view, server in work:
-            message = self._slot_commands(commands, bid, index, view, server)
-            if message:
-                messages.append(message)
+        commands, messages, changes = runtime_commands(self._slots, slots, only)
         proc, errors = WorkerApi(self.master, self._worker).run(commands, show_proc=show_proc)
         if not errors and (proc is None or proc.worker == self._worker):
             for message in messages:
                 log.info("haproxy: %s", message)
-        return proc, len(work), errors
-
-    @staticmethod
-    def _slot_commands(out: list[Command], bid: str, index: int, view: SlotView, server: Server | None) -> str:
-        """Append the commands that move one slot from `view` to `server`; returns what they do,
-        for the log."""
-        slot = slot_name(index)
-        if server is None:
-            if view.maint:
-                return ""
-            out.append(runtime.set_state(bid, slot, "maint"))
-            return f"{_key(bid)}: server {view.ip}:{view.port} removed (slot {slot} drained in maintenance)"
-        maint = view.maint
-        moved = not (_same_ip(view.ip, server.ip) and view.port == server.port)
-        if moved and not maint:
-            out.append(runtime.set_state(bid, slot, "maint"))
-            maint = True
-        if moved:
-            out.append(runtime.set_addr(bid, slot, server.ip, server.port))
-        if view.weight != server.proxy_weight or moved:
-            out.append(runtime.set_weight(bid, slot, server.proxy_weight))
-        if view.maxconn != (server.maxconn or 0) or moved:
-            out.append(runtime.set_maxconn(bid, slot, server.maxconn))
-        if maint:
-            out.append(runtime.set_state(bid, slot, "ready"))
-        return (f"{_key(bid)}: server {server.address} in slot {slot}: weight {server.proxy_weight}, "
-                f"maxconn {server.maxconn or 'unlimited'}{' (added)' if moved else ''}")
+        return proc, changes, errors
 
     # -- adopting a running HAProxy -----------------------------------------------------------
 
@@ -607,11 +541,11 @@ class HaproxyDriver(ProxyDriver):
                 view = SlotView(st.ip, st.port, st.weight, maxconn.get((bid, name), 0), st.in_maintenance)
                 if server is None and view.maint:
                     continue
-                if server is not None and not view.maint and _same_ip(view.ip, server.ip) and \
+                if server is not None and not view.maint and same_ip(view.ip, server.ip) and \
                         (view.port, view.weight, view.maxconn) == (server.port, server.proxy_weight, server.maxconn or 0):
                     continue
                 fixes += 1
-                messages.append(self._slot_commands(commands, bid, index, view, server))
+                messages.append(slot_commands(commands, bid, index, view, server))
         api.run_all(commands)
         for message in messages:
             if message:
@@ -669,7 +603,10 @@ class HaproxyDriver(ProxyDriver):
         except FileNotFoundError:
             pass
 
-    def _details(self, changes: int) -> dict:
+    def _details(self, changes: int, rendering: Rendering | None = None) -> dict:
+        if rendering is not None and rendering.slots is self._slots:
+            return {"worker_pid": self._worker, "services": len(self._slots), "servers": rendering.servers,
+                    "changes": changes, "config": self.paths.config}
         counts, active = {}, 0
         for bid, entries in self._slots.items():
             cached = self._active.get(bid)

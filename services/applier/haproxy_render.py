@@ -20,6 +20,8 @@ import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import compress, count
+from operator import is_not
 from typing import Collection, Iterable, Mapping
 
 import jinja2
@@ -208,11 +210,6 @@ def assign_slots(services: Iterable[Service], previous: Slots) -> dict[str, tupl
     return layout
 
 
-def empty_slots(layout: Slots) -> dict[str, tuple[None, ...]]:
-    """The same slot capacities with every slot empty: renders the config's *skeleton*."""
-    return {bid: (None,) * len(slots) for bid, slots in layout.items()}
-
-
 def global_maxconn(max_connections: int, fd_limit: int | None = None, extra_fds: int = 0) -> int:
     """Twice the per-service limit, capped so HAProxy can get the file descriptors it needs
     (two per proxied connection, plus `extra_fds`: one per listener and one per health-checked
@@ -340,13 +337,6 @@ def render(plan: Plan, paths: HaproxyPaths, slots: Slots, fd_limit: int | None =
     return text if text.endswith("\n") else text + "\n"
 
 
-def render_skeleton(plan: Plan, paths: HaproxyPaths, slots: Slots, fd_limit: int | None = None,
-                    run_as: RunAs | None = None, set_aside: Collection[str] = ()) -> str:
-    """The config with every slot empty: what only a reload can change. Two renderings with the
-    same skeleton differ in slot contents only, which the runtime API changes live."""
-    return render(plan, paths, empty_slots(slots), fd_limit, run_as=run_as, set_aside=set_aside)
-
-
 _SECTION_START = re.compile(r"\nlisten (svc_\d+_tcp(?:_[a-z0-9_.-]+)?)\n")
 _SERVER_LINE = re.compile(r"^(    server s\d+) \S+ weight \d+(?: maxconn \d+)?(.*?)(?: disabled)?$", re.M)
 
@@ -374,26 +364,55 @@ def skeleton_hash(skeleton_text: str) -> str:
 
 
 def skeleton_key(service: Service, capacity: int) -> tuple:
-    """Everything of one service its skeleton section depends on (see `render_skeleton`): equal
+    """Everything of one service its skeleton section depends on (the config rendered with every slot empty): equal
     keys give equal skeleton text. Stricter than the text (a tcp check's unused path, a default
     timeout spelled out), never looser: the key only saves re-rendering and re-hashing."""
     return (backend_id(service), service.port, service.protocol, service.mode, service.timeout_client,
             service.timeout_server, service.health_check, capacity)
 
 
-@dataclass(frozen=True)
 class Rendering:
     """A plan rendered by ConfigRenderer: the slot layout, the full config text (== `render`) and
-    the hash of its skeleton (== skeleton_hash(render_skeleton(...))). `text` is `header`, then
+    the hash of its skeleton (== the hash of `render` with every slot empty). `text` is `header`, then
     each service's section in `sections` (service key, text starting with its newline), then a
     newline: what lets the driver tell which service a line of the file belongs to, and validate
-    the config with a subset of the services (haproxy_isolation.py)."""
+    the config with a subset of the services (haproxy_isolation.py).
 
-    slots: dict[str, tuple[Server | None, ...]]
-    text: str
-    skeleton_hash: str
-    header: str = ""
-    sections: tuple[tuple[str, str], ...] = ()
+    `text` is joined on first use only: a membership change goes out through the runtime API and
+    compares renderings with `same_text` (section by section, unchanged sections are the same
+    objects), so the whole file is assembled when it is written or validated, not per change.
+    `servers` counts the filled slots; `changed` names the backends whose slots differ from the
+    `previous` layout the renderer was given (None: not known, compare every backend)."""
+
+    __slots__ = ("slots", "skeleton_hash", "header", "sections", "servers", "changed", "_text")
+
+    def __init__(self, slots: dict[str, tuple[Server | None, ...]], text: str | None = None,
+                 skeleton_hash: str = "", header: str = "", sections: tuple[tuple[str, str], ...] = (),
+                 servers: int | None = None, changed: frozenset[str] | None = None):
+        self.slots, self.skeleton_hash, self.header, self.sections = slots, skeleton_hash, header, sections
+        self.servers = servers if servers is not None else sum(1 for e in slots.values() for s in e if s is not None)
+        self.changed = changed
+        self._text = text
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = self.header + "".join([text for _, text in self.sections]) + "\n"
+        return self._text
+
+    def same_text(self, other: "Rendering") -> bool:
+        """Whether both render the same file, without assembling it when both are assembled from
+        sections (equal sections are mostly the very same objects: compared by identity first)."""
+        if self._text is not None and other._text is not None:
+            return self._text == other._text
+        return self.header == other.header and self.sections == other.sections
+
+    def replace(self, **changes) -> "Rendering":
+        values = {"slots": self.slots, "text": self._text, "skeleton_hash": self.skeleton_hash,
+                  "header": self.header, "sections": self.sections, "servers": self.servers,
+                  "changed": self.changed}
+        values.update(changes)
+        return Rendering(**values)
 
     def subset_text(self, keys: Collection[str]) -> str:
         """The config with only the services `keys` (the header's numbers unchanged)."""
@@ -404,13 +423,16 @@ class _Block:
     """One service's section: the slots it was given from which previous slots, its text, and
     its skeleton section (rendered on demand)."""
 
-    __slots__ = ("service", "before", "slots", "max_connections", "text", "key", "skeleton", "section")
+    __slots__ = ("service", "before", "slots", "max_connections", "text", "key", "skeleton", "section",
+                 "fds", "servers")
 
     def __init__(self, service: Service, before: tuple, slots: tuple, max_connections: int, text: str,
                  key: tuple, skeleton: str | None):
         self.service, self.before, self.slots = service, before, slots
         self.max_connections, self.text, self.key, self.skeleton = max_connections, text, key, skeleton
         self.section = (service.key, text)  # what Rendering.sections holds
+        self.fds = 1 + (len(slots) if service.health_check else 0)  # see extra_fds
+        self.servers = sum(1 for s in slots if s is not None)
 
 
 class ConfigRenderer:
@@ -419,7 +441,7 @@ class ConfigRenderer:
     sections. A plan that changes one service's servers re-runs assign_slots and the template for
     that service only, and reuses the skeleton hash when no skeleton key changed.
 
-    `render` / `render_skeleton` stay the reference: the assembled text is byte-identical to them
+    `render` stays the reference: the assembled text is byte-identical to them
     (tests/test_haproxy_render.py checks it over random plan sequences).
     """
 
@@ -430,11 +452,18 @@ class ConfigRenderer:
         self._blocks: dict[str, _Block] = {}
         self._header: tuple[int, str] | None = None  # (max_connections, text without the last newline)
         self._skeleton: tuple[tuple, str] | None = None  # (skeleton key of the whole plan, its hash)
+        # The last rendering and what it came from: (plan.services, (haproxy, max_connections,
+        # set-aside keys), the rendering, backend id -> index in its sections, reserved fds).
+        self._last: tuple | None = None
 
     def update(self, plan: Plan, previous: Slots, set_aside: Collection[str] = ()) -> Rendering:
         """Render `plan` without the services `set_aside` (service keys), slots assigned from
         `previous` (see assign_slots). Raises RenderError."""
         max_connections = _checked_int(plan.settings.max_connections, 1, 1_000_000, "max_connections")
+        source = (plan.settings.haproxy, max_connections, frozenset(set_aside))
+        quick = self._changed_only(plan.services, previous, source)
+        if quick is not None:
+            return quick
         services = haproxy_services(plan, set_aside)
         cached = self._blocks
         blocks: dict[str, _Block] = {}
@@ -453,15 +482,69 @@ class ConfigRenderer:
             blocks[bid] = block
         self._blocks = blocks
         # extra_fds() from the blocks (no second pass over backend ids)
-        reserved = sum(1 + (len(b.slots) if b.service.health_check else 0) for b in blocks.values())
+        reserved = sum(b.fds for b in blocks.values())
         header = self._header_text(max_connections, reserved)
-        text = header + "".join([b.text for b in blocks.values()]) + "\n"
         key = (max_connections, header, tuple([b.key for b in blocks.values()]))
         if self._skeleton is None or self._skeleton[0] != key:
             skeleton = header + "".join([self._skeleton_text(b) for b in blocks.values()]) + "\n"
             self._skeleton = (key, skeleton_hash(skeleton))
-        return Rendering({bid: b.slots for bid, b in blocks.items()}, text, self._skeleton[1], header,
-                         tuple([b.section for b in blocks.values()]))
+        slots = {bid: b.slots for bid, b in blocks.items()}
+        changed = frozenset(bid for bid, entries in slots.items() if previous.get(bid) is not entries) \
+            | frozenset(bid for bid in previous if bid not in slots)
+        rendering = Rendering(slots, None, self._skeleton[1], header, tuple([b.section for b in blocks.values()]),
+                              sum(b.servers for b in blocks.values()), changed)
+        self._last = (plan.services, source, rendering, {bid: i for i, bid in enumerate(blocks)}, reserved)
+        return rendering
+
+    def _changed_only(self, services: tuple[Service, ...], previous: Slots, source: tuple) -> Rendering | None:
+        """The rendering when `previous` is the layout of the last one and the plan differs from
+        the last plan in a few services' contents only (the same keys in the same places, the
+        unchanged services the same objects): only those sections are rendered again, the rest
+        is reused as it is. None when that does not hold (then everything is compared)."""
+        if self._last is None:
+            return None
+        old_services, old_source, last, positions, reserved = self._last
+        if previous is not last.slots or source != old_source or len(services) != len(old_services):
+            return None
+        changed_at = list(compress(count(), map(is_not, services, old_services)))
+        if not changed_at:
+            self._last = (services, source, last, positions, reserved)
+            return last if last.changed == frozenset() else last.replace(changed=frozenset())
+        haproxy, max_connections, set_aside = source
+        updates: list[tuple[str, _Block, _Block]] = []
+        for index in changed_at:
+            old, new = old_services[index], services[index]
+            if old.key != new.key:
+                return None
+            if not haproxy or new.protocol != "tcp" or new.key in set_aside:
+                continue  # not HAProxy's
+            bid = backend_id(new)
+            block = self._blocks.get(bid)
+            if block is None or block.service is not old:
+                return None  # renamed, or not the block rendered from the last plan
+            updates.append((bid, block, self._render_block(new, bid, previous.get(bid, ()), max_connections, block)))
+        slots = dict(last.slots)
+        sections = list(last.sections)
+        servers, skeleton_kept, changed = last.servers, True, set()
+        for bid, old_block, block in updates:
+            self._blocks[bid] = block
+            slots[bid] = block.slots
+            sections[positions[bid]] = block.section
+            servers += block.servers - old_block.servers
+            reserved += block.fds - old_block.fds
+            skeleton_kept = skeleton_kept and block.key == old_block.key
+            if block.slots is not old_block.slots:
+                changed.add(bid)
+        header = self._header_text(max_connections, reserved)
+        if not skeleton_kept or header != last.header:
+            blocks = self._blocks.values()
+            key = (max_connections, header, tuple([b.key for b in blocks]))
+            if self._skeleton is None or self._skeleton[0] != key:
+                skeleton = header + "".join([self._skeleton_text(b) for b in blocks]) + "\n"
+                self._skeleton = (key, skeleton_hash(skeleton))
+        rendering = Rendering(slots, None, self._skeleton[1], header, tuple(sections), servers, frozenset(changed))
+        self._last = (services, source, rendering, positions, reserved)
+        return rendering
 
     def _header_text(self, max_connections: int, reserved_fds: int) -> str:
         if self._header is None or self._header[0] != (max_connections, reserved_fds):
