@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -378,3 +379,51 @@ def test_a_lost_key_message_makes_the_applier_resync_and_never_apply_a_partial_p
     stage.publish(third)
     applied(third)
     assert driver.applied == [first.hash, second.hash, third.hash]
+
+
+def test_the_plans_settings_pick_the_drivers(backends):
+    """A node started with HAProxy off (`--no-haproxy`) under a planner whose plan has HAProxy:
+    the plan wins, HAProxy's driver starts and serves TCP, a warning names both; a plan without
+    HAProxy then hands TCP to Pen (HAProxy releases the port first)."""
+    import signal
+
+    from tests.test_pen_live import start_runner
+
+    haproxy = HaproxyProcess(node_name="n5", haproxy=False).start()
+    runner = start_runner(haproxy.settings.run_dir)
+    stage = Stage(haproxy.settings)  # the drivers as the stage makes them (drivers.DriverSet)
+    try:
+        port = free_port()
+        with_haproxy = make_plan(port, backends[0])
+        assert with_haproxy.settings.haproxy
+        stage.publish(with_haproxy)
+        result = stage.result_for(with_haproxy)
+        assert result.details["haproxy"]["action"] == "reload"
+        assert "the plan wins" in result.details["drivers"]["note"]
+        assert result.details["drivers"]["running"] == ["haproxy", "pen"]
+        assert tcp_ask(port) == "a"
+        beat = stage.heartbeat(lambda b: b.get("drivers") == ["haproxy", "pen"])
+        assert "haproxy=True" in beat["drivers_note"]
+
+        without = Plan(with_haproxy.services, ProxySettings(max_connections=200, haproxy=False, pen_servers=4,
+                                                            pen_clients=64))
+        stage.publish(without)
+        result = stage.result_for(without)
+        assert result.details["haproxy"]["action"] == "reload"  # applied once more: no service left
+        assert "drivers" not in result.details  # the node's options agree with this plan
+        wait_until(lambda: _answers(port) == "a", timeout=15, message="TCP served by Pen")
+        assert os.path.exists(os.path.join(haproxy.settings.run_dir, "pen", f"{port}-tcp.cfg"))
+        beat = stage.heartbeat(lambda b: b.get("drivers") == ["pen"])
+        assert beat["drivers_note"] == ""
+    finally:
+        stage.close()
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(timeout=10)
+        haproxy.cleanup()
+
+
+def _answers(port: int) -> str | None:
+    try:
+        return tcp_ask(port)
+    except OSError:
+        return None

@@ -37,13 +37,13 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from services.applier.completeness import held_result, hold_note, missing_sources
+from services.applier.completeness import held_result, hold_note
 from services.applier.driver import DriverResult, ProxyDriver
-from services.applier.haproxy_driver import HaproxyDriver
-from services.applier.nginx_driver import NginxDriver
-from services.applier.pen_driver import PenDriver
+from services.applier.drivers import DriverSet, drivers_for, make_driver
+from services.applier.loop_step import (
+    Apply, Flush, Hold, LoopState, Observe, Publish, Resume, RetryIn, applied, changed_something, poll_timeout, tick,
+)
 from services.applier.plan_feed import PlanFeed
-from services.common.backoff import Backoff
 from services.common.bus import HEARTBEAT_INTERVAL, Heartbeats, Publisher, Subscriber
 from services.common.config import Settings
 from services.common.latency import LatencyHistogram
@@ -52,29 +52,14 @@ from services.common.wire import PLAN_PREFIX
 
 log = logging.getLogger("proxymatic.applier")
 
-RETRY_MIN = 0.5
-RETRY_MAX = 5.0  # a retry is one connect() to a unix socket: cheap
-RESYNC_INTERVAL = 15.0
-# Files describing the applied state are written once plans stop coming for FLUSH_QUIET
-# seconds (at most FLUSH_MAX after the change): a burst of changes is not a burst of fsyncs,
-# and writing never delays the next change.
-FLUSH_QUIET = 0.05
-FLUSH_MAX = 1.0
 # Most significant first: what one ApplyResult says when drivers did different things.
 ACTIONS = ("rejected", "reload", "start", "runtime", "none")
-# Driver actions that changed what a proxy serves (what change_to_applied measures).
-CHANGING_ACTIONS = frozenset({"reload", "start", "runtime"})
+
 
 def build_drivers(settings: Settings) -> list[ProxyDriver]:
-    """The drivers of this node: HAProxy when HAPROXY, Pen always (UDP, and TCP without
-    HAProxy), nginx with VHOST_DOMAIN."""
-    drivers: list[ProxyDriver] = []
-    if settings.haproxy:
-        drivers.append(HaproxyDriver(settings, defer_writes=True))
-    drivers.append(PenDriver(settings))
-    if settings.vhost_domain:
-        drivers.append(NginxDriver(settings))
-    return drivers
+    """The drivers this node's options ask for (drivers.drivers_for); once plans come, the
+    plan's settings decide (drivers.DriverSet)."""
+    return [make_driver(name, settings) for name in drivers_for(settings)]
 
 
 def apply_plan(drivers: list[ProxyDriver], plan: Plan) -> ApplyResult:
@@ -110,13 +95,6 @@ def flush(drivers: list[ProxyDriver]) -> None:
             log.exception("applier: driver %s could not save its state", driver.name)
 
 
-def should_retry(result: ApplyResult) -> bool:
-    """Failures other than a rejected config are transient (a proxy not up yet); a set-aside
-    service is retried too (its port may be freed)."""
-    return any((not d.get("ok") and d.get("action") != "rejected") or d.get("set_aside")
-               for d in result.details.values())
-
-
 def result_payload(result: ApplyResult) -> dict:
     """The wire form of a result; a held plan's note also as `notes` (docs/bus.md)."""
     payload = result.to_dict()
@@ -141,15 +119,17 @@ class Health:
     busy_since: float | None = None
     subscriber: Subscriber | None = None
     plans: PlanFeed | None = None  # its `resyncs`: snapshots asked for because a summary disagreed
+    driver_set: DriverSet | None = None  # the drivers the plan's settings ask for (drivers.py)
     # The counters (see the module's docstring), written by the loop under `counters_lock`.
     applies: dict[str, dict[str, int]] = field(default_factory=dict)
     haproxy_reloads: int = 0
+    retired_reloads: int = 0  # reloads of HAProxy drivers stopped since (a plan without HAProxy)
     change_to_applied: LatencyHistogram = field(default_factory=LatencyHistogram)
     counters_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, result: ApplyResult, drivers: list[ProxyDriver]) -> None:
         """One apply's driver results, and the drivers' reload counts."""
-        reloads = sum(int(getattr(d, "reloads", 0)) for d in drivers if d.name == "haproxy")
+        reloads = self.retired_reloads + sum(int(getattr(d, "reloads", 0)) for d in drivers if d.name == "haproxy")
         with self.counters_lock:
             for name, detail in result.details.items():
                 action = detail.get("action") if isinstance(detail, dict) else None
@@ -157,6 +137,12 @@ class Health:
                     per_proxy = self.applies.setdefault(name, {})
                     per_proxy[action] = per_proxy.get(action, 0) + 1
             self.haproxy_reloads = reloads
+
+    def retire(self, driver: ProxyDriver) -> None:
+        """A driver is stopped: its reloads stay counted."""
+        if driver.name == "haproxy":
+            with self.counters_lock:
+                self.retired_reloads += int(getattr(driver, "reloads", 0))
 
     def count_held(self, drivers: list[ProxyDriver]) -> None:
         with self.counters_lock:
@@ -178,18 +164,16 @@ class Health:
                 "served_sources": list(self.served_sources),
                 "busy_seconds": round(time.monotonic() - busy_since, 1) if busy_since is not None else 0.0,
                 "dropped": self.subscriber.dropped if self.subscriber else 0,
-                "plan_resyncs": self.plans.resyncs if self.plans else 0, **counters}
-
-
-def changed_something(result: ApplyResult) -> bool:
-    return any(isinstance(d, dict) and d.get("action") in CHANGING_ACTIONS for d in result.details.values())
+                "plan_resyncs": self.plans.resyncs if self.plans else 0, **counters,
+                **({"drivers": [d.name for d in self.driver_set.drivers], "drivers_note": self.driver_set.note}
+                   if self.driver_set is not None else {})}
 
 
 def log_result(plan: Plan, reason: str, result: ApplyResult, latency: float | None) -> None:
     """One line per published result; an apply that changed something carries the plan, the
     action per proxy and the change→applied seconds as fields too (for LOG_FORMAT=json)."""
-    summary = ", ".join(f"{name} {d['action']}{'' if d['ok'] else ' FAILED'}"
-                        for name, d in result.details.items())
+    entries = {name: d for name, d in result.details.items() if isinstance(d, dict) and "action" in d and "ok" in d}
+    summary = ", ".join(f"{name} {d['action']}{'' if d['ok'] else ' FAILED'}" for name, d in entries.items())
     errors = "; " + "; ".join(result.errors) if result.errors else ""
     level = logging.INFO if result.ok else logging.WARNING
     if not changed_something(result):
@@ -198,123 +182,102 @@ def log_result(plan: Plan, reason: str, result: ApplyResult, latency: float | No
     took = "unknown" if latency is None else f"{latency:.3f}s"
     log.log(level, "applier: plan %s (%s): %s; change to applied %s%s", plan.hash, reason, summary, took, errors,
             extra={"plan_hash": plan.hash, "reason": reason,
-                   "actions": {name: d["action"] for name, d in result.details.items()},
+                   "actions": {name: d["action"] for name, d in entries.items()},
                    "change_to_applied_seconds": None if latency is None else round(latency, 6)})
 
 
 def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL) -> None:
+    """The stage: the pure steps of loop_step.py decide, this loop performs (bus, drivers, clock).
+    `drivers`: a fixed list (tests); by default the plan's settings decide (drivers.DriverSet)."""
     ctx = zmq.Context.instance()
-    drivers = build_drivers(settings) if drivers is None else drivers
+    driver_set = DriverSet(settings) if drivers is None else None
+    fixed = drivers
+
+    def current_drivers() -> list[ProxyDriver]:
+        return driver_set.drivers if driver_set is not None else list(fixed or [])
+
     topic = f"applied.{settings.node}"
     publisher = Publisher(ctx, f"applier@{settings.node}", settings.bus("applier"), heartbeat_interval)
     subscriber = Subscriber(ctx, [settings.bus("planner")], [PLAN_PREFIX])
     plans = PlanFeed(subscriber, "applier")
-    health = Health(subscriber=subscriber, plans=plans)
+    health = Health(subscriber=subscriber, plans=plans, driver_set=driver_set)
     heartbeats = Heartbeats(publisher, health.payload).start()
     log.info("applier: plans from %s, results on %s as %s, drivers: %s", settings.bus("planner").pub,
-             settings.bus("applier").pub, topic, ", ".join(d.name for d in drivers) or "none")
+             settings.bus("applier").pub, topic, ", ".join(d.name for d in current_drivers()) or "none")
 
+    state = LoopState()
     pending: Plan | None = None  # the newest plan not applied yet
-    current: Plan | None = None  # the plan the proxies were last converged to (or tried)
-    held: Plan | None = None  # the newest plan held back for lacking a source of `current`
-    last: ApplyResult | None = None
-    observed = ""  # the hash of the last plan whose change→applied latency was observed
-    retry_at: float | None = None
-    backoff = Backoff(RETRY_MIN, RETRY_MAX)
-    next_resync = float("inf")
-    flush_at: float | None = None  # when the drivers' files are due (see FLUSH_QUIET)
-    unflushed_since = 0.0
     try:
         while not stop.is_set():
-            now = time.monotonic()
-            timeout = min(0.2, max(0.0, next_resync - now),
-                          max(0.0, retry_at - now) if retry_at is not None else 0.2,
-                          max(0.0, flush_at - now) if flush_at is not None else 0.2)
-            ready = dict(subscriber.poller(publisher.snapshot).poll(int(timeout * 1000)))
+            ready = dict(subscriber.poller(publisher.snapshot).poll(int(poll_timeout(state, time.monotonic()) * 1000)))
             if publisher.snapshot in ready:
                 publisher.serve_snapshots()
             pending = plans.feed(subscriber.drain(ready)) or pending
 
-            now = time.monotonic()
-            if flush_at is not None and now >= flush_at and (pending is None or now - unflushed_since >= FLUSH_MAX):
-                flush_at = None
-                flush(drivers)
-            reason = ""
-            if pending is not None:
-                plan, pending = pending, None
-                missing = missing_sources(current, plan)
-                if missing and current is not None:
-                    # The same services under fewer sources is no change: nothing to hold.
-                    if plan.hash != current.hash:
-                        if held is None or held.hash != plan.hash:
-                            log.warning("applier: %s", hold_note(plan, current, missing))
-                            publisher.publish(topic, result_payload(held_result(plan, current, missing)))
-                            health.count_held(drivers)
-                        held, health.held = plan, plan.hash
-                    continue
-                resumed = held is not None
-                if resumed:
-                    log.info("applier: plan %s has every source again; applying it", plan.hash)
-                held, health.held = None, ""
-                if last is not None and plan.hash == last.plan_hash and not should_retry(last):
-                    current = plan  # the same plan again (new notes or sources): nothing to do
-                    if resumed:  # the held result was the last word on applied.<node>: replace it
-                        publisher.publish(topic, last.to_dict())
-                    continue
-                reason = "new plan"
-            elif current is not None and retry_at is not None and now >= retry_at:
-                plan, reason = current, "retry"
-            elif current is not None and now >= next_resync:
-                plan, reason = current, "resync"
-            else:
-                continue
-
-            health.busy_since = time.monotonic()
-            try:
-                result = apply_plan(drivers, plan)
-            finally:
-                health.busy_since = None
-            current = plan
-            latency = None
-            if changed_something(result) and plan.hash != observed:
-                observed = plan.hash
-                if plan.changed_at > 0:
-                    latency = time.time() - plan.changed_at
-                    health.observe(latency)
-            health.count(result, drivers)
-            changed = last is None or (result.plan_hash, result.ok, result.errors) != \
-                (last.plan_hash, last.ok, last.errors)
-            if reason == "new plan" or changed or result.action != "none":
-                publisher.publish(topic, result.to_dict())
-                log_result(plan, reason, result, latency)
-            last = result
-            health.plan, health.ok = result.plan_hash, result.ok
-            if result.ok:
-                health.served_sources = plan.sources_ready
-            heartbeats.beat_now()
-            now = time.monotonic()
-            if flush_at is None:
-                unflushed_since = now
-            flush_at = min(now + FLUSH_QUIET, unflushed_since + FLUSH_MAX)
-            if should_retry(result):
-                # At the backoff's cap (a service waiting for its port, a proxy down for long) the
-                # retries go to debug: the drivers log each reason once, not every 5 s.
-                quiet = backoff.at_maximum
-                delay = backoff.next()
-                retry_at = time.monotonic() + delay
-                (log.debug if quiet else log.info)("applier: retrying plan %s in %.1fs", plan.hash, delay)
-            else:
-                retry_at = None
-                backoff.reset()
-            next_resync = time.monotonic() + RESYNC_INTERVAL
+            state, actions = tick(state, pending, time.monotonic())
+            pending = None
+            for action in actions:
+                if isinstance(action, Flush):
+                    flush(current_drivers())
+                elif isinstance(action, Hold):
+                    if action.announce:
+                        log.warning("applier: %s", hold_note(action.plan, action.current, action.missing))
+                        publisher.publish(topic, result_payload(held_result(action.plan, action.current,
+                                                                            action.missing)))
+                        health.count_held(current_drivers())
+                elif isinstance(action, Resume):
+                    log.info("applier: plan %s has every source again; applying it", action.plan.hash)
+                elif isinstance(action, Publish):
+                    publisher.publish(topic, action.result.to_dict())
+                elif isinstance(action, Apply):
+                    state = _apply(action, state, driver_set, fixed, health, publisher, topic, heartbeats)
+            health.held = state.held.hash if state.held is not None else ""
     finally:
         heartbeats.stop()
-        flush(drivers)
-        for driver in drivers:
+        flush(current_drivers())
+        for driver in current_drivers():
             try:
                 driver.close()
             except Exception:
                 log.exception("applier: closing driver %s", driver.name)
         subscriber.close()
         publisher.close()
+
+
+def _apply(action: Apply, state: LoopState, driver_set: DriverSet | None, fixed: list[ProxyDriver] | None,
+           health: "Health", publisher: Publisher, topic: str, heartbeats: Heartbeats) -> LoopState:
+    """Perform one Apply: run the drivers, then what loop_step.applied decides."""
+    plan = action.plan
+    drivers = driver_set.for_plan(plan) if driver_set is not None else list(fixed or [])
+    health.busy_since = time.monotonic()
+    try:
+        result = apply_plan(drivers, plan)
+    finally:
+        health.busy_since = None
+    health.count(result, drivers)
+    if driver_set is not None:
+        if driver_set.note:
+            result = ApplyResult(plan_hash=result.plan_hash, ok=result.ok, action=result.action, errors=result.errors,
+                                 details={**result.details, "drivers": driver_set.details()})
+        for leaving in driver_set.retire():
+            health.retire(leaving)
+            try:
+                leaving.flush()
+                leaving.close()
+            except Exception:
+                log.exception("applier: closing driver %s", leaving.name)
+    state, actions = applied(state, plan, action.reason, result, time.monotonic(), time.time())
+    for follow in actions:
+        if isinstance(follow, Observe):
+            health.observe(follow.seconds)
+        elif isinstance(follow, Publish):
+            publisher.publish(topic, follow.result.to_dict())
+            log_result(plan, follow.reason, follow.result, follow.latency)
+        elif isinstance(follow, RetryIn):
+            (log.debug if follow.quiet else log.info)("applier: retrying plan %s in %.1fs", plan.hash, follow.delay)
+    health.plan, health.ok = result.plan_hash, result.ok
+    if result.ok:
+        health.served_sources = plan.sources_ready
+    heartbeats.beat_now()
+    return state
