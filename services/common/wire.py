@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Iterable, Mapping, TypeVar
 
 from services.common.bus import Message, Publisher
-from services.common.keyed import KEYED_SCHEMA, KeyedMirror, KeyedSender, split_topic
+from services.common.keyed import KEYED_SCHEMA, KeyedMirror, KeyedSender, SendReport, send_keyed, split_topic
 from services.common.model import (SOURCE_STATES, SOURCES, Excluded, ModelError, Plan, ProxySettings,
                                    Service, SourceSnapshot, _choice, _inputs, _require_dict,
                                    _str_list, _timestamp, bounded_excluded, content_hash, excluded_from_list,
@@ -104,83 +104,41 @@ def entries_by_key(services: Iterable[Service], excluded: Iterable[Excluded],
     return entries, tuple(keyless)
 
 
-def _services_and_excluded(entries: Iterable[KeyEntry], keyless: Iterable[Excluded]) -> tuple[tuple[Service, ...], tuple[Excluded, ...]]:
-    services = tuple(sorted((e.service for e in entries if e.service is not None), key=lambda s: (s.port, s.protocol)))
-    excluded = bounded_excluded([item for e in entries for item in e.excluded] + list(keyless))
-    return services, excluded
-
-
 # -- publishers ---------------------------------------------------------------------------------
 
 @dataclass
-class SnapshotSender:
-    """Publishes one source's snapshots as a keyed state."""
+class _Changes:
+    """Which entries a sender publishes: every key compared (`all`), or only the keys the caller
+    says may have changed plus the keys whose excluded entries changed (`some`: the same result
+    at the cost of the changed keys; the excluded entries, grouped by key again only when their
+    tuple is not the one last published)."""
 
-    publisher: Publisher
-    source: str
-    sender: KeyedSender = field(init=False)
-    last_summary: dict | None = field(default=None, init=False)  # the last summary sent, but its hash
+    sender: KeyedSender
+    _excluded: tuple | None = None  # the excluded entries last published (None: nothing yet)
+    _grouped: dict = field(default_factory=dict)
+    _keyless: tuple = ()
 
-    def __post_init__(self) -> None:
-        self.sender = KeyedSender(self.publisher, source_prefix(self.source), entry_payload, entry_digest)
-
-    def publish(self, snapshot: SourceSnapshot, if_changed: bool = False):
-        """Publish the keys that changed, then the summary; with `if_changed`, nothing at all
-        (None) when no key changed and the summary would say what the last one said."""
-        entries, keyless = entries_by_key(snapshot.services, snapshot.excluded, self.sender.last)
-        changes = self.sender.changes(entries)
-        summary = {"schema": KEYED_SCHEMA, "source": snapshot.source, "state": snapshot.state,
-                   "error": snapshot.error, "warnings": list(snapshot.warnings), "count": len(snapshot.services),
-                   "changed_at": snapshot.changed_at, "excluded": excluded_to_list(keyless)}
-        if if_changed and not changes[0] and not changes[1] and summary == self.last_summary:
-            return None
-        self.last_summary = summary
-        return self.sender.send(entries, lambda hash_: {**summary, "hash": hash_}, changes)
-
-
-@dataclass
-class PlanSender:
-    """Publishes plans as a keyed state (the planner; tests and tools that stand in for it)."""
-
-    publisher: Publisher
-    sender: KeyedSender = field(init=False)
-    # The excluded entries last published, and the same grouped by key (for `changed`).
-    _excluded: tuple | None = field(default=None, init=False)
-    _grouped: dict = field(default_factory=dict, init=False)
-    _keyless: tuple = field(default=(), init=False)
-
-    def __post_init__(self) -> None:
-        self.sender = KeyedSender(self.publisher, PLAN_PREFIX, entry_payload, entry_digest)
-
-    def publish(self, plan: Plan, by_key: Mapping[str, Service] | None = None, changed: Iterable[str] | None = None):
-        """Publish what changed since the last plan, then the summary. A planner that knows
-        which keys may have changed passes `by_key` (the plan's services by key) and `changed`:
-        then only those keys, and the keys whose excluded entries changed, are compared (a
-        change costs the same whatever the number of services)."""
-        if by_key is not None and changed is not None and self._excluded is not None:
-            entries, keyless, changes = self._changed_entries(plan, by_key, changed)
+    def __call__(self, services: Iterable[Service], excluded: tuple[Excluded, ...],
+                 by_key: Mapping[str, Service] | None, changed: Iterable[str] | None):
+        """(entries to send, keyless excluded entries, (changed keys, keys gone))."""
+        if changed is not None and self._excluded is not None:
+            if by_key is None:
+                by_key = {service.key: service for service in services}
+            result = self._some(excluded, by_key, changed)
         else:
-            entries, keyless = entries_by_key(plan.services, plan.excluded, self.sender.last)
-            changes = self.sender.changes(entries)
+            entries, keyless = entries_by_key(services, excluded, self.sender.last)
             self._grouped = {key: entry.excluded for key, entry in entries.items() if entry.excluded}
-        self._excluded, self._keyless = plan.excluded, keyless
-        settings = plan.settings.to_dict()
-        return self.sender.send(entries, lambda services_hash: {
-            "schema": KEYED_SCHEMA, "hash": plan_hash(services_hash, settings), "services_hash": services_hash,
-            "count": len(plan.services), "settings": settings, "inputs": dict(plan.inputs),
-            "sources_ready": list(plan.sources_ready), "notes": list(plan.notes), "changed_at": plan.changed_at,
-            "excluded": excluded_to_list(keyless)}, changes)
+            result = entries, keyless, self.sender.changes(entries)
+        self._excluded, self._keyless = excluded, result[1]
+        return result
 
-    def _changed_entries(self, plan: Plan, by_key: Mapping[str, Service], changed: Iterable[str]):
-        """(entries of the keys that changed, keyless excluded entries, (changed, gone)), from
-        `changed` and the excluded entries (at most MAX_EXCLUDED, grouped again only when the
-        tuple is not the one last published)."""
-        if plan.excluded is self._excluded:
+    def _some(self, excluded: tuple[Excluded, ...], by_key: Mapping[str, Service], changed: Iterable[str]):
+        if excluded is self._excluded:
             grouped, keyless, keys = self._grouped, self._keyless, set(changed)
         else:
             lists: dict[str, list[Excluded]] = {}
             rest: list[Excluded] = []
-            for item in plan.excluded:
+            for item in excluded:
                 (lists.setdefault(item.key, []) if item.key else rest).append(item)
             grouped = {key: tuple(items) for key, items in lists.items()}
             keyless = tuple(rest)
@@ -207,6 +165,74 @@ class PlanSender:
         return entries, keyless, (sorted(changed_keys), sorted(gone))
 
 
+@dataclass
+class SnapshotSender:
+    """Publishes one source's snapshots as a keyed state."""
+
+    publisher: Publisher
+    source: str
+    sender: KeyedSender = field(init=False)
+    last_summary: dict | None = field(default=None, init=False)  # the last summary sent, but its hash
+    _changes: _Changes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sender = KeyedSender(self.publisher, source_prefix(self.source), entry_payload, entry_digest)
+        self._changes = _Changes(self.sender)
+
+    def publish(self, snapshot: SourceSnapshot, if_changed: bool = False, changed: Iterable[str] | None = None):
+        """Publish the keys that changed, then the summary; with `if_changed`, nothing at all
+        (None) when no key changed and the summary would say what the last one said.
+        `changed`: the only keys whose service may have changed since the last publish (the
+        keys whose excluded entries changed are found here); None: compare every key."""
+        entries, keyless, changes = self._changes(snapshot.services, snapshot.excluded, None, changed)
+        summary = {"schema": KEYED_SCHEMA, "source": snapshot.source, "state": snapshot.state,
+                   "error": snapshot.error, "warnings": list(snapshot.warnings), "count": len(snapshot.services),
+                   "changed_at": snapshot.changed_at, "excluded": excluded_to_list(keyless)}
+        if if_changed and not changes[0] and not changes[1] and summary == self.last_summary:
+            return None
+        self.last_summary = summary
+        return self.sender.send(entries, lambda hash_: {**summary, "hash": hash_}, changes)
+
+
+@dataclass
+class PlanSender:
+    """Publishes plans as a keyed state (the planner; tests and tools that stand in for it)."""
+
+    publisher: Publisher | None
+    sender: KeyedSender = field(init=False)
+    _changes: _Changes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sender = KeyedSender(self.publisher, PLAN_PREFIX, entry_payload, entry_digest)
+        self._changes = _Changes(self.sender)
+
+    def publish(self, plan: Plan, by_key: Mapping[str, Service] | None = None, changed: Iterable[str] | None = None):
+        """Publish what changed since the last plan, then the summary. A planner that knows
+        which keys may have changed passes `by_key` (the plan's services by key) and `changed`:
+        then only those keys, and the keys whose excluded entries changed, are compared (a
+        change costs the same whatever the number of services)."""
+        keys, summary, report = self.prepare(plan, by_key, changed)
+        send_keyed(self.publisher, keys, summary, self.sender.bulk_keys)
+        return report
+
+    def prepare(self, plan: Plan, by_key: Mapping[str, Service] | None = None, changed: Iterable[str] | None = None
+                ) -> tuple[list[tuple[str, dict]], tuple[str, dict], SendReport]:
+        """What `publish` sends, without sending it (the planner's step; its loop sends it):
+        the key messages (topic, payload), the summary (topic, payload) and the report. This
+        sender counts them as sent."""
+        if by_key is None and changed is not None:
+            changed = None  # without the services by key, every key is compared
+        entries, keyless, changes = self._changes(plan.services, plan.excluded, by_key, changed)
+        keys, report = self.sender.commit(entries, changes)
+        settings = plan.settings.to_dict()
+        summary = {
+            "schema": KEYED_SCHEMA, "hash": plan_hash(report.hash, settings), "services_hash": report.hash,
+            "count": len(plan.services), "settings": settings, "inputs": dict(plan.inputs),
+            "sources_ready": list(plan.sources_ready), "notes": list(plan.notes), "changed_at": plan.changed_at,
+            "excluded": excluded_to_list(keyless)}
+        return keys, (PLAN_PREFIX, summary), report
+
+
 def plan_hash(services_hash: str, settings: dict) -> str:
     """Plan.hash from the services' XOR and the settings (the same as model.services_hash)."""
     return xor_hash([services_hash, content_hash([settings])])
@@ -217,15 +243,97 @@ def plan_hash(services_hash: str, settings: dict) -> str:
 T = TypeVar("T")
 
 
+def _key_order(service: Service) -> tuple:
+    return (service.port, service.protocol)
+
+
 @dataclass
-class _Follower(Generic[T]):
-    """Mirrors one keyed state per sender and builds the stage's object on a matching summary."""
+class KeyedView:
+    """One sender's keyed state (KeyEntry values) as the stages use it: the services by key, the
+    excluded entries (bounded and ordered, the keyless ones included) and, when `ordered`, the
+    services in (port, protocol) order. Kept up to date from the keys that changed: a change
+    costs the changed keys, not a pass over every service (a changed service already there is
+    replaced in place; the order is sorted again only when keys come or go, the excluded entries
+    only when a changed key's or the keyless ones changed)."""
+
+    ordered: bool = True
+    by_key: dict[str, Service] = field(default_factory=dict)  # changed in place, see update
+    excluded_by_key: dict[str, tuple[Excluded, ...]] = field(default_factory=dict)
+    keyless: tuple[Excluded, ...] = ()
+    excluded: tuple[Excluded, ...] = ()
+    services: tuple[Service, ...] = ()  # in key order when `ordered`, else by_key's values
+    position: dict[str, int] = field(default_factory=dict)  # key -> index in `services` (ordered)
+    fresh: bool = True  # nothing taken yet: the next update takes every key
+
+    def update(self, values: Mapping[str, KeyEntry], changed: Iterable[str] | None,
+               keyless: tuple[Excluded, ...]) -> set[str] | None:
+        """Take the keys that changed in `values` (every key when None, or the first time) and
+        the keyless excluded entries; returns the keys whose service may have changed (None: any,
+        and `by_key` is then a new dict)."""
+        moved = excluded_moved = False
+        if changed is None or self.fresh:
+            self.by_key = {key: entry.service for key, entry in values.items() if entry.service is not None}
+            self.excluded_by_key = {key: entry.excluded for key, entry in values.items() if entry.excluded}
+            keys: set[str] | None = None
+            moved = excluded_moved = True
+        else:
+            keys = set(changed)
+            excluded_moved = keyless != self.keyless
+            by_key, excluded_by_key = self.by_key, self.excluded_by_key
+            for key in keys:
+                entry = values.get(key)
+                service = entry.service if entry is not None else None
+                if service is None:
+                    moved = by_key.pop(key, None) is not None or moved
+                else:
+                    moved = moved or key not in by_key
+                    by_key[key] = service
+                items = entry.excluded if entry is not None else ()
+                if items != excluded_by_key.get(key, ()):
+                    excluded_moved = True
+                    if items:
+                        excluded_by_key[key] = items
+                    else:
+                        del excluded_by_key[key]
+        if excluded_moved:
+            everything = [item for items in self.excluded_by_key.values() for item in items] + list(keyless)
+            self.excluded = bounded_excluded(everything) if everything else ()
+        self.keyless, self.fresh = keyless, False
+        if not self.ordered:
+            self.services = tuple(self.by_key.values())
+        elif moved:
+            self.services = tuple(sorted(self.by_key.values(), key=_key_order))
+            self.position = {service.key: index for index, service in enumerate(self.services)}
+        elif keys:
+            services, position, by_key = list(self.services), self.position, self.by_key
+            for key in keys:
+                if key in by_key:  # else a key with excluded entries only, before and after
+                    services[position[key]] = by_key[key]
+            self.services = tuple(services)
+        return keys
+
+
+@dataclass
+class KeyedFollower(Generic[T]):
+    """Mirrors one keyed state of KeyEntry values (per sender: a restarted or second publisher
+    has its own mirror), checks every summary's hash against the mirror and, when they agree,
+    builds the stage's object from the mirror's `KeyedView`. The one follower of the planner
+    (sources) and of the applier, the status stage and explain (the plan).
+
+    When a summary disagrees it sets `needs_resync`: the stage then calls
+    `Subscriber.resync(prefix)` and `reset()` (at the pace it chooses)."""
 
     prefix: str
     mirrors: dict[str, KeyedMirror] = field(default_factory=dict)
     # Set when a summary disagreed with the mirror: the stage resyncs (Subscriber.resync, reset).
     needs_resync: bool = False
     mismatches: int = 0
+    # The next view handed out must say "any key may have changed" (the stage did not use the
+    # last one); `ordered`: the views keep the services in key order.
+    full: bool = False
+    ordered: bool = True
+    _views: dict[int, KeyedView] = field(default_factory=dict)  # id(mirror) -> its view
+    _last_view: KeyedView | None = None
 
     def owns(self, topic: str) -> bool:
         prefix, _key = split_topic(topic)
@@ -258,6 +366,20 @@ class _Follower(Generic[T]):
     def _services_hash(self, summary: dict) -> Any:
         return summary.get("hash")
 
+    def view(self, mirror: KeyedMirror, summary: dict) -> tuple[KeyedView, set[str] | None]:
+        """The mirror's view brought up to date with the keys changed since the last call, and
+        those keys (None: any may have; after `full`, or when the view is another sender's than
+        last time)."""
+        keyless = excluded_from_list(summary.get("excluded", []), f"{self.prefix} summary.excluded")
+        view = self._views.get(id(mirror))  # mirrors live as long as the follower
+        if view is None:
+            view = self._views[id(mirror)] = KeyedView(self.ordered)
+        changed = view.update(mirror.values, mirror.take_changed(), keyless)
+        if self.full or view is not self._last_view:
+            changed = None
+        self.full, self._last_view = False, view
+        return view, changed
+
     def build(self, mirror: KeyedMirror, summary: dict) -> T:
         raise NotImplementedError
 
@@ -268,72 +390,68 @@ class _Follower(Generic[T]):
         self.needs_resync = False
 
 
+_Follower = KeyedFollower  # the name it had
+
+
+def _snapshot(view: KeyedView, summary: dict) -> SourceSnapshot:
+    return SourceSnapshot(
+        source=_choice(summary.get("source"), SOURCES, "snapshot.source"),
+        state=_choice(summary.get("state"), SOURCE_STATES, "snapshot.state"),
+        services=view.services, error=str(summary.get("error", "")),
+        warnings=_str_list(summary.get("warnings", []), "snapshot.warnings"), excluded=view.excluded,
+        changed_at=_timestamp(summary.get("changed_at", 0.0), "snapshot.changed_at"))
+
+
 @dataclass
-class SnapshotFollower(_Follower[SourceSnapshot]):
-    """The planner's view of one source."""
+class SnapshotFollower(KeyedFollower[SourceSnapshot]):
+    """One source as its subscribers see it (tests, tools): its SourceSnapshot, services in key
+    order."""
 
     def build(self, mirror: KeyedMirror, summary: dict) -> SourceSnapshot:
-        services, excluded = _services_and_excluded(
-            mirror.values.values(), excluded_from_list(summary.get("excluded", []), "summary.excluded"))
-        return SourceSnapshot(
-            source=_choice(summary.get("source"), SOURCES, "snapshot.source"),
-            state=_choice(summary.get("state"), SOURCE_STATES, "snapshot.state"),
-            services=services, error=str(summary.get("error", "")),
-            warnings=_str_list(summary.get("warnings", []), "snapshot.warnings"), excluded=excluded,
-            changed_at=_timestamp(summary.get("changed_at", 0.0), "snapshot.changed_at"))
+        view, _changed = self.view(mirror, summary)
+        return _snapshot(view, summary)
+
+
+@dataclass(frozen=True)
+class SourceUpdate:
+    """A source's snapshot as its follower rebuilt it, with what the planner's PlanBuilder needs
+    to plan only what changed: the services by key (the view's dict, changed in place from one
+    update to the next of the same sender), the keys changed since the previous update (None:
+    any may have), and the source's hash (the mirror's, equal to its summary's)."""
+
+    snapshot: SourceSnapshot
+    by_key: dict
+    changed: set | None
+    hash: str
 
 
 @dataclass
-class _Ordered:
-    """A plan's services in (port, protocol) order and its excluded entries, kept up to date from
-    the keys that changed: a change to services already there replaces them in place (one copy
-    of the tuple) instead of sorting every service again, and the excluded entries are sorted
-    again only when a changed key has some (before or after) or the keyless ones changed."""
+class SourceFollower(KeyedFollower[SourceUpdate]):
+    """The planner's view of one source: a SourceUpdate, the services unsorted (a plan is keyed,
+    and sorting 10,000 services per change would be most of what a change costs)."""
 
-    services: tuple[Service, ...] = ()
-    position: dict[str, int] = field(default_factory=dict)  # key -> index in `services`
-    excluded: tuple[Excluded, ...] = ()
-    excluded_keys: frozenset[str] = frozenset()  # keys whose entry has excluded entries
-    keyless: tuple[Excluded, ...] = ()
+    ordered: bool = False
 
-    def update(self, values: dict[str, KeyEntry], changed: set[str],
-               keyless: tuple[Excluded, ...]) -> tuple[tuple[Service, ...], tuple[Excluded, ...]]:
-        in_place = bool(self.position) and all(
-            key in self.position and key in values and values[key].service is not None for key in changed)
-        if in_place:
-            services = list(self.services)
-            for key in changed:
-                services[self.position[key]] = values[key].service
-            self.services = tuple(services)
-        else:
-            self.services, _ = _services_and_excluded(values.values(), ())
-            self.position = {service.key: index for index, service in enumerate(self.services)}
-        excluded_now = {key for key in changed if key in values and values[key].excluded}
-        if not in_place or changed & self.excluded_keys or excluded_now or keyless != self.keyless:
-            self.excluded = bounded_excluded([item for e in values.values() for item in e.excluded] + list(keyless))
-            self.excluded_keys = frozenset(key for key, entry in values.items() if entry.excluded)
-            self.keyless = keyless
-        return self.services, self.excluded
+    def build(self, mirror: KeyedMirror, summary: dict) -> SourceUpdate:
+        view, changed = self.view(mirror, summary)
+        return SourceUpdate(_snapshot(view, summary), view.by_key, changed, mirror.hash)
 
 
 @dataclass
-class PlanFollower(_Follower[Plan]):
+class PlanFollower(KeyedFollower[Plan]):
     """The applier's (and the status stage's, explain's, a test's) view of the plan."""
 
     prefix: str = PLAN_PREFIX
-    _ordered: dict[int, _Ordered] = field(default_factory=dict)  # id(mirror) -> its order
 
     def _services_hash(self, summary: dict) -> Any:
         return summary.get("services_hash")
 
     def build(self, mirror: KeyedMirror, summary: dict) -> Plan:
-        keyless = excluded_from_list(summary.get("excluded", []), "plan.excluded")
-        ordered = self._ordered.setdefault(id(mirror), _Ordered())  # mirrors live as long as the follower
-        services, excluded = ordered.update(mirror.values, mirror.take_changed(), keyless)
-        plan = Plan(services=services, settings=ProxySettings.from_dict(summary.get("settings", {})),
+        view, _changed = self.view(mirror, summary)
+        plan = Plan(services=view.services, settings=ProxySettings.from_dict(summary.get("settings", {})),
                     inputs=_inputs(summary.get("inputs", {})),
                     sources_ready=_str_list(summary.get("sources_ready", []), "plan.sources_ready"),
-                    notes=_str_list(summary.get("notes", []), "plan.notes"), excluded=excluded,
+                    notes=_str_list(summary.get("notes", []), "plan.notes"), excluded=view.excluded,
                     changed_at=_timestamp(summary.get("changed_at", 0.0), "plan.changed_at"))
         if plan.hash != summary.get("hash"):
             raise ModelError(f"plan summary hash {summary.get('hash')!r:.20} is not its content's {plan.hash}")

@@ -175,11 +175,15 @@ class PlanBuilder:
         old = self.by_source.get(name, {})
         if by_key is None:
             by_key = {service.key: service for service in snapshot.services}
-        if by_key is old and changed is not None:
+        if changed is None:
+            # Any key may have changed, and `old` may be `by_key` changed in place (a follower's
+            # dict): every key of either is planned again (a key whose winner is the same object
+            # keeps its planned service; rare: a source's first update, a resync's).
+            self._dirty.update(old.keys() | by_key.keys())
+        elif by_key is old:
             self._dirty.update(changed)  # the same dict, changed in place: nothing to compare with
         else:
-            keys = (old.keys() | by_key.keys()) if changed is None else changed
-            for key in keys:
+            for key in changed:
                 if old.get(key) is not by_key.get(key):
                     self._dirty.add(key)
         self.by_source[name] = by_key
