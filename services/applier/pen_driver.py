@@ -32,7 +32,10 @@ import time
 
 from services.applier.bindable import bind_error, unbindable_reason
 from services.applier.driver import DriverResult, ProxyDriver
-from services.applier.pen_control import PenControl, PenControlError, Slot, empty_command, parse_servers
+from services.applier.pen_control import PenControl, PenControlError, Slot, parse_servers
+from services.applier.pen_steps import (
+    Table, assign_slots, choose_servers, desired, pen_services, render_table, slot_changes, step, table_matches,
+)
 from services.applier.pen_runner import (
     PenFiles, PenInstance, own_pen, read_instances, render_instances, runner_alive, signal_runner, write_cfg,
 )
@@ -41,56 +44,10 @@ from services.common.model import Plan, Service, content_hash
 
 log = logging.getLogger("proxymatic.applier.pen")
 
-Table = list  # list[Slot | None], one entry per server slot
 # Pen listens on every address of the host.
 LISTEN_HOST = "0.0.0.0"
-
-
-def pen_services(plan: Plan) -> list[Service]:
-    """The services Pen serves in this plan, by port then protocol."""
-    return sorted((s for s in plan.services if s.protocol == "udp" or not plan.settings.haproxy),
-                  key=lambda s: (s.port, s.protocol))
-
-
-def choose_servers(service: Service, slots: int) -> tuple[list[Slot], list[str]]:
-    """The servers that fit in `slots`, and a warning when some did not."""
-    chosen = [Slot.of(server) for server in service.servers[:slots]]
-    warnings = []
-    if len(service.servers) > slots:
-        left = ", ".join(server.address for server in service.servers[slots:])
-        warnings.append(f"service {service.name!r} ({service.key}) has {len(service.servers)} servers but "
-                        f"PEN_SERVERS is {slots}: left out {left}")
-    return chosen, warnings
-
-
-def assign_slots(previous: dict[int, Slot | None], servers: list[Slot], size: int) -> Table:
-    """Place `servers` into a table of `size` slots, keeping each one where it already was."""
-    table: Table = [None] * size
-    wanted = {(s.ip, s.port): s for s in servers}
-    placed = set()
-    for index, slot in sorted(previous.items()):
-        if slot is not None and index < size and (slot.ip, slot.port) in wanted \
-                and (slot.ip, slot.port) not in placed:
-            table[index] = wanted[(slot.ip, slot.port)]
-            placed.add((slot.ip, slot.port))
-    free = (i for i in range(size) if table[i] is None)
-    for server in servers:
-        if (server.ip, server.port) not in placed:
-            table[next(free)] = server
-            placed.add((server.ip, server.port))
-    return table
-
-
-def render_table(table: Table) -> str:
-    """The penctl commands that set every slot: Pen's -F file."""
-    return "".join((slot.command(i, moved=False) if slot else empty_command(i)) + "\n"
-                   for i, slot in enumerate(table))
-
-
-def table_matches(live: dict[int, Slot | None], table: Table) -> bool:
-    if any(live.get(i) != slot for i, slot in enumerate(table)):
-        return False
-    return all(slot is None for i, slot in live.items() if i >= len(table))
+# The pure parts live in pen_steps.py; these names stay importable from here (dry_run, tests).
+__all__ = ["PenDriver", "assign_slots", "choose_servers", "pen_services", "render_table", "table_matches"]
 
 
 class PenDriver(ProxyDriver):
@@ -107,24 +64,13 @@ class PenDriver(ProxyDriver):
         return PenControl(self.files.control(key))
 
     def apply(self, plan: Plan) -> DriverResult:
-        settings = plan.settings
-        services = pen_services(plan)
-        instances: dict[str, PenInstance] = {}
-        chosen: dict[str, list[Slot]] = {}
-        warnings: list[str] = []
-        for service in services:
-            instance = PenInstance(port=service.port, protocol=service.protocol, slots=settings.pen_servers,
-                                   clients=settings.pen_clients, max_connections=settings.max_connections)
-            instances[instance.key] = instance
-            try:
-                chosen[instance.key], more = choose_servers(service, settings.pen_servers)
-            except ValueError as error:  # something the model should have refused: never sent to pen
-                return DriverResult(self.name, False, "rejected", errors=(f"service {service.key}: {error}",))
-            warnings += more
-        by_key = {f"{s.port}-{s.protocol}": s for s in services}
-        idle_taken = self._probe_idle(instances, by_key)  # before the shortcut: a resync checks too
-        for key in idle_taken:
-            del instances[key], chosen[key]
+        want = desired(plan)  # the decisions: pen_steps.py; what follows performs them
+        if want.error:
+            return DriverResult(self.name, False, "rejected", errors=(want.error,))
+        by_key = want.services
+        idle_taken = self._probe_idle(want.instances, by_key)  # before the shortcut: a resync checks too
+        want = want.without(idle_taken)
+        instances, chosen, warnings = dict(want.instances), dict(want.chosen), list(want.warnings)
         set_aside = {by_key[key].key: reason for key, reason in idle_taken.items()}  # service key -> reason
         fingerprint = _fingerprint(instances, chosen)
         details: dict = {"instances": sorted(instances), "warnings": warnings}
@@ -134,27 +80,28 @@ class PenDriver(ProxyDriver):
             log.warning("pen: %s", warning)
 
         previous = self._read_written()
+        pens = step(previous, instances)
         errors: list[str] = []
         runtime: list[str] = []
         restart: dict[str, int | None] = {}  # key -> pid of the pen being replaced (None: new)
         tables: dict[str, Table] = {}
         for key, instance in instances.items():
             live = None
-            if previous.get(key) == instance:
+            if key in pens.keep:
                 try:
                     live = self.control(key).servers()
                 except PenControlError:
                     live = None  # not running (yet): the runner starts it from the .cfg file
-            if live is None and previous.get(key) == instance:
-                live = self._cfg_table(key)
-            if previous.get(key) != instance:
-                restart[key] = self._pid(key) if key in previous else None
+                if live is None:
+                    live = self._cfg_table(key)
+            else:
+                restart[key] = self._pid(key) if key in pens.restart else None
             tables[key] = assign_slots(live or {}, chosen[key], instance.slots)
             # The .cfg goes first: a pen (re)started from here on comes up with this membership.
             write_cfg(self.files.file(key, "cfg"), render_table(tables[key]))
 
         instances_changed = self._write_instances(instances)
-        for key in set(previous) - set(instances):
+        for key in pens.stop:
             if key not in by_key:
                 log.info("pen %s: service gone, the runner stops it", key)
             try:
@@ -272,16 +219,11 @@ class PenDriver(ProxyDriver):
         if table_matches(live, table):
             return False
         moved = []
-        for index in range(max(len(table), max(live, default=-1) + 1)):
-            want = table[index] if index < len(table) else None
-            have = live.get(index)
-            if want == have:
-                continue
-            is_move = have is None or want is None or (have.ip, have.port) != (want.ip, want.port)
-            if is_move and have is not None:
-                moved.append(index)
-            control.command(want.command(index, moved=is_move) if want else empty_command(index))
-            log.info("pen %s: slot %d: %s -> %s", key, index, _show(have), _show(want))
+        for change in slot_changes(live, table):
+            if change.moved:
+                moved.append(change.index)
+            control.command(change.command)
+            log.info("pen %s: slot %d: %s -> %s", key, change.index, _show(change.have), _show(change.want))
         if instance.protocol == "udp" and moved:
             # Pen pins a UDP flow to its first backend; drop the flows of slots that changed hands.
             for connection, slot in control.connections():

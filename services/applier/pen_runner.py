@@ -43,6 +43,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from services.applier import proc_identity
+from services.applier.pen_steps import MAX_BACKOFF, MIN_BACKOFF, PenLife, life_step
 from services.common.files import write_atomic
 
 log = logging.getLogger("proxymatic.pen")
@@ -54,9 +55,6 @@ SOCKET_DIR = "sock"  # the control sockets, created by the pens (so owned by the
 PEN_DIR_FD = 200
 PEN_DIR_VIEW = f"/proc/self/fd/{PEN_DIR_FD}"
 RUNNER_PID_FILE = "runner.pid"
-MIN_BACKOFF = 1.0
-MAX_BACKOFF = 30.0
-STABLE_AFTER = 10.0  # a pen that ran this long resets the restart backoff
 # Who Pen runs as when started by root (Debian has no user of its own for Pen).
 PEN_USER = "nobody"
 
@@ -231,7 +229,7 @@ def pen_user(wanted: str = PEN_USER) -> str | None:
     if os.geteuid() != 0:
         return None
     try:
-        entry = pwd.getpwnam(wanted)
+        pwd.getpwnam(wanted)
     except KeyError:
         log.warning("pen: no user %r, pens run as root", wanted)
         return "root"
@@ -390,19 +388,14 @@ class PenRunner:
             pen = self.pens[key] = _Pen(instance, argv)
             if self._adopt(pen):
                 return
-        if pen.running():
-            if pen.started and now - pen.started > STABLE_AFTER:
-                pen.backoff = MIN_BACKOFF
-            return
-        if pen.started or pen.adopted_pid:
-            # It ran and died: wait a little before the next try, longer while it keeps dying.
+        life, turn = life_step(PenLife(pen.started, pen.adopted_pid is not None, pen.restart_at, pen.backoff),
+                               pen.running(), now)
+        if turn.died:
             code = pen.process.returncode if pen.process is not None else None
-            log.warning("pen %s: exited (code %s), restarting in %.0fs", key, code, pen.backoff)
-            pen.restart_at = now + pen.backoff
-            pen.backoff = min(MAX_BACKOFF, pen.backoff * 2) if now - pen.started < STABLE_AFTER \
-                else MIN_BACKOFF
-            pen.process, pen.adopted_pid, pen.started = None, None, 0.0
-        if now >= pen.restart_at:
+            log.warning("pen %s: exited (code %s), restarting in %.0fs", key, code, turn.delay)
+            pen.process, pen.adopted_pid = None, None
+        pen.started, pen.restart_at, pen.backoff = life.started, life.restart_at, life.backoff
+        if turn.start:
             self._start(pen)
 
     def _adopt(self, pen: _Pen) -> bool:
