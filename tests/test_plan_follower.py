@@ -86,3 +86,64 @@ def mutated(rng: random.Random, plan: Plan) -> Plan:
                *service.servers[1:])
     services = plan.services[:index] + (service.with_servers(servers),) + plan.services[index + 1:]
     return Plan(services, plan.settings, excluded=plan.excluded)
+
+
+def random_source(rng: random.Random, ports: list[int], previous: dict[str, Service]) -> dict[str, Service]:
+    services = dict(previous)
+    for _ in range(rng.randint(1, 3)):
+        port = rng.choice(ports)
+        key = f"{port}/tcp"
+        if key in services and rng.random() < 0.3:
+            del services[key]
+        else:
+            services[key] = Service(f"s{port}", port, source="marathon").with_servers(
+                Server(f"10.0.0.{rng.randint(1, 3)}", 8000 + n) for n in range(rng.randint(1, 2)))
+    return services
+
+
+def test_one_follower_for_sources_and_plans_rebuilds_every_source_snapshot():
+    """The planner's SourceFollower (services by key, the keys changed) and the SnapshotFollower
+    (services in key order) are the same KeyedFollower as the PlanFollower: each rebuilds exactly
+    what a SnapshotSender published, excluded-only keys and keyless entries included, resyncs
+    included; a sender told which keys changed publishes the same messages as one that compares
+    all of them."""
+    from services.common.model import SourceSnapshot
+    from services.common.wire import SnapshotSender, SourceFollower, snapshot_follower
+
+    rng = random.Random(3)
+    ports = list(range(2000, 2010))
+    hinted_bus, full_bus = RecordingPublisher(), RecordingPublisher()
+    hinted, full = SnapshotSender(hinted_bus, "marathon"), SnapshotSender(full_bus, "marathon")
+    ordered, by_key = snapshot_follower("marathon"), SourceFollower("source.marathon")
+    services: dict[str, Service] = {}
+    for step in range(300):
+        before = services
+        services = random_source(rng, ports, services)
+        excluded = tuple(Excluded("marathon", "health_failing", "failing", key=f"{rng.choice(ports)}/tcp", task=f"t{n}")
+                         for n in range(rng.randint(0, 2)))
+        if rng.random() < 0.3:
+            excluded += (Excluded("marathon", "bad_data", "app has no ports", app="/x"),)
+        snapshot = SourceSnapshot("marathon", "ok", tuple(services.values()), excluded=excluded)
+        changed = {key for key in before.keys() | services.keys() if before.get(key) is not services.get(key)}
+        report = hinted.publish(snapshot, changed=changed)
+        expected = full.publish(snapshot)
+        assert (report.changed, report.gone, report.hash) == (expected.changed, expected.gone, expected.hash), step
+        messages = hinted_bus.take()
+        assert [(m.topic, m.payload) for m in messages] == [(m.topic, m.payload) for m in full_bus.take()]
+        if step % 41 == 40:  # a resync: the mirrors forgotten, the whole state again
+            ordered.reset()
+            by_key.reset()
+            fresh = RecordingPublisher()
+            SnapshotSender(fresh, "marathon").publish(snapshot)
+            messages = fresh.take()
+        built = update = None
+        for message in messages:
+            built = ordered.absorb(message) or built
+            update = by_key.absorb(message) or update
+        assert built is not None and update is not None and not ordered.needs_resync, step
+        assert built.services == tuple(sorted(services.values(), key=lambda s: (s.port, s.protocol)))
+        assert built.hash == snapshot.hash == update.hash and built.excluded == update.snapshot.excluded
+        assert sorted(built.excluded, key=repr) == sorted(excluded, key=repr)
+        assert update.by_key == services
+        moved = {key for key in changed if before.get(key) != services.get(key)}
+        assert update.changed is None or moved <= update.changed, step

@@ -178,7 +178,8 @@ class PlanBuilder:
         if changed is None:
             # Any key may have changed, and `old` may be `by_key` changed in place (a follower's
             # dict): every key of either is planned again (a key whose winner is the same object
-            # keeps its planned service; rare: a source's first update, a resync's).
+            # keeps its planned service). Rare: a source's first update, another sender's, the
+            # update after one the stage did not use.
             self._dirty.update(old.keys() | by_key.keys())
         elif by_key is old:
             self._dirty.update(changed)  # the same dict, changed in place: nothing to compare with
