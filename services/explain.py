@@ -104,7 +104,7 @@ def match(query: str, described: dict) -> tuple[list[dict], list[dict]]:
         number, protocol = int(port.group(1)), (port.group(2) or "").lower()
         return ([s for s in described["services"]
                  if s["port"] == number and (not protocol or s["protocol"] == protocol)], [])
-    from services.collector.marathon_parse import service_name
+    from services.collector.marathon.apps import service_name
     needle, app = query.lower(), _app(query)
     from_app = (service_name(app)[0] or "").lower()
 

@@ -19,7 +19,8 @@ from services.collector.exclusions import ExcludedCheck
 from services.collector.file_source import FileSource
 from services.collector.main import SourceReport, SourceRunner, _publish
 from services.collector.marathon import MarathonSource
-from services.collector.marathon_parse import ServiceBuilder, build_services, parse_app
+from services.collector.marathon.apps import parse_app
+from services.collector.marathon.builder import ServiceBuilder, build_services
 from services.collector.registrator import RegistratorSource
 from services.collector.registrator_parse import parse_tree
 from services.collector.source import Discovery, Source

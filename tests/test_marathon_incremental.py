@@ -8,7 +8,8 @@ import random
 import pytest
 
 from services.collector.marathon import MarathonSource
-from services.collector.marathon_parse import ServiceBuilder, build_services, parse_app
+from services.collector.marathon.apps import parse_app
+from services.collector.marathon.builder import ServiceBuilder, build_services
 from services.common.config import Settings
 from tests.helpers import wait_until
 from tests.marathon_helpers import FAST, drive_until, servers, sim  # noqa: F401  (sim: a fixture)

@@ -7,9 +7,10 @@ import os
 
 import pytest
 
-from services.collector.marathon_client import SSEParser
-from services.collector.marathon_parse import (build_services, network_mode, parse_app, service_name,
-                                               services_from_payloads)
+from services.collector.marathon.apps import network_mode, parse_app, service_name
+from services.collector.marathon.builder import build_services
+from services.collector.marathon.client import SSEParser
+from services.collector.marathon.mirror import build_from_payloads
 from services.common.model import HealthCheck, Service
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "marathon")
@@ -38,7 +39,7 @@ def proxymatic_case(case: str, tasks_file: str) -> tuple[Service, ...]:
     for path in glob.glob(f"{FIXTURES}/apps/proxymatic/{case}/*.json"):
         app = load(path)
         versions[(app["id"], app["version"])] = app
-    result = services_from_payloads([], load(f"{FIXTURES}/tasks/proxymatic/{case}/{tasks_file}")["tasks"],
+    result = build_from_payloads([], load(f"{FIXTURES}/tasks/proxymatic/{case}/{tasks_file}")["tasks"],
                                     versions, resolve)
     assert result.warnings == ()
     return result.services
@@ -53,7 +54,7 @@ def test_every_app_fixture_parses(path):
     for app in apps_of(document):
         spec = parse_app(app)
         assert spec.app_id.startswith("/")
-    result = services_from_payloads(apps_of(document), resolve=resolve)
+    result = build_from_payloads(apps_of(document), resolve=resolve)
     for service in result.services:
         assert Service.from_dict(service.to_dict()) == service  # valid per the model
 
@@ -67,27 +68,27 @@ def test_every_task_fixture_parses(path):
         app_id = task.get("appId", "/unknown")
         apps[app_id] = {"id": app_id, "version": task.get("version"),
                         "portDefinitions": [{"port": 20000 + i} for i in range(len(task.get("ports", [])))]}
-    result = services_from_payloads(apps.values(), tasks, resolve=resolve)
+    result = build_from_payloads(apps.values(), tasks, resolve=resolve)
     assert isinstance(result.services, tuple)
 
 
 def test_fixture_expectations():
     # marathon-lb's 1.4 blue/green: tasks embedded without servicePorts, versions since the last config change
-    result = services_from_payloads(apps_of(load(f"{FIXTURES}/apps/marathon-lb-zdd_apps.json")), resolve=resolve)
+    result = build_from_payloads(apps_of(load(f"{FIXTURES}/apps/marathon-lb-zdd_apps.json")), resolve=resolve)
     by_key = {s.key: s for s in result.services}
     assert by_key["10000/tcp"].name == "nginx-green"
     assert len(by_key["10000/tcp"].servers) == 3
     # openwhisk: TASK_LOST tasks failing their checks are out, the 3 alive ones in
     apps = [{"id": "/myapp", "version": "2017-11-11T01:11:56.467Z", "portDefinitions": [{"port": 10000}],
              "healthChecks": [{"protocol": "HTTP"}]}]
-    result = services_from_payloads(apps, load(f"{FIXTURES}/tasks/openwhisk-app-tasks-mixed-health.json")["tasks"],
+    result = build_from_payloads(apps, load(f"{FIXTURES}/tasks/openwhisk-app-tasks-mixed-health.json")["tasks"],
                                     resolve=resolve)
     assert sorted(s.port for s in result.services[0].servers) == [11089, 11170, 11199]
     # marathon-consul: one task has no results yet although checks are defined: left out
-    result = services_from_payloads(apps_of(load(f"{FIXTURES}/apps/marathon-consul-apps.json")), resolve=resolve)
+    result = build_from_payloads(apps_of(load(f"{FIXTURES}/apps/marathon-consul-apps.json")), resolve=resolve)
     assert [s.address for s in result.services[0].servers] == ["192.168.2.114:31315"]
     # 1.5 container/bridge with a fixed host port
-    result = services_from_payloads(apps_of(load(f"{FIXTURES}/apps/gestalt-dcos-marathon-app-response.json")),
+    result = build_from_payloads(apps_of(load(f"{FIXTURES}/apps/gestalt-dcos-marathon-app-response.json")),
                                     resolve=resolve)
     assert [(s.key, [x.address for x in s.servers]) for s in result.services] == [("10127/tcp", ["67.207.85.232:5432"])]
 
@@ -236,7 +237,7 @@ def test_bad_app_or_task_is_skipped_alone():
     bad_apps = [42, {"id": None}, {"id": "/x", "portDefinitions": "nope", "labels": [1]}, {"id": "/y", "ports": [True]}]
     tasks = [dict(task(), appId="/good"), "garbage", {"id": "t9", "appId": "/good", "version": "v1", "host": None},
              dict(task("t2", ports=("x",)), appId="/good")]
-    result = services_from_payloads([good, *bad_apps], tasks, resolve=resolve)
+    result = build_from_payloads([good, *bad_apps], tasks, resolve=resolve)
     assert [(s.key, len(s.servers)) for s in result.services] == [("1000/tcp", 1)]
     assert len(result.warnings) >= 3
 
@@ -288,7 +289,7 @@ def test_fixture_health_checks(fixture, app_id, expected):
 
 
 def test_fixture_health_check_reaches_the_service():
-    result = services_from_payloads(apps_of(load(f"{FIXTURES}/apps/marathon-lb-zdd_apps.json")), resolve=resolve)
+    result = build_from_payloads(apps_of(load(f"{FIXTURES}/apps/marathon-lb-zdd_apps.json")), resolve=resolve)
     by_key = {s.key: s for s in result.services}
     assert by_key["10000/tcp"].health_check == http_check("/", 3, 3, 10)
     for service in result.services:

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from services.collector import registrator_parse
 from services.collector.file_source import FileSource, parse_services_file
-from services.collector.marathon_parse import AppError, parse_app, services_from_payloads
+from services.collector.marathon.apps import AppError, parse_app
+from services.collector.marathon.mirror import build_from_payloads as services_from_payloads
 from services.collector.source import SourceError
 from services.common.model import (HealthCheck, ModelError, Plan, ProxySettings, Server, Service,
                                    SourceSnapshot, validate_name)
@@ -738,7 +739,7 @@ def test_nginx_server_names_are_rechecked(domain):
 @fast(40)
 @given(st.data())
 def test_incremental_builds_equal_a_build_from_scratch(data):
-    from services.collector.marathon_parse import ServiceBuilder, build_services
+    from services.collector.marathon.builder import ServiceBuilder, build_services
     builder = ServiceBuilder()
     state: dict[str, list] = {}
     apps = st.one_of(gen.marathon_app(), st.sampled_from(gen.FIXTURE_APPS),
@@ -906,7 +907,7 @@ _sse_line = st.one_of(st.sampled_from(_SSE_LINES), st.just(b""), st.binary(max_s
 @fast(80)
 @given(st.lists(_sse_line, max_size=25), MIRROR_APPS)
 def test_marathon_event_stream_lines_never_break_the_source(lines, apps):
-    from services.collector.marathon_client import SSEParser
+    from services.collector.marathon.client import SSEParser
     source = _mirror(apps)
     try:
         delivered = []

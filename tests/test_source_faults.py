@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from services.collector.marathon import MarathonSource
-from services.collector.marathon_client import EventStream, parse_replicas
+from services.collector.marathon.client import EventStream, parse_replicas
 from services.collector.registrator import BadEvent, RegistratorSource
 from services.collector.source import DroppedEvents
 from services.common.config import Settings
@@ -114,16 +114,17 @@ def test_undecodable_data_is_dropped_too(sim, synced, data, caplog):  # noqa: F8
 
 
 def test_a_bug_while_applying_an_event_drops_it_alone(sim, synced, monkeypatch, caplog):  # noqa: F811
-    real_apply = synced._apply
+    from services.collector.marathon import events
+    real_apply = events._STEPS["status_update_event"]
     calls = []
 
-    def apply_once_broken(event_type, event):
-        calls.append(event_type)
+    def apply_once_broken(state, event):
+        calls.append(event)
         if len(calls) == 1:
             raise RuntimeError("bug")
-        return real_apply(event_type, event)
+        return real_apply(state, event)
 
-    monkeypatch.setattr(synced, "_apply", apply_once_broken)
+    monkeypatch.setitem(events._STEPS, "status_update_event", apply_once_broken)
     with caplog.at_level(logging.WARNING, logger="proxymatic.collector.marathon"):
         feed(synced, "status_update_event", status_update(sim, taskId="demo_web.other"))
     assert synced.stats["events_dropped"] == 1

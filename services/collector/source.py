@@ -33,6 +33,11 @@ class Discovery:
     degraded: str = ""
     # What the source saw but does not serve, each with its reason (docs/bus.md, Excluded).
     excluded: tuple[Excluded, ...] = ()
+    # The keys ("port/protocol") whose service may have changed (added, changed, removed) since
+    # the Discovery the source returned before this one; None: unknown, compare everything.
+    # A superset is fine (a key that did not change compares equal); a key missing is not.
+    # Excluded entries are not covered: the collector compares those whenever the tuple changes.
+    changed: frozenset[str] | None = None
 
 
 class SourceCounters:

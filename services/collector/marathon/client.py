@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import json
 import logging
 import re
 import socket
@@ -408,11 +407,3 @@ class EventStream:
                 continue
             line, partial = partial + chunk, b""
             parser.line(line.rstrip(b"\r\n"))
-
-
-def decode_event(data: bytes) -> dict | None:
-    try:
-        event = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return event if isinstance(event, dict) else None

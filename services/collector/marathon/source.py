@@ -1,46 +1,38 @@
-"""Marathon discovery: an event-driven mirror of the apps and tasks, polled as a safety net.
+"""MarathonSource: the I/O around the pure Marathon modules (fetches, the event stream thread,
+locking, timing).
 
-State: the current app specs, the tasks of every app, and a cache of parsed app versions
-(immutable, so never refetched). Events from `/v2/events` are applied to that mirror directly
-when they carry the change (a status update has host, ports, state and version; a health change
-has the verdict); otherwise they mark one app for refetch. `wait_for_change` returns as soon
-as the stream goes quiet (`settle`), coalescing a sustained burst for at most `coalesce`.
-`current()` then does the pending fetches (one request per dirty app, or a single full
-`/v2/apps?embed=apps.tasks` when many apps are dirty) and rebuilds the services of the apps
-that changed only (`ServiceBuilder`: one cached fragment per app, ports re-merged only where
-backends changed); with nothing changed it returns the cached Discovery. A full resync happens
-after every stream (re)connect and every `REFRESH_INTERVAL`. See docs/marathon.md.
+The mirror is a `MarathonState` (mirror.py) plus a cache of parsed app versions (immutable, so
+never refetched). Each event from `/v2/events` goes through `events.step_data`, which returns
+the new mirror and what changed: apps touched (rebuilt at the next `current()`), apps to fetch
+again, or a full resync. `wait_for_change` returns as soon as the stream goes quiet (`settle`),
+coalescing a sustained burst for at most `coalesce`. `current()` then does the pending fetches
+(one request per dirty app, or a single full `/v2/apps?embed=apps.tasks` when many apps are
+dirty) and rebuilds the services of the apps that changed only (builder.ServiceBuilder); with
+nothing changed it returns the cached Discovery. Every Discovery names the keys whose service
+changed since the one before (`Discovery.changed`). A full resync happens after every stream
+(re)connect and every `REFRESH_INTERVAL`. See docs/marathon.md.
 """
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import OrderedDict
 from typing import Any, Callable
 from urllib.parse import quote
 
-from services.collector.marathon_client import (EventStream, MarathonClient, NotFound, Replica, decode_event,
-                                                parse_replicas)
-from services.collector.marathon_events import event_problem
-from services.collector.exclusions import excluded as make_excluded
-from services.collector.marathon_parse import (TERMINAL_STATES, AppError, AppSpec, ServiceBuilder, app_skipped,
-                                               app_uses_current_config, clip, parse_app)
+from services.collector.marathon import events
+from services.collector.marathon.apps import AppSpec
+from services.collector.marathon.builder import ServiceBuilder
+from services.collector.marathon.client import EventStream, MarathonClient, NotFound, Replica, parse_replicas
+from services.collector.marathon.mirror import (MarathonState, load_version, missing_versions, pairs_for,
+                                                take_app)
 from services.collector.resolve import Resolver
 from services.collector.source import Discovery, DroppedEvents, Source, SourceError
 from services.common.config import Settings
 from services.common.redact import redact
 
 log = logging.getLogger("proxymatic.collector.marathon")
-
-_DEPLOYMENT_APP_RE = re.compile(rb'"app"\s*:\s*"(/[^"\\]{1,512})"')
-_KEEP_TASK_KEYS = ("id", "appId", "host", "ports", "ipAddresses", "version", "state", "healthCheckResults")
-# Fields of an app in /v2/apps that change without its definition changing (no new parse).
-_VOLATILE_APP_KEYS = frozenset({"tasks", "tasksStaged", "tasksRunning", "tasksHealthy", "tasksUnhealthy",
-                                "deployments", "lastTaskFailure", "taskStats", "readinessCheckResults"})
-_GONE_CONDITIONS = frozenset({"Killed", "Finished", "Failed", "Gone", "Dropped", "Error", "Unknown",
-                              "UnreachableInactive"})
 
 
 def _one_line(text: str, limit: int) -> str:
@@ -55,12 +47,6 @@ def _causes(types: dict[str, None], limit: int = 6) -> str:
     shown = list(types)
     text = ", ".join(shown[:limit])
     return text if len(shown) <= limit else f"{text} and {len(shown) - limit} more"
-
-
-def _slim(task: dict, app_id: str) -> dict:
-    slim = {key: task[key] for key in _KEEP_TASK_KEYS if key in task}
-    slim["appId"] = app_id
-    return slim
 
 
 class MarathonSource(Source):
@@ -94,8 +80,7 @@ class MarathonSource(Source):
         self._dropped = DroppedEvents("event stream", log)
         self._cond = threading.Condition()
         # the mirror (guarded by _cond)
-        self._apps: dict[str, tuple[dict, AppSpec]] = {}  # app id -> (app without tasks, spec)
-        self._tasks: dict[str, dict[str, dict]] = {}  # app id -> task id -> slim task
+        self._state = MarathonState()  # replaced whole, never changed in place
         self._versions: OrderedDict[tuple[str, str], AppSpec | None] = OrderedDict()
         self._version_cache_size = version_cache_size
         # the services, built incrementally (guarded by _build_lock, taken before _cond)
@@ -104,6 +89,9 @@ class MarathonSource(Source):
         self._touched: set[str] = set()  # apps whose fragment may be stale (guarded by _cond)
         self._rebuild_all = True  # after a full sync: check every app, drop the vanished
         self._discovery: Discovery | None = None  # what the builder gave last
+        # keys whose service changed since the last Discovery handed out (guarded by _build_lock);
+        # None until the first one: the collector diffs that one whole
+        self._unreported: set[str] | None = None
         # (that, the notes, it with the notes below) (guarded by _cond)
         self._noted: tuple[Discovery, tuple[str, str], Discovery] | None = None
         self._last_event = 0.0  # monotonic time of the last event or stream connect
@@ -189,25 +177,19 @@ class MarathonSource(Source):
             self._failed = False
             recorded, self._recording = self._recording or [], None
             if full:
-                self._apps, self._tasks = apps, tasks
+                self._state = MarathonState(apps, tasks)
                 self._last_full = started
                 self._synced = True
                 self._rebuild_all = True
                 self.stats["full_syncs"] += 1
             else:
-                for app_id in dirty:
-                    if app_id in apps:
-                        self._apps[app_id] = apps[app_id]
-                        self._tasks[app_id] = tasks.get(app_id, {})
-                    else:
-                        self._apps.pop(app_id, None)
-                        self._tasks.pop(app_id, None)
+                self._state = self._state.with_apps(apps, tasks, dirty)
                 self._touched |= dirty
             for event_type, event in recorded:  # what happened while we were fetching
-                try:
-                    self._apply(event_type, event)
-                except Exception as error:  # noqa: BLE001 - one event must not fail the sync
-                    self._drop_event(event_type, f"{type(error).__name__}: {error}")
+                self._state, changes, problem = events.step(self._state, event_type, event)
+                if problem:
+                    self._drop_event(event_type, problem)
+                self._take(changes)
             self._fetch_warnings = warnings
             self._fetch_excluded = excluded
 
@@ -270,46 +252,22 @@ class MarathonSource(Source):
             self.stream = EventStream(self.replicas, self._on_event, self._on_connect, **self._stream_kwargs)
             self.stream.start()
 
-    def _known_spec(self, app: Any) -> AppSpec | None:
-        """The spec parsed last time when the app's definition has not changed since (a full
-        sync of 1,000 apps then parses only what changed)."""
-        if not isinstance(app, dict) or not isinstance(app.get("id"), str):
-            return None
-        app_id = app["id"] if app["id"].startswith("/") else "/" + app["id"]
-        known = self._apps.get(app_id)  # read without the lock: replaced whole, never mutated
-        if known is None:
-            return None
-        definition, spec = known
-        for key in definition.keys() | app.keys():
-            if key not in _VOLATILE_APP_KEYS and definition.get(key) != app.get(key):
-                return None
-        return spec
+    @property
+    def _apps(self) -> dict:
+        """The mirror's apps: app id -> (definition without tasks, spec)."""
+        return self._state.apps
 
-    def _take_app(self, app: Any, warnings: list[str], excluded: list | None = None
-                  ) -> tuple[str, tuple[dict, AppSpec], dict[str, dict]] | None:
-        excluded = [] if excluded is None else excluded
-        try:
-            spec = self._known_spec(app) or parse_app(app)
-        except AppError as error:
-            warnings.append(f"app skipped: {error}")
-            excluded.append(app_skipped(app, error))
-            return None
-        except Exception as error:  # hostile data: skip this app alone
-            warnings.append(f"app {clip(app.get('id') if isinstance(app, dict) else app)} skipped: {clip(str(error), 120)}")
-            excluded.append(app_skipped(app, error))
-            return None
-        raw_tasks = app.get("tasks")
-        tasks = {}
-        for task in raw_tasks if isinstance(raw_tasks, list) else []:
-            if isinstance(task, dict) and isinstance(task.get("id"), str):
-                tasks[task["id"]] = _slim(task, spec.app_id)
-            else:
-                warnings.append(f"app {clip(spec.app_id)}: malformed task {clip(task)} skipped")
-                excluded.append(make_excluded("marathon", "bad_data", f"malformed task {clip(task)} skipped",
-                                              app=spec.app_id, service=spec.name or ""))
-        definition = {k: v for k, v in app.items() if k != "tasks"}
-        self._remember_version(spec)
-        return spec.app_id, (definition, spec), tasks
+    @property
+    def _tasks(self) -> dict:
+        """The mirror's tasks: app id -> task id -> slim task."""
+        return self._state.tasks
+
+    def _take_app(self, app: Any, warnings: list[str], excluded: list | None = None):
+        # the mirror read without the lock: replaced whole, never changed in place
+        taken = take_app(app, self._state.apps, warnings, [] if excluded is None else excluded)
+        if taken:
+            self._remember_version(taken[1][1])
+        return taken
 
     def _fetch_all(self):
         data = self.client.get_json("/v2/apps", {"embed": "apps.tasks"})
@@ -350,40 +308,21 @@ class MarathonSource(Source):
         while len(self._versions) > self._version_cache_size:
             self._versions.popitem(last=False)
 
-    def _spec_for(self, task: dict) -> AppSpec | None | bool:
-        """The spec of a task's app version; False when it must be fetched first."""
-        entry = self._apps.get(task.get("appId"))
-        if entry is None:
-            return None
-        definition, spec = entry
-        version = task.get("version")
-        if app_uses_current_config(definition, version):
-            return spec
-        key = (spec.app_id, version)
-        if key in self._versions:
-            return self._versions[key]
-        return False
-
     def _fetch_missing_versions(self) -> None:
         with self._cond:  # only apps that changed can lack a version (they stay touched until built)
-            touched = self._tasks.keys() if self._rebuild_all else self._touched
-            missing = {(task["appId"], task["version"]) for app_id in touched
-                       for task in self._tasks.get(app_id, {}).values() if self._spec_for(task) is False}
+            touched = self._state.tasks.keys() if self._rebuild_all else self._touched
+            missing = missing_versions(self._state, self._versions, touched)
         for app_id, version in sorted(missing):
             self.stats["version_fetches"] += 1
             try:
                 app = self.client.get_json(f"/v2/apps/{quote(app_id.strip('/'))}/versions/{quote(version)}")
-                spec: AppSpec | None = parse_app(app)
             except NotFound:
-                spec = None
-            except AppError as error:
-                log.warning("marathon: app %s version %s unusable: %s", app_id, version, error)
-                spec = None
+                app = None
+            spec, problem = load_version(app)
+            if problem:
+                log.warning("marathon: app %s version %s unusable: %s", app_id, version, problem)
             with self._cond:
-                if spec is None:
-                    self._versions[(app_id, version)] = None
-                else:
-                    self._versions[(app_id, version)] = spec
+                self._versions[(app_id, version)] = spec
 
     def _build(self) -> Discovery:
         """Rebuild the fragments of the touched apps, re-merge the ports they changed."""
@@ -393,7 +332,7 @@ class MarathonSource(Source):
                 if self._rebuild_all:
                     touched |= self._tasks.keys() | self.builder.app_ids()
                     self._rebuild_all = False
-                work = [(app_id, self._pairs(app_id)) for app_id in sorted(touched)]
+                work = [(app_id, pairs_for(self._state, self._versions, app_id)) for app_id in sorted(touched)]
                 fetch_warnings = tuple(self._fetch_warnings)
                 fetch_excluded = tuple(self._fetch_excluded)
             try:
@@ -405,10 +344,17 @@ class MarathonSource(Source):
                 with self._cond:
                     self._touched |= touched
                 raise
+            changed = self.builder.take_changed()
             discovery = self._discovery
+            if discovery is None:
+                self._unreported = None  # the first: no Discovery before it to compare with
+            elif self._unreported is not None:
+                self._unreported |= changed
             if (discovery is None or discovery.services is not services or discovery.warnings != warnings
                     or discovery.excluded is not excluded):
-                discovery = self._discovery = Discovery(services, warnings, excluded=excluded)
+                reported = frozenset(self._unreported) if self._unreported is not None else None
+                discovery = self._discovery = Discovery(services, warnings, excluded=excluded, changed=reported)
+                self._unreported = set()
         return self._with_notes(discovery)
 
     def _with_notes(self, base: Discovery) -> Discovery:
@@ -424,25 +370,8 @@ class MarathonSource(Source):
                 # first: the heartbeat's summary (status) shows only the first warnings
                 warnings = ((dropped,) if dropped else ()) + base.warnings
                 self._noted = (base, notes, Discovery(base.services, warnings, degraded=self._stream_note,
-                                                      excluded=base.excluded))
+                                                      excluded=base.excluded, changed=base.changed))
             return self._noted[2]
-
-    def _pairs(self, app_id: str) -> tuple[list[tuple[dict, AppSpec]], list[str]]:
-        """(task copy, spec of its version) for the tasks of one app, and warnings (lock held)."""
-        pairs: list[tuple[dict, AppSpec]] = []
-        warnings: list[str] = []
-        for task in self._tasks.get(app_id, {}).values():
-            spec = self._spec_for(task)
-            if spec is None and app_id in self._apps:
-                # the version is gone from Marathon: the current definition is the best guess
-                spec = self._apps[app_id][1]
-                warnings.append(f"app {clip(app_id)}: version {clip(task.get('version'))} of task "
-                                f"{clip(task.get('id'))} not found; using the current definition")
-            if spec:
-                # A shallow copy: events replace a task's values, never mutate them in place,
-                # so the copy is a snapshot (and the fragment's inputs to compare with).
-                pairs.append((dict(task), spec))
-        return pairs, warnings
 
     # ------------------------------------------------------------------------------------------
     # events (called from the stream thread)
@@ -506,149 +435,34 @@ class MarathonSource(Source):
                 self._cond.notify_all()
 
     def _handle_event(self, event_type: str, data: bytes) -> str | None:
-        """Apply one event; returns why it was dropped, None when it was used (or ignored)."""
-        if event_type.startswith("deployment_") or event_type == "unknown_large_event":
-            # Plans can be megabytes: find the apps without parsing; none found -> resync.
-            apps = {m.decode("utf-8", "replace") for m in _DEPLOYMENT_APP_RE.findall(data)} if data else set()
-            with self._cond:
-                if apps:
-                    self._dirty_apps |= apps
-                else:
-                    self._pending_full = True
-                self._changed = True
-                self._noted_news(event_type)
-                self._cond.notify_all()
-            return None
-        if not data:  # too big to keep: we cannot tell what changed
-            with self._cond:
-                self._pending_full = True
-                self._changed = True
-                self._noted_news(event_type)
-                self._cond.notify_all()
-            return None
-        event = decode_event(data)
-        if event is None:
-            return f"not a JSON object: {data[:200]!r}"
-        problem = event_problem(event_type, event)
-        if problem:
-            return problem
+        """Apply one event (events.step_data); returns why it was dropped, None when it was
+        used (or ignored)."""
         with self._cond:
-            applied = self._apply(event_type, event)  # raising: dropped, and not replayed either
-            if self._recording is not None:
-                self._recording.append((event_type, event))
-            if applied:
+            state, changes, problem = events.step_data(self._state, event_type, data)
+            if problem:
+                return problem
+            self._state = state
+            carried = data and not events.is_deployment(event_type)  # not just "fetch these"
+            if carried and self._recording is not None:  # replayed on what the fetch brings
+                self._recording.append((event_type, events.decode_event(data)))
+            if self._take(changes):
                 self._changed = True
-                self.stats["events_applied"] += 1
+                if carried:
+                    self.stats["events_applied"] += 1
                 self._noted_news(event_type)
                 self._cond.notify_all()
         return None
+
+    def _take(self, changes: events.Changes) -> bool:
+        """Note what an event changed, for the next current() (lock held)."""
+        self._touched |= changes.touched
+        self._dirty_apps |= changes.fetch
+        if changes.resync:
+            self._pending_full = True
+        return bool(changes)
 
     def _noted_news(self, event_type: str) -> None:
         """An event that may change the services arrived now (lock held)."""
         self._news_at = time.time()
         if len(self._news) < 16:  # a handful of types exist; never a set of hostile names
             self._news.setdefault(_one_line(event_type or "untyped", 80))
-
-    def _find_task(self, app_id: Any, task_id: Any = None, instance_id: Any = None) -> dict | None:
-        tasks = self._tasks.get(app_id) if isinstance(app_id, str) else None
-        if not tasks:
-            return None
-        if isinstance(task_id, str) and task_id in tasks:
-            return tasks[task_id]
-        instance_id = instance_id if isinstance(instance_id, str) else task_id
-        if not isinstance(instance_id, str):
-            return None
-        # Instance ids are <app>.marathon-<uuid> (or instance-); legacy task ids <app>.<uuid>;
-        # 1.5+ task ids embed the instance id.
-        legacy = re.sub(r"\.(marathon|instance)-", ".", instance_id, count=1)
-        if legacy in tasks:
-            return tasks[legacy]
-        prefix = instance_id + "."
-        for candidate_id, task in tasks.items():
-            if candidate_id.startswith(prefix):
-                return task
-            results = task.get("healthCheckResults")
-            if isinstance(results, list) and any(isinstance(r, dict) and r.get("instanceId") == instance_id
-                                                 for r in results):
-                return task
-        return None
-
-    def _apply(self, event_type: str, event: dict) -> bool:
-        """Apply one event to the mirror (lock held). Returns whether routing may change.
-        An app whose tasks it changes is marked touched: its fragment is checked at the next
-        build. Values of a task are replaced, never mutated in place (see `_pairs`)."""
-        if event_type == "status_update_event":
-            app_id, task_id, status = event.get("appId"), event.get("taskId"), event.get("taskStatus")
-            if not isinstance(app_id, str) or not isinstance(task_id, str):
-                return False
-            if app_id not in self._apps:
-                self._dirty_apps.add(app_id)
-                return True
-            tasks = self._tasks.setdefault(app_id, {})
-            self._touched.add(app_id)
-            if status in TERMINAL_STATES:
-                return tasks.pop(task_id, None) is not None
-            task = tasks.get(task_id)
-            if task is None:
-                task = tasks[task_id] = {"id": task_id, "appId": app_id}
-            for key in ("host", "ports", "ipAddresses", "version"):
-                if key in event:
-                    task[key] = event[key]
-            task["state"] = status
-            return True
-        if event_type in ("health_status_changed_event", "instance_health_changed_event"):
-            app_id = event.get("appId", event.get("runSpecId"))
-            alive = event.get("alive", event.get("healthy"))
-            task = self._find_task(app_id, event.get("taskId"), event.get("instanceId"))
-            if task is None or not isinstance(alive, bool):
-                if isinstance(app_id, str) and alive is not None:
-                    self._dirty_apps.add(app_id)
-                    return True
-                return False
-            task["healthCheckResults"] = [{"alive": alive}]
-            self._touched.add(task["appId"])
-            return True
-        if event_type == "instance_changed_event":
-            condition = event.get("condition")
-            task = self._find_task(event.get("runSpecId"), None, event.get("instanceId"))
-            if task is None:
-                return False  # the status_update_event that goes with it carries the details
-            if condition == "Killing":
-                task["state"] = "TASK_KILLING"
-                self._touched.add(task["appId"])
-                return True
-            if condition in _GONE_CONDITIONS or condition == "Unreachable":
-                self._tasks[task["appId"]].pop(task["id"], None)
-                self._touched.add(task["appId"])
-                return True
-            return False
-        if event_type == "failed_health_check_event":
-            # Marathon's `alive` is "last success after last failure": one failed check makes the
-            # task not alive in /v2/apps too. `taskId` holds the instance id on 1.4+.
-            app_id = event.get("appId")
-            task = self._find_task(app_id, event.get("taskId"), event.get("instanceId", event.get("taskId")))
-            if task is not None:
-                task["healthCheckResults"] = [{"alive": False}]
-                self._touched.add(task["appId"])
-                return True
-            if isinstance(app_id, str):
-                self._dirty_apps.add(app_id)
-                return True
-            return False
-        if event_type == "api_post_event":
-            definition = event.get("appDefinition")
-            app_id = definition.get("id") if isinstance(definition, dict) else None
-            if isinstance(app_id, str):
-                self._dirty_apps.add(app_id if app_id.startswith("/") else "/" + app_id)
-            else:
-                self._pending_full = True  # a group change: we cannot tell which apps
-            return True
-        if event_type == "app_terminated_event":
-            app_id = event.get("appId")
-            if isinstance(app_id, str) and (app_id in self._apps or app_id in self._tasks):
-                self._apps.pop(app_id, None)
-                self._tasks.pop(app_id, None)
-                self._touched.add(app_id)
-                return True
-            return False
-        return False
