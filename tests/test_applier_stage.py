@@ -14,6 +14,7 @@ import zmq
 
 from services.applier import main as applier
 from services.applier.driver import DriverResult, ProxyDriver
+from services.applier.drivers import DriverSet
 from services.applier.haproxy_driver import HaproxyDriver
 from services.common.bus import Publisher, Subscriber
 from services.common.config import Settings
@@ -97,7 +98,7 @@ def backends():
 
 def test_plan_is_applied_and_result_published(backends):
     haproxy = HaproxyProcess(node_name="n1").start()
-    # as build_drivers makes it: files written after the result is published
+    # as the stage makes it (drivers.make_driver): files written after the result is published
     stage = Stage(haproxy.settings, drivers=[HaproxyDriver(haproxy.settings, defer_writes=True)])
     try:
         port = free_port()
@@ -192,9 +193,9 @@ def test_queued_plans_are_coalesced_and_a_driver_bug_is_reported():
         shutil.rmtree(settings.run_dir, ignore_errors=True)
 
 
-def test_build_drivers_follows_the_settings():
+def test_the_node_options_pick_the_drivers_until_the_first_plan():
     def names(**options):
-        return [d.name for d in applier.build_drivers(Settings(run_dir="/tmp/pm-unused", **options))]
+        return [d.name for d in DriverSet(Settings(run_dir="/tmp/pm-unused", **options)).drivers]
 
     assert names() == ["haproxy", "pen"]
     assert names(haproxy=False) == ["pen"]

@@ -301,6 +301,7 @@ _ENV = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
     autoescape=False,
     keep_trailing_newline=True,
+    auto_reload=False,  # the templates ship with the code: no stat() of the file per section
 )
 
 

@@ -39,7 +39,7 @@ import zmq
 
 from services.applier.completeness import held_result, hold_note
 from services.applier.driver import DriverResult, ProxyDriver
-from services.applier.drivers import DriverSet, drivers_for, make_driver
+from services.applier.drivers import DriverSet
 from services.applier.loop_step import (
     Apply, Flush, Hold, LoopState, Observe, Publish, Resume, RetryIn, applied, changed_something, poll_timeout, tick,
 )
@@ -54,12 +54,6 @@ log = logging.getLogger("proxymatic.applier")
 
 # Most significant first: what one ApplyResult says when drivers did different things.
 ACTIONS = ("rejected", "reload", "start", "runtime", "none")
-
-
-def build_drivers(settings: Settings) -> list[ProxyDriver]:
-    """The drivers this node's options ask for (drivers.drivers_for); once plans come, the
-    plan's settings decide (drivers.DriverSet)."""
-    return [make_driver(name, settings) for name in drivers_for(settings)]
 
 
 def apply_plan(drivers: list[ProxyDriver], plan: Plan) -> ApplyResult:
