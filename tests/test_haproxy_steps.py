@@ -26,15 +26,24 @@ def running(renderer: ConfigRenderer, plan: Plan) -> tuple[steps.HaproxyState, o
                               skeleton_hash=rendering.skeleton_hash), rendering
 
 
+def decide(state, rendering, proc_seen):
+    """The step's one action (the state it returns is checked where it changes)."""
+    after, actions = steps.step(state, rendering, proc_seen)
+    assert len(actions) == 1
+    if not isinstance(actions[0], steps.RuntimeChange):
+        assert after == state
+    return actions[0]
+
+
 def test_the_same_plan_is_a_no_op_once_the_worker_was_checked():
     renderer = ConfigRenderer(PATHS)
     plan = plan_of(svc(8080, 1, 2), svc(8081, 3))
     state, _ = running(renderer, plan)
     again = renderer.update(plan, state.slots)
     # A resync first looks at the master (HAProxy may have been restarted behind our back)...
-    assert isinstance(steps.step(state, again, proc_seen=False), steps.CheckWorker)
+    assert isinstance(decide(state, again, proc_seen=False), steps.CheckWorker)
     # ...then has nothing to do.
-    assert isinstance(steps.step(state, again, proc_seen=True), steps.Unchanged)
+    assert isinstance(decide(state, again, proc_seen=True), steps.Unchanged)
     assert again.changed == frozenset()
 
 
@@ -44,7 +53,7 @@ def test_a_membership_change_is_runtime_commands_only_for_the_changed_backend():
     state, _ = running(renderer, plan_of(web, db))
     new = renderer.update(plan_of(web.with_servers([*web.servers, Server("10.0.0.9", 80)]), db), state.slots)
     assert new.changed == {"svc_8080_tcp_web"}
-    action = steps.step(state, new, proc_seen=False)
+    action = decide(state, new, proc_seen=False)
     assert isinstance(action, steps.RuntimeChange)
     assert action.show_proc  # `show proc` rides on the same CLI line
     assert action.changes == 1
@@ -55,6 +64,7 @@ def test_a_membership_change_is_runtime_commands_only_for_the_changed_backend():
                      "set server svc_8080_tcp_web/s2 state ready"]
     # What the driver records once the commands went through: the new layout and config.
     assert action.state.slots is new.slots and action.state.config is new and action.state.trusted
+    assert steps.step(state, new, proc_seen=False)[0] == action.state
     # The text is the full render's, assembled only on demand.
     assert new.text == render(plan_of(web.with_servers([*web.servers, Server("10.0.0.9", 80)]), db), PATHS,
                               new.slots)
@@ -64,7 +74,7 @@ def test_removals_go_after_additions():
     renderer = ConfigRenderer(PATHS)
     state, _ = running(renderer, plan_of(svc(8080, 1, 2)))
     new = renderer.update(plan_of(svc(8080, 2, 3)), state.slots)
-    action = steps.step(state, new, proc_seen=True)
+    action = decide(state, new, proc_seen=True)
     assert isinstance(action, steps.RuntimeChange) and not action.show_proc
     texts = [c.text for c in action.commands]
     assert texts[-1] == "set server svc_8080_tcp_web/s0 state maint"
@@ -75,8 +85,8 @@ def test_a_new_service_needs_a_reload_after_looking_at_the_worker():
     renderer = ConfigRenderer(PATHS)
     state, _ = running(renderer, plan_of(svc(8080, 1)))
     new = renderer.update(plan_of(svc(8080, 1), svc(9090, 2, name="api")), state.slots)
-    assert isinstance(steps.step(state, new, proc_seen=False), steps.CheckWorker)
-    action = steps.step(state, new, proc_seen=True)
+    assert isinstance(decide(state, new, proc_seen=False), steps.CheckWorker)
+    action = decide(state, new, proc_seen=True)
     assert action == steps.Reload(content_hash(new.text))
 
 
@@ -84,7 +94,7 @@ def test_a_mode_change_needs_a_reload():
     renderer = ConfigRenderer(PATHS)
     state, _ = running(renderer, plan_of(svc(8080, 1)))
     new = renderer.update(plan_of(svc(8080, 1, mode="http")), state.slots)
-    assert isinstance(steps.step(state, new, proc_seen=True), steps.Reload)
+    assert isinstance(decide(state, new, proc_seen=True), steps.Reload)
 
 
 def test_an_untrusted_worker_always_reloads():
@@ -92,7 +102,7 @@ def test_an_untrusted_worker_always_reloads():
     state, rendering = running(renderer, plan_of(svc(8080, 1)))
     untrusted = steps.HaproxyState(worker=7, trusted=False, slots=state.slots, config=rendering,
                                    skeleton_hash=rendering.skeleton_hash)
-    assert isinstance(steps.step(untrusted, rendering, proc_seen=True), steps.Reload)
+    assert isinstance(decide(untrusted, rendering, proc_seen=True), steps.Reload)
 
 
 def test_a_config_rejected_before_is_not_validated_again_until_it_changes():
@@ -101,9 +111,9 @@ def test_a_config_rejected_before_is_not_validated_again_until_it_changes():
     new = renderer.update(plan_of(svc(8080, 1), svc(9090, 2, name="api")), state.slots)
     rejected = steps.HaproxyState(state.worker, state.trusted, state.slots, state.config, state.skeleton_hash,
                                   rejected_digest=content_hash(new.text))
-    assert steps.step(rejected, new, proc_seen=True) == steps.RejectedBefore(content_hash(new.text))
+    assert decide(rejected, new, proc_seen=True) == steps.RejectedBefore(content_hash(new.text))
     other = renderer.update(plan_of(svc(8080, 1), svc(9091, 2, name="api")), state.slots)
-    assert isinstance(steps.step(rejected, other, proc_seen=True), steps.Reload)
+    assert isinstance(decide(rejected, other, proc_seen=True), steps.Reload)
 
 
 def test_a_config_read_back_from_the_file_is_compared_as_text():
@@ -111,7 +121,7 @@ def test_a_config_read_back_from_the_file_is_compared_as_text():
     plan = plan_of(svc(8080, 1))
     state, rendering = running(renderer, plan)
     from_file = steps.HaproxyState(7, True, state.slots, rendering.text, rendering.skeleton_hash)
-    assert isinstance(steps.step(from_file, renderer.update(plan, state.slots), proc_seen=True), steps.Unchanged)
+    assert isinstance(decide(from_file, renderer.update(plan, state.slots), proc_seen=True), steps.Unchanged)
 
 
 def test_set_aside_keys_carried_or_probed_again():

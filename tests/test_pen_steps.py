@@ -45,14 +45,15 @@ def test_a_value_pen_must_not_get_is_an_error_not_an_instance():
 def test_pens_kept_started_restarted_and_stopped():
     previous = {"53-udp": instance(53), "54-udp": instance(54), "55-udp": instance(55)}
     wanted = {"53-udp": instance(53), "54-udp": instance(54, clients=128), "56-udp": instance(56)}
-    got = step(previous, wanted)
+    state, got = step(previous, wanted)
+    assert state == wanted  # what instances.json says once performed
     assert got.keep == ("53-udp",)  # membership over the control socket: no restart
     assert got.restart == ("54-udp",)  # a setting of its own changed
     assert got.start == ("56-udp",)
     assert got.stop == ("55-udp",)
     assert got.replaced == ("54-udp", "56-udp")
     # The same instances: nothing is started or stopped.
-    same = step(wanted, dict(wanted))
+    _, same = step(wanted, dict(wanted))
     assert same.start == same.restart == same.stop == () and len(same.keep) == 3
 
 

@@ -209,7 +209,7 @@ class HaproxyDriver(ProxyDriver):
                 log.error("haproxy: plan %s rejected: %s", _PlanHash(plan), error)
                 return DriverResult(self.name, False, "rejected", errors=(f"cannot render HAProxy config: {error}",),
                                     details=self._details(fixes))
-            action = steps.step(self._state(), rendering, proc is not None)
+            _, (action,) = steps.step(self._state(), rendering, proc is not None)
             if isinstance(action, steps.CheckWorker):
                 proc = self.master.show_proc()
                 fixes += self._sync_worker(proc)
@@ -237,7 +237,7 @@ class HaproxyDriver(ProxyDriver):
             reload_reason = "; ".join(errors[:3])
             log.warning("haproxy: runtime update failed (%s); reloading instead", reload_reason)
             self._trusted = False
-            action = steps.step(self._state(), rendering, True)
+            _, (action,) = steps.step(self._state(), rendering, True)
             break
         else:
             raise HaproxyUnavailable("HAProxy changed workers during every attempt to apply the plan")

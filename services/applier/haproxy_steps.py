@@ -1,6 +1,6 @@
 """The HAProxy driver's decisions as pure steps: no sockets, no files, no processes, no clock.
 
-`step(state, rendering, proc_seen)` decides what converging to a rendered plan takes, from
+`step(state, rendering, proc_seen) -> (state, actions)` decides what converging to a rendered plan takes, from
 what the driver knows of the running HAProxy (`HaproxyState`): nothing, a look at the master
 first (`show proc`: the worker may have changed behind the driver's back), runtime API commands
 only (the skeleton is unchanged: slot contents differ), or a reload (the skeleton changed), unless
@@ -162,27 +162,29 @@ def same_config(config: Rendering | str | None, rendering: Rendering) -> bool:
     return rendering.text == config
 
 
-def step(state: HaproxyState, rendering: Rendering, proc_seen: bool):
-    """What converging to `rendering` takes, as one action; `proc_seen`: `show proc` was read
-    during this apply (the worker is the one in `state`)."""
+def step(state: HaproxyState, rendering: Rendering, proc_seen: bool) -> tuple[HaproxyState, tuple]:
+    """What converging to `rendering` takes: (the state once the actions went through, the
+    actions: one of CheckWorker, Unchanged, RuntimeChange, Reload, RejectedBefore).
+    `proc_seen`: `show proc` was read during this apply (the worker is the one in `state`)."""
     unchanged = state.trusted and same_config(state.config, rendering)
     runtime_only = state.trusted and rendering.skeleton_hash == state.skeleton_hash
     if not proc_seen and (unchanged or not runtime_only):
         # Nothing to send (a resync) or a reload ahead: first see whether the worker changed.
-        return CheckWorker()
+        return state, (CheckWorker(),)
     if unchanged:
-        return Unchanged()
+        return state, (Unchanged(),)
     if runtime_only:
         known = state.slots or {}
         only = rendering.changed if rendering.changed is not None else None
         commands, messages, changes = runtime_commands(known, rendering.slots, only)
         after = HaproxyState(state.worker, True, rendering.slots, rendering, rendering.skeleton_hash,
                              state.rejected_digest)
-        return RuntimeChange(tuple(commands), tuple(messages), changes, not proc_seen, after)
+        return after, (RuntimeChange(tuple(commands), tuple(messages), changes, not proc_seen, after),)
     digest = content_hash(rendering.text)
     if state.rejected_digest == digest:
-        return RejectedBefore(digest)
-    return Reload(digest)
+        return state, (RejectedBefore(digest),)
+    # The driver records the new state itself: it depends on how the reload went.
+    return state, (Reload(digest),)
 
 
 def carry_set_aside(previous: Mapping[str, SetAside], services: Mapping[str, Service], slots: Slots

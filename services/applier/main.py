@@ -20,6 +20,12 @@ counted (`dropped` in the heartbeat) and dropped.
 Heartbeats come from a thread of their own, so a driver blocked for seconds (a reload, `haproxy
 -c`, a Pen start) never makes a live applier look dead.
 
+The loop's decisions are the pure steps of loop_step.py (`tick`, `applied`, `poll_timeout`,
+with `now` passed in); this module performs them. Which drivers run follows the plan's settings
+(drivers.py: `drivers_for`, `DriverSet`), the same settings they render from; a node whose own
+options disagree logs it once (the plan wins) and says so in `details.drivers` and its heartbeat
+(`drivers`, `drivers_note`).
+
 The heartbeat carries the stage's counters (docs/bus.md, "Counters in heartbeats"), which the
 status stage turns into /metrics: `applies` ({proxy: {action: count}}: one per driver result of
 every apply, resyncs and retries included, and `held` for every proxy each time a new plan is

@@ -80,7 +80,7 @@ class PenDriver(ProxyDriver):
             log.warning("pen: %s", warning)
 
         previous = self._read_written()
-        pens = step(previous, instances)
+        _, pens = step(previous, instances)
         errors: list[str] = []
         runtime: list[str] = []
         restart: dict[str, int | None] = {}  # key -> pid of the pen being replaced (None: new)

@@ -2,10 +2,10 @@
 
 - `desired(plan)`: the pens a plan asks for (one per port Pen serves), the servers each gets
   (at most PEN_SERVERS, with a warning beyond), or the error for a value Pen must never get.
-- `step(previous, wanted)`: from the pens instances.json asked for before and the pens wanted
+- `step(previous, wanted) -> (state, PenStep)`: from the pens instances.json asked for before and the pens wanted
   now, which pens keep running (their membership converges over the control socket), which are
   started (new), restarted (any setting of theirs changed) and stopped (gone).
-- `life_step(life, running, now)` (the runner): whether a pen that died is started again now or
+- `life_step(life, running, now) -> (life, PenLifeStep)` (the runner): whether a pen that died is started again now or
   after its backoff.
 - `slot_changes(live, table)`: the control-socket commands that move a running pen's slots to
   the wanted table, and the slots whose backend changed hands (their UDP flows are closed).
@@ -103,12 +103,14 @@ class PenStep:
         return tuple(sorted((*self.start, *self.restart)))
 
 
-def step(previous: dict[str, PenInstance], wanted: dict[str, PenInstance]) -> PenStep:
+def step(previous: dict[str, PenInstance], wanted: dict[str, PenInstance]
+         ) -> tuple[dict[str, PenInstance], PenStep]:
+    """(the pens instances.json asks for once the step is performed: `wanted`, what it takes)."""
     keep = tuple(sorted(k for k, v in wanted.items() if previous.get(k) == v))
     start = tuple(sorted(k for k in wanted if k not in previous))
     restart = tuple(sorted(k for k, v in wanted.items() if k in previous and previous[k] != v))
     stop = tuple(sorted(k for k in previous if k not in wanted))
-    return PenStep(keep, start, restart, stop)
+    return dict(wanted), PenStep(keep, start, restart, stop)
 
 
 def assign_slots(previous: dict[int, Slot | None], servers: list[Slot], size: int) -> Table:
