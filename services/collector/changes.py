@@ -10,7 +10,8 @@ Every line carries its facts as logger fields (`extra`), so a JSON log formatter
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from bisect import bisect_left
+from typing import Iterable, Mapping
 
 from services.common.model import Server, Service
 
@@ -69,6 +70,10 @@ def _servers_text(service: Service) -> str:
     return text + (f" (and {more} more)" if more > 0 else "")
 
 
+def _place(service: Service) -> tuple[int, str]:
+    return service.port, service.protocol
+
+
 class ChangeLog:
     """Remembers a source's last services (by key) and logs what the next ones change.
     One per source runner (not thread-safe)."""
@@ -79,9 +84,14 @@ class ChangeLog:
         self._by_key: dict[str, Service] = {s.key: s for s in services}
         self._last: tuple[Service, ...] | None = None
 
-    def changes(self, services: tuple[Service, ...]) -> list[tuple[str, str, str]]:
+    def changes(self, services: tuple[Service, ...], changed: Iterable[str] | None = None
+                ) -> list[tuple[str, str, str]]:
         """(key, name, change) per changed service, in key order of the new services then the
         removed ones. Remembers `services` as the last ones.
+
+        `changed`: the keys that may differ from the last services (Discovery.changed), when the
+        source knows them and `services` are sorted by (port, protocol): only those keys are
+        compared, whatever the number of services.
 
         Cheap when few services changed, which is the common case: sources reuse the Service
         objects that did not change and keep them sorted by key, so the two tuples are compared
@@ -90,6 +100,11 @@ class ChangeLog:
         last = self._last
         if services is last:
             return []
+        if changed is not None and last is not None:
+            try:
+                return self._changes_of(services, changed)
+            except ValueError:  # a key that is not port/protocol: compare everything
+                pass
         if last is not None and len(last) == len(services):
             found: list[tuple[str, str, str]] = []
             for old, new in zip(last, services):
@@ -122,6 +137,37 @@ class ChangeLog:
                     found.append((key, old.name, f"service removed ({len(old.servers)} servers)"))
         self._by_key, self._last = after, services
         return found
+
+    def _changes_of(self, services: tuple[Service, ...], changed: Iterable[str]) -> list[tuple[str, str, str]]:
+        """`changes()` comparing only the keys `changed` (each looked up in the sorted
+        `services`); the last services by key are kept up to date one key at a time."""
+        wanted = sorted(changed)
+        places = [(key, (int(key.partition("/")[0]), key.partition("/")[2])) for key in wanted]  # ValueError: bad key
+        by_key = self._by_key if self._by_key or not self._last else {s.key: s for s in self._last}
+        found: list[tuple[str, str, str]] = []
+        removed: list[tuple[str, str, str]] = []
+        for key, place in places:
+            index = bisect_left(services, place, key=_place)
+            new = services[index] if index < len(services) and _place(services[index]) == place else None
+            old = by_key.get(key)
+            if new is None:
+                if old is not None:
+                    del by_key[key]
+                    removed.append((key, old.name, f"service removed ({len(old.servers)} servers)"))
+                continue
+            by_key[key] = new
+            if old is None:
+                found.append((key, new.name, _servers_text(new)))
+            elif old is not new and old.digest != new.digest:
+                found.append((key, new.name, describe_change(old, new)))
+        self._by_key, self._last = by_key, services
+        return found + removed
+
+    def by_key(self) -> Mapping[str, Service]:
+        """The last services by key (a copy: the caller may hand it to another thread)."""
+        if not self._by_key and self._last:
+            self._by_key = {s.key: s for s in self._last}
+        return dict(self._by_key)
 
     def report(self, services: tuple[Service, ...], cause: str) -> int:
         """Log the changes from the last services to these (INFO), bounded. Returns how many
