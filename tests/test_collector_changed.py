@@ -5,6 +5,8 @@ from __future__ import annotations
 import queue
 import threading
 
+import pytest
+
 from services.collector import main as collector_main
 from services.collector.cache import SourceCache
 from services.collector.changes import ChangeLog
@@ -13,6 +15,7 @@ from services.collector.marathon import MarathonSource
 from services.collector.source import Discovery, Source
 from services.common.config import Settings
 from services.common.model import Server, Service, SourceSnapshot
+from services.common.wire import SnapshotSender
 from tests.marathon_helpers import FAST, drive_until, sim  # noqa: F401 - the fixture
 
 APPS = 300
@@ -162,3 +165,37 @@ def test_publish_with_changed_keys_sends_the_same_as_without(tmp_path):
                      cache, senders, summaries)
     assert with_keys.topics == without.topics
     assert with_keys.topics[-2:] == ["source.file:2040/tcp", "source.file"]
+
+
+def test_after_a_failed_publish_the_next_one_compares_every_key(tmp_path, monkeypatch):
+    services = [service(3000 + i) for i in range(20)]
+    asked: list = []
+    real = SnapshotSender.publish
+
+    def publish_spy(self, snapshot, if_changed=False, changed=None, **extra):
+        asked.append(changed)
+        if fail:
+            raise OSError("bus down")
+        return real(self, snapshot, if_changed, changed=changed, **extra)
+
+    monkeypatch.setattr(SnapshotSender, "publish", publish_spy)
+    publisher, cache, senders, summaries, stale = Recorder(), SourceCache(str(tmp_path)), {}, {}, set()
+
+    def publish(now, keys):
+        snapshot = SourceSnapshot("file", "ok", tuple(now), changed_at=1.0)
+        _publish(SourceReport(snapshot, live=True, changed=keys), publisher, cache, senders, summaries, stale)
+
+    fail = False
+    publish(services, None)
+    first = services[:5] + [services[5].with_servers([Server("10.0.0.4", 80)])] + services[6:]
+    fail = True
+    with pytest.raises(OSError):
+        publish(first, frozenset({"3005/tcp"}))
+    assert stale == {"file"}
+    fail = False
+    second = first[:7] + [services[7].with_servers([Server("10.0.0.5", 80)])] + first[8:]
+    publish(second, frozenset({"3007/tcp"}))  # says nothing of 3005: every key is compared
+    third = second[:9] + [services[9].with_servers([Server("10.0.0.6", 80)])] + second[10:]
+    publish(third, frozenset({"3009/tcp"}))
+    assert asked == [None, frozenset({"3005/tcp"}), None, frozenset({"3009/tcp"})] and stale == set()
+    assert publisher.topics[-2:] == ["source.file:3009/tcp", "source.file"]

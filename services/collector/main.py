@@ -37,10 +37,9 @@ log = logging.getLogger("proxymatic.collector")
 
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
-# Whether SnapshotSender.publish takes the keys that may have changed (`by_key`, `changed`, as
-# PlanSender.publish does): then a change costs the publish loop the same at 10,000 services
-# as at 10; without it the sender compares every key.
-SENDER_TAKES_CHANGED = {"by_key", "changed"} <= set(inspect.signature(SnapshotSender.publish).parameters)
+# Whether SnapshotSender.publish also takes the services by key (as PlanSender.publish does):
+# the collector's change log has them, so the sender need not index every service per change.
+SENDER_TAKES_BY_KEY = "by_key" in inspect.signature(SnapshotSender.publish).parameters
 
 
 def _marathon(settings: Settings) -> Source:
@@ -191,7 +190,7 @@ class SourceRunner:
             found = self._changes.changes(services, keys)
             changed = bool(found)
             self._seen_previous = True
-            if keys is not None and SENDER_TAKES_CHANGED:
+            if keys is not None and SENDER_TAKES_BY_KEY:
                 by_key = self._changes.by_key()
         except Exception:  # noqa: BLE001 - a bug here must not cost the snapshot
             log.error("source %s: cannot tell what changed\n%s", self.source.name, redact(traceback.format_exc()))
@@ -293,22 +292,21 @@ def _publish(report: SourceReport, publisher: Publisher, cache: SourceCache, sen
     that changed, then its summary. Sources re-report after every wake-up; only real changes go
     on the bus (a new `changed_at` alone is one: the summary carries it).
 
-    A report that says which keys may have changed has only those compared (when the sender
-    takes them); `stale` names the sources whose last publish failed half-way, which compare
-    every key once more instead."""
+    A report that says which keys may have changed has only those compared; `stale` names the
+    sources whose last publish failed half-way, which compare every key once more instead."""
     snapshot = report.snapshot
-    if report.live:
-        cache.remember(snapshot)
-    sender = senders.get(snapshot.source)
-    if sender is None:
-        sender = senders[snapshot.source] = SnapshotSender(publisher, snapshot.source)
     stale = set() if stale is None else stale
     try:
-        if (report.changed is not None and report.by_key is not None and SENDER_TAKES_CHANGED
-                and snapshot.source not in stale):
-            sent = sender.publish(snapshot, if_changed=True, by_key=report.by_key, changed=report.changed)
+        if report.live:
+            cache.remember(snapshot)
+        sender = senders.get(snapshot.source)
+        if sender is None:
+            sender = senders[snapshot.source] = SnapshotSender(publisher, snapshot.source)
+        changed = report.changed if snapshot.source not in stale else None
+        if changed is not None and report.by_key is not None and SENDER_TAKES_BY_KEY:
+            sent = sender.publish(snapshot, if_changed=True, changed=changed, by_key=report.by_key)
         else:
-            sent = sender.publish(snapshot, if_changed=True)
+            sent = sender.publish(snapshot, if_changed=True, changed=changed)
     except BaseException:
         stale.add(snapshot.source)  # what the bus was told is not what the next report follows
         raise
