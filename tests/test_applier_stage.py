@@ -7,7 +7,6 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import replace
 
 import pytest
 import zmq
@@ -297,7 +296,8 @@ def test_missing_sources_compares_with_the_served_plan():
 def test_heartbeat_counts_applies_and_change_to_applied_latency(recording_stage, caplog):
     stage, driver = recording_stage
     caplog.set_level(logging.INFO, logger="proxymatic.applier")
-    first = replace(sourced_plan(("file", "marathon"), file=3001, marathon=3000), changed_at=time.time() - 0.5)
+    base = sourced_plan(("file", "marathon"), file=3001, marathon=3000)
+    first = Plan(base.services, base.settings, sources_ready=base.sources_ready, changed_at=time.time() - 0.5)
     stage.publish(first)
     stage.result_for(first)
     beat = stage.heartbeat(lambda b: b["applies"])

@@ -6,7 +6,6 @@ import random
 import re
 import shutil
 import tempfile
-from dataclasses import replace
 
 import pytest
 
@@ -241,7 +240,9 @@ def test_incremental_rendering_equals_a_full_render_over_random_plans():
                 servers.append(Server(f"10.0.9.{rng.randrange(1, 200)}", 80, weight=rng.choice((1, 7))))
             if servers and rng.random() < 0.3:
                 i = rng.randrange(len(servers))
-                servers[i] = replace(servers[i], weight=rng.choice((0, 3, 256)), maxconn=rng.choice((None, 9)))
+                old = servers[i]
+                servers[i] = Server(old.ip, old.port, old.hostname, weight=rng.choice((0, 3, 256)),
+                                    maxconn=rng.choice((None, 9)))
             services[port] = svc.with_servers(servers)
         elif op < 0.6:
             services[rng.choice(range(8000, 8030))] = _random_service(rng, rng.choice(range(8000, 8030)))
@@ -262,7 +263,8 @@ def test_incremental_rendering_equals_a_full_render_over_random_plans():
             dup = next(iter(services.values()), None)
             if dup is not None:
                 with pytest.raises(RenderError, match="more than one"):
-                    renderer.update(Plan((dup, replace(dup, name="other")), settings), previous)
+                    renderer.update(Plan((dup, Service.from_dict({**dup.to_dict(), "name": "other"})), settings),
+                                    previous)
         order = list(services.values())
         rng.shuffle(order)
         plan = Plan(tuple(order), settings)
@@ -309,7 +311,7 @@ def test_incremental_rendering_redoes_only_the_changed_service(monkeypatch):
     assert changed == ["svc_9017_tcp_web"]
 
     # A new timeout changes that service's skeleton: only its skeleton section is rendered anew.
-    services[3] = replace(services[3], timeout_server=5)
+    services[3] = Service.from_dict({**services[3].to_dict(), "timeout_server": 5})
     third = renderer.update(Plan(tuple(services)), second.slots)
     assert calls == {"section": 3, "assign": 2, "hash": 1}
     assert third.skeleton_hash != second.skeleton_hash
