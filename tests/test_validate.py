@@ -2,7 +2,8 @@
 import pytest
 
 from services.common.config import ConfigError, parse_domain, parse_int
-from services.common.validate import integer, is_check_path, is_domain, is_hostname, is_name, port_text
+from services.common.validate import (NAME_PATTERN, anchored, integer, ip_text, is_check_path, is_domain, is_hostname,
+                                      is_name, port_text)
 
 
 @pytest.mark.parametrize("value", ["web\n", "web ", "-web", "we b", "", "a" * 256, "<script>"])
@@ -40,3 +41,16 @@ def test_options_take_ascii_integers_only():
         with pytest.raises(ConfigError):
             parse_int(1, 100)(bad, "GROUP_SIZE")
     assert parse_domain("Apps.Example.com.", "VHOST_DOMAIN") == "apps.example.com"
+
+
+def test_ip_text_is_a_string_in_its_normal_form_without_a_zone():
+    assert ip_text("10.0.0.1") == "10.0.0.1" and ip_text("::FFFF:10.0.0.2") == "::ffff:a00:2"
+    for bad in ("fe80::1%eth0", "10.0.0.1\n", " 10.0.0.1", "010.0.0.1", "1" * 5000, 167772161, b"\x01\x02\x03\x04",
+                True, None, "", "host"):
+        assert ip_text(bad) is None
+
+
+def test_anchored_patterns_search_like_the_compiled_ones_match():
+    import re
+    for value in ("web", "web\n", "-web", "a" * 255, "a" * 256):
+        assert (re.search(anchored(NAME_PATTERN), value) is not None) == is_name(value)

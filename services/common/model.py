@@ -1,20 +1,32 @@
 """The normalized data model every stage exchanges: services, source snapshots, plans.
 
-Everything is a frozen dataclass built through `from_dict`, which validates, so a value that
-reaches a proxy renderer has already been checked once here. Serialization is deterministic
-(sorted keys, no whitespace) so that a content hash tells "nothing changed" cheaply.
-See docs/bus.md for the schema.
+Every message of the bus schema is one `msgspec.Struct` declaration (frozen, typed): its field
+types and constraints (`Annotated[int, Meta(ge=1, le=65535)]`, `Literal[...]`, patterns from
+services/common/validate.py) are what `from_dict` checks, in one `msgspec.convert` call, so a
+value that reaches a proxy renderer has already been checked once here. A constructor checks
+nothing (as a dataclass would): a source builds its values from checked parts, and the
+renderers check again what they write (tests/test_properties.py). What a type cannot say (an
+IP address in its normal form, servers in order) is checked after the conversion, and an error
+names the field's path and the value: `service 'web'.servers[0].port must be between 1 and
+65535, got 70000`. Serialization is deterministic (sorted keys, no whitespace) so that a content
+hash tells "nothing changed" cheaply. See docs/bus.md for the schema, docs/schema.md for how
+it is declared and checked.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import ipaddress
 import json
-from dataclasses import asdict, dataclass, field, replace
+import re
 from functools import cached_property
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable, Literal
 
-from services.common.validate import integer, is_check_path, is_domain, is_hostname, is_name
+import msgspec
+import msgspec.inspect as mi
+from msgspec import Meta, Struct
+
+from services.common.validate import (CHECK_PATH_PATTERN, DOMAIN_PATTERN, HOSTNAME_PATTERN, NAME_PATTERN,
+                                      ONE_LINE_PATTERN, anchored, integer, ip_text, is_name)
 
 SCHEMA_VERSION = 1
 
@@ -26,7 +38,6 @@ SOURCE_STATES = ("initializing", "ok", "degraded")
 DEFAULT_WEIGHT = 500  # the original's scale: 1..1000
 MAX_WEIGHT = 1000
 PROXY_MAX_WEIGHT = 256  # HAProxy's and Pen's weight scale
-
 
 
 class ModelError(ValueError):
@@ -57,32 +68,206 @@ def content_hash(data: Any) -> str:
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
 
 
-def _int_in(value: Any, low: int, high: int, what: str) -> int:
-    # bool is an int in Python; a JSON `true` is never a valid port or weight.
-    if isinstance(value, bool) or not isinstance(value, int):
-        number = integer(value, 0, 10**12)  # ASCII digits only (validate.py)
-        if number is None:
-            raise ModelError(f"{what} must be an integer, got {clip(value)}")
-        value = number
-    if not low <= value <= high:
-        # str() of an integer over 4300 digits raises ValueError: never print one whole
-        shown = value if value.bit_length() <= 64 else f"a {value.bit_length()}-bit number"
-        raise ModelError(f"{what} must be between {low} and {high}, got {shown}")
-    return value
+# -- the field types: each constraint declared once ---------------------------------------------
+# `extra={"error": ...}` is the message for a value that does not fit (instead of msgspec's, which
+# would show the regular expression).
+
+def _int(low: int, high: int) -> Any:
+    return Annotated[int, Meta(ge=low, le=high)]
 
 
-def _optional_int(value: Any, low: int, high: int, what: str) -> int | None:
-    return None if value is None else _int_in(value, low, high, what)
+Port = _int(1, 65535)
+Weight = _int(0, MAX_WEIGHT)
+MaxConn = _int(1, 1_000_000)
+CheckSeconds = _int(1, 3600)
+TimeoutSeconds = _int(1, 86400)
+Name = Annotated[str, Meta(pattern=anchored(NAME_PATTERN), extra={
+    "error": "is not a valid service name (letters, digits, '.', '_', '-'; at most 255 characters)"})]
+Hostname = Annotated[str, Meta(pattern=anchored(HOSTNAME_PATTERN), extra={"error": "is not a valid host name",
+                                                                          "null_is_empty": True})]
+IPText = Annotated[str, Meta(extra={"error": "must be an IP address"})]  # and ip_text() after decoding
+CheckPath = Annotated[str, Meta(pattern=anchored(CHECK_PATH_PATTERN), extra={"error": "is not a valid URL path"})]
+Domain = Annotated[str, Meta(pattern=r"\A(?:\Z|" + DOMAIN_PATTERN + ")", extra={"error": "is not a valid domain name"})]
+OneLine = Annotated[str, Meta(max_length=1024, pattern=anchored(ONE_LINE_PATTERN),
+                              extra={"error": "must be a one-line string"})]
+Timestamp = Annotated[float, Meta(ge=0, lt=1e11, extra={"error": "must be a Unix time in seconds"})]
+Protocol = Literal[PROTOCOLS]
+Mode = Literal[MODES]
+SourceName = Literal[SOURCES]
+SourceState = Literal[SOURCE_STATES]
 
 
-def _choice(value: Any, choices: tuple[str, ...], what: str) -> str:
-    if not isinstance(value, str) or value.lower() not in choices:
-        raise ModelError(f"{what} must be one of {', '.join(choices)}, got {clip(value)}")
-    return value.lower()
+# -- decoding: msgspec.convert, then clear errors ------------------------------------------------
+
+_TYPE_INFO: dict[Any, Any] = {}
+_LOCATION = re.compile(r" - at `\$(.*)`\Z", re.S)
+_PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\[\.\.\.\]")
+_UNKNOWN = "Object contains unknown field"
+_MISSING = re.compile(r"Object missing required field `(.*)`", re.S)
+
+
+def _info(type_: Any) -> Any:
+    info = _TYPE_INFO.get(type_)
+    if info is None:
+        info = _TYPE_INFO[type_] = mi.type_info(type_)
+    return info
+
+
+def _unwrap(info: Any) -> tuple[Any, dict]:
+    """(the type, its `extra`) without Annotated metadata and without `| None`."""
+    extra: dict = {}
+    while True:
+        if isinstance(info, mi.Metadata):
+            extra = {**(info.extra or {}), **extra}
+            info = info.type
+        elif isinstance(info, mi.UnionType):
+            members = [m for m in info.types if not isinstance(m, mi.NoneType)]
+            if len(members) != 1:
+                return info, extra
+            info = members[0]
+        else:
+            return info, extra
+
+
+def _walk(info: Any, data: Any, path: str) -> tuple[Any, dict, Any, bool]:
+    """Follow msgspec's error path (`.servers[0].port`) through the type and the data: (type,
+    extra, value, whether the value was found)."""
+    value, found = data, True
+    extra: dict = {}
+    for match in _PATH_PART.finditer(path):
+        info, extra = _unwrap(info)
+        name, index = match.group(1), match.group(2)
+        if name is not None and isinstance(info, mi.StructType):
+            field = next((f for f in info.fields if f.encode_name == name), None)
+            info = field.type if field is not None else mi.AnyType()
+            if found and isinstance(value, dict) and name in value:
+                value = value[name]
+            else:
+                found = False
+        elif index is not None and isinstance(info, (mi.ListType, mi.VarTupleType, mi.SetType, mi.FrozenSetType)):
+            info = info.item_type
+            if found and isinstance(value, list) and int(index) < len(value):
+                value = value[int(index)]
+            else:
+                found = False
+        elif isinstance(info, mi.DictType):  # msgspec does not say which key: `[...]`
+            info, found = info.value_type, False
+        else:
+            return mi.AnyType(), {}, None, False
+    info, extra = _unwrap(info)
+    return info, extra, value, found
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"a {value.bit_length()}-bit number"  # str() of an int over 4300 digits raises
+    return clip(value)
+
+
+def _explain(error: msgspec.ValidationError, type_: Any, data: Any, what: str) -> str:
+    """msgspec's error as one bounded line naming the field path and, when known, the value."""
+    text = str(error)
+    location = _LOCATION.search(text)
+    path = location.group(1) if location else ""
+    message = text[: location.start()] if location else text
+    info, extra, value, found = _walk(_info(type_), data, path)
+    where = what + path
+    got = f", got {_shown(value)}" if found else ""
+    if message.startswith(_UNKNOWN) and isinstance(info, mi.StructType) and isinstance(value, dict):
+        unknown = set(value) - {f.encode_name for f in info.fields}
+        return f"{where} has unknown field(s): {field_list(unknown)}"
+    missing = _MISSING.match(message)
+    if missing:
+        return f"{where}.{missing.group(1)} is missing"
+    if "error" in extra:
+        return f"{where} {extra['error']}{got}"
+    if isinstance(info, mi.IntType):
+        if isinstance(value, int) and not isinstance(value, bool) and found:
+            return f"{where} must be between {info.ge} and {info.le}, got {_shown(value)}"
+        return f"{where} must be an integer{got}"
+    if isinstance(info, mi.LiteralType):
+        return f"{where} must be one of {', '.join(map(str, info.values))}{got}"
+    if isinstance(info, mi.BoolType):
+        return f"{where} must be true or false{got}"
+    if isinstance(info, mi.StructType):
+        return f"{where} must be an object, got {type(value).__name__}" if found else f"{where}: {message}"
+    if isinstance(info, (mi.ListType, mi.VarTupleType)):
+        if found and isinstance(value, list) and info.max_length is not None and len(value) > info.max_length:
+            return f"{where} has {len(value)} entries (at most {info.max_length})"
+        return f"{where} must be a list{got}"
+    if isinstance(info, mi.DictType):
+        return f"{where} must be an object{got}"
+    if isinstance(info, mi.StrType):
+        return f"{where} must be a string{got}"
+    return f"{where}: {message}{got}"
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _lenient(info: Any, data: Any) -> tuple[Any, bool]:
+    """`data` with what people write by hand in a services file made typed, as from_dict always
+    took it: integers as ASCII digits ("8080", " 8080 "), upper-case choices ("TCP"), a null
+    host name. (a copy, whether anything changed). Only tried after a strict decode failed."""
+    info, extra = _unwrap(info)
+    if isinstance(info, mi.StructType) and isinstance(data, dict):
+        copy, changed = dict(data), False
+        for field in info.fields:
+            if field.encode_name in data:
+                copy[field.encode_name], one = _lenient(field.type, data[field.encode_name])
+                changed = changed or one
+        return copy, changed
+    if isinstance(info, (mi.ListType, mi.VarTupleType)) and isinstance(data, list):
+        items = [_lenient(info.item_type, item) for item in data]
+        return [item for item, _ in items], any(one for _, one in items)
+    if isinstance(info, mi.IntType) and isinstance(data, str):
+        number = integer(data, 0, 10**12)
+        return (number, True) if number is not None else (data, False)
+    if isinstance(info, mi.LiteralType) and isinstance(data, str) and data.lower() != data:
+        return data.lower(), True
+    if data is None and extra.get("null_is_empty"):
+        return "", True
+    return data, False
+
+
+def _convert(data: Any, type_: Any, what: str) -> Any:
+    """`data` (JSON-like, as off the bus) as `type_`, validated, or ModelError naming the field."""
+    try:
+        return msgspec.convert(data, type_)
+    except msgspec.ValidationError as error:
+        failed = error
+    data, changed = _lenient(_info(type_), data)
+    if changed:
+        try:
+            return msgspec.convert(data, type_)
+        except msgspec.ValidationError as error:
+            failed = error
+    raise ModelError(_one_line(_explain(failed, type_, data, what))) from None
+
+
+def _dataclass_compatible(cls: type) -> type:
+    """dataclasses.replace / fields / asdict keep working on a model class (they did when these
+    were dataclasses; tests and tools use them): they read `__dataclass_fields__`."""
+    fields = {}
+    for info in msgspec.structs.fields(cls):
+        if info.default is not msgspec.NODEFAULT:
+            item = dataclasses.field(default=info.default)
+        elif info.default_factory is not msgspec.NODEFAULT:
+            item = dataclasses.field(default_factory=info.default_factory)
+        else:
+            item = dataclasses.field()
+        item.name, item.type = info.name, info.type
+        item._field_type = dataclasses._FIELD  # type: ignore[attr-defined]
+        fields[info.name] = item
+    cls.__dataclass_fields__ = fields  # type: ignore[attr-defined]
+    return cls
 
 
 def validate_name(value: Any, what: str = "name") -> str:
-    if not isinstance(value, str) or not is_name(value):
+    if not is_name(value):
         raise ModelError(
             f"{what} {clip(value)} is not a valid service name "
             "(letters, digits, '.', '_', '-'; at most 255 characters)"
@@ -91,21 +276,17 @@ def validate_name(value: Any, what: str = "name") -> str:
 
 
 def validate_ip(value: Any, what: str = "ip") -> str:
-    # Only a string: ip_address() also takes integers (1 -> "0.0.0.1") and bytes. No IPv6 zone
-    # ("fe80::1%eth0"): ip_address() accepts any text after the `%`, newlines and spaces too,
-    # and str() gives it back, straight into a proxy config line.
-    if not isinstance(value, str) or "%" in value:
+    """`value` as an IP address in its normal form (services/common/validate.py: ip_text)."""
+    normal = ip_text(value)
+    if normal is None:
         raise ModelError(f"{what} must be an IP address, got {clip(value)}")
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise ModelError(f"{what} must be an IP address, got {clip(value)}") from None
+    return normal
 
 
-def _reject_unknown(data: dict, allowed: Iterable[str], what: str) -> None:
-    unknown = set(data) - set(allowed)
-    if unknown:
-        raise ModelError(f"{what} has unknown field(s): {field_list(unknown)}")
+def _choice(value: Any, choices: tuple[str, ...], what: str) -> str:
+    if not isinstance(value, str) or value.lower() not in choices:
+        raise ModelError(f"{what} must be one of {', '.join(choices)}, got {clip(value)}")
+    return value.lower()
 
 
 def _require_dict(data: Any, what: str) -> dict:
@@ -122,17 +303,25 @@ def proxy_weight(weight: int) -> int:
     return max(1, min(PROXY_MAX_WEIGHT, round(weight * PROXY_MAX_WEIGHT / MAX_WEIGHT)))
 
 
-@dataclass(frozen=True)
-class Server:
+def _checked_server(server: "Server", what: str) -> "Server":
+    """What the type cannot say: the IP address, in its normal form."""
+    ip = ip_text(server.ip)
+    if ip is None:
+        raise ModelError(_one_line(f"{what}.ip must be an IP address, got {clip(server.ip)}"))
+    return server if ip == server.ip else msgspec.structs.replace(server, ip=ip)
+
+
+@_dataclass_compatible
+class Server(Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """One backend instance. `weight` is always the user's weight on the 1..1000 scale (labels,
     registrator, the file); `proxy_weight` is the same weight on the proxies' 0..256 scale,
     computed where a proxy is told, so the one field never changes meaning along the way."""
 
-    ip: str
-    port: int
-    hostname: str = ""
-    weight: int = DEFAULT_WEIGHT
-    maxconn: int | None = None
+    ip: IPText
+    port: Port
+    hostname: Hostname = ""
+    weight: Weight = DEFAULT_WEIGHT
+    maxconn: MaxConn | None = None
 
     @property
     def address(self) -> str:
@@ -143,7 +332,7 @@ class Server:
         return proxy_weight(self.weight)
 
     def with_maxconn(self, maxconn: int | None) -> "Server":
-        return replace(self, maxconn=maxconn)
+        return msgspec.structs.replace(self, maxconn=maxconn)
 
     def to_dict(self) -> dict:
         return {"ip": self.ip, "port": self.port, "hostname": self.hostname, "weight": self.weight,
@@ -151,63 +340,42 @@ class Server:
 
     @classmethod
     def from_dict(cls, data: Any, what: str = "server") -> "Server":
-        data = _require_dict(data, what)
-        _reject_unknown(data, ("ip", "port", "hostname", "weight", "maxconn"), what)
-        hostname = data.get("hostname", "") or ""
-        if not is_hostname(hostname):
-            raise ModelError(f"{what}.hostname {clip(hostname)} is not a valid host name")
-        return cls(
-            ip=validate_ip(data.get("ip"), f"{what}.ip"),
-            port=_int_in(data.get("port"), 1, 65535, f"{what}.port"),
-            hostname=hostname,
-            weight=_int_in(data.get("weight", DEFAULT_WEIGHT), 0, MAX_WEIGHT, f"{what}.weight"),
-            maxconn=_optional_int(data.get("maxconn"), 1, 1_000_000, f"{what}.maxconn"),
-        )
+        return _checked_server(_convert(data, cls, what), what)
 
 
-@dataclass(frozen=True)
-class HealthCheck:
+@_dataclass_compatible
+class HealthCheck(Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """How the proxy itself checks a server. `protocol` http uses `path`."""
 
-    protocol: str = "tcp"
-    path: str = "/"
-    interval_seconds: int = 10
-    timeout_seconds: int = 5
-    fall: int = 3
+    protocol: Literal["tcp", "http"] = "tcp"
+    path: CheckPath = "/"  # it ends up in an `option httpchk` line: printable, no spaces, no quotes
+    interval_seconds: CheckSeconds = 10
+    timeout_seconds: CheckSeconds = 5
+    fall: _int(1, 100) = 3
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"protocol": self.protocol, "path": self.path, "interval_seconds": self.interval_seconds,
+                "timeout_seconds": self.timeout_seconds, "fall": self.fall}
 
     @classmethod
     def from_dict(cls, data: Any, what: str = "healthCheck") -> "HealthCheck":
-        data = _require_dict(data, what)
-        _reject_unknown(data, ("protocol", "path", "interval_seconds", "timeout_seconds", "fall"), what)
-        path = data.get("path", "/")
-        # The path ends up in an `option httpchk` line: printable, no spaces, no quotes.
-        if not is_check_path(path):
-            raise ModelError(f"{what}.path {clip(path)} is not a valid URL path")
-        return cls(
-            protocol=_choice(data.get("protocol", "tcp"), ("tcp", "http"), f"{what}.protocol"),
-            path=path,
-            interval_seconds=_int_in(data.get("interval_seconds", 10), 1, 3600, f"{what}.interval_seconds"),
-            timeout_seconds=_int_in(data.get("timeout_seconds", 5), 1, 3600, f"{what}.timeout_seconds"),
-            fall=_int_in(data.get("fall", 3), 1, 100, f"{what}.fall"),
-        )
+        return _convert(data, cls, what)
 
 
-@dataclass(frozen=True)
-class Service:
-    """A proxied service, keyed by `servicePort/protocol`."""
+@_dataclass_compatible
+class Service(Struct, frozen=True, forbid_unknown_fields=True, dict=True):
+    """A proxied service, keyed by `servicePort/protocol`. `dict=True`: room for the cached
+    properties (key, wire form, digest)."""
 
-    name: str
-    port: int
-    protocol: str = "tcp"
-    mode: str = "tcp"
-    source: str = "file"
+    name: Name
+    port: Port
+    protocol: Protocol = "tcp"
+    mode: Mode = "tcp"
+    source: SourceName = "file"
     servers: tuple[Server, ...] = ()
     health_check: HealthCheck | None = None
-    timeout_client: int | None = None  # seconds
-    timeout_server: int | None = None  # seconds
+    timeout_client: TimeoutSeconds | None = None  # seconds
+    timeout_server: TimeoutSeconds | None = None  # seconds
     # Backends run with host networking: their port equals the service port, so a proxy on the
     # same host network would collide with them. Dropped unless EXPOSE_HOST.
     host_network: bool = False
@@ -223,7 +391,6 @@ class Service:
 
     @cached_property
     def _wire(self) -> dict:
-        # cached_property writes the instance's __dict__ directly: allowed on a frozen dataclass
         return {
             "name": self.name, "port": self.port, "protocol": self.protocol, "mode": self.mode,
             "source": self.source, "servers": [s.to_dict() for s in self.servers],
@@ -239,42 +406,30 @@ class Service:
 
     @classmethod
     def from_dict(cls, data: Any, what: str = "service") -> "Service":
-        data = _require_dict(data, what)
-        _reject_unknown(
-            data,
-            ("name", "port", "protocol", "mode", "source", "servers", "health_check",
-             "timeout_client", "timeout_server", "host_network"),
-            what,
-        )
-        name = validate_name(data.get("name"), f"{what}.name")
-        what = f"service {name!r}"
-        servers = data.get("servers", [])
-        if not isinstance(servers, list):
-            raise ModelError(f"{what}.servers must be a list")
-        health = data.get("health_check")
-        host_network = data.get("host_network", False)
-        if not isinstance(host_network, bool):
-            raise ModelError(f"{what}.host_network must be true or false")
-        return cls(
-            name=name,
-            port=_int_in(data.get("port"), 1, 65535, f"{what}.port"),
-            protocol=_choice(data.get("protocol", "tcp"), PROTOCOLS, f"{what}.protocol"),
-            mode=_choice(data.get("mode", "tcp"), MODES, f"{what}.mode"),
-            source=_choice(data.get("source", "file"), SOURCES, f"{what}.source"),
-            servers=tuple(
-                sorted(
-                    (Server.from_dict(s, f"{what}.servers[{i}]") for i, s in enumerate(servers)),
-                    key=server_sort_key,
-                )
-            ),
-            health_check=HealthCheck.from_dict(health, f"{what}.health_check") if health is not None else None,
-            timeout_client=_optional_int(data.get("timeout_client"), 1, 86400, f"{what}.timeout_client"),
-            timeout_server=_optional_int(data.get("timeout_server"), 1, 86400, f"{what}.timeout_server"),
-            host_network=host_network,
-        )
+        name = data.get("name") if isinstance(data, dict) else None
+        if is_name(name):
+            what = f"service {name!r}"
+        return _checked_service(_convert(data, cls, what), what)
 
     def with_servers(self, servers: Iterable[Server]) -> "Service":
-        return replace(self, servers=tuple(sorted(servers, key=server_sort_key)))
+        return msgspec.structs.replace(self, servers=tuple(sorted(servers, key=server_sort_key)))
+
+
+def _checked_service(service: Service, what: str) -> Service:
+    """What the types cannot say about a decoded service: its servers' IP addresses (in their
+    normal form) and their order (equal content, equal bytes, equal digest)."""
+    servers = service.servers
+    if not servers:
+        return service
+    checked = list(servers)
+    for index, server in enumerate(servers):
+        ip = ip_text(server.ip)
+        if ip != server.ip:
+            checked[index] = _checked_server(server, f"{what}.servers[{index}]")
+    checked.sort(key=server_sort_key)
+    if all(a is b for a, b in zip(checked, servers)):
+        return service
+    return msgspec.structs.replace(service, servers=tuple(checked))
 
 
 def server_sort_key(server: Server) -> tuple:
@@ -309,8 +464,8 @@ def services_hash(services: Iterable[Service], *extra: Any) -> str:
 
 class ServiceDecoder:
     """Decodes lists of service dicts, reusing the Service decoded last time when a dict is
-    equal to the one it came from: with full-state messages most services do not change, and
-    comparing dicts is much cheaper than validating them again. One per subscriber."""
+    equal to the one it came from (the same object: the planner's memo tells unchanged services
+    by identity), and comparing dicts is cheaper than validating them again. One per subscriber."""
 
     def __init__(self) -> None:
         self._known: dict[Any, tuple[dict, Service]] = {}
@@ -354,23 +509,26 @@ EXCLUSION_CODES = (
 )
 EXCLUDER_NAMES = (*SOURCES, "planner", "applier")
 MAX_EXCLUDED = 2000  # per snapshot or plan: a broken cluster must not make every message huge
+ExcluderName = Literal[EXCLUDER_NAMES]
+ExclusionCode = Literal[EXCLUSION_CODES]
 
 
-@dataclass(frozen=True)
-class Excluded:
+@_dataclass_compatible
+class Excluded(Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """A task or entry a source saw but does not serve (or a label it ignored), and why.
 
     Every field but `source`, `code` and `reason` may be empty when it is not known: an app whose
-    id gives no name has no `service`, a label ignored for a whole app has no `task`."""
+    id gives no name has no `service`, a label ignored for a whole app has no `task`. Every string
+    is one line (shown on a page and in logs; escaping is the page's job)."""
 
-    source: str  # who excluded it: a source name, "planner" or "applier"
-    code: str  # one of EXCLUSION_CODES
-    reason: str  # plain words, one line: "health check failing (3 consecutive failures)"
-    app: str = ""  # Marathon app id, registrator service name, services-file entry name
-    task: str = ""  # Marathon task id, registrator entry (etcd key)
-    service: str = ""  # service name
-    key: str = ""  # "port/protocol" of the service it would belong to
-    address: str = ""  # "ip:port" of the backend it would be
+    source: ExcluderName  # who excluded it: a source name, "planner" or "applier"
+    code: ExclusionCode  # one of EXCLUSION_CODES
+    reason: OneLine  # plain words, one line: "health check failing (3 consecutive failures)"
+    app: OneLine = ""  # Marathon app id, registrator service name, services-file entry name
+    task: OneLine = ""  # Marathon task id, registrator entry (etcd key)
+    service: OneLine = ""  # service name
+    key: OneLine = ""  # "port/protocol" of the service it would belong to
+    address: OneLine = ""  # "ip:port" of the backend it would be
 
     def to_dict(self) -> dict:
         return {"source": self.source, "code": self.code, "reason": self.reason, "app": self.app,
@@ -378,17 +536,10 @@ class Excluded:
 
     @classmethod
     def from_dict(cls, data: Any, what: str = "excluded") -> "Excluded":
-        data = _require_dict(data, what)
-        _reject_unknown(data, ("source", "code", "reason", "app", "task", "service", "key", "address"), what)
-        values = {}
-        for name in ("reason", "app", "task", "service", "key", "address"):
-            value = data.get(name, "")
-            # Shown on a page and in logs: one line, bounded; escaping is the page's job.
-            if not isinstance(value, str) or len(value) > 1024 or "\n" in value or "\r" in value:
-                raise ModelError(f"{what}.{name} must be a one-line string, got {clip(value)}")
-            values[name] = value
-        return cls(source=_choice(data.get("source"), EXCLUDER_NAMES, f"{what}.source"),
-                   code=_choice(data.get("code"), EXCLUSION_CODES, f"{what}.code"), **values)
+        return _convert(data, cls, what)
+
+
+ExcludedList = Annotated[tuple[Excluded, ...], Meta(max_length=MAX_EXCLUDED)]
 
 
 def excluded_to_list(excluded: Iterable[Excluded]) -> list[dict]:
@@ -396,11 +547,7 @@ def excluded_to_list(excluded: Iterable[Excluded]) -> list[dict]:
 
 
 def excluded_from_list(value: Any, what: str = "excluded") -> tuple[Excluded, ...]:
-    if not isinstance(value, list):
-        raise ModelError(f"{what} must be a list")
-    if len(value) > MAX_EXCLUDED:
-        raise ModelError(f"{what} has {len(value)} entries (at most {MAX_EXCLUDED})")
-    return tuple(Excluded.from_dict(item, f"{what}[{index}]") for index, item in enumerate(value))
+    return _convert(value, ExcludedList, what)
 
 
 class ExcludedDecoder:
@@ -409,7 +556,7 @@ class ExcludedDecoder:
     (a broken cluster) would cost every snapshot 20-30 ms, while most do not change from one
     snapshot to the next. The list is ordered, so an entry is first compared with the one at
     the same place (shifted by what was inserted or removed before it), then looked up by
-    identity fields. Validates exactly like `excluded_from_list`. One per subscriber and topic
+    identity fields. Validates like `excluded_from_list`. One per subscriber and topic
     (ServiceDecoder carries one)."""
 
     def __init__(self) -> None:
@@ -463,27 +610,34 @@ def bounded_excluded(excluded: Iterable[Excluded]) -> tuple[Excluded, ...]:
 
 
 def _timestamp(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e11:
-        raise ModelError(f"{what} must be a Unix time in seconds, got {clip(value)}")
-    return float(value)
+    return _convert(value, Timestamp, what)
 
 
-@dataclass(frozen=True)
-class SourceSnapshot:
+def _str_list(value: Any, what: str) -> tuple[str, ...]:
+    return _convert(value, tuple[str, ...], what)
+
+
+def _inputs(value: Any, what: str = "plan.inputs") -> tuple[tuple[str, str], ...]:
+    """A plan's `inputs` (source name -> hash), as the plan keeps them: sorted pairs."""
+    return tuple(sorted(_convert(value, dict[str, str], what).items()))
+
+
+@_dataclass_compatible
+class SourceSnapshot(Struct, frozen=True):
     """Everything one discovery source currently knows. When the source is `degraded` the
     services are its last good state: a discovery failure never empties the proxies."""
 
-    source: str
-    state: str
+    source: SourceName
+    state: SourceState
     services: tuple[Service, ...] = ()
     error: str = ""
     # Entries this source skipped (bad labels, unresolvable hosts...), for operators.
     warnings: tuple[str, ...] = ()
     # Tasks and entries seen but not served, each with its reason (bounded_excluded).
-    excluded: tuple[Excluded, ...] = ()
+    excluded: ExcludedList = ()
     # When the collector learned of the newest change in `services` (Unix time; 0: unknown).
     # Carried through the plan to the applier: proxymatic_change_to_applied_seconds.
-    changed_at: float = 0.0
+    changed_at: Timestamp = 0.0
 
     @property
     def hash(self) -> str:
@@ -504,82 +658,70 @@ class SourceSnapshot:
 
     @classmethod
     def from_dict(cls, data: Any, decoder: ServiceDecoder | None = None) -> "SourceSnapshot":
-        data = _require_dict(data, "snapshot")
+        wire = _convert(data, _SnapshotWire, "snapshot")
         return cls(
-            source=_choice(data.get("source"), SOURCES, "snapshot.source"),
-            state=_choice(data.get("state"), SOURCE_STATES, "snapshot.state"),
-            services=(decoder or ServiceDecoder()).decode(data.get("services", [])),
-            error=str(data.get("error", "")),
-            warnings=_str_list(data.get("warnings", []), "snapshot.warnings"),
-            excluded=(decoder.excluded.decode(data.get("excluded", []), "snapshot.excluded") if decoder
-                      else excluded_from_list(data.get("excluded", []), "snapshot.excluded")),
-            changed_at=_timestamp(data.get("changed_at", 0.0), "snapshot.changed_at"),
+            source=wire.source, state=wire.state,
+            services=(decoder or ServiceDecoder()).decode(wire.services),
+            error=wire.error, warnings=wire.warnings,
+            excluded=(decoder.excluded.decode(wire.excluded, "snapshot.excluded") if decoder
+                      else excluded_from_list(wire.excluded, "snapshot.excluded")),
+            changed_at=wire.changed_at,
         )
 
 
-_SETTINGS_INTS = {"max_connections": (1, 1_000_000), "pen_servers": (1, 10000), "pen_clients": (1, 1_000_000),
-                  "vhost_port": (1, 65535)}
+class _SnapshotWire(Struct, frozen=True):
+    """SourceSnapshot.to_dict() read back: services and excluded entries are decoded apart (by a
+    ServiceDecoder, which reuses the unchanged ones); `schema` and `hash` are ignored."""
+
+    source: SourceName
+    state: SourceState
+    services: list = []
+    error: str = ""
+    warnings: tuple[str, ...] = ()
+    excluded: list = []
+    changed_at: Timestamp = 0.0
 
 
-def _str_list(value: Any, what: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ModelError(f"{what} must be a list of strings")
-    return tuple(value)
+@_dataclass_compatible
+class ProxySettings(Struct, frozen=True, gc=False):
+    """The options that shape rendered proxy configs (not discovery). Validated like the options
+    they come from (services/common/config.py): a plan read from the bus reaches the renderers,
+    so no setting is taken unchecked. Unknown keys are ignored (a newer planner may send more)."""
 
-
-@dataclass(frozen=True)
-class ProxySettings:
-    """The options that shape rendered proxy configs (not discovery)."""
-
-    max_connections: int = 8192
-    pen_servers: int = 64
-    pen_clients: int = 8192
+    max_connections: MaxConn = 8192
+    pen_servers: _int(1, 10000) = 64
+    pen_clients: MaxConn = 8192
     haproxy: bool = True
-    vhost_domain: str = ""
-    vhost_port: int = 80
+    vhost_domain: Domain = ""
+    vhost_port: Port = 80
     proxy_protocol: bool = False
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"max_connections": self.max_connections, "pen_servers": self.pen_servers,
+                "pen_clients": self.pen_clients, "haproxy": self.haproxy, "vhost_domain": self.vhost_domain,
+                "vhost_port": self.vhost_port, "proxy_protocol": self.proxy_protocol}
 
     @classmethod
     def from_dict(cls, data: Any) -> "ProxySettings":
-        """Validated like the options they come from (services/common/config.py): a plan read
-        from the bus reaches the renderers, so no setting is taken unchecked. Unknown keys are
-        ignored (a newer planner may send more)."""
-        data = _require_dict(data, "settings")
-        values: dict[str, Any] = {}
-        for key, (low, high) in _SETTINGS_INTS.items():
-            if key in data:
-                values[key] = _int_in(data[key], low, high, f"settings.{key}")
-        for key in ("haproxy", "proxy_protocol"):
-            if key in data:
-                if not isinstance(data[key], bool):
-                    raise ModelError(f"settings.{key} must be true or false, got {clip(data[key])}")
-                values[key] = data[key]
-        if "vhost_domain" in data:
-            domain = data["vhost_domain"]
-            if not isinstance(domain, str) or (domain and not is_domain(domain)):
-                raise ModelError(f"settings.vhost_domain {clip(domain)} is not a valid domain name")
-            values["vhost_domain"] = domain
-        return cls(**values)
+        return _convert(data, cls, "settings")
 
 
-@dataclass(frozen=True)
-class Plan:
-    """The desired proxy state: what every applier converges to."""
+@_dataclass_compatible
+class Plan(Struct, frozen=True, dict=True):
+    """The desired proxy state: what every applier converges to. `dict=True`: room for the
+    cached hash."""
 
     services: tuple[Service, ...]
-    settings: ProxySettings = field(default_factory=ProxySettings)
+    settings: ProxySettings = msgspec.field(default_factory=ProxySettings)
     # Source name -> hash of the snapshot the plan was built from, for tracing.
     inputs: tuple[tuple[str, str], ...] = ()
     # Which sources had delivered when the plan was made (the status stage needs it).
     sources_ready: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     # The sources' excluded entries plus the planner's own (host network, port taken...).
-    excluded: tuple[Excluded, ...] = ()
+    excluded: ExcludedList = ()
     # The newest `changed_at` of the snapshots this plan was built from (0: unknown).
-    changed_at: float = 0.0
+    changed_at: Timestamp = 0.0
 
     @cached_property
     def hash(self) -> str:
@@ -602,34 +744,38 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Any, decoder: ServiceDecoder | None = None) -> "Plan":
-        data = _require_dict(data, "plan")
+        wire = _convert(data, _PlanWire, "plan")
         return cls(
-            services=(decoder or ServiceDecoder()).decode(data.get("services", [])),
-            settings=ProxySettings.from_dict(data.get("settings", {})),
-            inputs=_inputs(data.get("inputs", {})),
-            sources_ready=_str_list(data.get("sources_ready", []), "plan.sources_ready"),
-            notes=_str_list(data.get("notes", []), "plan.notes"),
-            excluded=(decoder.excluded.decode(data.get("excluded", []), "plan.excluded") if decoder
-                      else excluded_from_list(data.get("excluded", []), "plan.excluded")),
-            changed_at=_timestamp(data.get("changed_at", 0.0), "plan.changed_at"),
+            services=(decoder or ServiceDecoder()).decode(wire.services),
+            settings=wire.settings, inputs=tuple(sorted(wire.inputs.items())),
+            sources_ready=wire.sources_ready, notes=wire.notes,
+            excluded=(decoder.excluded.decode(wire.excluded, "plan.excluded") if decoder
+                      else excluded_from_list(wire.excluded, "plan.excluded")),
+            changed_at=wire.changed_at,
         )
 
 
-def _inputs(value: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise ModelError("plan.inputs must map source names to hashes")
-    return tuple(sorted(value.items()))
+class _PlanWire(Struct, frozen=True):
+    """Plan.to_dict() read back (services and excluded entries decoded apart, as for a snapshot)."""
+
+    services: list = []
+    settings: ProxySettings = msgspec.field(default_factory=ProxySettings)
+    inputs: dict[str, str] = {}
+    sources_ready: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    excluded: list = []
+    changed_at: Timestamp = 0.0
 
 
-@dataclass(frozen=True)
-class ApplyResult:
+@_dataclass_compatible
+class ApplyResult(Struct, frozen=True):
     """What an applier did with a plan."""
 
     plan_hash: str
     ok: bool
-    action: str  # "none" | "runtime" | "reload" | "start" | "rejected"
+    action: str  # "none" | "runtime" | "reload" | "start" | "rejected" | "held"
     errors: tuple[str, ...] = ()
-    details: dict = field(default_factory=dict)
+    details: dict = {}
 
     def to_dict(self) -> dict:
         return {"plan_hash": self.plan_hash, "ok": self.ok, "action": self.action,
@@ -637,6 +783,7 @@ class ApplyResult:
 
     @classmethod
     def from_dict(cls, data: Any) -> "ApplyResult":
+        """Read leniently: a result is shown and counted, never applied."""
         data = _require_dict(data, "applied")
         return cls(plan_hash=str(data.get("plan_hash", "")), ok=bool(data.get("ok")),
                    action=str(data.get("action", "")), errors=tuple(data.get("errors", [])),
