@@ -311,12 +311,19 @@ def build_services(pairs: Iterable[tuple[Mapping, AppSpec]], resolve: Callable[[
     own weight. Service attributes (mode, timeouts, name) come from the app that owns the port
     (no servicePort override label), else the lowest app id; a conflict is reported. One-shot
     form of `ServiceBuilder`, which MarathonSource keeps to rebuild only what changed."""
-    by_app: dict[str, list[tuple[Mapping, AppSpec]]] = {}
+    by_app: dict[str, tuple[list[tuple[Mapping, AppSpec]], tuple[str, ...]]] = {}
     for task, spec in pairs:
-        by_app.setdefault(getattr(spec, "app_id", "?"), []).append((task, spec))
+        by_app.setdefault(getattr(spec, "app_id", "?"), ([], ()))[0].append((task, spec))
+    return build_apps(by_app, resolve, previously_served, extra_warnings, extra_excluded)
+
+
+def build_apps(apps: Mapping[str, tuple[list[tuple[Mapping, AppSpec]], Iterable[str]]],
+               resolve: Callable[[str], str | None], previously_served: frozenset[str] | set[str] = frozenset(),
+               extra_warnings: Iterable[str] = (), extra_excluded: Iterable[Excluded] = ()) -> BuildResult:
+    """`build_services` with the pairs given per app, each with its own extra warnings."""
     builder = ServiceBuilder()
-    for app_id, app_pairs in by_app.items():
-        builder.update(app_id, app_pairs, resolve, previously_served=previously_served)
+    for app_id, (app_pairs, app_warnings) in apps.items():
+        builder.update(app_id, app_pairs, resolve, app_warnings, previously_served=previously_served)
     services, warnings = builder.result(extra_warnings)
     return BuildResult(services, warnings, builder.served(), builder.excluded(extra_excluded))
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from services.collector.exclusions import excluded as make_excluded
 from services.collector.marathon.apps import AppError, AppSpec, app_skipped, clip, parse_app
-from services.collector.marathon.builder import BuildResult, ServiceBuilder
+from services.collector.marathon.builder import BuildResult, build_apps
 from services.collector.marathon.tasks import app_uses_current_config
 from services.common.model import Excluded
 
@@ -180,7 +180,7 @@ def build_from_payloads(apps: Iterable[Any], tasks: Iterable[Any] = (),
                         resolve: Callable[[str], str | None] | None = None,
                         previously_served: frozenset[str] = frozenset()) -> BuildResult:
     """Apps (each possibly with embedded `tasks`) plus /v2/tasks entries -> services, through
-    the source's own steps (take_app, missing_versions, load_version, pairs_for, ServiceBuilder).
+    the source's own steps (take_app, missing_versions, load_version, pairs_for, the builder).
     `versions` maps (app id, version) to the bare app of `/v2/apps/{id}/versions/{version}`."""
     from services.collector.resolve import Resolver  # local: keeps this module free of sockets
 
@@ -219,9 +219,5 @@ def build_from_payloads(apps: Iterable[Any], tasks: Iterable[Any] = (),
             excluded.append(make_excluded("marathon", "bad_data", f"version {clip(key[1])} skipped: {problem}",
                                           app=key[0]))
         cache[key] = spec
-    builder = ServiceBuilder()
-    for app_id in state.tasks:
-        pairs, pair_warnings = pairs_for(state, cache, app_id)
-        builder.update(app_id, pairs, resolve, pair_warnings, previously_served=previously_served)
-    services, all_warnings = builder.result(warnings)
-    return BuildResult(services, all_warnings, builder.served(), builder.excluded(excluded))
+    return build_apps({app_id: pairs_for(state, cache, app_id) for app_id in state.tasks}, resolve,
+                      previously_served, warnings, excluded)
