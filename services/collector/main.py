@@ -11,7 +11,6 @@ collector.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import queue
 import threading
@@ -37,9 +36,6 @@ log = logging.getLogger("proxymatic.collector")
 
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
-# Whether SnapshotSender.publish also takes the services by key (as PlanSender.publish does):
-# the collector's change log has them, so the sender need not index every service per change.
-SENDER_TAKES_BY_KEY = "by_key" in inspect.signature(SnapshotSender.publish).parameters
 
 
 def _marathon(settings: Settings) -> Source:
@@ -190,7 +186,7 @@ class SourceRunner:
             found = self._changes.changes(services, keys)
             changed = bool(found)
             self._seen_previous = True
-            if keys is not None and SENDER_TAKES_BY_KEY:
+            if keys is not None:
                 by_key = self._changes.by_key()
         except Exception:  # noqa: BLE001 - a bug here must not cost the snapshot
             log.error("source %s: cannot tell what changed\n%s", self.source.name, redact(traceback.format_exc()))
@@ -303,10 +299,8 @@ def _publish(report: SourceReport, publisher: Publisher, cache: SourceCache, sen
         if sender is None:
             sender = senders[snapshot.source] = SnapshotSender(publisher, snapshot.source)
         changed = report.changed if snapshot.source not in stale else None
-        if changed is not None and report.by_key is not None and SENDER_TAKES_BY_KEY:
-            sent = sender.publish(snapshot, if_changed=True, changed=changed, by_key=report.by_key)
-        else:
-            sent = sender.publish(snapshot, if_changed=True, changed=changed)
+        sent = sender.publish(snapshot, if_changed=True, changed=changed,
+                              by_key=report.by_key if changed is not None else None)
     except BaseException:
         stale.add(snapshot.source)  # what the bus was told is not what the next report follows
         raise

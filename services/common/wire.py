@@ -179,12 +179,14 @@ class SnapshotSender:
         self.sender = KeyedSender(self.publisher, source_prefix(self.source), entry_payload, entry_digest)
         self._changes = _Changes(self.sender)
 
-    def publish(self, snapshot: SourceSnapshot, if_changed: bool = False, changed: Iterable[str] | None = None):
+    def publish(self, snapshot: SourceSnapshot, if_changed: bool = False, changed: Iterable[str] | None = None,
+                by_key: Mapping[str, Service] | None = None):
         """Publish the keys that changed, then the summary; with `if_changed`, nothing at all
         (None) when no key changed and the summary would say what the last one said.
         `changed`: the only keys whose service may have changed since the last publish (the
-        keys whose excluded entries changed are found here); None: compare every key."""
-        entries, keyless, changes = self._changes(snapshot.services, snapshot.excluded, None, changed)
+        keys whose excluded entries changed are found here); None: compare every key.
+        `by_key`: the snapshot's services by key, when the caller has them (saves building it)."""
+        entries, keyless, changes = self._changes(snapshot.services, snapshot.excluded, by_key, changed)
         summary = {"schema": KEYED_SCHEMA, "source": snapshot.source, "state": snapshot.state,
                    "error": snapshot.error, "warnings": list(snapshot.warnings), "count": len(snapshot.services),
                    "changed_at": snapshot.changed_at, "excluded": excluded_to_list(keyless)}
