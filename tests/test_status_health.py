@@ -88,6 +88,11 @@ def test_pen_probes_follow_the_applied_plan_minus_set_aside():
     settings = Settings(run_dir="/tmp/x", haproxy=True, vhost_domain="example.com", vhost_port=8088)
     assert set(ProbeTargets(settings).probes(result)) == {"haproxy", "pen 53-udp", "nginx"}
     assert set(ProbeTargets(Settings(run_dir="/tmp/x", haproxy=False)).probes(None)) == set()
+    # Once the applier says which drivers run (the plan decides them), those are probed.
+    planned = ApplyResult("p", True, "reload", details={**result.details, "drivers": {"running": ["haproxy", "pen"]}})
+    assert set(ProbeTargets(Settings(run_dir="/tmp/x", haproxy=False)).probes(planned)) == {"haproxy", "pen 53-udp"}
+    assert set(ProbeTargets(settings).probes(ApplyResult("p", True, "none", details={"drivers": {"running": ["pen"]}}))) \
+        == set()
 
 
 def test_prober_reports_a_pen_that_stops_answering_and_recovers(tmp_path):

@@ -70,21 +70,31 @@ def pen_keys(applied: ApplyResult | None) -> list[str]:
     return [key for key in pen.get("instances") or [] if key not in set_aside]
 
 
+def running_drivers(applied: ApplyResult | None, settings: Settings) -> set[str]:
+    """The drivers the applier runs, as its last result says (the plan's settings decide them:
+    services/applier/drivers.py); the node's own options until it said."""
+    running = ((applied.details.get("drivers") or {}).get("running") if applied is not None else None)
+    if isinstance(running, list):
+        return {str(name) for name in running}
+    return {name for name, wanted in (("haproxy", settings.haproxy), ("nginx", bool(settings.vhost_domain))) if wanted}
+
+
 @dataclass(frozen=True)
 class ProbeTargets:
-    """Builds the probes for this node: HAProxy when HAPROXY, one per Pen instance of the applied
-    plan, nginx when VHOST_DOMAIN."""
+    """Builds the probes for this node: HAProxy and nginx when the applier runs their drivers,
+    one per Pen instance of the applied plan."""
 
     settings: Settings
     timeout: float = 1.0
 
     def probes(self, applied: ApplyResult | None) -> dict[str, Probe]:
         probes: dict[str, Probe] = {}
-        if self.settings.haproxy:
+        running = running_drivers(applied, self.settings)
+        if "haproxy" in running:
             probes["haproxy"] = haproxy_probe(HaproxyPaths.for_run_dir(self.settings.run_dir), self.timeout)
         files = PenFiles.of(self.settings)
         for key in pen_keys(applied):
             probes[f"pen {key}"] = pen_probe(files, key, self.timeout)
-        if self.settings.vhost_domain:
+        if "nginx" in running:
             probes["nginx"] = tcp_probe(self.settings.vhost_port, self.timeout)
         return probes
