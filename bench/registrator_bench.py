@@ -24,7 +24,7 @@ import requests
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from services.collector.registrator import RegistratorSource  # noqa: E402
-from services.collector.registrator_parse import parse_response  # noqa: E402
+from tests.registrator_payloads import parse_response  # noqa: E402
 from services.common.config import Settings  # noqa: E402
 from tests.etcd_server import EtcdServer  # noqa: E402
 

@@ -6,7 +6,6 @@ before its fix). Strategies are in tests/strategies.py.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -14,6 +13,7 @@ import subprocess
 import tempfile
 
 import hypothesis
+import msgspec
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -25,6 +25,7 @@ from services.collector.marathon.mirror import build_from_payloads as services_f
 from services.collector.source import SourceError
 from services.common.model import (HealthCheck, ModelError, Plan, ProxySettings, Server, Service,
                                    SourceSnapshot, validate_name)
+from tests import registrator_payloads
 from tests import strategies as gen
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +259,7 @@ def test_registrator_malformed_nodes_are_warnings_not_crashes():
         None, "text", {"key": ["not", "a", "string"]}, {"key": "/services/x", "dir": True, "nodes": {"a": 1}},
         {"key": "/services/redis", "dir": True, "nodes": [
             {"key": "/services/redis/hostname:redis.0:6379", "value": "192.168.1.102:10000"}]}]}
-    services, warnings = registrator_parse.parse_response("/services", {"node": node}, _no_dns)
+    services, warnings = registrator_payloads.parse_response("/services", {"node": node}, _no_dns)
     assert [(s.name, s.key) for s in services] == [("redis", "6379/tcp")]
     assert len(warnings) == 4 and all("malformed" in w for w in warnings)
 
@@ -266,7 +267,7 @@ def test_registrator_malformed_nodes_are_warnings_not_crashes():
 @pytest.mark.parametrize("payload", [None, [], "x", 5])
 def test_registrator_response_not_an_object_is_a_value_error(payload):
     with pytest.raises(ValueError, match="not an object"):
-        registrator_parse.parse_response("/services", payload, _no_dns)
+        registrator_payloads.parse_response("/services", payload, _no_dns)
 
 
 @pytest.mark.parametrize("key, value", [
@@ -449,7 +450,7 @@ def test_registrator_entry_is_an_entry_or_entry_error(prefix, data):
                  .flatmap(gen.mutate), gen.json_value))
 def test_registrator_tree_gives_valid_services_and_warnings(node):
     payload = {"action": "get", "node": node}
-    services, warnings = registrator_parse.parse_response("/services", payload, _etcd_resolve)
+    services, warnings = registrator_payloads.parse_response("/services", payload, _etcd_resolve)
     assert_valid_services(services, "registrator")
     assert_one_line_warnings(warnings)
 
@@ -499,10 +500,10 @@ def _plain(service: Service, name: str = "plain") -> Service:
     """The same shape with every free-text value plain: servers (deduplicated as the renderers
     do, same order, same maxconn presence), health check path, name."""
     from services.applier.haproxy_render import unique_servers
-    servers = tuple(dataclasses.replace(s, ip="10.0.0.1", port=i + 1, hostname="")
+    servers = tuple(msgspec.structs.replace(s, ip="10.0.0.1", port=i + 1, hostname="")
                     for i, s in enumerate(unique_servers(service)))
-    check = service.health_check and dataclasses.replace(service.health_check, path="/")
-    return dataclasses.replace(service, name=name, servers=servers, health_check=check)
+    check = service.health_check and msgspec.structs.replace(service.health_check, path="/")
+    return msgspec.structs.replace(service, name=name, servers=servers, health_check=check)
 
 
 def _haproxy_text(services, directory: str, max_connections: int) -> str:
@@ -819,7 +820,7 @@ def test_registrator_watch_events_raise_only_bad_event(events):
                 source.apply_event(event)
             except (BadEvent, _Resync) as error:  # _Resync: an unknown action, the watcher reads everything again
                 assert_one_line_warnings([str(error)])
-        services, warnings = registrator_parse.discovery_parts(source._entries, source._warnings)
+        services, warnings = registrator_payloads.discovery_parts(source._entries, source._warnings)
         assert_valid_services(services, "registrator")
         assert_one_line_warnings(warnings)
     finally:
@@ -878,8 +879,8 @@ def test_registrator_services_do_not_depend_on_the_order_of_keys(node, random):
 
     shuffled_node = shuffled(node)
     hypothesis.assume(len(keys) == len({repr(k) for k in keys}))  # etcd keys are unique
-    first = registrator_parse.parse_response("/services", {"node": node}, _etcd_resolve)
-    again = registrator_parse.parse_response("/services", {"node": shuffled_node}, _etcd_resolve)
+    first = registrator_payloads.parse_response("/services", {"node": node}, _etcd_resolve)
+    again = registrator_payloads.parse_response("/services", {"node": shuffled_node}, _etcd_resolve)
     # A warning quotes a malformed node as listed (its inner list in etcd's order): the same
     # warnings, not always the same text.
     assert first[0] == again[0] and len(first[1]) == len(again[1])

@@ -8,8 +8,9 @@ import pytest
 
 from services.collector.registrator import RegistratorSource
 from services.collector.registrator_parse import (
-    EntryError, parse_backend, parse_entry, parse_etcd_url, parse_registrator_url, parse_response,
+    EntryError, parse_backend, parse_entry, parse_etcd_url, parse_registrator_url,
 )
+from tests.registrator_payloads import parse_response
 from services.common.config import ConfigError, Settings
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "registrator")

@@ -417,32 +417,11 @@ def build_services_excluded(entries: Iterable[Entry]
     return tuple(services), tuple(warnings), tuple(excluded)
 
 
-def discovery_parts(entries: Mapping[str, Entry], entry_warnings: Mapping[str, str]
-                    ) -> tuple[tuple[Service, ...], tuple[str, ...]]:
-    """Services plus every warning (bad entries by key order, then port conflicts)."""
-    services, warnings, _ = discovery_all(entries, entry_warnings, {})
-    return services, warnings
-
-
 def discovery_all(entries: Mapping[str, Entry], entry_warnings: Mapping[str, str],
                   entry_excluded: Mapping[str, Excluded]
                   ) -> tuple[tuple[Service, ...], tuple[str, ...], tuple[Excluded, ...]]:
-    """`discovery_parts`, plus every Excluded: bad entries, then entries of a port conflict."""
+    """Services, every warning (bad entries by key order, then port conflicts) and every
+    Excluded (bad entries, then entries of a port conflict)."""
     services, conflicts, taken = build_services_excluded(entries.values())
     return (services, tuple(entry_warnings[k] for k in sorted(entry_warnings)) + conflicts,
             tuple(entry_excluded[k] for k in sorted(entry_excluded)) + taken)
-
-
-def parse_response(prefix: str, payload: Mapping[str, Any],
-                   resolve: Resolver = resolve_host) -> tuple[tuple[Service, ...], tuple[str, ...]]:
-    """A whole GET ?recursive=true response body (as JSON) → (services, warnings). Raises
-    ValueError for an etcd error (other than "key not found": no services) or a body that is
-    not an etcd answer."""
-    if not isinstance(payload, Mapping):
-        raise ValueError(f"etcd answered {_clip(payload)}, not an object")
-    if "errorCode" in payload:
-        if payload.get("errorCode") == 100:
-            return (), ()
-        raise ValueError(f"etcd error {payload.get('errorCode')}: {payload.get('message')}")
-    entries, warnings = parse_tree(prefix, payload.get("node"), caching_resolver(resolve))
-    return discovery_parts(entries, warnings)

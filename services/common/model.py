@@ -14,7 +14,6 @@ it is declared and checked.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
@@ -248,24 +247,6 @@ def _convert(data: Any, type_: Any, what: str) -> Any:
     raise ModelError(_one_line(_explain(failed, type_, data, what))) from None
 
 
-def _dataclass_compatible(cls: type) -> type:
-    """dataclasses.replace / fields / asdict keep working on a model class (they did when these
-    were dataclasses; tests and tools use them): they read `__dataclass_fields__`."""
-    fields = {}
-    for info in msgspec.structs.fields(cls):
-        if info.default is not msgspec.NODEFAULT:
-            item = dataclasses.field(default=info.default)
-        elif info.default_factory is not msgspec.NODEFAULT:
-            item = dataclasses.field(default_factory=info.default_factory)
-        else:
-            item = dataclasses.field()
-        item.name, item.type = info.name, info.type
-        item._field_type = dataclasses._FIELD  # type: ignore[attr-defined]
-        fields[info.name] = item
-    cls.__dataclass_fields__ = fields  # type: ignore[attr-defined]
-    return cls
-
-
 def validate_name(value: Any, what: str = "name") -> str:
     if not is_name(value):
         raise ModelError(
@@ -311,7 +292,6 @@ def _checked_server(server: "Server", what: str) -> "Server":
     return server if ip == server.ip else msgspec.structs.replace(server, ip=ip)
 
 
-@_dataclass_compatible
 class Server(Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """One backend instance. `weight` is always the user's weight on the 1..1000 scale (labels,
     registrator, the file); `proxy_weight` is the same weight on the proxies' 0..256 scale,
@@ -343,7 +323,6 @@ class Server(Struct, frozen=True, forbid_unknown_fields=True, gc=False):
         return _checked_server(_convert(data, cls, what), what)
 
 
-@_dataclass_compatible
 class HealthCheck(Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """How the proxy itself checks a server. `protocol` http uses `path`."""
 
@@ -362,7 +341,6 @@ class HealthCheck(Struct, frozen=True, forbid_unknown_fields=True, gc=False):
         return _convert(data, cls, what)
 
 
-@_dataclass_compatible
 class Service(Struct, frozen=True, forbid_unknown_fields=True, dict=True):
     """A proxied service, keyed by `servicePort/protocol`. `dict=True`: room for the cached
     properties (key, wire form, digest)."""
@@ -513,7 +491,6 @@ ExcluderName = Literal[EXCLUDER_NAMES]
 ExclusionCode = Literal[EXCLUSION_CODES]
 
 
-@_dataclass_compatible
 class Excluded(Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """A task or entry a source saw but does not serve (or a label it ignored), and why.
 
@@ -622,7 +599,6 @@ def _inputs(value: Any, what: str = "plan.inputs") -> tuple[tuple[str, str], ...
     return tuple(sorted(_convert(value, dict[str, str], what).items()))
 
 
-@_dataclass_compatible
 class SourceSnapshot(Struct, frozen=True):
     """Everything one discovery source currently knows. When the source is `degraded` the
     services are its last good state: a discovery failure never empties the proxies."""
@@ -682,7 +658,6 @@ class _SnapshotWire(Struct, frozen=True):
     changed_at: Timestamp = 0.0
 
 
-@_dataclass_compatible
 class ProxySettings(Struct, frozen=True, gc=False):
     """The options that shape rendered proxy configs (not discovery). Validated like the options
     they come from (services/common/config.py): a plan read from the bus reaches the renderers,
@@ -706,7 +681,6 @@ class ProxySettings(Struct, frozen=True, gc=False):
         return _convert(data, cls, "settings")
 
 
-@_dataclass_compatible
 class Plan(Struct, frozen=True, dict=True):
     """The desired proxy state: what every applier converges to. `dict=True`: room for the
     cached hash."""
@@ -767,7 +741,6 @@ class _PlanWire(Struct, frozen=True):
     changed_at: Timestamp = 0.0
 
 
-@_dataclass_compatible
 class ApplyResult(Struct, frozen=True):
     """What an applier did with a plan."""
 
