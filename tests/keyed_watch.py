@@ -8,7 +8,7 @@ import zmq
 from services.common.bus import Endpoint, Message, Subscriber
 from services.common.keyed import split_topic
 from services.common.model import SOURCES, Plan, SourceSnapshot
-from services.common.wire import PLAN_PREFIX, SOURCE_PREFIX, PlanFollower, snapshot_follower
+from services.common.wire import PLAN_PREFIX, SOURCE_PREFIX, PlanFollower, SnapshotFollower
 
 
 class KeyedWatch:
@@ -34,7 +34,7 @@ class KeyedWatch:
             if prefix == PLAN_PREFIX:
                 follower = PlanFollower()
             elif prefix.startswith(SOURCE_PREFIX) and prefix[len(SOURCE_PREFIX):] in SOURCES:
-                follower = snapshot_follower(prefix[len(SOURCE_PREFIX):])
+                follower = SnapshotFollower(prefix)
             else:
                 return None
             self.followers[prefix] = follower

@@ -203,7 +203,7 @@ def test_snapshot_complete_waits_for_the_end_of_every_prefix(tmp_path):
         assert [frames[2] for frames in requests] == [b"a.", b"b."]
         identity = requests[0][0]
         router.send_multipart([identity, *SnapshotEnd("pub", "e1", 0).encode()])
-        wait_until(lambda: (subscriber.poll(0.02), subscriber._upstreams[0].ends_awaited == 1)[1],
+        wait_until(lambda: (subscriber.poll(0.02), len(subscriber._upstreams[0].awaited) == 1)[1],
                    message="the first END read")
         assert not subscriber.snapshot_complete()
         router.send_multipart([identity, *SnapshotEnd("pub", "e1", 0).encode()])

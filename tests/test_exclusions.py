@@ -27,7 +27,7 @@ from services.collector.source import Discovery, Source
 from services.common.bus import Endpoint, Message, Publisher, Subscriber
 from services.common.config import Settings
 from services.common.model import Excluded, Plan, Server, Service, SourceSnapshot
-from services.common.wire import SnapshotSender, snapshot_follower
+from services.common.wire import SnapshotFollower, SnapshotSender, source_prefix
 from services.planner import main as planner
 from services.planner.policy import make_plan
 from sim.pipeline import Pipeline
@@ -302,7 +302,7 @@ class FakePublisher:
 
     def __init__(self, source: str = "file"):
         self.sent: list[tuple[str, dict]] = []
-        self.follower = snapshot_follower(source)
+        self.follower = SnapshotFollower(source_prefix(source))
         self.snapshots: list[SourceSnapshot] = []
 
     def publish(self, topic: str, payload: dict) -> None:

@@ -108,13 +108,13 @@ def test_one_follower_for_sources_and_plans_rebuilds_every_source_snapshot():
     included; a sender told which keys changed publishes the same messages as one that compares
     all of them."""
     from services.common.model import SourceSnapshot
-    from services.common.wire import SnapshotSender, SourceFollower, snapshot_follower
+    from services.common.wire import SnapshotFollower, SnapshotSender, SourceFollower, source_prefix
 
     rng = random.Random(3)
     ports = list(range(2000, 2010))
     hinted_bus, full_bus = RecordingPublisher(), RecordingPublisher()
     hinted, full = SnapshotSender(hinted_bus, "marathon"), SnapshotSender(full_bus, "marathon")
-    ordered, by_key = snapshot_follower("marathon"), SourceFollower("source.marathon")
+    ordered, by_key = SnapshotFollower(source_prefix("marathon")), SourceFollower("source.marathon")
     services: dict[str, Service] = {}
     for step in range(300):
         before = services

@@ -25,10 +25,6 @@ class Backoff:
     def reset(self) -> None:
         self.current = self.initial
 
-    @property
-    def at_maximum(self) -> bool:
-        return self.current >= self.maximum
-
     def after(self, failures: int) -> float:
         """The delay after `failures` failures in a row (1: `initial`), for loops that count them."""
         return min(self.initial * 2 ** max(0, failures - 1), self.maximum)

@@ -405,10 +405,6 @@ class _Upstream:
     # A whole snapshot (up to its END for every prefix) arrived since this subscriber started.
     synced: bool = False
 
-    @property
-    def ends_awaited(self) -> int:
-        return len(self.awaited)
-
 
 @dataclass
 class _SenderState:

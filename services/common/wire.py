@@ -458,7 +458,3 @@ class PlanFollower(KeyedFollower[Plan]):
         if plan.hash != summary.get("hash"):
             raise ModelError(f"plan summary hash {summary.get('hash')!r:.20} is not its content's {plan.hash}")
         return plan
-
-
-def snapshot_follower(name: str) -> SnapshotFollower:
-    return SnapshotFollower(source_prefix(name))
