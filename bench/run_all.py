@@ -5,7 +5,12 @@ import subprocess
 import sys
 
 BENCHMARKS = (
+    ["-m", "bench.pipeline_bench", "--apps", "100,1000", "--changes", "200", "--breakdown"],
+    ["-m", "bench.pipeline_bench", "--apps", "1000,10000", "--tasks", "3", "--changes", "100", "--until-plan",
+     "--breakdown"],
     ["-m", "bench.pipeline_bench", "--apps", "100,1000", "--changes", "200", "--registrator"],
+    ["-m", "bench.codec_bench"],
+    ["-m", "bench.applier_bench"],
     ["-m", "bench.churn_bench", "--changes", "200"],
     ["-m", "bench.marathon_bench"],
     ["bench/registrator_bench.py"],
