@@ -202,7 +202,8 @@ def test_a_bug_while_applying_sets_the_event_aside(state, monkeypatch):
     def broken(state, event):
         raise RuntimeError("bug")
 
-    monkeypatch.setitem(events._STEPS, "status_update_event", broken)
+    handler = events._STEPS["status_update_event"]
+    monkeypatch.setitem(events._STEPS, "status_update_event", handler._replace(apply=broken))
     assert step(state, "status_update_event", status()) == (state, NOTHING, "RuntimeError: bug")
 
 

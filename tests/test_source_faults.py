@@ -115,16 +115,16 @@ def test_undecodable_data_is_dropped_too(sim, synced, data, caplog):  # noqa: F8
 
 def test_a_bug_while_applying_an_event_drops_it_alone(sim, synced, monkeypatch, caplog):  # noqa: F811
     from services.collector.marathon import events
-    real_apply = events._STEPS["status_update_event"]
+    handler = events._STEPS["status_update_event"]
     calls = []
 
     def apply_once_broken(state, event):
         calls.append(event)
         if len(calls) == 1:
             raise RuntimeError("bug")
-        return real_apply(state, event)
+        return handler.apply(state, event)
 
-    monkeypatch.setitem(events._STEPS, "status_update_event", apply_once_broken)
+    monkeypatch.setitem(events._STEPS, "status_update_event", handler._replace(apply=apply_once_broken))
     with caplog.at_level(logging.WARNING, logger="proxymatic.collector.marathon"):
         feed(synced, "status_update_event", status_update(sim, taskId="demo_web.other"))
     assert synced.stats["events_dropped"] == 1

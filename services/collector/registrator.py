@@ -36,7 +36,7 @@ from services.collector.registrator_parse import (
     Entry, EntryError, Resolver, caching_resolver, discovery_all, parse_entry,
     parse_etcd_url, parse_tree, relative_key, resolve_host,
 )
-from services.collector.source import Discovery, DroppedEvents, Source, SourceError
+from services.collector.source import Discovery, DroppedEvents, Source, SourceError, down_note
 from services.common.backoff import Backoff
 from services.common.config import ConfigError, Settings
 from services.common.redact import redact
@@ -476,9 +476,8 @@ class RegistratorSource(Source):
         self.counters.error()
         if self._watch_failures < WATCH_FAILURES_DEGRADED:
             return
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self._watch_down_since))
-        note = (f"etcd watch down since {since}: {reason}; "
-                f"reading everything every {self.backoff_max:g}s at most")
+        note = down_note("etcd watch", self._watch_down_since, reason,
+                         f"reading everything every {self.backoff_max:g}s at most")
         with self._cond:
             if note != self._degraded:
                 self._degraded = note

@@ -40,6 +40,12 @@ class Discovery:
     changed: frozenset[str] | None = None
 
 
+def down_note(what: str, since: float, reason: str, meanwhile: str) -> str:
+    """The `degraded` text of a source whose change feed (event stream, watch) is down: since
+    when (local time), why, and how changes still arrive meanwhile."""
+    return f"{what} down since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}: {reason}; {meanwhile}"
+
+
 class SourceCounters:
     """What a source counts for the collector's heartbeat (docs/bus.md, Counters in
     heartbeats): events by type (`status_update_event`..., `poll`, `watch`, `file_change`) and

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 from services.collector.marathon.mirror import MarathonState
 from services.collector.marathon.tasks import TERMINAL_STATES
@@ -92,7 +92,7 @@ def _first(*problems: str | None) -> str | None:
     return next((problem for problem in problems if problem), None)
 
 
-def _status_update(event: dict) -> str | None:
+def _check_status_update(event: dict) -> str | None:
     problem = _first(_bad_id(event, "appId", True), _bad_id(event, "taskId", True))
     if problem:
         return problem
@@ -106,7 +106,7 @@ def _status_update(event: dict) -> str | None:
                   _bad_ip_addresses(event["ipAddresses"]) if "ipAddresses" in event else None)
 
 
-def _health_changed(event: dict) -> str | None:
+def _check_health_changed(event: dict) -> str | None:
     app_key = "appId" if "appId" in event else "runSpecId"
     problem = _first(_bad_id(event, app_key, True), _bad_id(event, "taskId", False),
                      _bad_id(event, "instanceId", False))
@@ -118,7 +118,7 @@ def _health_changed(event: dict) -> str | None:
     return None
 
 
-def _instance_changed(event: dict) -> str | None:
+def _check_instance_changed(event: dict) -> str | None:
     problem = _first(_bad_id(event, "runSpecId", True), _bad_id(event, "instanceId", True))
     if problem:
         return problem
@@ -127,12 +127,12 @@ def _instance_changed(event: dict) -> str | None:
     return None
 
 
-def _failed_health_check(event: dict) -> str | None:
+def _check_failed_health_check(event: dict) -> str | None:
     return _first(_bad_id(event, "appId", True), _bad_id(event, "taskId", False),
                   _bad_id(event, "instanceId", False))
 
 
-def _api_post(event: dict) -> str | None:
+def _check_api_post(event: dict) -> str | None:
     definition = event.get("appDefinition")
     if definition is None:
         return None  # a group change: resynced fully
@@ -141,27 +141,16 @@ def _api_post(event: dict) -> str | None:
     return _bad_id(definition, "id", False)
 
 
-def _app_terminated(event: dict) -> str | None:
+def _check_app_terminated(event: dict) -> str | None:
     return _bad_id(event, "appId", True)
-
-
-_CHECKS = {
-    "status_update_event": _status_update,
-    "health_status_changed_event": _health_changed,
-    "instance_health_changed_event": _health_changed,
-    "instance_changed_event": _instance_changed,
-    "failed_health_check_event": _failed_health_check,
-    "api_post_event": _api_post,
-    "app_terminated_event": _app_terminated,
-}
 
 
 def event_problem(event_type: str, event: Any) -> str | None:
     """Why this decoded event cannot be applied, or None when its fields are usable."""
     if not isinstance(event, dict):
         return "not a JSON object"
-    check = _CHECKS.get(event_type)
-    return check(event) if check else None
+    handler = _STEPS.get(event_type)
+    return handler.check(event) if handler else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,11 +200,11 @@ def step(state: MarathonState, event_type: str, event: Any) -> tuple[MarathonSta
     problem = event_problem(event_type, event)
     if problem:
         return state, NOTHING, problem
-    apply = _STEPS.get(event_type)
-    if apply is None:
+    handler = _STEPS.get(event_type)
+    if handler is None:
         return state, NOTHING, None  # a type that never changes routing
     try:
-        new, changes = apply(state, event)
+        new, changes = handler.apply(state, event)
     except Exception as error:  # noqa: BLE001 - a bug with one event drops that event alone
         return state, NOTHING, f"{type(error).__name__}: {error}"
     return new, changes, None
@@ -256,7 +245,7 @@ def _replace(state: MarathonState, task: dict, new: dict | None) -> tuple[Marath
     return state.with_task(app_id, task["id"], new), _touched(app_id)
 
 
-def _status_update(state: MarathonState, event: dict) -> tuple[MarathonState, Changes]:
+def _apply_status_update(state: MarathonState, event: dict) -> tuple[MarathonState, Changes]:
     app_id, task_id, status = event["appId"], event["taskId"], event["taskStatus"]
     if app_id not in state.apps:
         return state, _fetch(app_id)  # a new app (or one we missed): its definition is needed
@@ -273,7 +262,7 @@ def _status_update(state: MarathonState, event: dict) -> tuple[MarathonState, Ch
     return _replace(state, task, new)
 
 
-def _health_changed(state: MarathonState, event: dict) -> tuple[MarathonState, Changes]:
+def _apply_health_changed(state: MarathonState, event: dict) -> tuple[MarathonState, Changes]:
     app_id = event.get("appId", event.get("runSpecId"))
     alive = event.get("alive", event.get("healthy"))
     task = find_task(state.tasks, app_id, event.get("taskId"), event.get("instanceId"))
@@ -284,7 +273,7 @@ def _health_changed(state: MarathonState, event: dict) -> tuple[MarathonState, C
     return _replace(state, task, {**task, "healthCheckResults": [{"alive": alive}]})
 
 
-def _instance_changed(state: MarathonState, event: dict) -> tuple[MarathonState, Changes]:
+def _apply_instance_changed(state: MarathonState, event: dict) -> tuple[MarathonState, Changes]:
     condition = event.get("condition")
     task = find_task(state.tasks, event.get("runSpecId"), None, event.get("instanceId"))
     if task is None:
@@ -296,7 +285,7 @@ def _instance_changed(state: MarathonState, event: dict) -> tuple[MarathonState,
     return state, NOTHING
 
 
-def _failed_health_check(state: MarathonState, event: dict) -> tuple[MarathonState, Changes]:
+def _apply_failed_health_check(state: MarathonState, event: dict) -> tuple[MarathonState, Changes]:
     # Marathon's `alive` is "last success after last failure": one failed check makes the task
     # not alive in /v2/apps too. `taskId` holds the instance id on 1.4+.
     app_id = event.get("appId")
@@ -306,7 +295,7 @@ def _failed_health_check(state: MarathonState, event: dict) -> tuple[MarathonSta
     return state, _fetch(app_id)
 
 
-def _api_post(state: MarathonState, event: dict) -> tuple[MarathonState, Changes]:
+def _apply_api_post(state: MarathonState, event: dict) -> tuple[MarathonState, Changes]:
     definition = event.get("appDefinition")
     app_id = definition.get("id") if isinstance(definition, dict) else None
     if isinstance(app_id, str):
@@ -314,19 +303,27 @@ def _api_post(state: MarathonState, event: dict) -> tuple[MarathonState, Changes
     return state, Changes(resync=True)  # a group change: we cannot tell which apps
 
 
-def _app_terminated(state: MarathonState, event: dict) -> tuple[MarathonState, Changes]:
+def _apply_app_terminated(state: MarathonState, event: dict) -> tuple[MarathonState, Changes]:
     app_id = event["appId"]
     if app_id in state.apps or app_id in state.tasks:
         return state.without_app(app_id), _touched(app_id)
     return state, NOTHING
 
 
+class EventHandler(NamedTuple):
+    """What to check in an event of one type, and how it changes the state."""
+
+    check: Callable[[dict], str | None]
+    apply: Callable[[MarathonState, dict], tuple[MarathonState, Changes]]
+
+
+# The event types that change routing; any other type is read and ignored.
 _STEPS = {
-    "status_update_event": _status_update,
-    "health_status_changed_event": _health_changed,
-    "instance_health_changed_event": _health_changed,
-    "instance_changed_event": _instance_changed,
-    "failed_health_check_event": _failed_health_check,
-    "api_post_event": _api_post,
-    "app_terminated_event": _app_terminated,
+    "status_update_event": EventHandler(_check_status_update, _apply_status_update),
+    "health_status_changed_event": EventHandler(_check_health_changed, _apply_health_changed),
+    "instance_health_changed_event": EventHandler(_check_health_changed, _apply_health_changed),
+    "instance_changed_event": EventHandler(_check_instance_changed, _apply_instance_changed),
+    "failed_health_check_event": EventHandler(_check_failed_health_check, _apply_failed_health_check),
+    "api_post_event": EventHandler(_check_api_post, _apply_api_post),
+    "app_terminated_event": EventHandler(_check_app_terminated, _apply_app_terminated),
 }

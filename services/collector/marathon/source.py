@@ -28,7 +28,7 @@ from services.collector.marathon.client import EventStream, MarathonClient, NotF
 from services.collector.marathon.mirror import (MarathonState, load_version, missing_versions, pairs_for,
                                                 take_app)
 from services.collector.resolve import Resolver
-from services.collector.source import Discovery, DroppedEvents, Source, SourceError
+from services.collector.source import Discovery, DroppedEvents, Source, SourceError, down_note
 from services.common.config import Settings
 from services.common.redact import redact
 
@@ -396,9 +396,8 @@ class MarathonSource(Source):
         self._stream_failures_seen = failed
         note = ""
         if not health.up and health.failed_attempts and health.down_since is not None:
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(health.down_since))
-            note = (f"event stream down since {since}: {_one_line(redact(health.error), 200)}; "
-                    f"polling every {self.refresh_interval:g}s")
+            note = down_note("event stream", health.down_since, _one_line(redact(health.error), 200),
+                             f"polling every {self.refresh_interval:g}s")
         with self._cond:
             if note != self._stream_note:
                 self._stream_note = note

@@ -147,21 +147,15 @@ def task_backends(task: Mapping, spec: AppSpec, resolve: Callable[[str], str | N
         seen.add(route.service_port)
         if spec.network == "container":
             ip, port = _container_ip(task), route.container_port
-            if ip is None or port is None:
-                warnings.append(f"app {clip(spec.app_id)}: task {task_id} has no container address "
-                                f"for port {route.index}; skipped")
-                excluded.extend(task_excluded(task, spec, "bad_data", f"no container address for port {route.index}",
-                                              [route]))
-                continue
+            missing = "container address" if ip is None or port is None else ""
         else:
             ip = host_ip
             port = ports[route.index] if route.index < len(ports) else None
-            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-                warnings.append(f"app {clip(spec.app_id)}: task {task_id} has no host port "
-                                f"for port {route.index}; skipped")
-                excluded.extend(task_excluded(task, spec, "bad_data", f"no host port for port {route.index}",
-                                              [route]))
-                continue
+            missing = "" if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536 else "host port"
+        if missing:
+            warnings.append(f"app {clip(spec.app_id)}: task {task_id} has no {missing} for port {route.index}; skipped")
+            excluded.extend(task_excluded(task, spec, "bad_data", f"no {missing} for port {route.index}", [route]))
+            continue
         try:
             server = Server.from_dict({"ip": ip, "port": port, "hostname": hostname, "weight": route.weight,
                                        "maxconn": route.maxconn})
