@@ -91,6 +91,16 @@ def parse_domain(value: str, name: str) -> str:
     return value.lower()
 
 
+ROLES = ("all", "central", "node")
+
+
+def parse_role(value: str, name: str) -> str:
+    value = value.strip().lower()
+    if value not in ROLES:
+        raise ConfigError(f"{name} must be one of {', '.join(ROLES)}, got {value!r:.40}")
+    return value
+
+
 def parse_endpoint(value: str, name: str) -> str:
     if not value.strip():
         return ""
@@ -158,6 +168,17 @@ OPTIONS: tuple[Option, ...] = (
            "text, or json: every log line of every stage one JSON object (ts, level, stage, msg, fields)"),
     Option("shutdown_grace", ("--shutdown-grace",), "SHUTDOWN_GRACE", "0", parse_int(0, 3600),
            "seconds to keep forwarding with /status TERMINATING after SIGTERM (0: until killed or a second signal)"),
+    # Deployment modes (docs/deploying.md)
+    Option("role", ("--role",), "ROLE", "all", parse_role,
+           "all: every stage and proxy; central: collector, planner and status; node: applier, status and the proxies"),
+    Option("bus_secret_key", ("--bus-secret-key",), "BUS_SECRET_KEY", "", parse_path,
+           "this process's CURVE certificate (NAME.key_secret, from `proxymatic keygen`) for tcp:// buses"),
+    Option("bus_server_key", ("--bus-server-key",), "BUS_SERVER_KEY", "", parse_path,
+           "the public certificate (NAME.key) of the tcp:// publishers this process subscribes to"),
+    Option("bus_authorized_keys", ("--bus-authorized-keys",), "BUS_AUTHORIZED_KEYS", "", parse_path,
+           "directory of the public certificates (*.key) a tcp:// publisher accepts subscribers with"),
+    Option("bus_insecure", ("--bus-insecure",), "BUS_INSECURE", "false", parse_bool,
+           "allow a tcp:// bus on a non-loopback address without CURVE keys", is_flag=True),
 )
 
 STAGES = ("collector", "planner", "applier", "status")
@@ -188,6 +209,11 @@ class Settings:
     applier_bus: str = ""
     node_name: str = ""
     shutdown_grace: int = 0
+    role: str = "all"
+    bus_secret_key: str = ""
+    bus_server_key: str = ""
+    bus_authorized_keys: str = ""
+    bus_insecure: bool = False
 
     @property
     def sources(self) -> tuple[str, ...]:
