@@ -224,3 +224,15 @@ def test_a_sequence_of_events_names_each_app_it_changed_only(state):
             assert new.tasks[app_id] is state.tasks[app_id]
         state = new
     assert sorted(state.tasks["/shop/web"]) == ["shop_web.t1", "shop_web.t2"]
+
+
+def test_the_mirror_keeps_a_fingerprint_of_a_definition_not_the_definition():
+    from services.collector.marathon.mirror import known_spec
+    app_id, (record, spec), _ = take_app(WEB, {}, [], [])
+    assert set(record) == {"fingerprint", "version", "versionInfo"}  # not Marathon's JSON
+    known = {app_id: (record, spec)}
+    # counters and embedded tasks change without the definition changing: the spec is reused
+    assert known_spec(known, {**WEB, "tasksRunning": 7, "tasks": []}) is spec
+    # a changed definition is parsed again
+    assert known_spec(known, {**WEB, "labels": {"com.meltwater.proxymatic.port.0.weight": "100"}}) is None
+    assert known_spec(known, {**WEB, "portDefinitions": [{"port": 10002}]}) is None

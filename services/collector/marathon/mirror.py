@@ -1,7 +1,7 @@
 """The mirror of Marathon's apps and tasks, and the pure steps from it to what the builder takes.
 
-`MarathonState` is what MarathonSource knows of the cluster: every app's definition and parsed
-spec, and its tasks. Fetches make it (`take_app`), events change it (events.step), and
+`MarathonState` is what MarathonSource knows of the cluster: every app's parsed spec (and a
+fingerprint of its definition, to skip parsing it again), and its tasks. Fetches make it (`take_app`), events change it (events.step), and
 `pairs_for` gives, per app, the (task, spec of the task's version) pairs `ServiceBuilder`
 builds from. Versions a task runs that are not the current definition are looked up in a cache
 the caller keeps (`versions`): `missing_versions` says which to load, `load_version` parses
@@ -12,8 +12,12 @@ one. Nothing here does I/O.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
+
+import orjson
 
 from services.collector.exclusions import excluded as make_excluded
 from services.collector.marathon.apps import AppError, AppSpec, app_skipped, clip, parse_app
@@ -28,7 +32,9 @@ VOLATILE_APP_KEYS = frozenset({"tasks", "tasksStaged", "tasksRunning", "tasksHea
 # `spec_for`: the task's version is not in the cache yet (load it first)
 MISSING = False
 
-AppEntry = tuple[dict, AppSpec]  # (the app's definition without its tasks, its spec)
+# (what is kept of the app's definition: `definition_record`, its spec). Not the definition
+# itself: at 10,000 apps Marathon's JSON was most of the collector's memory.
+AppEntry = tuple[dict, AppSpec]
 VersionKey = tuple[str, str]  # (app id, version)
 
 
@@ -37,7 +43,7 @@ class MarathonState:
     """The apps and their tasks. Never changed in place once built: a change makes a new state
     sharing what it did not change (events.step), so a state handed out stays what it was."""
 
-    apps: Mapping[str, AppEntry] = field(default_factory=dict)  # app id -> (definition, spec)
+    apps: Mapping[str, AppEntry] = field(default_factory=dict)  # app id -> (definition record, spec)
     tasks: Mapping[str, Mapping[str, dict]] = field(default_factory=dict)  # app id -> task id -> slim task
 
     def with_task(self, app_id: str, task_id: str, task: dict | None) -> "MarathonState":
@@ -78,6 +84,25 @@ def slim(task: dict, app_id: str) -> dict:
     return kept
 
 
+def fingerprint(app: dict) -> str:
+    """A digest of the app's definition minus the fields that change without it changing."""
+    stable = {key: value for key, value in app.items() if key not in VOLATILE_APP_KEYS}
+    try:
+        text = orjson.dumps(stable, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # what orjson cannot encode (integers past 64 bits...): still a digest
+        text = json.dumps(stable, sort_keys=True, default=repr).encode()
+    return hashlib.blake2b(text, digest_size=16).hexdigest()
+
+
+def definition_record(app: dict) -> dict:
+    """What the mirror keeps of a definition: its fingerprint, and what `app_uses_current_config`
+    reads (the version and when the config last changed)."""
+    info = app.get("versionInfo")
+    changed = info.get("lastConfigChangeAt") if isinstance(info, dict) else None
+    return {"fingerprint": fingerprint(app), "version": app.get("version"),
+            "versionInfo": {"lastConfigChangeAt": changed}}
+
+
 def known_spec(known: Mapping[str, AppEntry], app: Any) -> AppSpec | None:
     """The spec parsed last time when the app's definition has not changed since (a full sync
     of 1,000 apps then parses only what changed)."""
@@ -87,11 +112,8 @@ def known_spec(known: Mapping[str, AppEntry], app: Any) -> AppSpec | None:
     entry = known.get(app_id)
     if entry is None:
         return None
-    definition, spec = entry
-    for key in definition.keys() | app.keys():
-        if key not in VOLATILE_APP_KEYS and definition.get(key) != app.get(key):
-            return None
-    return spec
+    record, spec = entry
+    return spec if record["fingerprint"] == fingerprint(app) else None
 
 
 def take_app(app: Any, known: Mapping[str, AppEntry], warnings: list[str], excluded: list[Excluded]
@@ -117,8 +139,7 @@ def take_app(app: Any, known: Mapping[str, AppEntry], warnings: list[str], exclu
             warnings.append(f"app {clip(spec.app_id)}: malformed task {clip(task)} skipped")
             excluded.append(make_excluded("marathon", "bad_data", f"malformed task {clip(task)} skipped",
                                           app=spec.app_id, service=spec.name or ""))
-    definition = {k: v for k, v in app.items() if k != "tasks"}
-    return spec.app_id, (definition, spec), tasks
+    return spec.app_id, (definition_record(app), spec), tasks
 
 
 def spec_for(state: MarathonState, versions: Mapping[VersionKey, AppSpec | None], task: Mapping

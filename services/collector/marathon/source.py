@@ -254,7 +254,7 @@ class MarathonSource(Source):
 
     @property
     def _apps(self) -> dict:
-        """The mirror's apps: app id -> (definition without tasks, spec)."""
+        """The mirror's apps: app id -> (definition record, spec)."""
         return self._state.apps
 
     @property
