@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"proxymatic: error: {error}", file=sys.stderr)
         return 1
-    if command in NEEDS_SOURCE and not settings.sources:
+    # A node (ROLE=node) runs no collector: its plans come from PLANNER_BUS.
+    if command in NEEDS_SOURCE and not settings.sources and not (command == "run" and settings.role == "node"):
         parser.print_help(sys.stderr)
         print("\nproxymatic: error: at least one discovery source is required "
               "(--marathon, --registrator or --services-file)", file=sys.stderr)

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import jinja2
 
@@ -36,7 +35,9 @@ from services.run_dir import (INSTANCE_ENV, RunDirInUse, RunDirLock, prepare_run
 
 log = logging.getLogger("proxymatic.launcher")
 
-DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy"
+# services/templates/supervisord.conf.j2, installed with the package (package data): the
+# launcher works from a wheel as from the source tree.
+TEMPLATE_PACKAGE, TEMPLATE = "services", "supervisord.conf.j2"
 # Private: nothing in the run dir is for other users (nginx's workers buffer nothing to disk,
 # Pen drops root holding an open directory descriptor).
 RUN_DIR_MODE = 0o700
@@ -52,34 +53,41 @@ class Program:
 
 
 def programs(settings: Settings) -> list[Program]:
+    """What supervisord runs for ROLE (docs/roles.md):
+
+    - `all`: the proxies, collector, planner, applier and status (one node does everything);
+    - `central`: collector, planner and status (no proxy, no applier: it serves no traffic);
+    - `node`: the proxies, applier and status (the applier follows PLANNER_BUS, the central(s)).
+    """
     def command(name: str) -> str:
         # No settings on the command line: the programs read them from the environment.
         words = [sys.executable, "-m", "services.cli", name]
         # supervisord expands %(...)s in commands: a literal % must be doubled.
         return " ".join(shlex.quote(w) for w in words).replace("%", "%%")
 
+    proxies = settings.role in ("all", "node")
     result = []
-    if settings.haproxy:
-        # SIGUSR1 is HAProxy's soft stop: established connections finish.
-        result.append(Program("haproxy", command("haproxy"), 10, "USR1", 35))
-    result.append(Program("pen", command("pen"), 10))
-    if settings.vhost_domain:
-        result.append(Program("nginx", command("nginx"), 10, "QUIT", 35))
+    if proxies:
+        if settings.haproxy:
+            # SIGUSR1 is HAProxy's soft stop: established connections finish.
+            result.append(Program("haproxy", command("haproxy"), 10, "USR1", 35))
+        result.append(Program("pen", command("pen"), 10))
+        if settings.vhost_domain:
+            result.append(Program("nginx", command("nginx"), 10, "QUIT", 35))
     # Publishers start before their subscribers (collector, planner, applier): a subscriber's
     # first snapshot request then finds its publisher bound.
-    result += [
-        Program("collector", command("collector"), 20),
-        Program("planner", command("planner"), 30),
-        Program("applier", command("applier"), 40),
-        Program("status", command("status"), 50),
-    ]
+    if settings.role in ("all", "central"):
+        result += [Program("collector", command("collector"), 20), Program("planner", command("planner"), 30)]
+    if proxies:
+        result.append(Program("applier", command("applier"), 40))
+    result.append(Program("status", command("status"), 50))
     return result
 
 
 def render_supervisord_conf(settings: Settings) -> str:
-    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(str(DEPLOY_DIR)),
+    environment = jinja2.Environment(loader=jinja2.PackageLoader(TEMPLATE_PACKAGE, "templates"),
                                      undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    return environment.get_template("supervisord.conf.j2").render(
+    return environment.get_template(TEMPLATE).render(
         run_dir=settings.run_dir.replace("%", "%%"), programs=programs(settings),
         # Saying so explicitly keeps supervisord from warning that it did not drop privileges.
         user="root" if os.geteuid() == 0 else None)

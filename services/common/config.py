@@ -102,13 +102,27 @@ def parse_role(value: str, name: str) -> str:
 
 
 def parse_endpoint(value: str, name: str) -> str:
+    """A bus endpoint, or a comma-separated list of them (`tcp://c1:7100,tcp://c2:7100`: the
+    centrals a node's applier and status follow; only PLANNER_BUS on a node may be a list, see
+    check()). Normalized: no spaces, each endpoint once."""
     if not value.strip():
         return ""
-    try:
-        Endpoint.parse(value.strip())
-    except ValueError as error:
-        raise ConfigError(f"{name}: {error}") from None
-    return value.strip()
+    endpoints: list[str] = []
+    for item in re.split(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)", value.strip()):
+        item = item.strip()
+        try:
+            Endpoint.parse(item)
+        except ValueError as error:
+            raise ConfigError(f"{name}: {error}") from None
+        if item in endpoints:
+            raise ConfigError(f"{name}: {item!r} is listed twice")
+        endpoints.append(item)
+    return ",".join(endpoints)
+
+
+def endpoint_list(value: str) -> list[str]:
+    """The endpoints of a parsed (normalized) bus option."""
+    return value.split(",") if value else []
 
 
 @dataclass(frozen=True)
@@ -222,8 +236,20 @@ class Settings:
                                               ("file", self.services_file)) if value)
 
     def bus(self, stage: str) -> Endpoint:
-        configured = getattr(self, f"{stage}_bus")
-        return Endpoint.parse(configured or f"ipc://{os.path.join(self.run_dir, 'bus', stage)}.pub")
+        """The one endpoint `stage` publishes on (binds); ConfigError when several are listed
+        (only a node's PLANNER_BUS may list several centrals: see `buses`)."""
+        endpoints = self.buses(stage)
+        if len(endpoints) != 1:
+            raise ConfigError(f"{stage.upper()}_BUS lists {len(endpoints)} endpoints: the {stage} binds one "
+                              "(a list is for ROLE=node, whose applier and status follow several centrals)")
+        return endpoints[0]
+
+    def buses(self, stage: str) -> tuple[Endpoint, ...]:
+        """Every endpoint of `stage` a subscriber follows: the configured list (PLANNER_BUS on a
+        node may name several centrals), else the run dir's ipc endpoint."""
+        configured = endpoint_list(getattr(self, f"{stage}_bus"))
+        return tuple(Endpoint.parse(item) for item in configured) or (
+            Endpoint.parse(f"ipc://{os.path.join(self.run_dir, 'bus', stage)}.pub"),)
 
     @property
     def node(self) -> str:
@@ -287,6 +313,16 @@ def check(settings: Settings) -> None:
         raise ConfigError(f"VHOST_PORT {settings.vhost_port} collides with STATUS_ENDPOINT {settings.status_endpoint}")
     if not os.path.isabs(settings.run_dir):
         raise ConfigError(f"RUN_DIR must be an absolute path, got {settings.run_dir!r}")
+    for stage in ("collector", "applier"):
+        if len(endpoint_list(getattr(settings, f"{stage}_bus"))) > 1:
+            raise ConfigError(f"{stage.upper()}_BUS: one endpoint (the {stage} binds it), got a list")
+    planners = endpoint_list(settings.planner_bus)
+    if len(planners) > 1 and settings.role != "node":
+        raise ConfigError(f"PLANNER_BUS lists {len(planners)} endpoints: only ROLE=node follows several centrals "
+                          f"(ROLE={settings.role} runs a planner, which binds one endpoint)")
+    if settings.role == "node" and not planners:
+        raise ConfigError("ROLE=node runs no planner: PLANNER_BUS must name the central's, e.g. "
+                          "--planner-bus tcp://central:7100 (several, comma-separated, for two centrals)")
 
 
 def reserved_ports(settings: Settings) -> dict[int, str]:
