@@ -1,7 +1,9 @@
 """The applier stage: converges this node's proxies to the newest plan.
 
 Subscribes to the plan on the planner's bus (a keyed state: one `plan:<port>/<protocol>` message
-per changed service, then the `plan` summary; docs/bus.md) and publishes, for every plan it
+per changed service, then the `plan` summary; docs/bus.md), or on each central's (PLANNER_BUS may
+list several on a node: the PlanFeed serves the newest complete plan of the planners alive,
+docs/roles.md), and publishes, for every plan it
 applies, an ApplyResult on `applied.<node>` (one entry per driver in `details`). A PlanFeed
 (plan_feed.py) mirrors the keys and hands out the plan when a summary's hash matches the mirror;
 when it does not (a key message lost), it asks for a snapshot (`Subscriber.resync`) and nothing
@@ -154,6 +156,17 @@ class Health:
         with self.counters_lock:
             self.change_to_applied.observe(seconds)
 
+    def planners(self) -> dict[str, dict]:
+        """Each planner followed (several on a node with two centrals): the hash and change time
+        of its newest complete plan, and whether it is alive (docs/roles.md)."""
+        if self.plans is None:
+            return {}
+        now = time.monotonic()
+        return {planner.sender: {"plan": planner.plan.hash if planner.plan is not None else "",
+                                 "changed_at": planner.plan.changed_at if planner.plan is not None else 0.0,
+                                 "alive": planner.alive(now)}
+                for planner in list(self.plans.planners.values())}
+
     def payload(self) -> dict:
         busy_since = self.busy_since
         with self.counters_lock:
@@ -165,6 +178,7 @@ class Health:
                 "busy_seconds": round(time.monotonic() - busy_since, 1) if busy_since is not None else 0.0,
                 "dropped": self.subscriber.dropped if self.subscriber else 0,
                 "plan_resyncs": self.plans.resyncs if self.plans else 0, **counters,
+                "planners": self.planners(),
                 **({"drivers": [d.name for d in self.driver_set.drivers], "drivers_note": self.driver_set.note}
                    if self.driver_set is not None else {})}
 
@@ -199,11 +213,12 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
 
     topic = f"applied.{settings.node}"
     publisher = Publisher(ctx, f"applier@{settings.node}", settings.bus("applier"), heartbeat_interval)
-    subscriber = Subscriber(ctx, [settings.bus("planner")], [PLAN_PREFIX])
+    subscriber = Subscriber(ctx, list(settings.buses("planner")), [PLAN_PREFIX])
     plans = PlanFeed(subscriber, "applier")
     health = Health(subscriber=subscriber, plans=plans, driver_set=driver_set)
     heartbeats = Heartbeats(publisher, health.payload).start()
-    log.info("applier: plans from %s, results on %s as %s, drivers: %s", settings.bus("planner").pub,
+    log.info("applier: plans from %s, results on %s as %s, drivers: %s",
+             ", ".join(endpoint.pub for endpoint in settings.buses("planner")),
              settings.bus("applier").pub, topic, ", ".join(d.name for d in current_drivers()) or "none")
 
     state = LoopState()
