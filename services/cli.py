@@ -6,6 +6,8 @@
     proxymatic tap [--topic PREFIX] [--json|--diff] print every message on the bus
     proxymatic explain PORT|NAME|APP_ID             what is served there, what is not and why
     proxymatic plan [source options] [--json]       dry run: the plan and rendered configs, no process
+    proxymatic keygen DIR NAME [--force]            a CURVE certificate pair for tcp:// buses (docs/security.md)
+    proxymatic healthcheck [--timeout S]            exit 0 when /status answers 200 (container health checks)
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ from services.common.config import STAGES, TOOLS, ConfigError, Settings, add_opt
 from services.common.pdeathsig import die_with
 
 PROXIES = ("haproxy", "nginx", "pen")
-COMMANDS = ("run", *STAGES, *PROXIES, *TOOLS)
+CHECKS = ("healthcheck",)  # asks /status; no source needed, no logging set up
+KEYGEN = "keygen"  # needs no settings
+COMMANDS = ("run", *STAGES, *PROXIES, *TOOLS, KEYGEN, *CHECKS)
 
 # command -> "module:function(settings[, stop])"
 ENTRY_POINTS = {
@@ -36,11 +40,37 @@ ENTRY_POINTS = {
     "pen": "services.applier.pen_runner:main",
 }
 NEEDS_SOURCE = ("run", "collector", "plan")
+# Commands that bind or connect bus endpoints: checked for CURVE keys at start (curve.check_settings).
+USES_BUS = ("run", *STAGES, "tap", "explain")
 # Settings that may carry credentials (user:password@ in a URL).
 SECRET_ENV = ("MARATHON_URL", "REGISTRATOR_URL")
 
 
+def keygen_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="proxymatic keygen",
+        description="Write DIR/NAME.key (the public certificate: give it to the other side) and "
+                    "DIR/NAME.key_secret (mode 0600: BUS_SECRET_KEY of this process). See docs/security.md.")
+    parser.add_argument("directory", metavar="DIR", help="where to write the pair (created if missing, mode 0700)")
+    parser.add_argument("name", metavar="NAME", help="the certificate's name: central, node1...")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing pair")
+    return parser
+
+
+def keygen(args: argparse.Namespace) -> int:
+    from services.common.curve import SecurityError, keygen as write_pair
+    try:
+        public, secret = write_pair(args.directory, args.name, args.force)
+    except (SecurityError, OSError) as error:
+        print(f"proxymatic: error: {error}", file=sys.stderr)
+        return 1
+    print(f"public certificate: {public}\nsecret certificate: {secret} (mode 0600)")
+    return 0
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
+    if command == KEYGEN:
+        return keygen_parser()
     parser = argparse.ArgumentParser(
         prog="proxymatic" + ("" if command == "run" else f" {command}"),
         description="Dynamic service-discovery TCP/UDP proxy and load balancer. "
@@ -63,6 +93,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     elif command == "plan":
         from services.dry_run import add_arguments as add_plan_arguments
         add_plan_arguments(parser)
+    elif command == "healthcheck":
+        from services.healthcheck import add_arguments as add_healthcheck_arguments
+        add_healthcheck_arguments(parser)
     return parser
 
 
@@ -100,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = split_command(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser(command)
     args = parser.parse_args(rest)
+    if command == KEYGEN:
+        return keygen(args)
     try:
         settings = settings_from(args, os.environ)
     except ConfigError as error:
@@ -111,7 +146,17 @@ def main(argv: list[str] | None = None) -> int:
         print("\nproxymatic: error: at least one discovery source is required "
               "(--marathon, --registrator or --services-file)", file=sys.stderr)
         return 1
+    if command == "healthcheck":
+        from services.healthcheck import healthcheck
+        return healthcheck(settings, args)
     configure_logging(settings, command)
+    if command in USES_BUS:
+        from services.common.curve import check_settings
+        try:
+            check_settings(settings, command, getattr(args, "bus", []))
+        except ValueError as error:  # SecurityError, or a ConfigError of a bus option
+            print(f"proxymatic: error: {error}", file=sys.stderr)
+            return 1
     if command == "tap":
         from services.tap import tap
         return tap(settings, args)
