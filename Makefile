@@ -7,9 +7,11 @@ VENV := .venv
 APT_PACKAGES := haproxy nginx-light libnginx-mod-stream pen etcd-server
 # binary or file that proves each package is there
 APT_PROBES := /usr/sbin/haproxy /usr/sbin/nginx /usr/lib/nginx/modules/ngx_stream_module.so /usr/bin/pen /usr/bin/etcd
-# only for the tests: the /services page is tested in a real headless browser
-TEST_APT_PACKAGES := chromium chromium-driver
-TEST_APT_PROBES := /usr/bin/chromium /usr/bin/chromedriver
+# only for the tests: the /services page is tested in a real headless browser; the image is
+# built from deploy/Dockerfile in a debootstrapped Debian root (tests/test_image.py); the systemd
+# unit is checked with systemd-analyze (tests/test_systemd_unit.py)
+TEST_APT_PACKAGES := chromium chromium-driver debootstrap systemd
+TEST_APT_PROBES := /usr/bin/chromium /usr/bin/chromedriver /usr/sbin/debootstrap /usr/bin/systemd-analyze
 PYTEST_ARGS ?=
 
 .PHONY: install system-deps test-system-deps test demo bench clean
@@ -28,7 +30,7 @@ system-deps:
 	  fi; \
 	fi
 
-# The browser for the /services page test. Not root: that test is skipped, saying why.
+# The browser, debootstrap and systemd-analyze for the tests. Not root: those tests are skipped, saying why.
 test-system-deps: system-deps
 	@missing=""; for probe in $(TEST_APT_PROBES); do [ -e "$$probe" ] || missing="$$missing $$probe"; done; \
 	if [ -n "$$missing" ]; then \
@@ -36,7 +38,7 @@ test-system-deps: system-deps
 	    echo "installing test packages (missing:$$missing)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEST_APT_PACKAGES) >/dev/null; \
 	  else \
-	    echo "missing:$$missing; the browser test will be skipped (sudo apt-get install $(TEST_APT_PACKAGES))" >&2; \
+	    echo "missing:$$missing; the tests needing them will be skipped (sudo apt-get install $(TEST_APT_PACKAGES))" >&2; \
 	  fi; \
 	fi
 
