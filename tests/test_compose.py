@@ -20,7 +20,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import yaml
@@ -139,6 +141,7 @@ def test_one_service_per_stage_and_proxy_sharing_the_run_dir_and_the_host_networ
     for name, service in services.items():
         assert service["command"] == [name], name
         assert service["network_mode"] == "host", name
+        assert service["pid"] == "host", name  # the applier signals nginx and the Pen runner
         assert service["restart"] == "unless-stopped", name
         assert service["build"] == {"context": ".", "dockerfile": "deploy/Dockerfile"}, name
         for env in ({}, {"RUN_DIR": "/srv/pm"}):
@@ -157,7 +160,9 @@ def test_one_service_per_stage_and_proxy_sharing_the_run_dir_and_the_host_networ
 def test_every_option_is_passed_through_with_its_default():
     options = {option.env: option.default for option in OPTIONS}
     for name, service in runtime_services(load()).items():
-        environment = service["environment"]
+        environment = dict(service["environment"])
+        # not an option: tini (the image's init) reaps as a subreaper, not being PID 1 (pid: host)
+        assert environment.pop("TINI_SUBREAPER") == "1", name
         unknown = set(environment) - set(options)
         assert not unknown, f"{name}: not options of proxymatic: {sorted(unknown)}"
         missing = [env for env in SEED_OPTIONS if env not in environment]
@@ -351,3 +356,43 @@ def test_the_demo_profile_runs_and_traffic_flows(tmp_path):
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(("127.0.0.1", port))
 
+
+
+# -- the healthcheck command ------------------------------------------------------------------
+@pytest.mark.parametrize("code, body, expected", [(200, "OK", 0), (503, "INITIALIZING", 1),
+                                                   (503, "UNAVAILABLE: nginx not answering: refused", 1)])
+def test_healthcheck_passes_only_on_200(code, body, expected):
+    asked = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body) + 1))
+            self.end_headers()
+            self.wfile.write(body.encode() + b"\n")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        # an all-interfaces STATUS_ENDPOINT (the default 0.0.0.0:9090) is asked on the loopback
+        result = subprocess.run([os.path.join(VENV_BIN, "proxymatic"), "healthcheck"], capture_output=True, text=True,
+                                timeout=30, env={**os.environ, "STATUS_ENDPOINT": f"0.0.0.0:{server.server_port}"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (result.returncode, result.stdout.strip()) == (expected, f"{code} {body}")
+    assert asked == ["/status"]
+
+
+def test_healthcheck_fails_when_status_does_not_answer():
+    port = free_port()
+    result = subprocess.run([os.path.join(VENV_BIN, "proxymatic"), "healthcheck", "--timeout", "1"], capture_output=True,
+                            text=True, timeout=30, env={**os.environ, "STATUS_ENDPOINT": f"127.0.0.1:{port}"})
+    assert result.returncode == 1 and f"127.0.0.1:{port}/status" in result.stdout
+    result = subprocess.run([os.path.join(VENV_BIN, "proxymatic"), "healthcheck"], capture_output=True, text=True,
+                            timeout=30, env={**os.environ, "STATUS_ENDPOINT": ""})
+    assert result.returncode == 1 and "disabled" in result.stdout
