@@ -3,6 +3,7 @@ heartbeats"), through the real pipeline, and on hand-made states (malformed hear
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,6 +31,8 @@ FAMILIES = {  # family name (as the parser gives it) -> type
     "proxymatic_plan_resyncs": "counter",
     "proxymatic_change_to_applied_seconds": "histogram",
     "proxymatic_stage_heartbeat_age_seconds": "gauge",
+    "proxymatic_planner_last_heard_seconds": "gauge",
+    "proxymatic_plan_age_seconds": "gauge",
 }
 
 
@@ -97,7 +100,8 @@ def test_values_come_from_the_heartbeats_and_the_plan():
                             "haproxy_reloads": 2, "plan_resyncs": 1, "change_to_applied": latency.to_dict()},
         "applier@other": {"stage": "applier", "applies": {"haproxy": {"reload": 100}}, "haproxy_reloads": 100},
     }, sources={"file": {"state": "ok"}, "marathon": {"state": "degraded"}},
-        plan=Plan((udp, service), ProxySettings()), heartbeats={f"applier@{NODE}": 0.25, "planner@c": 1.5})
+        plan=Plan((udp, service), ProxySettings(), changed_at=time.time() - 30),
+        heartbeats={f"applier@{NODE}": 0.25, "planner@c": 1.5, "planner@c2": 12.0})
     scraped = scrape_state(state)
     assert scraped.get("proxymatic_source_up", source="file") == 1 and scraped.get("proxymatic_source_up", source="marathon") == 0
     assert scraped.get("proxymatic_source_events_total", source="marathon", type="status_update_event") == 7
@@ -116,6 +120,10 @@ def test_values_come_from_the_heartbeats_and_the_plan():
     assert scraped.get("proxymatic_change_to_applied_seconds_bucket", le="0.05") == 3
     assert scraped.get("proxymatic_change_to_applied_seconds_bucket", le="+Inf") == 4
     assert scraped.get("proxymatic_stage_heartbeat_age_seconds", stage="planner@c") == 1.5
+    # each planner (on a node, each central) and the age of the newest plan (docs/roles.md)
+    assert scraped.series("proxymatic_planner_last_heard_seconds") == {
+        frozenset({("planner", "planner@c")}): 1.5, frozenset({("planner", "planner@c2")}): 12.0}
+    assert 29 <= scraped.get("proxymatic_plan_age_seconds") < 60
 
 
 @pytest.mark.parametrize("applier", [

@@ -3,7 +3,9 @@ operators, and every other path proxied to HAProxy's statistics page, all on STA
 
 It listens to the whole bus (the plan, rebuilt from its key messages by a PlanFeed; applied
 results; heartbeats, which carry the sources' states and each stage's pid) and probes this
-node's proxies about once a second (health.py, probes.py).
+node's proxies about once a second (health.py, probes.py). By ROLE it follows what runs
+(`upstreams`): a central its collector and planner, a node every central's planner and its own
+applier; a central probes no proxy (docs/roles.md).
 TERMINATING comes from the marker file the launcher writes on SIGTERM (`<run_dir>/terminating`),
 so it survives a restart of this stage. `/status/details` is redacted: no URL password leaves.
 """
@@ -18,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import zmq
 
 from services.applier.plan_feed import PlanFeed
-from services.common.bus import Message, Subscriber
+from services.common.bus import Endpoint, Message, Subscriber
 from services.common.config import Settings
 from services.common.model import ApplyResult
 from services.common.redact import redact
@@ -93,11 +95,24 @@ def applied_result(payload: dict) -> ApplyResult:
     return result
 
 
+def upstreams(settings: Settings) -> list[Endpoint]:
+    """The publishers this role has (docs/roles.md): `all` every stage of this node; `central`
+    its collector and planner (no applier); `node` every central's planner (PLANNER_BUS may list
+    several) and its own applier (no collector)."""
+    endpoints: list[Endpoint] = []
+    if settings.role in ("all", "central"):
+        endpoints.append(settings.bus("collector"))
+    endpoints += settings.buses("planner")
+    if settings.role in ("all", "node"):
+        endpoints.append(settings.bus("applier"))
+    return endpoints
+
+
 def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) -> None:
     ctx = zmq.Context.instance()
     # Sources are followed through the collector's heartbeats (a summary per source), not its
     # full snapshots, which would cost a large decode here on every change.
-    subscriber = Subscriber(ctx, [settings.bus("collector"), settings.bus("planner"), settings.bus("applier")],
+    subscriber = Subscriber(ctx, upstreams(settings),
                             [PLAN_PREFIX, "applied."])
     plans = PlanFeed(subscriber, "status")
     pids: dict[str, int | None] = {}
@@ -217,10 +232,13 @@ def make_handler(settings: Settings, state: PipelineState):
 
 
 def run(settings: Settings, stop: threading.Event) -> None:
-    state = PipelineState(configured_sources=settings.sources)
+    # A node runs no collector: its sources are the central's (the plan's inputs), whatever
+    # source options it was given.
+    state = PipelineState(configured_sources=settings.sources if settings.role != "node" else (), role=settings.role)
     bus_thread = threading.Thread(target=follow_bus, args=(settings, state, stop), name="status-bus", daemon=True)
     bus_thread.start()
-    start_prober(settings, state, stop)
+    if settings.role != "central":  # a central runs no proxy
+        start_prober(settings, state, stop)
     if not settings.status_endpoint:
         log.info("status: STATUS_ENDPOINT is empty; HTTP endpoint disabled")
         stop.wait()

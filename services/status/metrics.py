@@ -4,8 +4,8 @@ report in their heartbeats (see docs/bus.md, "Counters in heartbeats").
 Every counter comes from the stage that counts it, never from the status stage: a restarted
 status stage shows the same values again one heartbeat later, and a counter it has not heard of
 yet is left out rather than shown as 0 (which Prometheus would take for a reset). The status
-stage adds only what it knows itself: the newest plan's size, the sources' states and how long
-ago each stage was heard.
+stage adds only what it knows itself: the newest plan's size and age, the sources' states and
+how long ago each stage (and each planner: on a node, each central's) was heard.
 
 A heartbeat value that is not what docs/bus.md says (wrong type, negative, a histogram that is
 not one) is skipped, never an error: /metrics always answers. Each scrape builds its families
@@ -47,13 +47,15 @@ class _View:
     payloads: dict[str, Any]
     ages: dict[str, float]
     plan_counts: tuple[int, int] | None  # services, servers; None before the first plan
+    plan_age: float | None = None  # seconds since the newest plan's newest change; None: unknown
 
     @classmethod
     def of(cls, state: PipelineState, settings: Settings) -> "_View":
         with state.lock:
             return cls(settings.node, tuple(state.configured_sources), dict(state.sources),
                        dict(state.heartbeat_payloads), dict(state.heartbeats),
-                       state.plan_counts if state.plan is not None else None)
+                       state.plan_counts if state.plan is not None else None,
+                       state.plan_age() if state.plan is not None else None)
 
     def stage_payloads(self, stage: str) -> list[dict]:
         """The newest heartbeat payload of every sender of `stage`, by sender name."""
@@ -96,7 +98,7 @@ class PipelineCollector:
     def collect(self) -> Iterator[Metric]:
         for build in (self._sources, self._source_events, self._source_errors, self._plans_published,
                       self._plan_size, self._applies, self._haproxy_reloads, self._plan_resyncs, self._change_to_applied,
-                      self._heartbeat_ages):
+                      self._heartbeat_ages, self._planners_heard, self._plan_age):
             try:
                 yield from build()
             except Exception:  # a bug here must not cost the other families (nor the answer)
@@ -231,6 +233,28 @@ class PipelineCollector:
             seconds = _count(age)
             if _label(sender) is not None and seconds is not None:
                 family.add_metric([sender], seconds)
+        yield family
+
+
+    def _planners_heard(self) -> Iterable[Metric]:
+        """On a node, each central's planner: how long ago it was heard (a central gone shows
+        as a growing value while the node keeps serving its last plan)."""
+        family = GaugeMetricFamily("proxymatic_planner_last_heard_seconds",
+                                   "Seconds since each planner (planner@<node>: a central) was last heard on the bus.",
+                                   labels=["planner"])
+        for sender, age in sorted(self.view.ages.items())[:MAX_SERIES]:
+            seconds = _count(age)
+            if _label(sender) is not None and sender.startswith("planner@") and seconds is not None:
+                family.add_metric([sender], seconds)
+        yield family
+
+    def _plan_age(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily("proxymatic_plan_age_seconds",
+                                   "Seconds since the newest change in the newest plan heard (the plan served once "
+                                   "applied); it grows while no planner is reachable or nothing changes.")
+        seconds = _count(self.view.plan_age)
+        if seconds is not None:
+            family.add_metric([], seconds)
         yield family
 
 
