@@ -24,6 +24,7 @@ import zmq
 from services.applier.haproxy_render import HaproxyPaths
 from services.applier.plan_feed import PlanFeed
 from services.common.bus import Endpoint, Subscriber
+from services.common.curve import BusSecurity
 from services.common.config import Settings
 from services.common.model import ApplyResult, ModelError, Plan
 from services.common.wire import PLAN_PREFIX
@@ -52,10 +53,12 @@ def plain(value: object) -> str:
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(value))
 
 
-def read_bus(endpoints: list[Endpoint], wait: float) -> tuple[Plan | None, dict[str, ApplyResult], list[str]]:
+def read_bus(endpoints: list[Endpoint], wait: float, security: BusSecurity | None = None
+             ) -> tuple[Plan | None, dict[str, ApplyResult], list[str]]:
     """The newest plan and every node's newest ApplyResult heard within `wait` seconds (less
-    once every publisher's snapshot is complete), and the problems met (undecodable messages)."""
-    subscriber = Subscriber(zmq.Context.instance(), endpoints, [PLAN_PREFIX, "applied."])
+    once every publisher's snapshot is complete), and the problems met (undecodable messages).
+    `security`: the keys for tcp:// endpoints (services/common/curve.py)."""
+    subscriber = Subscriber(zmq.Context.instance(), endpoints, [PLAN_PREFIX, "applied."], security=security)
     problems: list[str] = []
     plans = PlanFeed(subscriber, "explain",
                      on_drop=lambda message, reason: problems.append(f"{message.topic} from {message.sender}: {reason}"))
@@ -172,7 +175,7 @@ def format_service(service: dict) -> list[str]:
 
 def explain(settings: Settings, args: argparse.Namespace) -> int:
     endpoints = [Endpoint.parse(e) for e in args.bus] or [settings.bus("planner"), settings.bus("applier")]
-    plan, results, problems = read_bus(endpoints, args.wait)
+    plan, results, problems = read_bus(endpoints, args.wait, BusSecurity.from_settings(settings))
     for problem in problems:
         print(f"proxymatic explain: ignored {plain(problem)}", file=sys.stderr)
     if plan is None:

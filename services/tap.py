@@ -38,6 +38,7 @@ import zmq
 
 from services.common.bus import Endpoint, Message, Subscriber
 from services.common.config import Settings
+from services.common.curve import BusSecurity
 from services.common.keyed import is_tombstone, split_topic
 
 log = logging.getLogger("proxymatic.tap")
@@ -320,7 +321,8 @@ def heartbeats_asked(topics: list[str]) -> bool:
 def tap(settings: Settings, args: argparse.Namespace) -> int:
     endpoints = [Endpoint.parse(e) for e in args.bus] or [settings.bus(s) for s in ("collector", "planner", "applier")]
     ctx = zmq.Context.instance()
-    subscriber = Subscriber(ctx, endpoints, args.topic or [""])
+    # A remote --bus tcp://... is read with this process's keys (BUS_SECRET_KEY, BUS_SERVER_KEY).
+    subscriber = Subscriber(ctx, endpoints, args.topic or [""], security=BusSecurity.from_settings(settings))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     printed = 0
     differ = Differ() if getattr(args, "diff", False) else None

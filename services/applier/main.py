@@ -53,6 +53,7 @@ from services.applier.loop_step import (
 )
 from services.applier.plan_feed import PlanFeed
 from services.common.bus import HEARTBEAT_INTERVAL, Heartbeats, Publisher, Subscriber
+from services.common.curve import BusSecurity
 from services.common.config import Settings
 from services.common.latency import LatencyHistogram
 from services.common.model import ApplyResult, Plan
@@ -212,8 +213,10 @@ def run(settings: Settings, stop: threading.Event, drivers: list[ProxyDriver] | 
         return driver_set.drivers if driver_set is not None else list(fixed or [])
 
     topic = f"applied.{settings.node}"
-    publisher = Publisher(ctx, f"applier@{settings.node}", settings.bus("applier"), heartbeat_interval)
-    subscriber = Subscriber(ctx, list(settings.buses("planner")), [PLAN_PREFIX])
+    publisher = Publisher(ctx, f"applier@{settings.node}", settings.bus("applier"), heartbeat_interval,
+                          security=BusSecurity.from_settings(settings))
+    subscriber = Subscriber(ctx, list(settings.buses("planner")), [PLAN_PREFIX],
+                            security=BusSecurity.from_settings(settings))
     plans = PlanFeed(subscriber, "applier")
     health = Health(subscriber=subscriber, plans=plans, driver_set=driver_set)
     heartbeats = Heartbeats(publisher, health.payload).start()

@@ -27,6 +27,7 @@ from services.collector.exclusions import ExcludedCheck
 from services.collector.source import BrokenSource, Discovery, Source, SourceBroken, SourceError
 from services.common.backoff import Backoff
 from services.common.bus import Publisher
+from services.common.curve import BusSecurity
 from services.common.config import Settings
 from services.common.model import Service, SourceSnapshot
 from services.common.wire import SnapshotSender
@@ -316,7 +317,8 @@ def _publish(report: SourceReport, publisher: Publisher, cache: SourceCache, sen
 def run(settings: Settings, stop: threading.Event, sources: list[Source] | None = None) -> None:
     sources = build_sources(settings) if sources is None else sources
     ctx = zmq.Context.instance()
-    publisher = Publisher(ctx, f"collector@{settings.node}", settings.bus("collector"))
+    publisher = Publisher(ctx, f"collector@{settings.node}", settings.bus("collector"),
+                          security=BusSecurity.from_settings(settings))
     updates: "queue.Queue[SourceReport]" = queue.Queue()
     cache = SourceCache(settings.path("state"))
     runners: list[tuple[SourceRunner, threading.Thread]] = []

@@ -28,6 +28,9 @@ from typing import Any, Callable
 import orjson
 import zmq
 
+from services.common import curve
+from services.common.curve import BusSecurity
+
 log = logging.getLogger(__name__)
 
 # The envelope's version ("v"): a message of any other version is dropped, never guessed at.
@@ -223,7 +226,9 @@ class Publisher:
     (see Heartbeats) may send while the owner publishes."""
 
     def __init__(self, ctx: zmq.Context, sender: str, endpoint: Endpoint,
-                 heartbeat_interval: float = HEARTBEAT_INTERVAL, send_hwm: int = QUEUE_HWM):
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL, send_hwm: int = QUEUE_HWM,
+                 security: BusSecurity | None = None):
+        """`security`: CURVE on tcp:// endpoints (services/common/curve.py); None: none."""
         self.sender = sender
         self.epoch = uuid.uuid4().hex[:12]
         self.seq = 0
@@ -240,6 +245,8 @@ class Publisher:
         # An answer that does not fit raises instead of vanishing part-way (see SNAPSHOT_HWM).
         self.snapshot.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
+            for socket, address in ((self.pub, endpoint.pub), (self.snapshot, endpoint.snapshot)):
+                curve.apply_server(ctx, socket, address, security, endpoint.pub)
             self.pub.bind(endpoint.bind_form(endpoint.pub))
             self.snapshot.bind(endpoint.bind_form(endpoint.snapshot))
         except zmq.ZMQError:
@@ -398,6 +405,9 @@ class _Upstream:
     sub: zmq.Socket
     dealer: zmq.Socket
     snapshot_pending_since: float | None = None
+    # When the SUB socket last read anything (heartbeats included): a CURVE handshake refused
+    # once is never retried by ZeroMQ, so a secured SUB silent past a snapshot timeout is renewed.
+    sub_heard: float = field(default_factory=time.monotonic)
     # What each END still to come closes, in request order (one END per request): _FULL for
     # each prefix of a whole snapshot request, or a _CatchUp.
     awaited: deque = field(default_factory=deque)
@@ -431,6 +441,8 @@ class Subscriber:
     endpoints: list[Endpoint]
     prefixes: list[str] = field(default_factory=lambda: [""])
     receive_hwm: int = QUEUE_HWM
+    # CURVE on tcp:// endpoints (services/common/curve.py); None: none.
+    security: BusSecurity | None = None
     # Messages dropped as malformed, of another bus version, or refused by the stage (drop()).
     dropped: int = field(default=0, init=False)
     # Snapshots of one keyed state taken for a bulk change (a summary marked `catch_up`).
@@ -441,19 +453,24 @@ class Subscriber:
 
     def __post_init__(self) -> None:
         for endpoint in self.endpoints:
-            sub = _socket(self.ctx, zmq.SUB, endpoint.pub)
-            sub.setsockopt(zmq.RCVHWM, self.receive_hwm)
-            for prefix in self.prefixes:
-                sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
-            if not any(HEARTBEAT_TOPIC.startswith(p) for p in self.prefixes):
-                sub.setsockopt(zmq.SUBSCRIBE, HEARTBEAT_TOPIC.encode())
-            sub.connect(endpoint.pub)
-            upstream = _Upstream(endpoint, sub, self._new_dealer(endpoint))
+            upstream = _Upstream(endpoint, self._new_sub(endpoint), self._new_dealer(endpoint))
             self._upstreams.append(upstream)
             self._request_snapshot(upstream)
 
+    def _new_sub(self, endpoint: Endpoint) -> zmq.Socket:
+        sub = _socket(self.ctx, zmq.SUB, endpoint.pub)
+        sub.setsockopt(zmq.RCVHWM, self.receive_hwm)
+        for prefix in self.prefixes:
+            sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+        if not any(HEARTBEAT_TOPIC.startswith(p) for p in self.prefixes):
+            sub.setsockopt(zmq.SUBSCRIBE, HEARTBEAT_TOPIC.encode())
+        curve.apply_client(self.ctx, sub, endpoint.pub, self.security, endpoint.pub)
+        sub.connect(endpoint.pub)
+        return sub
+
     def _new_dealer(self, endpoint: Endpoint) -> zmq.Socket:
         dealer = _socket(self.ctx, zmq.DEALER, endpoint.snapshot)
+        curve.apply_client(self.ctx, dealer, endpoint.snapshot, self.security, endpoint.pub)
         dealer.connect(endpoint.snapshot)
         return dealer
 
@@ -465,6 +482,7 @@ class Subscriber:
             # The publisher was gone when we asked: a fresh socket drops the stale request.
             upstream.dealer.close()
             upstream.dealer = self._new_dealer(upstream.endpoint)
+            self._renew_refused_sub(upstream, now)
             upstream.awaited.clear()
             for catch_up in upstream.catch_ups:  # their answers are lost with the old socket
                 upstream.dealer.send_multipart([SNAPSHOT_REQUEST, catch_up.prefix.encode()])
@@ -473,6 +491,15 @@ class Subscriber:
             upstream.dealer.send_multipart([SNAPSHOT_REQUEST, prefix.encode()])
             upstream.awaited.append(_FULL)
         upstream.snapshot_pending_since = now
+
+    def _renew_refused_sub(self, upstream: _Upstream, now: float) -> None:
+        """A secured SUB that has heard nothing (not even a heartbeat) since the last snapshot
+        timeout: its handshake may have been refused (a key authorized since), which ZeroMQ
+        never retries. A fresh socket tries again; the snapshot asked for next covers the gap."""
+        if curve.secured(upstream.endpoint.pub, self.security) and now - upstream.sub_heard >= SNAPSHOT_TIMEOUT:
+            upstream.sub.close()
+            upstream.sub = self._new_sub(upstream.endpoint)
+            upstream.sub_heard = now
 
     def _start_catch_up(self, upstream: _Upstream, summary: Message) -> None:
         """A live summary marked `catch_up`: ask for its state's snapshot (which has the summary
@@ -558,6 +585,7 @@ class Subscriber:
                 frames = upstream.sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            upstream.sub_heard = time.monotonic()
             message = self._decode(upstream, frames)
             if message is None:
                 continue

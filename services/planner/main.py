@@ -21,6 +21,7 @@ import time
 import zmq
 
 from services.common.bus import HEARTBEAT_INTERVAL, Publisher, Subscriber
+from services.common.curve import BusSecurity
 from services.common.config import Settings
 from services.common.wire import SOURCE_PREFIX
 from services.planner.steps import (MAX_DELAY, QUIET_PERIOD, RESYNC_INTERVAL, Action, Drop, Note, PlannerState,
@@ -52,8 +53,10 @@ def carry_out(actions: tuple[Action, ...], publisher: Publisher, subscriber: Sub
 def run(settings: Settings, stop: threading.Event, quiet_period: float = QUIET_PERIOD,
         max_delay: float = MAX_DELAY, heartbeat_interval: float = HEARTBEAT_INTERVAL) -> None:
     ctx = zmq.Context.instance()
-    publisher = Publisher(ctx, f"planner@{settings.node}", settings.bus("planner"), heartbeat_interval)
-    subscriber = Subscriber(ctx, [settings.bus("collector")], [SOURCE_PREFIX])
+    publisher = Publisher(ctx, f"planner@{settings.node}", settings.bus("planner"), heartbeat_interval,
+                          security=BusSecurity.from_settings(settings))
+    subscriber = Subscriber(ctx, [settings.bus("collector")], [SOURCE_PREFIX],
+                            security=BusSecurity.from_settings(settings))
     state: PlannerState = initial_state(settings, Timing(quiet_period, max_delay, RESYNC_INTERVAL))
     log.info("planner: sources from %s, plans on %s; first plan once the collector's snapshot is complete",
              settings.bus("collector").pub, settings.bus("planner").pub)

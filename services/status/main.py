@@ -21,6 +21,7 @@ import zmq
 
 from services.applier.plan_feed import PlanFeed
 from services.common.bus import Endpoint, Message, Subscriber
+from services.common.curve import BusSecurity
 from services.common.config import Settings
 from services.common.model import ApplyResult
 from services.common.redact import redact
@@ -113,7 +114,7 @@ def follow_bus(settings: Settings, state: PipelineState, stop: threading.Event) 
     # Sources are followed through the collector's heartbeats (a summary per source), not its
     # full snapshots, which would cost a large decode here on every change.
     subscriber = Subscriber(ctx, upstreams(settings),
-                            [PLAN_PREFIX, "applied."])
+                            [PLAN_PREFIX, "applied."], security=BusSecurity.from_settings(settings))
     plans = PlanFeed(subscriber, "status")
     pids: dict[str, int | None] = {}
     own_name = f"status@{settings.node}"
