@@ -153,6 +153,7 @@ def test_one_service_per_stage_and_proxy_sharing_the_run_dir_and_the_host_networ
     for name, service in document["services"].items():
         if name not in services:
             assert service["profiles"] == ["demo"] and service["build"]["dockerfile"] == "deploy/Dockerfile.demo", name
+            assert all(env.startswith("DEMO_") for env in service.get("environment", {})), name
     healthcheck = services["status"]["healthcheck"]
     assert healthcheck["test"] == ["CMD", "proxymatic", "healthcheck"]
 
@@ -219,17 +220,31 @@ def process_environment(service: dict, marker: str) -> dict[str, str]:
             MARKER: marker}
 
 
-def processes_marked(marker: str) -> list[int]:
+def processes_of_run(marker: str) -> list[int]:
+    """Processes of this run: the marker in their environment, or a file of the run's temp
+    directory (`marker`) open or on their command line (nginx overwrites its environment's
+    memory with its process titles)."""
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry}/environ", "rb") as handle:
-                if f"{MARKER}={marker}".encode() in handle.read().split(b"\0"):
-                    found.append(int(entry))
+                environ = handle.read().split(b"\0")
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read().decode(errors="replace")
+            descriptors = os.listdir(f"/proc/{entry}/fd")
         except OSError:
             continue
+        opened = []
+        for descriptor in descriptors:
+            try:
+                opened.append(os.readlink(f"/proc/{entry}/fd/{descriptor}"))
+            except OSError:
+                continue
+        if f"{MARKER}={marker}".encode() in environ or marker + os.sep in cmdline \
+                or any(path.startswith(marker + os.sep) for path in opened):
+            found.append(int(entry))
     return found
 
 
@@ -341,12 +356,15 @@ def test_the_demo_profile_runs_and_traffic_flows(tmp_path):
             names.add(body)
         assert names == {"web-a", "web-b"}
         stack.running()
+        # what the leftover check looks for: every service, and the workers and pens they started
+        alive = set(processes_of_run(marker))
+        assert {process.pid for process in stack.processes.values()} < alive
     finally:
         killed = stack.stop()
         deadline = time.monotonic() + 15
-        while processes_marked(marker) and time.monotonic() < deadline:
+        while processes_of_run(marker) and time.monotonic() < deadline:
             time.sleep(0.2)
-        leftovers = processes_marked(marker)
+        leftovers = processes_of_run(marker)
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
     assert not leftovers, f"processes left behind: {leftovers}"
