@@ -5,11 +5,15 @@ back with a changed services file (the node converges)."""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 
 import pytest
 
 from services.common.config import ConfigError, Settings, add_options, settings_from
 from services.launcher import programs, render_supervisord_conf
+from tests.helpers import TcpBackend, free_port, services_entry, tcp_ask, wait_until
+from tests.launcher_helpers import Run, http_get, port_free
 
 
 def settings(*argv: str, **environ: str) -> Settings:
@@ -77,3 +81,78 @@ def test_planner_bus_lists_and_roles():
                           (["--collector-bus", "tcp://a:7000,tcp://b:7000"], "COLLECTOR_BUS")):
         with pytest.raises(ConfigError, match=message):
             settings(*argv)
+
+
+# -- for real: a central feeding a node on loopback ---------------------------------------------
+
+def free_pair() -> int:
+    """A port whose next port is free too (a tcp bus endpoint is a port and port+1)."""
+    for _ in range(50):
+        port = free_port()
+        if port < 65000 and port_free(port + 1):
+            return port
+    raise AssertionError("no free pair of ports")
+
+
+@pytest.fixture
+def backends():
+    made = [TcpBackend("a"), TcpBackend("b")]
+    yield made
+    for backend in made:
+        backend.close()
+
+
+def test_a_central_feeds_a_node_which_outlives_it_and_converges_when_it_returns(backends):
+    a, b = backends
+    bus = f"tcp://127.0.0.1:{free_pair()}"
+    central = Run(role="central", planner_bus=bus)
+    node = Run(role="node", planner_bus=bus)
+    try:
+        web, api = free_port(), free_port()
+        central.write([services_entry("web", web, a)])
+        first = central.start()
+        node.start()
+        node.wait_ok()
+        wait_until(lambda: tcp_ask(web) == "a", timeout=30, message="traffic through the node's HAProxy")
+        assert names_running(central) == {"collector", "planner", "status"}
+        assert names_running(node) == {"haproxy", "pen", "applier", "status"}
+        central.wait_ok()
+        details = central.details()
+        assert details["role"] == "central" and details["applied"] is None and details["proxies"] == {}
+        details = node.details()
+        assert details["role"] == "node" and details["planner_reachable"] and details["warnings"] == []
+        assert set(details["planners"]) == {f"planner@{node_name()}"}
+
+        # The central goes: the node keeps serving and says its planner is unreachable.
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=60)
+        wait_until(lambda: not central.processes(), timeout=15, message="the central's processes gone")
+        details = wait_until(lambda: (d := node.details())["warnings"] and d, timeout=15,
+                             message="/status/details saying the planner is unreachable")
+        assert details["status"] == "OK" and not details["planner_reachable"]
+        assert details["warnings"][0].startswith("planner unreachable:") and details["plan"]["age_seconds"] >= 0
+        assert node.status()[0] == 200 and tcp_ask(web) == "a"
+        metrics = http_get(node.url("/metrics"))[1]
+        assert "proxymatic_planner_last_heard_seconds{planner=" in metrics and "proxymatic_plan_age_seconds " in metrics
+
+        # Changed while the central was down; it comes back (a new epoch): the node converges.
+        central.write([services_entry("web", web, b), services_entry("api", api, a)])
+        central.start()
+        wait_until(lambda: tcp_ask(api) == "a", timeout=60, message="the new service through the node")
+        wait_until(lambda: tcp_ask(web) == "b", timeout=30, message="the changed service through the node")
+        wait_until(lambda: node.details()["planner_reachable"] and not node.details()["warnings"], timeout=15,
+                   message="the planner reachable again")
+        assert node.status()[0] == 200
+    finally:
+        node.close()
+        central.close()
+    assert not node.processes() and not central.processes()
+
+
+def node_name() -> str:
+    return os.uname().nodename
+
+
+def names_running(run: Run) -> set[str]:
+    """The programs supervisord runs for this run (supervisorctl status)."""
+    return {line.split()[0] for line in run.supervisorctl("status").splitlines() if "RUNNING" in line}
