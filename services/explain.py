@@ -174,7 +174,7 @@ def format_service(service: dict) -> list[str]:
 
 
 def explain(settings: Settings, args: argparse.Namespace) -> int:
-    endpoints = [Endpoint.parse(e) for e in args.bus] or [settings.bus("planner"), settings.bus("applier")]
+    endpoints = [Endpoint.parse(e) for e in args.bus] or [*settings.buses("planner"), settings.bus("applier")]
     plan, results, problems = read_bus(endpoints, args.wait, BusSecurity.from_settings(settings))
     for problem in problems:
         print(f"proxymatic explain: ignored {plain(problem)}", file=sys.stderr)

@@ -319,7 +319,7 @@ def heartbeats_asked(topics: list[str]) -> bool:
 
 
 def tap(settings: Settings, args: argparse.Namespace) -> int:
-    endpoints = [Endpoint.parse(e) for e in args.bus] or [settings.bus(s) for s in ("collector", "planner", "applier")]
+    endpoints = [Endpoint.parse(e) for e in args.bus] or [e for s in ("collector", "planner", "applier") for e in settings.buses(s)]
     ctx = zmq.Context.instance()
     # A remote --bus tcp://... is read with this process's keys (BUS_SECRET_KEY, BUS_SERVER_KEY).
     subscriber = Subscriber(ctx, endpoints, args.topic or [""], security=BusSecurity.from_settings(settings))
