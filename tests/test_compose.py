@@ -309,7 +309,6 @@ def test_the_demo_profile_runs_and_traffic_flows(tmp_path):
     backends = [free_port() for _ in range(4)]
     overrides = {  # the shell of `docker compose --env-file deploy/demo.env --profile demo up`
         "RUN_DIR": str(run_dir), "STATUS_ENDPOINT": f"127.0.0.1:{free_port()}", "VHOST_PORT": str(free_port()),
-        "REFRESH_INTERVAL": "5",
         "DEMO_MARATHON_PORT": str(free_port()), "DEMO_ETCD_PORT": str(free_port()),
         "DEMO_ETCD_PEER_PORT": str(free_port()), "DEMO_ETCD_DATA_DIR": str(tmp_path / "etcd"),
         "DEMO_WEB_PORT": str(free_port()), "DEMO_API_PORT": str(free_port()),
