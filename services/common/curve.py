@@ -240,12 +240,15 @@ class _Authenticator(ThreadAuthenticator):
         self._own: dict[str, set[bytes]] = {}
         self._loaded: dict[str, float] = {}
         self._request: tuple[str, bytes, bytes] | None = None
+        self._domains_lock = threading.Lock()  # publishers add domains while the thread reads them
 
     def add_domain(self, directory: str, own_key: bytes | None) -> None:
-        self._own.setdefault(directory, set()).update([own_key] if own_key else [])
-        self._load(directory)
+        with self._domains_lock:
+            self._own.setdefault(directory, set()).update([own_key] if own_key else [])
+            self._load(directory)
 
     def _load(self, directory: str) -> None:
+        """Read `directory` again (with `_domains_lock` held)."""
         try:
             certs = zmq.auth.load_certificates(directory)
         except (OSError, ValueError) as error:
@@ -266,8 +269,9 @@ class _Authenticator(ThreadAuthenticator):
             self._request = None
 
     async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
-        if domain in self._own and time.monotonic() - self._loaded.get(domain, 0.0) >= RELOAD_INTERVAL:
-            self._load(domain)
+        with self._domains_lock:
+            if domain in self._own and time.monotonic() - self._loaded.get(domain, 0.0) >= RELOAD_INTERVAL:
+                self._load(domain)
         return await super()._authenticate_curve(domain, client_key)
 
     def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
