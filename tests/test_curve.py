@@ -146,11 +146,14 @@ def test_keygen_writes_the_pair_with_private_secret(tmp_path):
         curve.keygen(str(target), "../elsewhere")
 
 
-def test_authorized_subscriber_gets_snapshot_and_live_messages(keys, ctx, caplog):
+@pytest.mark.parametrize("who", ["node", "central"])  # the publisher accepts its own key too
+def test_authorized_subscriber_gets_snapshot_and_live_messages(keys, ctx, caplog, who):
     context, opened = ctx
     served = Served(context, keys.publisher())
     opened.append(served)
-    subscriber = Subscriber(context, [served.endpoint], ["plan"], security=keys.subscriber())
+    security = keys.subscriber() if who == "node" else BusSecurity.from_settings(Settings(
+        bus_secret_key=f"{keys.central}/central.key_secret", bus_server_key=f"{keys.central}/central.key"))
+    subscriber = Subscriber(context, [served.endpoint], ["plan"], security=security)
     opened.insert(0, subscriber)
     got: list = []
     wait_until(lambda: got.extend(subscriber.poll(0.05)) or subscriber.snapshot_complete(),
@@ -187,6 +190,24 @@ def test_refused_subscriber_gets_nothing_and_is_logged_once(keys, ctx, caplog, w
                                       % zmq.auth.load_certificate(f"{keys.intruder}/intruder.key")[0].decode(),
                 "wrong server key": "its BUS_SERVER_KEY is not this publisher's public certificate"}[who]
     assert expected in warnings[0]
+
+
+def test_ipc_endpoints_stay_as_they_are(keys, ctx, tmp_path):
+    """Keys apply to tcp:// only: on ipc://, file permissions protect the bus."""
+    context, opened = ctx
+    endpoint = Endpoint.parse(f"ipc://{tmp_path}/bus/planner.pub")
+    publisher = Publisher(context, "central-test", endpoint, security=keys.publisher())
+    opened.append(publisher)
+    publisher.publish("plan", {"n": 0})
+    subscriber = Subscriber(context, [endpoint], ["plan"])  # no keys
+    opened.insert(0, subscriber)
+
+    def synced() -> bool:
+        publisher.serve_snapshots()
+        subscriber.poll(0.02)
+        return subscriber.snapshot_complete()
+    wait_until(synced, message="the snapshot over ipc without keys")
+    assert not publisher.pub.curve_server and curve._guards.get(id(context)) is None
 
 
 def test_a_key_authorized_later_is_served_without_restarts(keys, ctx, caplog):

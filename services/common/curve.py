@@ -263,16 +263,15 @@ class _Authenticator(ThreadAuthenticator):
     async def handle_zap_message(self, msg: list[bytes]) -> None:
         # version, request id, domain, address, identity, mechanism, credentials...
         self._request = (msg[3].decode(errors="replace"), msg[5], msg[6]) if len(msg) >= 7 else None
+        if len(msg) >= 3:
+            domain = msg[2].decode(errors="replace")
+            with self._domains_lock:
+                if domain in self._own and time.monotonic() - self._loaded.get(domain, 0.0) >= RELOAD_INTERVAL:
+                    self._load(domain)
         try:
             await super().handle_zap_message(msg)
         finally:
             self._request = None
-
-    async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
-        with self._domains_lock:
-            if domain in self._own and time.monotonic() - self._loaded.get(domain, 0.0) >= RELOAD_INTERVAL:
-                self._load(domain)
-        return await super()._authenticate_curve(domain, client_key)
 
     def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
                         user_id: str = "anonymous") -> None:
