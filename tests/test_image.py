@@ -280,12 +280,20 @@ def test_dockerfile_installs_the_proxies_tini_and_proxymatic_not_editable():
     assert all(not s.startswith(("tests", "sim", "bench", "deploy")) for sources in copied for s in sources)
 
 
-def test_build_context_has_no_tests_sim_or_caches():
+def test_build_context_has_no_tests_or_caches_and_every_copy_finds_its_files():
     files = context_files(REPO)
     assert "pyproject.toml" in files and "services/cli.py" in files
     assert any(f.startswith("services/") and f.endswith(".j2") for f in files)  # the templates
-    assert not [f for f in files if f.split("/")[0] in ("tests", "sim", "bench", "deploy", ".venv", ".git")]
+    assert not [f for f in files if f.split("/")[0] in ("tests", "bench", "deploy", ".venv", ".git")]
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
+    # both images build from this context (.dockerignore serves deploy/Dockerfile.demo too)
+    for dockerfile in sorted(DOCKERFILE.parent.glob("Dockerfile*")):
+        workdir, env = "/", {"PATH": DEFAULT_PATH}
+        for instruction in parse_dockerfile(dockerfile.read_text()):
+            if instruction.keyword == "WORKDIR":
+                workdir = os.path.join(workdir, instruction.args)
+            elif instruction.keyword == "COPY":
+                assert copy_plan(REPO, files, *parse_copy(instruction.args), workdir, env), instruction
 
 
 def test_every_setting_is_an_env_with_its_default_and_documented():
