@@ -172,11 +172,14 @@ class NodeLoad:
 class Cluster:
     """The hosts, the keys, the services file, the proxymatic instances and the loads."""
 
-    def __init__(self, nodes: int = 3, centrals: int = 2, curve: bool = True, two_centrals: bool = True):
+    def __init__(self, nodes: int = 3, centrals: int = 2, curve: bool = True, two_centrals: bool = True,
+                 backends: dict[str, int] | None = None, load_interval: float = 0.01):
         self.node_names = [f"n{i + 1}" for i in range(nodes)]
         self.central_names = [f"c{i + 1}" for i in range(centrals)]
         self.net = netns.Network(self.central_names + self.node_names + ["b1", "x1"])
         self.curve, self.two_centrals = curve, two_centrals
+        self.backend_ports = dict(backends or BACKEND_PORTS)
+        self.load_interval = load_interval
         self.base = tempfile.mkdtemp(prefix="pmmn")
         self.keys = os.path.join(self.base, "keys")
         self.authorized = os.path.join(self.keys, "authorized")
@@ -189,7 +192,7 @@ class Cluster:
     # -- set up ----------------------------------------------------------------------------
     def create(self) -> "Cluster":
         self.net.create()
-        self.backends = self.net.call("b1", lambda: NameServers(BACKEND_PORTS))
+        self.backends = self.net.call("b1", lambda: NameServers(self.backend_ports))
         if self.curve:
             self.make_keys()
         return self
@@ -219,7 +222,7 @@ class Cluster:
     def write_services(self, *names: str) -> float:
         """The services file replaced whole; returns when (monotonic) it was."""
         document = {"services": [{"name": "web", "port": SERVICE_PORT, "servers": [
-            {"host": self.net.ip("b1"), "port": BACKEND_PORTS[n]} for n in names]}]}
+            {"host": self.net.ip("b1"), "port": self.backend_ports[n]} for n in names]}]}
         with open(self.services_file + ".tmp", "w") as handle:
             json.dump(document, handle)
         os.replace(self.services_file + ".tmp", self.services_file)
@@ -268,6 +271,26 @@ class Cluster:
         wait_until(lambda: not self.net.pids(host), timeout=20, interval=0.1,
                    message=f"every process of {host} gone after its launcher's SIGKILL")
         return time.monotonic() - began
+
+    def bring_up(self, backend: str) -> None:
+        """The services file with `backend`, c1 and every node started, each node OK and
+        serving it, then a load on each node."""
+        self.write_services(backend)
+        began = time.monotonic()
+        self.start_central("c1")
+        for node in self.node_names:
+            self.start_node(node)
+        for node in self.node_names:
+            try:
+                wait_until(lambda: self.status(node)[0] == 200, timeout=90, interval=0.2,
+                           message=f"{node} /status OK")
+            except AssertionError as error:
+                raise AssertionError(f"{error}\n{self.logs(node)}\n{self.logs('c1')}") from None
+            wait_until(lambda: self.serves(node) == backend, timeout=15, interval=0.1,
+                       message=f"{node} serving {backend}")
+        self.figures["start_to_every_node_ok_s"] = round(time.monotonic() - began, 2)
+        for node in self.node_names:
+            self.loads[node] = NodeLoad(self.net, node, self.load_interval).start()
 
     # -- looking ---------------------------------------------------------------------------
     def status(self, host: str) -> tuple[int, str]:
@@ -344,20 +367,7 @@ def cluster():
     c = Cluster(curve=curve_landed(), two_centrals=two_centrals_landed())
     try:
         c.create()
-        c.write_services("a")
-        c.start_central("c1")
-        for node in c.node_names:
-            c.start_node(node)
-        began = time.monotonic()
-        for node in c.node_names:
-            try:
-                wait_until(lambda: c.status(node)[0] == 200, timeout=60, interval=0.2, message=f"{node} /status OK")
-            except AssertionError as error:
-                raise AssertionError(f"{error}\n{c.logs(node)}\n{c.logs('c1')}") from None
-            wait_until(lambda: c.serves(node) == "a", timeout=15, interval=0.1, message=f"{node} serving a")
-        c.figures["start_to_every_node_ok_s"] = round(time.monotonic() - began, 2)
-        for node in c.node_names:
-            c.loads[node] = NodeLoad(c.net, node).start()
+        c.bring_up("a")
         yield c
     finally:
         problems = c.close()
