@@ -37,6 +37,7 @@ from services.collector.registrator_parse import (
     parse_etcd_url, parse_tree, relative_key, resolve_host,
 )
 from services.collector.source import Discovery, DroppedEvents, Source, SourceError, down_note
+from services.common.memory import release_freed_memory
 from services.common.backoff import Backoff
 from services.common.config import ConfigError, Settings
 from services.common.redact import redact
@@ -371,6 +372,8 @@ class RegistratorSource(Source):
             self.stats["full_reads"] += 1
             self.counters.event("poll")
             self._replace_all(entries, warnings, etcd_index, excluded, cause)
+            del payload, entries
+            release_freed_memory()  # the whole tree's JSON was just freed
             return
         self.counters.error()  # one failed read, whatever the number of endpoints tried
         raise _Unavailable("; ".join(errors))

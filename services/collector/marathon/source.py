@@ -30,6 +30,7 @@ from services.collector.marathon.mirror import (MarathonState, load_version, mis
 from services.collector.resolve import Resolver
 from services.collector.source import Discovery, DroppedEvents, Source, SourceError, down_note
 from services.common.config import Settings
+from services.common.memory import release_freed_memory
 from services.common.redact import redact
 
 log = logging.getLogger("proxymatic.collector.marathon")
@@ -156,7 +157,10 @@ class MarathonSource(Source):
             with self._cond:
                 self._failed = False
         self._fetch_missing_versions()
-        return self._build()
+        discovery = self._build()
+        if full:
+            release_freed_memory()  # the whole /v2/apps answer was just freed
+        return discovery
 
     def _fetch(self, full: bool, dirty: set[str]) -> None:
         started = time.monotonic()
