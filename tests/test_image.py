@@ -43,6 +43,7 @@ from pathlib import Path
 import pytest
 
 from services.common.config import OPTIONS
+from services.common.pdeathsig import die_with
 from tests.helpers import TcpBackend, free_port, tcp_ask, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -453,7 +454,8 @@ class Image:
 
 def run_logged(argv: list[str], log: Path, what: str, timeout: float = STEP_TIMEOUT) -> None:
     with open(log, "wb") as out:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   preexec_fn=tied_to_us())
         try:
             code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -503,8 +505,16 @@ def build_secrets() -> tuple[list[tuple[str, str]], dict[str, str]]:
 
 
 def in_namespaces(spec: dict) -> list[str]:
-    return ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "--",
+    # --kill-child: the namespace's PID 1 (and with it every process inside) dies with unshare,
+    # and unshare with the test (tied_to_us): a killed test leaves no container running.
+    return ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private", "--",
             sys.executable, "-c", RUNNER, json.dumps(spec)]
+
+
+def tied_to_us():
+    """Popen's preexec_fn: the child gets SIGKILL when the test process dies, however it dies."""
+    parent = os.getpid()
+    return lambda: die_with(parent, signal.SIGKILL)
 
 
 class Builder:
@@ -530,7 +540,7 @@ class Builder:
             return layer
         scratch = self.new_scratch(key)
         root = scratch / "root"
-        run_logged(["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "--",
+        run_logged(["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private", "--",
                     "debootstrap", "--variant=minbase", SUITE, str(root), self.mirror],
                    scratch / "debootstrap.log", f"debootstrap {SUITE} from {self.mirror}")
         (root / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
@@ -691,7 +701,8 @@ def test_image_serves_through_haproxy_passes_its_healthcheck_and_stops_on_sigter
             "argv": image.entrypoint, "cwd": image.workdir, "env": env}
     log = scratch / "container.log"
     out = open(log, "wb")
-    container = subprocess.Popen(in_namespaces(spec), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    container = subprocess.Popen(in_namespaces(spec), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 preexec_fn=tied_to_us())
 
     def output() -> str:
         return log.read_text(errors="replace")[-3000:]
