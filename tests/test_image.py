@@ -749,3 +749,14 @@ def test_image_serves_through_haproxy_passes_its_healthcheck_and_stops_on_sigter
         assert not processes_rooted_in(merged), "a process of the container survived"
         assert not mounts_under(builder.cache), "a mount of the image test is left"
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_skips_say_why(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert "needs root" in skip_reason()
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda tool: None if tool == "debootstrap" else real_which(tool))
+    assert "debootstrap is not installed" in skip_reason()
+    port = free_port()  # nothing listens there
+    assert f"cannot reach the mirror http://127.0.0.1:{port}" in mirror_unreachable(f"http://127.0.0.1:{port}")
