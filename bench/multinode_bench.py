@@ -85,6 +85,30 @@ class PlanWatcher:
         self.thread.join(timeout=5)
 
 
+def newest_plan_published(cluster: Cluster, timeout: float = 5.0) -> float | None:
+    """The planner's timestamp on its newest `plan` summary, from its snapshot socket (a
+    restarted planner's first plan goes out before a subscriber has reconnected)."""
+    from services.common.bus import SNAPSHOT_REQUEST
+    ctx = zmq.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        if cluster.curve:
+            dealer.curve_publickey, dealer.curve_secretkey = zmq.auth.load_certificate(cluster.key("n1", True))
+            dealer.curve_serverkey = zmq.auth.load_certificate(cluster.key("central"))[0]
+        host, port = cluster.planner_endpoint("c1").rsplit(":", 1)
+        dealer.connect(f"{host}:{int(port) + 1}")
+        dealer.send_multipart([SNAPSHOT_REQUEST, b"plan"])
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and dealer.poll(left * 1000):
+            frames = dealer.recv_multipart()
+            if frames[0] == b"plan":
+                return float(orjson.loads(frames[1])["ts"])
+        return None
+    finally:
+        ctx.destroy(linger=0)
+
+
 def summary(values: list[float]) -> str:
     if not values:
         return "-"
@@ -127,6 +151,7 @@ def main() -> int:
     plan_to_nodes: list[float] = []  # plan published -> every node's traffic on the new backend
     restarts: list[float] = []
     restart_to_plan: list[float] = []
+    restart_plan_to_nodes: list[float] = []
     gone: list[float] = []
     watcher = None
     try:
@@ -157,11 +182,13 @@ def main() -> int:
             since, wall = time.monotonic(), time.time()
             cluster.start_central("c1")
             restarts.append(cluster.wait_everywhere(new, since, timeout=120))
-            published = watcher.first_after(wall)
-            if published is not None:
+            published = newest_plan_published(cluster)
+            if published is not None and published >= wall:
                 restart_to_plan.append(published - wall)
+                restart_plan_to_nodes.append(restarts[-1] - (published - wall))
         print(f"central back -> every node:     {summary(restarts)}", flush=True)
         print(f"  start -> first plan:          {summary(restart_to_plan)}", flush=True)
+        print(f"  first plan -> every node:     {summary(restart_plan_to_nodes)}", flush=True)
         print(f"central gone after SIGKILL:     {summary(gone)}", flush=True)
         for load in cluster.loads.values():
             load.stop()
@@ -180,6 +207,7 @@ def main() -> int:
             "plan_published_to_every_node_s": [round(x, 4) for x in plan_to_nodes],
             "central_restart_to_every_node_s": [round(x, 4) for x in restarts],
             "central_restart_to_first_plan_s": [round(x, 4) for x in restart_to_plan],
+            "central_first_plan_to_every_node_s": [round(x, 4) for x in restart_plan_to_nodes],
             "central_gone_after_sigkill_s": [round(x, 3) for x in gone],
         }
         if args.json:

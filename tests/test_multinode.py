@@ -463,11 +463,18 @@ def test_two_centrals_one_killed_changes_still_flow(cluster):
         pytest.skip("waiting for nodes following several centrals (--planner-bus tcp://c1:P,tcp://c2:P: issue 11, item 2)")
     cluster.start_central("c2")
     for node in cluster.node_names:
-        wait_until(lambda: (cluster.details(node).get("stages", {}).get("planner@c2") or {}).get("alive"),
+        wait_until(lambda: (cluster.details(node).get("planners", {}).get("planner@c2") or {}).get("alive"),
                    timeout=60, interval=0.2, message=f"{node} hearing the planner of c2")
     since = cluster.write_services("a", "b", "c", "d")
     cluster.figures["change_to_every_node_two_centrals_s"] = round(cluster.wait_everywhere("d", since), 3)
     cluster.kill("c1")
+    for node in cluster.node_names:
+        # c1 is gone, c2 is heard: the node has a planner, no warning, and /status is OK.
+        wait_until(lambda: (d := cluster.details(node))["planners"].get("planner@c1", {}).get("alive") is False
+                   and d, timeout=20, interval=0.2, message=f"{node} seeing c1 gone")
+        details = cluster.details(node)
+        assert details["planner_reachable"] is True and not details["warnings"], details
+        assert cluster.status(node)[0] == 200
     since = cluster.write_services("a", "b", "c", "d", "e")
     cluster.figures["change_to_every_node_one_of_two_centrals_s"] = round(cluster.wait_everywhere("e", since), 3)
 
