@@ -707,13 +707,16 @@ def test_image_serves_through_haproxy_passes_its_healthcheck_and_stops_on_sigter
     def output() -> str:
         return log.read_text(errors="replace")[-3000:]
 
-    def healthcheck() -> subprocess.CompletedProcess:
-        # docker's health check: the command run inside the container, with its environment
+    def inside(*argv: str) -> subprocess.CompletedProcess:
+        """`docker exec`: a command in the running container, with its environment."""
         init = namespace_init(container)
         assert init, "the container has no PID 1"
         return subprocess.run(["nsenter", "-t", str(init), "--mount", "--pid", "--root", "--wd", "--",
-                               "/usr/bin/env", "-i", *[f"{k}={v}" for k, v in env.items()], *image.healthcheck],
+                               "/usr/bin/env", "-i", *[f"{k}={v}" for k, v in env.items()], *argv],
                               capture_output=True, text=True, timeout=20)
+
+    def healthcheck() -> subprocess.CompletedProcess:
+        return inside(*image.healthcheck)  # as Docker runs a HEALTHCHECK
 
     try:
         wait_until(lambda: namespace_init(container) and Path(f"/proc/{namespace_init(container)}/comm")
@@ -726,6 +729,13 @@ def test_image_serves_through_haproxy_passes_its_healthcheck_and_stops_on_sigter
         except AssertionError as error:
             raise AssertionError(f"{error}\ncontainer output:\n{output()}") from None
         assert "OK" in result.stdout
+        # installed, not run from a source tree; no tests, simulator or test tools in the image
+        installed = inside("python3", "-c", "import importlib.util as u, os, services; "
+                           "print(services.__file__, [m for m in ('tests', 'sim', 'pytest', 'hypothesis') "
+                           "if u.find_spec(m)], os.path.exists('/usr/src/proxymatic'))")
+        where, missing, source_tree = (installed.stdout.split() + ["", "", ""])[:3]
+        assert re.fullmatch(r"/opt/proxymatic/lib/python3\.\d+/site-packages/services/__init__\.py", where) and \
+            missing == "[]" and source_tree == "False", installed.stdout + installed.stderr
         init = namespace_init(container)
         os.kill(init, signal.SIGTERM)  # docker stop: STOPSIGNAL to PID 1
         terminating = wait_until(lambda: (r := healthcheck()).returncode != 0 and r, timeout=5, interval=0.3,
