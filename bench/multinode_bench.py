@@ -223,4 +223,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with netns.sigterm_interrupts():  # `kill`/`timeout` still remove the namespaces
+        code = main()
+    sys.exit(code)

@@ -314,10 +314,28 @@ class Network:
         return box.get("value")
 
 
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in the main thread meanwhile, so a run stopped with
+    `kill` or `timeout` still tears its namespaces down (`finally` blocks run); SIGKILL leaves
+    them to the next run's clean_leftovers()."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, _frame) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def assert_clean(tag: str) -> None:
     """Nothing of the run `tag` (`pmn<pid>`) left: no namespace, no link."""
     left = [n for n in _namespaces() if n.startswith(tag + "-")] + [n for n in _links() if n.startswith(tag)]
     assert not left, f"left behind: {left}"
 
 
-__all__ = ["Network", "skip_reason", "clean_leftovers", "namespace_pids", "assert_clean"]
+__all__ = ["Network", "skip_reason", "clean_leftovers", "namespace_pids", "assert_clean", "sigterm_interrupts"]

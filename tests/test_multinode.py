@@ -365,14 +365,15 @@ def cluster():
     if not roles_landed():
         pytest.skip("waiting for --role central|node (issue 11, item 2)")
     c = Cluster(curve=curve_landed(), two_centrals=two_centrals_landed())
-    try:
-        c.create()
-        c.bring_up("a")
-        yield c
-    finally:
-        problems = c.close()
-        print("\nmultinode figures:", json.dumps(c.figures, sort_keys=True))
-        assert not problems, problems
+    with netns.sigterm_interrupts():
+        try:
+            c.create()
+            c.bring_up("a")
+            yield c
+        finally:
+            problems = c.close()
+            print("\nmultinode figures:", json.dumps(c.figures, sort_keys=True))
+            assert not problems, problems
 
 
 def test_every_node_serves_through_its_haproxy(cluster):
