@@ -280,7 +280,7 @@ class Network:
     def inside(self, name: str) -> Iterator[None]:
         """The calling thread in the namespace (sockets it creates are the namespace's), back in
         its own afterwards. Only this thread moves: setns(2) on a network namespace is per thread."""
-        with open(f"/proc/thread-self/ns/net", "rb") as own, open(f"/run/netns/{self.full(name)}", "rb") as target:
+        with open("/proc/thread-self/ns/net", "rb") as own, open(f"/run/netns/{self.full(name)}", "rb") as target:
             _setns(target.fileno())
             try:
                 yield
