@@ -21,8 +21,10 @@ The sampling adds up to 2 x --interval to each figure (the new backend answers e
 request). Each change waits a random 0-0.25 s first (--seed), so the file source's 0.25 s poll
 is met at every phase; the central's part (file -> plan published, from the planner's own
 timestamp on its `plan` summary, heard by a CURVE subscriber with a node's key) is reported
-apart from the nodes' part (plan published -> every node's traffic on the new backend). Needs root and `ip netns`; everything is removed at the end (and by the next run
-if this one is killed).
+apart from the nodes' part (plan published -> every node's traffic on the new backend).
+
+Needs root and `ip netns`; everything is removed at the end, on SIGTERM too (and by the next run
+if this one is SIGKILLed).
 
     .venv/bin/python -m bench.multinode_bench [--nodes 3] [--changes 20] [--restarts 3] [--json FILE]
 """

@@ -324,8 +324,8 @@ class Cluster:
         """The tail of each log of a host (for failure messages)."""
         found = []
         directory = os.path.join(self.run_dir(host), "logs")
-        for path in [os.path.join(self.base, host, "launcher.log")] + (
-                [os.path.join(directory, n) for n in sorted(os.listdir(directory))] if os.path.isdir(directory) else []):
+        names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        for path in [os.path.join(self.base, host, "launcher.log")] + [os.path.join(directory, n) for n in names]:
             try:
                 with open(path, errors="replace") as handle:
                     found.append(f"--- {path}\n" + "".join(handle.readlines()[-lines:]))
@@ -461,7 +461,8 @@ def test_central_killed_nodes_serve_then_converge_when_it_returns(cluster):
 
 def test_two_centrals_one_killed_changes_still_flow(cluster):
     if not cluster.two_centrals:
-        pytest.skip("waiting for nodes following several centrals (--planner-bus tcp://c1:P,tcp://c2:P: issue 11, item 2)")
+        pytest.skip("waiting for nodes following several centrals "
+                    "(--planner-bus tcp://c1:P,tcp://c2:P: issue 11, item 2)")
     cluster.start_central("c2")
     for node in cluster.node_names:
         wait_until(lambda: (cluster.details(node).get("planners", {}).get("planner@c2") or {}).get("alive"),
