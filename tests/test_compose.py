@@ -156,6 +156,8 @@ def test_one_service_per_stage_and_proxy_sharing_the_run_dir_and_the_host_networ
             assert all(env.startswith("DEMO_") for env in service.get("environment", {})), name
     healthcheck = services["status"]["healthcheck"]
     assert healthcheck["test"] == ["CMD", "proxymatic", "healthcheck"]
+    # the image's HEALTHCHECK (/status, the node's answer) is reported by the status service alone
+    assert all(service["healthcheck"] == {"disable": True} for name, service in services.items() if name != "status")
 
 
 def test_every_option_is_passed_through_with_its_default():
