@@ -11,8 +11,9 @@ answers per backend, the time each backend first answered and every failure. The
 order, each a test (a later one depends on the state the earlier ones left):
 
 1. every node serves (traffic through each node's HAProxy);
-2. the intruder (no key, or a key the central does not authorize) receives nothing, while an
-   authorized key from the same place does;
+2. the intruder (no key, or a key the central does not authorize; a raw SUB and snapshot
+   request, and `proxymatic tap`) receives nothing, while an authorized key from the same
+   place does;
 3. a change (a backend added) reaches every node;
 4. the central SIGKILLed: everything of it stops, the nodes keep serving and say the planner is
    unreachable; a change made meanwhile reaches every node once the central is back;
@@ -437,6 +438,17 @@ def test_an_intruder_receives_nothing(cluster):
     assert intruder_receives(cluster, cluster.key("stranger", True)) == 0, "an unauthorized key received messages"
     # The same host with an authorized key hears the heartbeats and the snapshot (the control).
     assert intruder_receives(cluster, cluster.key("n1", True)) > 0
+    # proxymatic's own tap, without keys (--bus-insecure lets it try): nothing in 3 s either.
+    try:
+        tap = cluster.net.run("x1", [os.path.join(BIN, "proxymatic"), "tap", "--bus", cluster.planner_endpoint("c1"),
+                                     "--bus-insecure", "--run-dir", os.path.join(cluster.base, "x1")],
+                              timeout=5, capture_output=True, text=True)
+        output = tap.stdout + tap.stderr  # it ended by itself: it must say why, having heard nothing
+        assert tap.returncode != 0 and "seq=" not in output, output
+    except subprocess.TimeoutExpired as timeout:  # still waiting after 5 s, having printed nothing
+        output = timeout.stdout or b""
+        output = output.decode(errors="replace") if isinstance(output, bytes) else output
+        assert "seq=" not in output, f"a tap without keys printed bus messages: {output[:500]}"
 
 
 def test_a_change_reaches_every_node(cluster):
