@@ -454,7 +454,7 @@ class Soak:
                 self.churn["marathon-scale skipped"] += 1
                 return
             self.sim.scale(self.marathon_app, target)
-            self.churn[f"marathon-scale"] += 1
+            self.churn["marathon-scale"] += 1
         elif kind == "marathon-health":
             with self.sim.cluster.lock:
                 tasks = [t for t in self.sim.cluster.tasks.values() if t.app_id == self.marathon_app]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import string
 import sys
 import threading
@@ -27,6 +26,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler
 
 from sim.backends import QuietHTTPServer
+from sim.stopping import stop_event
 
 log = logging.getLogger("sim.compose_demo")
 
@@ -110,9 +110,7 @@ def run_backends() -> int:
     # registrator's layout: <prefix>/<service>/<host>:<container>:<exposed port> = <ip>:<port>
     keys = {f"{ETCD_PREFIX}/{API_SERVICE}/demo:{name}:{api_port}": f"{host}:{port}"
             for name, host, port in named("api", "DEMO_API_BACKENDS")}
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done = stop_event()
     etcd_url = setting("DEMO_ETCD_URL")
     while True:
         register(etcd_url, keys)
@@ -134,9 +132,7 @@ def run_marathon() -> int:
                    labels={"com.meltwater.proxymatic.port.0.mode": "http"})
     log.info("Marathon simulator on %s: /demo/web on service port %s, tasks %s", sim.replicas[0].url,
              setting("DEMO_WEB_PORT"), ", ".join(f"{h}:{p}" for h, p in backends))
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done = stop_event()
     done.wait()
     sim.stop()
     return 0

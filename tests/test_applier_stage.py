@@ -87,14 +87,6 @@ def make_plan(port: int, *backends: TcpBackend) -> Plan:
     return Plan((svc,), ProxySettings(max_connections=200))
 
 
-@pytest.fixture
-def backends():
-    made = [TcpBackend("a"), TcpBackend("b")]
-    yield made
-    for backend in made:
-        backend.close()
-
-
 def test_plan_is_applied_and_result_published(backends):
     haproxy = HaproxyProcess(node_name="n1").start()
     # as the stage makes it (drivers.make_driver): files written after the result is published

@@ -12,7 +12,7 @@ import pytest
 
 from services.common.config import ConfigError, Settings, add_options, settings_from
 from services.launcher import programs, render_supervisord_conf
-from tests.helpers import TcpBackend, free_port, services_entry, tcp_ask, wait_until
+from tests.helpers import free_port, services_entry, tcp_ask, wait_until
 from tests.launcher_helpers import Run, http_get, port_free
 
 
@@ -92,14 +92,6 @@ def free_pair() -> int:
         if port < 65000 and port_free(port + 1):
             return port
     raise AssertionError("no free pair of ports")
-
-
-@pytest.fixture
-def backends():
-    made = [TcpBackend("a"), TcpBackend("b")]
-    yield made
-    for backend in made:
-        backend.close()
 
 
 def test_a_central_feeds_a_node_which_outlives_it_and_converges_when_it_returns(backends):

@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
 
 from sim.marathon import MarathonSim
+from sim.stopping import stop_event
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             app.setdefault("app_id", app.pop("id", None))
             sim.deploy_app(**app)
     logging.info("serving Marathon on %s with %d apps", sim.replicas[0].url, len(sim.cluster.apps))
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done = stop_event()
     done.wait()
     sim.stop()
     return 0
