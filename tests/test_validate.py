@@ -54,3 +54,9 @@ def test_anchored_patterns_search_like_the_compiled_ones_match():
     import re
     for value in ("web", "web\n", "-web", "a" * 255, "a" * 256):
         assert (re.search(anchored(NAME_PATTERN), value) is not None) == is_name(value)
+
+
+def test_resolvable_host_names():
+    from services.common.validate import is_resolvable_host
+    assert all(is_resolvable_host(h) for h in ("agent-1.example.com", "my_container", "x.", "a" * 63))
+    assert not any(is_resolvable_host(h) for h in ("", "-bad", "a" * 64, "a..b", "a b", "a\nb", "x" * 254, None, 7))

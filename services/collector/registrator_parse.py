@@ -25,7 +25,7 @@ from services.collector.exclusions import excluded as make_excluded
 from services.collector.resolve import lookup_address
 from services.common.model import Excluded, ModelError, clip as clip_value, Server, Service, validate_name
 from services.common.redact import redact
-from services.common.validate import is_hostname, port_text as parse_port
+from services.common.validate import is_hostname, is_resolvable_host, port_text as parse_port
 
 SOURCE = "registrator"
 DEFAULT_ETCD_PORT = 2379  # registrator's own default (etcd/etcd.go Factory.New)
@@ -34,7 +34,6 @@ DEFAULT_ETCD_PORT = 2379  # registrator's own default (etcd/etcd.go Factory.New)
 # `\Z`, never `$` (which also matches before a final newline); ports are ASCII digits only
 # (str.isdigit() is true for "²", which int() refuses, and for "٨٠", which it reads as 80).
 _ID_RE = re.compile(r"^(?P<host>.+?):(?P<container>[a-zA-Z0-9][a-zA-Z0-9_.-]+):(?P<port>[0-9]{1,10})(?::(?P<udp>udp))?\Z")
-_HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
 _ADDRESS_RE = re.compile(r"[A-Za-z0-9_.:\[\]-]{1,260}:[0-9]{1,5}\Z")  # what an Excluded shows as its address
 
 Resolver = Callable[[str], str]
@@ -226,12 +225,6 @@ def caching_resolver(resolve: Resolver) -> Resolver:
     return cached
 
 
-def _valid_hostname(host: str) -> bool:
-    if len(host) > 253:
-        return False
-    return all(_HOST_LABEL_RE.match(label) for label in host.rstrip(".").split("."))
-
-
 def parse_backend(value: Any, resolve: Resolver = resolve_host) -> tuple[str, int]:
     """`ip:port`, `[v6]:port` or `hostname:port` → (ip, port). Raises ValueError."""
     if not isinstance(value, str):
@@ -253,7 +246,7 @@ def parse_backend(value: Any, resolve: Resolver = resolve_host) -> tuple[str, in
     try:
         ip = str(ipaddress.ip_address(host))
     except ValueError:
-        if text.startswith("[") or not _valid_hostname(host):
+        if text.startswith("[") or not is_resolvable_host(host):
             raise ValueError(f"value {value!r}: {host!r} is neither an IP address nor a host name") from None
         try:
             ip = resolve(host)

@@ -20,6 +20,8 @@ HOSTNAME_PATTERN = r"[A-Za-z0-9_.:-]{0,255}\Z"
 CHECK_PATH_PATTERN = r"/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,1023}\Z"
 # A DNS domain (VHOST_DOMAIN).
 DOMAIN_PATTERN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\Z"
+# One label of a host name to resolve (registrator's `host:port`; `_` allowed, as Docker names).
+RESOLVABLE_LABEL_PATTERN = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z"
 # One line of text (no CR, no LF), for what is shown on a page or in a log line.
 ONE_LINE_PATTERN = r"[^\r\n]*\Z"
 
@@ -27,6 +29,7 @@ NAME_RE = re.compile(NAME_PATTERN)
 HOSTNAME_RE = re.compile(HOSTNAME_PATTERN)
 CHECK_PATH_RE = re.compile(CHECK_PATH_PATTERN)
 DOMAIN_RE = re.compile(DOMAIN_PATTERN)
+RESOLVABLE_LABEL_RE = re.compile(RESOLVABLE_LABEL_PATTERN)
 # An integer written as text: ASCII digits only (str.isdigit() and int() also take "²", "٣",
 # "1_000"), short enough for int().
 DIGITS_RE = re.compile(r"[0-9]{1,12}\Z")
@@ -61,6 +64,12 @@ def is_name(value: Any) -> bool:
 
 def is_hostname(value: Any) -> bool:
     return isinstance(value, str) and HOSTNAME_RE.match(value) is not None
+
+
+def is_resolvable_host(value: Any) -> bool:
+    """A host name that may be looked up in DNS: at most 253 characters of valid labels."""
+    return (isinstance(value, str) and len(value) <= 253
+            and all(RESOLVABLE_LABEL_RE.match(label) for label in value.rstrip(".").split(".")))
 
 
 def is_check_path(value: Any) -> bool:
