@@ -251,3 +251,24 @@ def test_a_malformed_snapshot_end_is_refused():
                    [SNAPSHOT_END, b'{"v": 1, "seq": "3", "epoch": "e", "sender": "s"}']):
         with pytest.raises(BusError):
             SnapshotEnd.decode(frames)
+
+
+def test_a_new_publisher_beats_fast_then_at_its_interval(tmp_path):
+    """Subscribers that reconnect to a restarted publisher learn of its new epoch within the
+    fast start-up interval, not a whole heartbeat interval later."""
+    import time
+
+    from services.common.bus import STARTUP_HEARTBEAT_INTERVAL, STARTUP_SECONDS
+    ctx = zmq.Context.instance()
+    publisher = Publisher(ctx, "p", Endpoint.parse(f"ipc://{tmp_path}/p.pub"), heartbeat_interval=5.0)
+    try:
+        start = time.monotonic()
+        assert publisher.heartbeat(now=start)
+        assert not publisher.heartbeat(now=start + STARTUP_HEARTBEAT_INTERVAL / 2)
+        assert publisher.heartbeat(now=start + STARTUP_HEARTBEAT_INTERVAL)
+        late = start + STARTUP_SECONDS + 1
+        assert publisher.heartbeat(now=late)
+        assert not publisher.heartbeat(now=late + 1.0)  # past start-up: every 5 s, as announced
+        assert publisher.heartbeat(now=late + 5.0)
+    finally:
+        publisher.close()

@@ -40,6 +40,11 @@ HEARTBEAT_INTERVAL = 1.0
 # A heartbeat's own interval is believed only within these bounds (a hostile or broken
 # publisher must not make itself immortal or make the subscriber ask for snapshots nonstop).
 HEARTBEAT_INTERVAL_RANGE = (0.01, 60.0)
+# For its first seconds a publisher beats faster: subscribers that reconnect to a restarted
+# publisher (ZeroMQ retries every 100 ms) miss what it sent before they were back, and learn of
+# its new epoch (and ask for its snapshot) from the next heartbeat, not a second later.
+STARTUP_HEARTBEAT_INTERVAL = 0.1
+STARTUP_SECONDS = 3.0
 # A publisher is considered dead after this many missed heartbeats.
 HEARTBEAT_LIVENESS = 3
 SNAPSHOT_REQUEST = b"SNAPSHOT"
@@ -235,6 +240,7 @@ class Publisher:
         self.heartbeat_interval = heartbeat_interval
         self._last: dict[str, Message] = {}
         self._next_heartbeat = 0.0
+        self._fast_until = time.monotonic() + STARTUP_SECONDS
         self._lock = threading.Lock()
         for address in (endpoint.pub, endpoint.snapshot):
             _ensure_ipc_dir(address)
@@ -281,7 +287,8 @@ class Publisher:
         with self._lock:
             if now < self._next_heartbeat:
                 return False
-            self._next_heartbeat = now + self.heartbeat_interval
+            self._next_heartbeat = now + (min(self.heartbeat_interval, STARTUP_HEARTBEAT_INTERVAL)
+                                          if now < self._fast_until else self.heartbeat_interval)
             body = {"interval": self.heartbeat_interval, "pid": os.getpid(), **(payload or {})}
             beat = Message(HEARTBEAT_TOPIC + self.sender, self.seq, time.time(), self.sender, self.epoch, body)
             self._send(beat.encode())
