@@ -22,6 +22,16 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int, kind: int = socket.SOCK_STREAM) -> list[int]:
+    """`count` distinct free ports (free_port alone may hand out the same port twice)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port(kind)
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
                message: str = "condition") -> T:
     """Poll `predicate` until it returns something truthy; fail with `message` at the deadline."""

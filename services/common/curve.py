@@ -341,6 +341,11 @@ class _Watcher(threading.Thread):
         if side == "server":
             if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 return  # refused by the authenticator, which logged it with address and key
+            if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                # a peer gone mid-handshake (`value` is an errno: EPIPE, ECONNRESET...), most
+                # often the one refused just before closing its side: no news for an operator
+                log.debug("bus: a subscriber on %s left during the handshake: %s", label, os.strerror(value))
+                return
             if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
                 reason = "it has no CURVE keys (set BUS_SECRET_KEY and BUS_SERVER_KEY on it)"
             elif value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
