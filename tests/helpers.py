@@ -1,6 +1,7 @@
 """Shared test utilities: free ports, polling with a deadline, small real backends."""
 from __future__ import annotations
 
+import collections
 import json
 import os
 import socket
@@ -16,20 +17,25 @@ from sim.backends import (  # noqa: F401  (re-exported for tests)
 T = TypeVar("T")
 
 
+# Ports handed out lately: the kernel may give the same free port to two binds in a row, and a
+# test asking for several ports needs them distinct.
+_RECENT_PORTS: "collections.deque[int]" = collections.deque(maxlen=2048)
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now, not handed out by this function lately."""
+    while True:
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _RECENT_PORTS:
+            _RECENT_PORTS.append(port)
+            return port
 
 
 def free_ports(count: int, kind: int = socket.SOCK_STREAM) -> list[int]:
-    """`count` distinct free ports (free_port alone may hand out the same port twice)."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port(kind)
-        if port not in ports:
-            ports.append(port)
-    return ports
+    """`count` distinct free ports."""
+    return [free_port(kind) for _ in range(count)]
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
