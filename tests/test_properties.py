@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from services.collector import registrator_parse
 from services.collector.file_source import FileSource, parse_services_file
 from services.collector.marathon.apps import AppError, parse_app
-from services.collector.marathon.mirror import build_from_payloads as services_from_payloads
+from services.collector.marathon.mirror import MarathonState, build_from_payloads as services_from_payloads
 from services.collector.source import SourceError
 from services.common.model import (HealthCheck, ModelError, Plan, ProxySettings, Server, Service,
                                    SourceSnapshot, validate_name)
@@ -361,16 +361,18 @@ def _mirror(apps):
     from services.common.config import Settings
     source = MarathonSource(Settings(marathon="http://127.0.0.1:9"), events=False, resolver=gen.resolve)
     warnings: list[str] = []
+    found, tasks = {}, {}
     for app in apps:
         taken = source._take_app(app, warnings)
         if taken:
-            source._apps[taken[0]], source._tasks[taken[0]] = taken[1], taken[2]
+            found[taken[0]], tasks[taken[0]] = taken[1], taken[2]
+    source._state = MarathonState(found, tasks)  # a new state, as a full sync makes one
     return source
 
 
 def _draw_events(data, source):
-    ids = sorted(source._apps) + ["/unknown"]
-    task_ids = sorted(t for tasks in source._tasks.values() for t in tasks) + ["nope", "web.marathon-1"]
+    ids = sorted(source._state.apps) + ["/unknown"]
+    task_ids = sorted(t for tasks in source._state.tasks.values() for t in tasks) + ["nope", "web.marathon-1"]
     events = data.draw(st.lists(st.one_of(
         gen.marathon_event(st.one_of(st.sampled_from(ids), gen.app_id_like),
                            st.one_of(st.sampled_from(task_ids), gen.json_value)),

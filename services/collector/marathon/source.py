@@ -256,16 +256,6 @@ class MarathonSource(Source):
             self.stream = EventStream(self.replicas, self._on_event, self._on_connect, **self._stream_kwargs)
             self.stream.start()
 
-    @property
-    def _apps(self) -> dict:
-        """The mirror's apps: app id -> (definition record, spec)."""
-        return self._state.apps
-
-    @property
-    def _tasks(self) -> dict:
-        """The mirror's tasks: app id -> task id -> slim task."""
-        return self._state.tasks
-
     def _take_app(self, app: Any, warnings: list[str], excluded: list | None = None):
         # the mirror read without the lock: replaced whole, never changed in place
         taken = take_app(app, self._state.apps, warnings, [] if excluded is None else excluded)
@@ -334,7 +324,7 @@ class MarathonSource(Source):
             with self._cond:
                 touched, self._touched = self._touched, set()
                 if self._rebuild_all:
-                    touched |= self._tasks.keys() | self.builder.app_ids()
+                    touched |= self._state.tasks.keys() | self.builder.app_ids()
                     self._rebuild_all = False
                 work = [(app_id, pairs_for(self._state, self._versions, app_id)) for app_id in sorted(touched)]
                 fetch_warnings = tuple(self._fetch_warnings)
